@@ -1,0 +1,166 @@
+"""The few tensor ops that `keras.ops` lacks, one implementation per backend.
+
+Everything else in `moe_keras.layers` is written with `keras.ops`. The
+functions here exist because Keras's portable op is missing or weaker:
+
+  * `stable_argsort`: `keras.ops.argsort` is not stable on TensorFlow; the
+    sparse dispatch needs token order kept within each expert (capacity
+    dropping is "first come, first served" and results must be deterministic).
+  * `grouped_matmul`: one matmul per expert over a variable number of rows
+    (dropless dispatch), where `keras.ops` only has fixed-shape einsum.
+"""
+
+import keras
+from keras import ops
+
+
+def backend_name():
+  return keras.backend.backend()
+
+
+def stable_argsort(x):
+  """Stable ascending argsort along the last axis.
+
+  Args:
+    x: numeric tensor [..., L].
+
+  Returns:
+    int32 tensor [..., L]; equal values keep their original order.
+  """
+  backend = backend_name()
+  if backend == "tensorflow":
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    return tf.argsort(x, axis=-1, stable=True)
+  if backend == "jax":
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    return jnp.argsort(x, axis=-1, stable=True).astype("int32")
+  # Generic fallback: numpy-like argsort of the backend is stable for torch
+  # only with stable=True, which keras.ops does not expose; raise clearly.
+  raise NotImplementedError(
+      f"stable_argsort is not implemented for the {backend!r} backend;"
+      " moe_keras supports the tensorflow and jax backends."
+  )
+
+
+def grouped_matmul(rows, weights, group_sizes):
+  """Per-group matmul over rows sorted by group (dropless dispatch).
+
+  out[r] = rows[r] @ weights[g(r)], where rows are sorted by group g and
+  group g owns `group_sizes[g]` consecutive rows. Rows past
+  sum(group_sizes) give zeros. Compute is proportional to the number of rows,
+  not to the number of groups times rows.
+
+  Args:
+    rows: [R, d] (R may be dynamic on TensorFlow).
+    weights: [G, d, h].
+    group_sizes: int32 [G].
+
+  Returns:
+    [R, h].
+  """
+  backend = backend_name()
+  if backend == "tensorflow":
+    return _grouped_matmul_tf(rows, weights, group_sizes)
+  if backend == "jax":
+    import jax  # pylint: disable=g-import-not-at-top
+
+    return jax.lax.ragged_dot(rows, weights, group_sizes.astype("int32"))
+  raise NotImplementedError(
+      f"dropless dispatch is not implemented for the {backend!r} backend;"
+      " set capacity_factor."
+  )
+
+
+def _grouped_matmul_tf(rows, weights, group_sizes):
+  """TensorFlow grouped matmul: split rows by group, one MatMul per group."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  num_groups = weights.shape[0]
+  total = tf.reduce_sum(group_sizes)
+  pieces = tf.split(rows[:total], group_sizes, num=num_groups, axis=0)
+  # Unpack along axis 0 aliases the weight buffer (no copy).
+  per_group = tf.unstack(weights, num=num_groups, axis=0)
+  outputs = [tf.matmul(p, w) for p, w in zip(pieces, per_group)]
+  out = tf.concat(outputs, axis=0)
+  padding = tf.shape(rows)[0] - total
+  return tf.pad(out, [[0, padding], [0, 0]])
+
+
+def grouped_ffn(
+    rows, group_sizes, kernel_1, kernel_2, bias_1=None, bias_2=None
+):
+  """Per-group ReLU FFN over rows sorted by group (dropless dispatch).
+
+  out[r] = ReLU(rows[r] @ kernel_1[g] + bias_1[g]) @ kernel_2[g] + bias_2[g]
+  for the group g owning row r; rows past sum(group_sizes) give zeros.
+
+  Args:
+    rows: [R, d] sorted by group.
+    group_sizes: int32 [G].
+    kernel_1: [G, d, h]; kernel_2: [G, h, d_out].
+    bias_1: optional [G, h]; bias_2: optional [G, d_out].
+
+  Returns:
+    [R, d_out].
+  """
+  backend = backend_name()
+  if backend == "tensorflow":
+    return _grouped_ffn_tf(
+        rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2
+    )
+  if backend == "jax":
+    return _grouped_ffn_jax(
+        rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2
+    )
+  raise NotImplementedError(
+      f"dropless dispatch is not implemented for the {backend!r} backend;"
+      " set capacity_factor."
+  )
+
+
+def _grouped_ffn_tf(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
+  """TensorFlow: split the rows once, one MatMul pair per group, concat."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  num_groups = kernel_1.shape[0]
+  total = tf.reduce_sum(group_sizes)
+  pieces = tf.split(rows[:total], group_sizes, num=num_groups, axis=0)
+  w1 = tf.unstack(kernel_1, num=num_groups, axis=0)
+  w2 = tf.unstack(kernel_2, num=num_groups, axis=0)
+  b1 = [None] * num_groups if bias_1 is None else tf.unstack(bias_1, axis=0)
+  b2 = [None] * num_groups if bias_2 is None else tf.unstack(bias_2, axis=0)
+  outputs = []
+  for piece, w1_g, w2_g, b1_g, b2_g in zip(pieces, w1, w2, b1, b2):
+    hidden = tf.matmul(piece, w1_g)
+    if b1_g is not None:
+      hidden = hidden + b1_g
+    out = tf.matmul(tf.nn.relu(hidden), w2_g)
+    if b2_g is not None:
+      out = out + b2_g
+    outputs.append(out)
+  out = tf.concat(outputs, axis=0)
+  return tf.pad(out, [[0, tf.shape(rows)[0] - total], [0, 0]])
+
+
+def _grouped_ffn_jax(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
+  """JAX: two `jax.lax.ragged_dot` grouped matmuls (static shapes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  group_sizes = group_sizes.astype(jnp.int32)
+  num_rows = rows.shape[0]
+  row_group = jnp.repeat(
+      jnp.arange(kernel_1.shape[0]),
+      group_sizes,
+      total_repeat_length=num_rows,
+  )
+  in_group = jnp.arange(num_rows) < jnp.sum(group_sizes)
+  hidden = jax.lax.ragged_dot(rows, kernel_1, group_sizes)
+  if bias_1 is not None:
+    hidden = hidden + bias_1[row_group]
+  out = jax.lax.ragged_dot(jax.nn.relu(hidden), kernel_2, group_sizes)
+  if bias_2 is not None:
+    out = out + bias_2[row_group]
+  return jnp.where(in_group[:, None], out, 0)

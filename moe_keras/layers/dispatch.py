@@ -1,0 +1,257 @@
+"""Sparse dispatch and combine: eq. (1) at a cost proportional to k, not n.
+
+The gate of eq. (3) gives every token at most K (expert, gate) assignments;
+eq. (1) sums G(x)_i E_i(x) over them. Evaluating E_i only on the tokens routed
+to it (paper section 2: "E_i not evaluated when G(x)_i == 0") is done here:
+
+  1. `RoutingPlan`: stable-sort the N*K assignments by expert id. This gives,
+     for every expert, a contiguous run of rows in token order, and no
+     [tokens, experts, capacity] one-hot tensor is ever built: every index
+     tensor is of size N*K (or, with a capacity, n*C = capacity_factor*N*K).
+  2. `dispatch`: gather the token rows into that expert-major layout.
+  3. The experts run on their rows: one matmul per expert over exactly its
+     rows (dropless, the paper's behaviour), or one batched einsum over a
+     [n, C, d] buffer (fixed capacity C; static shapes for XLA/JAX).
+  4. `combine`: multiply each row by its gate and segment-sum the rows back
+     into their tokens, y = sum_i G(x)_i E_i(x).
+
+Unrouted assignments (padding tokens, or gates that are exactly zero) carry
+the sentinel expert id n: they sort last and are never computed. In capacity
+mode, assignments past an expert's capacity are dropped in token order
+("first come, first served") and counted.
+"""
+
+import math
+
+from keras import ops
+
+from moe_keras.layers import backend_ops
+
+
+def capacity_for(num_assignments, num_experts, capacity_factor):
+  """Static per-expert capacity C = ceil(capacity_factor * N*K / n).
+
+  Args:
+    num_assignments: python int N*K (static).
+    num_experts: python int n.
+    capacity_factor: python float > 0.
+
+  Returns:
+    python int >= 1.
+  """
+  return max(1, int(math.ceil(capacity_factor * num_assignments / num_experts)))
+
+
+class RoutingPlan:
+  """Expert-major layout of N*K token->expert assignments.
+
+  Attributes:
+    num_tokens: N (python int or scalar tensor).
+    num_rows: rows of the expert-major layout (R): N*K dropless, n*C with a
+      capacity.
+    row_token: int32 [R], token of each row; N for empty rows.
+    row_assignment: int32 [R], flat assignment index (token*K + slot) of each
+      row; N*K for empty rows.
+    group_sizes: int32 [n], rows per expert actually computed.
+    token_counts: int32 [n], assignments routed to each expert before any
+      capacity drop.
+    num_dropped: int32 scalar, routed assignments dropped for capacity.
+    capacity: None (dropless) or python int C.
+  """
+
+  def __init__(self, expert_ids, num_experts, capacity_factor=None):
+    """Builds the plan.
+
+    Args:
+      expert_ids: int32 [N, K]; entries equal to num_experts are unrouted.
+      num_experts: python int n.
+      capacity_factor: None (dropless) or python float; capacity mode needs a
+        static N.
+    """
+    num_tokens = ops.shape(expert_ids)[0]
+    slots = expert_ids.shape[1]
+    flat = ops.reshape(expert_ids, [-1])
+    num_assignments = ops.shape(flat)[0]
+    self.num_experts = num_experts
+    self.num_tokens = num_tokens
+    self.num_assignments = num_assignments
+    self.slots = slots
+
+    order = backend_ops.stable_argsort(flat)  # [A], expert-major.
+    sorted_experts = ops.take(flat, order)
+    # Assignments per expert (+ the sentinel); segment_sum keeps the length
+    # static under jax.jit, where bincount cannot.
+    counts = ops.cast(
+        ops.segment_sum(
+            ops.ones_like(flat), flat, num_segments=num_experts + 1
+        ),
+        "int32",
+    )
+    self.token_counts = counts[:num_experts]
+    order = ops.cast(order, "int32")
+
+    if capacity_factor is None:
+      # Dropless: row r of the layout is sorted assignment r. Rows of
+      # unrouted assignments (sentinel id) are at the end and are skipped by
+      # the grouped matmul (group_sizes excludes them).
+      self.capacity = None
+      routed = ops.less(sorted_experts, num_experts)
+      self.row_token = ops.where(
+          routed, ops.floor_divide(order, slots), num_tokens
+      )
+      self.row_assignment = ops.where(routed, order, num_assignments)
+      self.group_sizes = self.token_counts
+      self.num_rows = num_assignments
+      self.num_dropped = ops.zeros((), "int32")
+      return
+
+    if not isinstance(num_assignments, int):
+      raise ValueError(
+          "capacity_factor needs a static number of tokens; got a dynamic"
+          " batch shape."
+      )
+    capacity = capacity_for(num_assignments, num_experts, capacity_factor)
+    self.capacity = capacity
+    # Position of each sorted assignment within its expert's run.
+    starts = ops.cumsum(counts) - counts  # [n + 1]
+    position = ops.arange(num_assignments, dtype="int32") - ops.take(
+        starts, sorted_experts
+    )
+    keep = ops.logical_and(
+        ops.less(position, capacity), ops.less(sorted_experts, num_experts)
+    )
+    num_slots = num_experts * capacity
+    slot = ops.where(keep, sorted_experts * capacity + position, num_slots)
+    # Invert slot -> sorted position with a scatter of unique indices (the
+    # sentinel slot collects the drops and is cut off).
+    source = ops.scatter(
+        slot[:, None],
+        ops.arange(1, num_assignments + 1, dtype="int32"),
+        (num_slots + 1,),
+    )[:num_slots]
+    filled = ops.greater(source, 0)
+    source_assignment = ops.take(
+        ops.concatenate([ops.full((1,), num_assignments, "int32"), order]),
+        ops.where(filled, source, 0),
+    )
+    self.row_assignment = ops.where(filled, source_assignment, num_assignments)
+    self.row_token = ops.where(
+        filled, ops.floor_divide(source_assignment, slots), num_tokens
+    )
+    self.group_sizes = ops.minimum(self.token_counts, capacity)
+    self.num_rows = num_slots
+    self.num_dropped = ops.sum(self.token_counts) - ops.sum(self.group_sizes)
+
+  def dispatch(self, tokens):
+    """Gathers token rows into the expert-major layout.
+
+    Args:
+      tokens: [N, d].
+
+    Returns:
+      [R, d]; dropless rows are expert-sorted, capacity rows are [n*C, d]
+      (reshape to [n, C, d]); empty rows are zeros.
+    """
+    padded = ops.concatenate(
+        [tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], axis=0
+    )
+    return ops.take(padded, self.row_token, axis=0)
+
+  def combine(self, rows, gates):
+    """Weights expert outputs by their gates and sums them per token, eq. (1).
+
+    Args:
+      rows: [R, d_out] expert outputs in the layout order.
+      gates: [N, K] gate values of the assignments (float32).
+
+    Returns:
+      [N, d_out] in rows.dtype promoted with gates.dtype:
+      y_t = sum over assignments a of token t of gates_a * rows[row(a)].
+    """
+    flat_gates = ops.concatenate(
+        [ops.reshape(gates, [-1]), ops.zeros((1,), gates.dtype)]
+    )
+    row_gates = ops.take(flat_gates, self.row_assignment)
+    weighted = ops.cast(rows, gates.dtype) * row_gates[:, None]
+    summed = ops.segment_sum(
+        weighted, self.row_token, num_segments=self.num_tokens + 1
+    )
+    return summed[: self.num_tokens]
+
+  def gather_back(self, rows):
+    """Returns each assignment's row, [N, K, ...] (zeros if not computed).
+
+    Args:
+      rows: [R, ...] in the layout order.
+
+    Returns:
+      [N, K, ...].
+    """
+    trailing = tuple(rows.shape[1:])
+    padded = ops.concatenate(
+        [rows, ops.zeros((1,) + trailing, rows.dtype)], axis=0
+    )
+    # Inverse of row_assignment (a permutation on routed rows).
+    row_of_assignment = ops.scatter(
+        self.row_assignment[:, None],
+        ops.arange(1, ops.shape(self.row_assignment)[0] + 1, dtype="int32"),
+        (self.num_assignments + 1,),
+    )[: self.num_assignments]
+    picked = ops.take(
+        padded,
+        ops.where(
+            row_of_assignment > 0,
+            row_of_assignment - 1,
+            ops.shape(rows)[0],
+        ),
+        axis=0,
+    )
+    return ops.reshape(picked, (self.num_tokens, self.slots) + trailing)
+
+
+def expert_ffn(plan, rows, kernel_1, kernel_2, bias_1=None, bias_2=None):
+  """Runs every expert E_i(x) = ReLU(x W1_i + b1_i) W2_i + b2_i on its rows.
+
+  Args:
+    plan: RoutingPlan that produced `rows`.
+    rows: [R, d] from `plan.dispatch`.
+    kernel_1: [n, d, h]; kernel_2: [n, h, d_out].
+    bias_1: optional [n, h]; bias_2: optional [n, d_out].
+
+  Returns:
+    [R, d_out]; only the rows of routed assignments are computed
+    (dropless), or the n*C buffer rows (capacity).
+  """
+  num_experts = kernel_1.shape[0]
+  if plan.capacity is not None:
+    buffer = ops.reshape(rows, (num_experts, plan.capacity, rows.shape[-1]))
+    hidden = ops.einsum("ecd,edh->ech", buffer, kernel_1)
+    if bias_1 is not None:
+      hidden = hidden + bias_1[:, None, :]
+    hidden = ops.relu(hidden)
+    out = ops.einsum("ech,eho->eco", hidden, kernel_2)
+    if bias_2 is not None:
+      out = out + bias_2[:, None, :]
+    return ops.reshape(out, (plan.num_rows, kernel_2.shape[-1]))
+  return backend_ops.grouped_ffn(
+      rows, plan.group_sizes, kernel_1, kernel_2, bias_1, bias_2
+  )
+
+
+def grouped_linear(plan, rows, kernel):
+  """Per-group linear map rows[r] @ kernel[g(r)] (secondary gates, eq. 12).
+
+  Args:
+    plan: RoutingPlan that produced `rows`.
+    rows: [R, d].
+    kernel: [G, d, b].
+
+  Returns:
+    [R, b].
+  """
+  num_groups = kernel.shape[0]
+  if plan.capacity is not None:
+    buffer = ops.reshape(rows, (num_groups, plan.capacity, rows.shape[-1]))
+    out = ops.einsum("gcd,gdb->gcb", buffer, kernel)
+    return ops.reshape(out, (plan.num_rows, kernel.shape[-1]))
+  return backend_ops.grouped_matmul(rows, kernel, plan.group_sizes)

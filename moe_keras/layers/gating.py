@@ -1,0 +1,323 @@
+"""Gating networks and balancing losses of Shazeer et al. 2017, as functions.
+
+Every function here is written with `keras.ops`, takes and returns float32
+tensors (the callers cast), and implements one equation of the paper
+(../shared/PAPER.md); its docstring names the equation. `N` is the number of
+tokens (examples; every (sequence, timestep) position is one example), `n` the
+number of experts.
+
+  eq. (2)   dense softmax gate ................ `softmax_gates`
+  eq. (3)   noisy top-k gate .................. `top_k_gates`
+  eq. (4)   noisy logits H(x) ................. `noisy_top_k_logits`
+  eq. (5)   KeepTopK .......................... `top_k_gates`
+  eq. (6)   Importance(X) ..................... `importance`
+  eqs.(7,11) CV(.)^2 losses ................... `cv_squared`
+  eq. (8)   kth_excluding ..................... `kth_excluding`
+  eq. (9)   P(x, i) ........................... `load_probabilities`
+  eq. (10)  Load(X) ........................... `load`
+  eqs.(15,16) strictly balanced gates ......... `masked_gates`
+  eq. (18)  M_batchwise ....................... `batchwise_mask`
+  eq. (19)  M_threshold ....................... `threshold_mask`
+  eq. (20)  L_batchwise ....................... `batchwise_threshold_loss`
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from moe_keras.layers import backend_ops
+
+# Added to mean^2 in CV^2 so that an all-zero vector (e.g. an all-padding
+# batch) gives a loss of 0 instead of NaN; the value tensor2tensor uses.
+CV_EPSILON = 1e-10
+# Default stabilizer added to Softplus in eq. (4) and eq. (9); tensor2tensor's
+# `noise_epsilon`. Pass 0.0 for the paper's equations verbatim.
+DEFAULT_NOISE_EPSILON = 1e-2
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+
+
+def cv_squared(x):
+  """Squared coefficient of variation, the penalty of eqs. (7) and (11).
+
+  CV is the population standard deviation over the mean (the paper does not
+  say population or sample; tensor2tensor uses population).
+
+  Args:
+    x: float tensor [n], e.g. Importance(X) or Load(X).
+
+  Returns:
+    Scalar float tensor var(x) / (mean(x)^2 + CV_EPSILON); 0 when n == 1.
+  """
+  x = ops.cast(x, "float32")
+  mean = ops.mean(x)
+  variance = ops.mean(ops.square(x - mean))
+  return variance / (ops.square(mean) + CV_EPSILON)
+
+
+def coefficient_of_variation(x):
+  """CV = population std / mean of `x` [n] (a statistic, not a loss)."""
+  x = ops.cast(x, "float32")
+  mean = ops.mean(x)
+  std = ops.sqrt(ops.mean(ops.square(x - mean)))
+  return std / (mean + CV_EPSILON)
+
+
+def softmax_gates(logits):
+  """Dense softmax gate, eq. (2) and eq. (15): Softmax(x . W_g).
+
+  Args:
+    logits: float32 [N, n] = x . W_g.
+
+  Returns:
+    float32 [N, n] gate probabilities.
+  """
+  return ops.softmax(logits, axis=-1)
+
+
+def noisy_top_k_logits(clean_logits, raw_noise_stddev, noise, noise_epsilon):
+  """Noisy logits H(x), eq. (4).
+
+  H(x)_i = (x . W_g)_i + StandardNormal() * (Softplus((x . W_noise)_i) + eps).
+  With eps = 0 this is the paper's equation verbatim.
+
+  Args:
+    clean_logits: float32 [N, n], x . W_g.
+    raw_noise_stddev: float32 [N, n], x . W_noise.
+    noise: float32 [N, n] of independent standard-normal draws.
+    noise_epsilon: python float added to the Softplus.
+
+  Returns:
+    (noisy_logits [N, n], noise_stddev [N, n]).
+  """
+  noise_stddev = ops.softplus(raw_noise_stddev) + noise_epsilon
+  return clean_logits + noise * noise_stddev, noise_stddev
+
+
+def top_k_gates(logits, k):
+  """Sparse gates G(x) = Softmax(KeepTopK(v, k)), eqs. (3) and (5).
+
+  Softmax over the k kept values equals the softmax of eq. (3) with the other
+  entries at -inf, whose gates are exactly 0; only the k kept gates are
+  returned (the sparse representation of G(x)).
+
+  With k = 1 the single gate is softmax of one logit, i.e. exactly 1.0, so
+  the task loss gives the gating weights no gradient (only the balancing
+  losses train them). This is what eq. (3) implies; the paper's models use
+  k >= 2.
+
+  Args:
+    logits: float32 [N, n], H(x) (training) or x . W_g.
+    k: python int, 1 <= k <= n.
+
+  Returns:
+    (gates float32 [N, k] summing to 1 per row, indices int32 [N, k]) ordered
+    by decreasing logit.
+  """
+  top_logits, top_indices = ops.top_k(logits, k=k, sorted=True)
+  if k == 1:
+    # Softmax of one logit is exactly 1 (TF's CPU kernel can return
+    # 0.99999994, which would leak a spurious gradient into W_g).
+    gates = ops.ones_like(top_logits)
+  else:
+    gates = ops.softmax(top_logits, axis=-1)
+  return gates, ops.cast(top_indices, "int32")
+
+
+def dense_gates(indices, gates, num_experts):
+  """Scatters sparse gates into the dense G(x) of eq. (3).
+
+  Args:
+    indices: int32 [N, k] expert ids (ids >= num_experts are ignored).
+    gates: float32 [N, k].
+    num_experts: python int n.
+
+  Returns:
+    float32 [N, n] with gates[t, j] at column indices[t, j], zeros elsewhere.
+  """
+  one_hot = ops.one_hot(indices, num_experts, dtype=gates.dtype)  # [N, k, n]
+  return ops.sum(one_hot * gates[..., None], axis=1)
+
+
+def importance(gates, indices, num_experts):
+  """Importance(X) = sum over x in X of G(x), eq. (6).
+
+  Args:
+    gates: float32 [N, k] sparse gates (zero for padding tokens).
+    indices: int32 [N, k] expert ids; ids >= num_experts (unrouted) ignored.
+    num_experts: python int n.
+
+  Returns:
+    float32 [n].
+  """
+  flat_gates = ops.reshape(gates, [-1])
+  flat_indices = ops.reshape(indices, [-1])
+  summed = ops.segment_sum(
+      flat_gates, flat_indices, num_segments=num_experts + 1
+  )
+  return summed[:num_experts]
+
+
+def kth_excluding(noisy_logits, k):
+  """kth_excluding(H(x), k, i) of eq. (8), for every expert i at once.
+
+  The k-th largest entry of H(x) once entry i is removed: with the top k+1
+  values t_1 >= ... >= t_{k+1}, it is t_{k+1} where i is among the top k and
+  t_k otherwise (paper section 3, derived; matches tensor2tensor).
+
+  Args:
+    noisy_logits: float32 [N, n] = H(x).
+    k: python int, 1 <= k <= n. For k == n no k-th value exists once one entry
+      is removed; the result is -inf (expert i is then always selected).
+
+  Returns:
+    float32 [N, n].
+  """
+  num_experts = noisy_logits.shape[-1]
+  if k >= num_experts:
+    return ops.full_like(noisy_logits, -float("inf"))
+  top_values, _ = ops.top_k(noisy_logits, k=k + 1, sorted=True)
+  threshold_if_in = top_values[:, k : k + 1]
+  threshold_if_out = top_values[:, k - 1 : k]
+  is_in = ops.greater(noisy_logits, threshold_if_in)
+  return ops.where(is_in, threshold_if_in, threshold_if_out)
+
+
+def normal_cdf(z):
+  """Standard normal CDF Phi(z) = 0.5 * (1 + erf(z / sqrt(2)))."""
+  return 0.5 * (1.0 + ops.erf(z * _SQRT_HALF))
+
+
+def load_probabilities(clean_logits, noisy_logits, noise_stddev, k):
+  """P(x, i) of eqs. (8)-(9): the smooth probability that G(x)_i != 0.
+
+  P(x, i) = Phi(((x . W_g)_i - kth_excluding(H(x), k, i)) / noise_stddev_i),
+  the probability that expert i is selected when only its own noise is
+  redrawn. Differentiable in W_g and W_noise.
+
+  Args:
+    clean_logits: float32 [N, n], x . W_g.
+    noisy_logits: float32 [N, n], H(x) as used for the top-k selection.
+    noise_stddev: float32 [N, n], Softplus(x . W_noise) (+ epsilon), > 0.
+    k: python int.
+
+  Returns:
+    float32 [N, n] in [0, 1].
+  """
+  threshold = kth_excluding(noisy_logits, k)
+  return normal_cdf((clean_logits - threshold) / noise_stddev)
+
+
+def load(probabilities):
+  """Load(X)_i = sum over x in X of P(x, i), eq. (10).
+
+  Args:
+    probabilities: float32 [N, n] from `load_probabilities`, zero rows for
+      padding tokens.
+
+  Returns:
+    float32 [n].
+  """
+  return ops.sum(probabilities, axis=0)
+
+
+def masked_gates(probabilities, mask):
+  """Strictly balanced gates G(x) of eq. (16).
+
+  G(x)_i = G_sigma(x)_i M_i / sum_j G_sigma(x)_j M_j; rows whose mask is all
+  zero (an example no expert accepted) get all-zero gates.
+
+  Args:
+    probabilities: float32 [N, n], G_sigma(x) of eq. (15).
+    mask: float32 [N, n] in {0, 1} (eq. 18 in training, eq. 19 at inference).
+
+  Returns:
+    float32 [N, n].
+  """
+  masked = probabilities * mask
+  denominator = ops.sum(masked, axis=-1, keepdims=True)
+  safe = ops.where(denominator > 0, denominator, ops.ones_like(denominator))
+  return masked / safe
+
+
+def batchwise_capacity(num_tokens, k, num_experts):
+  """m = k |X| / n of eq. (18), as an int32 scalar >= 1 (floor, min 1).
+
+  Args:
+    num_tokens: int32 scalar tensor or python int, |X| (non-padding tokens).
+    k: python int.
+    num_experts: python int n.
+
+  Returns:
+    int32 scalar tensor.
+  """
+  m = ops.floor_divide(ops.cast(num_tokens, "int32") * k, num_experts)
+  return ops.maximum(m, 1)
+
+
+def batchwise_mask(probabilities, m, valid=None):
+  """M_batchwise(X, m) of eq. (18): the top m entries of every column.
+
+  Ties at the m-th value are broken by token order (lower token index wins),
+  so every column has exactly min(m, number of valid rows) ones.
+
+  Args:
+    probabilities: float32 [N, n], rows G_sigma(x) of eq. (15).
+    m: python int or int32 scalar tensor (may depend on the batch).
+    valid: optional bool [N]; invalid (padding) rows are never selected.
+
+  Returns:
+    float32 [N, n] mask.
+  """
+  scores = probabilities
+  if valid is not None:
+    scores = ops.where(valid[:, None], scores, -ops.ones_like(scores))
+  # Rank of each entry within its column (0 = largest), stable on ties: the
+  # inverse of a stable sorting permutation is the rank.
+  order = backend_ops.stable_argsort(-ops.transpose(scores))  # [n, N]
+  ranks = ops.argsort(order, axis=-1)  # a permutation: no ties.
+  mask = ops.transpose(ops.less(ranks, ops.cast(m, "int32")))
+  if valid is not None:
+    mask = ops.logical_and(mask, valid[:, None])
+  return ops.cast(mask, "float32")
+
+
+def threshold_mask(probabilities, thresholds):
+  """M_threshold(x, T) of eq. (19): x_i > T_i, per example.
+
+  Args:
+    probabilities: float32 [N, n], G_sigma(x).
+    thresholds: float32 [n], learned T.
+
+  Returns:
+    float32 [N, n] mask; each row depends on that example only.
+  """
+  return ops.cast(ops.greater(probabilities, thresholds[None, :]), "float32")
+
+
+def batchwise_threshold_loss(probabilities, thresholds, batch_mask, valid=None):
+  """L_batchwise(X, T, m) of eq. (20).
+
+  sum_j sum_i (M_threshold(X_j, T)_i - M_batchwise(X, m)_{j,i}) (X_{j,i} - T_i).
+  Every term is >= 0 and vanishes where the two masks agree; the gradient
+  raises T_i on false admits and lowers it on false rejects.
+
+  Args:
+    probabilities: float32 [N, n], G_sigma rows.
+    thresholds: float32 [n].
+    batch_mask: float32 [N, n], eq. (18).
+    valid: optional bool [N]; padding rows contribute nothing.
+
+  Returns:
+    float32 scalar.
+  """
+  t_mask = threshold_mask(probabilities, thresholds)
+  terms = (t_mask - batch_mask) * (probabilities - thresholds[None, :])
+  if valid is not None:
+    terms = terms * ops.cast(valid, "float32")[:, None]
+  return ops.sum(terms)
+
+
+def standard_normal(shape, seed):
+  """Independent N(0, 1) draws for eq. (4), float32 of `shape`."""
+  return keras.random.normal(shape, dtype="float32", seed=seed)

@@ -1,0 +1,532 @@
+"""`SparseMoE`: the Sparsely-Gated Mixture-of-Experts layer (Shazeer et al. 2017).
+
+y = sum_i G(x)_i E_i(x) (eq. 1) with the gates of section 2 / appendix F and the
+balancing losses of section 4 / appendix A. Which function implements which
+equation is listed in `moe_keras.layers.gating`; the sparse evaluation of eq. (1)
+is `moe_keras.layers.dispatch`.
+
+The sigmoid, dropout and residual that the paper's models put around the MoE
+belong to the model builders, not to this layer.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from moe_keras.layers import dispatch
+from moe_keras.layers import gating as gating_lib
+
+GATINGS = ("noisy_top_k", "top_k", "softmax", "batchwise")
+STAT_METRICS = (
+    "cv_importance",
+    "cv_load",
+    "max_over_mean_load",
+    "dropped_fraction",
+)
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class ExpertKernelInitializer(keras.initializers.Initializer):
+  """Variance scaling per expert for stacked [n, fan_in, fan_out] kernels.
+
+  Keras's built-in initializers treat a leading axis as a receptive field and
+  would shrink every expert's weights by n; this one scales each expert's
+  [fan_in, fan_out] slice as `VarianceScaling(scale, mode, "uniform")` would
+  scale a single dense kernel.
+  """
+
+  def __init__(self, scale=1.0, mode="fan_avg", seed=None):
+    if mode not in ("fan_in", "fan_out", "fan_avg"):
+      raise ValueError(
+          f"unknown mode {mode!r}; expected fan_in|fan_out|fan_avg"
+      )
+    self.scale = scale
+    self.mode = mode
+    self.seed = seed
+
+  def __call__(self, shape, dtype=None):
+    fan_in, fan_out = shape[-2], shape[-1]
+    fan = {
+        "fan_in": fan_in,
+        "fan_out": fan_out,
+        "fan_avg": (fan_in + fan_out) / 2.0,
+    }[self.mode]
+    limit = math.sqrt(3.0 * self.scale / max(1.0, fan))
+    return keras.random.uniform(
+        shape, minval=-limit, maxval=limit, dtype=dtype, seed=self.seed
+    )
+
+  def get_config(self):
+    return {"scale": self.scale, "mode": self.mode, "seed": self.seed}
+
+
+def _validate_common(
+    num_experts,
+    k,
+    capacity_factor,
+    w_importance,
+    w_load,
+    k_name="k",
+    experts_name="num_experts",
+):
+  """Raises ValueError with a one-line cause for bad constructor arguments."""
+  if not isinstance(num_experts, int) or num_experts < 1:
+    raise ValueError(f"{experts_name} must be an int >= 1, got {num_experts!r}")
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"{k_name} must be an int >= 1, got {k!r}")
+  if k > num_experts:
+    raise ValueError(
+        f"{k_name}={k} is larger than {experts_name}={num_experts}"
+    )
+  if capacity_factor is not None and not capacity_factor > 0:
+    raise ValueError(
+        f"capacity_factor must be None (dropless) or > 0, got"
+        f" {capacity_factor!r}"
+    )
+  for name, value in (("w_importance", w_importance), ("w_load", w_load)):
+    if value < 0:
+      raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def flatten_tokens(layer_name, inputs, mask):
+  """[..., d] inputs and an optional [...] mask -> [N, d] tokens, [N] valid.
+
+  Args:
+    layer_name: for error messages.
+    inputs: tensor of rank >= 2.
+    mask: None or bool tensor of shape inputs.shape[:-1].
+
+  Returns:
+    (tokens [N, d], valid bool [N] or None, leading shape).
+
+  Raises:
+    ValueError: rank < 2 or a mask whose shape does not match.
+  """
+  rank = len(inputs.shape)
+  if rank < 2:
+    raise ValueError(
+        f"{layer_name}: inputs must have rank >= 2 ([..., d]), got shape"
+        f" {tuple(inputs.shape)}"
+    )
+  leading = ops.shape(inputs)[:-1]
+  tokens = ops.reshape(inputs, (-1, inputs.shape[-1]))
+  if mask is None:
+    return tokens, None, leading
+  if len(mask.shape) != rank - 1 or any(
+      m is not None and i is not None and m != i
+      for m, i in zip(mask.shape, inputs.shape[:-1])
+  ):
+    raise ValueError(
+        f"{layer_name}: mask shape {tuple(mask.shape)} does not match inputs"
+        f" shape {tuple(inputs.shape)} without the last axis"
+    )
+  return tokens, ops.reshape(ops.cast(mask, "bool"), (-1,)), leading
+
+
+class MoEBase(keras.layers.Layer):
+  """Shared machinery of SparseMoE and HierarchicalSparseMoE.
+
+  Holds the stacked experts, the losses/statistics plumbing and the Keras
+  metrics. Subclasses implement `_route`.
+  """
+
+  def __init__(
+      self,
+      num_experts,
+      expert_hidden_dim,
+      output_dim=None,
+      w_importance=0.1,
+      w_load=0.1,
+      capacity_factor=None,
+      use_bias=False,
+      noise_epsilon=gating_lib.DEFAULT_NOISE_EPSILON,
+      kernel_initializer=None,
+      bias_initializer="zeros",
+      kernel_regularizer=None,
+      seed=None,
+      track_metrics=True,
+      **kwargs,
+  ):
+    super().__init__(**kwargs)
+    if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
+      raise ValueError(
+          f"expert_hidden_dim must be an int >= 1, got {expert_hidden_dim!r}"
+      )
+    if output_dim is not None and (
+        not isinstance(output_dim, int) or output_dim < 1
+    ):
+      raise ValueError(
+          f"output_dim must be None or an int >= 1, got {output_dim!r}"
+      )
+    self.num_experts = num_experts
+    self.expert_hidden_dim = expert_hidden_dim
+    self.output_dim = output_dim
+    self.w_importance = float(w_importance)
+    self.w_load = float(w_load)
+    self.capacity_factor = (
+        None if capacity_factor is None else float(capacity_factor)
+    )
+    self.use_bias = bool(use_bias)
+    self.noise_epsilon = float(noise_epsilon)
+    self.kernel_initializer = keras.initializers.get(
+        kernel_initializer or ExpertKernelInitializer()
+    )
+    self.bias_initializer = keras.initializers.get(bias_initializer)
+    self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+    self.seed = seed
+    self.seed_generator = keras.random.SeedGenerator(seed)
+    self.track_metrics = bool(track_metrics)
+    self.supports_masking = True
+    self._stat_trackers = {}
+    if self.track_metrics:
+      for stat in STAT_METRICS:
+        self._stat_trackers[stat] = keras.metrics.Mean(
+            name=f"{self.name}_{stat}"
+        )
+
+  # -- variables ------------------------------------------------------------
+
+  def _build_experts(self, input_dim):
+    out_dim = self.output_dim or input_dim
+    n, h = self.num_experts, self.expert_hidden_dim
+    self.expert_kernel_1 = self.add_weight(
+        name="expert_kernel_1",
+        shape=(n, input_dim, h),
+        initializer=self.kernel_initializer,
+        regularizer=self.kernel_regularizer,
+    )
+    self.expert_kernel_2 = self.add_weight(
+        name="expert_kernel_2",
+        shape=(n, h, out_dim),
+        initializer=self.kernel_initializer,
+        regularizer=self.kernel_regularizer,
+    )
+    if self.use_bias:
+      self.expert_bias_1 = self.add_weight(
+          name="expert_bias_1", shape=(n, h), initializer=self.bias_initializer
+      )
+      self.expert_bias_2 = self.add_weight(
+          name="expert_bias_2",
+          shape=(n, out_dim),
+          initializer=self.bias_initializer,
+      )
+    else:
+      self.expert_bias_1 = None
+      self.expert_bias_2 = None
+
+  def _gate_weight(self, name, shape):
+    """Zero-initialized float32 gating variable (paper: W_g = W_noise = 0)."""
+    return self.add_weight(
+        name=name,
+        shape=shape,
+        initializer="zeros",
+        dtype="float32",
+        autocast=False,
+    )
+
+  def compute_output_shape(self, input_shape):
+    return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
+
+  def compute_mask(self, inputs, mask=None):
+    return mask
+
+  # -- forward --------------------------------------------------------------
+
+  def call(
+      self, inputs, training=None, mask=None, return_stats=False, noise=None
+  ):
+    """Applies the MoE to every position of `inputs`.
+
+    Args:
+      inputs: [..., d], any rank >= 2; [batch, time, d] is routed as
+        batch*time independent tokens (the paper's convolutional use).
+      training: bool; noise (noisy_top_k) and losses only when True.
+      mask: optional bool [...] (Keras mask); False tokens are not routed,
+        output zeros and count in no loss or statistic.
+      return_stats: also return the per-step statistics dict.
+      noise: optional standard-normal draws replacing the random noise of
+        eq. (4) in training (see the subclass for the shape).
+
+    Returns:
+      [..., d_out] in the layer's compute dtype, and with `return_stats` a
+      dict of float32 tensors: importance [n], load [n], token_counts [n],
+      cv_importance, cv_load, max_over_mean_load, dropped_fraction,
+      importance_loss, load_loss, plus subclass-specific entries.
+    """
+    training = bool(training)
+    tokens, valid, leading = flatten_tokens(self.name, inputs, mask)
+    tokens = ops.cast(tokens, self.compute_dtype)
+    routing = self._route(tokens, valid, training, noise)
+    plan = dispatch.RoutingPlan(
+        routing["expert_ids"],
+        num_experts=self.num_experts,
+        capacity_factor=self.capacity_factor,
+    )
+    rows = plan.dispatch(tokens)
+    expert_out = dispatch.expert_ffn(
+        plan,
+        rows,
+        ops.cast(self.expert_kernel_1, self.compute_dtype),
+        ops.cast(self.expert_kernel_2, self.compute_dtype),
+        None
+        if self.expert_bias_1 is None
+        else ops.cast(self.expert_bias_1, self.compute_dtype),
+        None
+        if self.expert_bias_2 is None
+        else ops.cast(self.expert_bias_2, self.compute_dtype),
+    )
+    combined = plan.combine(expert_out, routing["gates"])
+    outputs = ops.reshape(
+        ops.cast(combined, self.compute_dtype),
+        tuple(leading) + (combined.shape[-1],),
+    )
+
+    stats = self._statistics(routing, plan, training)
+    if training:
+      total = stats["importance_loss"] + stats["load_loss"]
+      for extra in routing.get("extra_losses", ()):
+        total = total + extra
+      self.add_loss(total)
+      if self.track_metrics:
+        for name, tracker in self._stat_trackers.items():
+          tracker.update_state(stats[name])
+    if return_stats:
+      return outputs, stats
+    return outputs
+
+  def _statistics(self, routing, plan, training):
+    """Per-step statistics and the weighted balancing losses (eqs. 6-11).
+
+    The losses are zero outside training (they are added only in training).
+    """
+    counts = ops.cast(plan.token_counts, "float32")
+    importance_vec = routing["importance"]
+    load_vec = routing.get("load")
+    if load_vec is None:
+      load_vec = counts
+    routed = ops.sum(counts)
+    stats = {
+        "importance": importance_vec,
+        "load": load_vec,
+        "token_counts": counts,
+        "cv_importance": gating_lib.coefficient_of_variation(importance_vec),
+        "cv_load": gating_lib.coefficient_of_variation(load_vec),
+        "max_over_mean_load": (
+            ops.max(load_vec) / (ops.mean(load_vec) + gating_lib.CV_EPSILON)
+        ),
+        "dropped_fraction": (
+            ops.cast(plan.num_dropped, "float32") / ops.maximum(routed, 1.0)
+        ),
+        "importance_loss": (
+            self.w_importance * gating_lib.cv_squared(importance_vec)
+            if training
+            else ops.zeros((), "float32")
+        ),
+        "load_loss": (
+            self.w_load * gating_lib.cv_squared(routing["load"])
+            if training and routing.get("load_is_smooth")
+            else ops.zeros((), "float32")
+        ),
+    }
+    stats.update(routing.get("extra_stats", {}))
+    return stats
+
+  def _noise(self, shape, noise):
+    if noise is not None:
+      return ops.cast(noise, "float32")
+    return gating_lib.standard_normal(shape, seed=self.seed_generator)
+
+  def _route(self, tokens, valid, training, noise):
+    raise NotImplementedError
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+        {
+            "expert_hidden_dim": self.expert_hidden_dim,
+            "output_dim": self.output_dim,
+            "w_importance": self.w_importance,
+            "w_load": self.w_load,
+            "capacity_factor": self.capacity_factor,
+            "use_bias": self.use_bias,
+            "noise_epsilon": self.noise_epsilon,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "bias_initializer": keras.initializers.serialize(
+                self.bias_initializer
+            ),
+            "kernel_regularizer": keras.regularizers.serialize(
+                self.kernel_regularizer
+            ),
+            "seed": self.seed,
+            "track_metrics": self.track_metrics,
+        }
+    )
+    return config
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class SparseMoE(MoEBase):
+  """Sparsely-gated MoE layer: y = sum_i G(x)_i E_i(x), eq. (1).
+
+  Experts are one-hidden-layer ReLU networks E_i(x) = ReLU(x W1_i) W2_i
+  (no biases by default, matching the paper's parameter counts;
+  `use_bias=True` adds them), stored stacked with a leading experts axis:
+  `expert_kernel_1` [n, d, h], `expert_kernel_2` [n, h, d_out]. Gating
+  variables `w_gate`, `w_noise` [d, n] are zero-initialized and float32.
+
+  Gatings (`gating=`):
+    "noisy_top_k": eqs. (3)-(5); N(0,1) noise scaled by Softplus(x W_noise)
+      (+ noise_epsilon) only in training; losses eqs. (6)-(11).
+    "top_k": eqs. (3), (5) without noise; importance loss only (without
+      noise the load of eq. 10 has no smooth estimator; the statistic is the
+      token count).
+    "softmax": the dense gate of eq. (2); every expert runs on every token
+      (a baseline, cost proportional to n).
+    "batchwise": strictly balanced gating, appendix F, eqs. (15)-(20): in
+      training every expert takes exactly m = k|X|/n tokens (eq. 18); learned
+      per-expert thresholds T (eq. 19) trained with L_batchwise (eq. 20,
+      weight `w_batchwise`, gradient to T only) select experts per example
+      at inference, so decoding one token at a time is safe.
+
+  Losses (training only, via add_loss; over non-padding tokens):
+  w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (+ L_batchwise).
+  CV is the population std over the mean.
+
+  Dispatch is sparse (see `moe_keras.layers.dispatch`): compute grows with
+  k * tokens. `capacity_factor=None` is dropless (the paper); a number c
+  gives every expert a fixed capacity ceil(c * N * k / n) (static shapes for
+  XLA/JAX); overflow assignments are dropped in token order and reported as
+  `dropped_fraction`.
+
+  At k = 1 the single kept gate is softmax of one logit = 1.0: the task loss
+  gives W_g no gradient, and only the balancing losses train the gate.
+  """
+
+  def __init__(
+      self,
+      num_experts,
+      k,
+      expert_hidden_dim,
+      output_dim=None,
+      gating="noisy_top_k",
+      w_importance=0.1,
+      w_load=0.1,
+      capacity_factor=None,
+      w_batchwise=1.0,
+      **kwargs,
+  ):
+    if gating not in GATINGS:
+      raise ValueError(
+          f"unknown gating {gating!r}; expected one of {', '.join(GATINGS)}"
+      )
+    _validate_common(num_experts, k, capacity_factor, w_importance, w_load)
+    super().__init__(
+        num_experts=num_experts,
+        expert_hidden_dim=expert_hidden_dim,
+        output_dim=output_dim,
+        w_importance=w_importance,
+        w_load=w_load,
+        capacity_factor=capacity_factor,
+        **kwargs,
+    )
+    self.k = k
+    self.gating = gating
+    self.w_batchwise = float(w_batchwise)
+
+  def build(self, input_shape):
+    input_dim = input_shape[-1]
+    if input_dim is None:
+      raise ValueError(f"{self.name}: the last input dimension must be known")
+    self.w_gate = self._gate_weight("w_gate", (input_dim, self.num_experts))
+    self.w_noise = self._gate_weight("w_noise", (input_dim, self.num_experts))
+    if self.gating == "batchwise":
+      self.thresholds = self.add_weight(
+          name="thresholds",
+          shape=(self.num_experts,),
+          initializer="zeros",
+          dtype="float32",
+          autocast=False,
+      )
+    self._build_experts(input_dim)
+
+  def _route(self, tokens, valid, training, noise):
+    """Computes the gates of the configured gating.
+
+    Args:
+      tokens: [N, d] compute dtype.
+      valid: bool [N] or None.
+      training: python bool.
+      noise: optional float [N, n] standard normal (noisy_top_k, training).
+
+    Returns:
+      dict with expert_ids int32 [N, K] (n = unrouted), gates float32 [N, K],
+      importance [n], load [n] or None, load_is_smooth, extra losses/stats.
+    """
+    n = self.num_experts
+    x = ops.cast(tokens, "float32")
+    clean = ops.matmul(x, self.w_gate)  # [N, n]
+    valid_f = None if valid is None else ops.cast(valid, "float32")[:, None]
+    result = {}
+    if self.gating in ("noisy_top_k", "top_k"):
+      logits = clean
+      smooth_load = None
+      if self.gating == "noisy_top_k" and training:
+        raw = ops.matmul(x, self.w_noise)
+        logits, stddev = gating_lib.noisy_top_k_logits(
+            clean, raw, self._noise(ops.shape(clean), noise), self.noise_epsilon
+        )
+        probs = gating_lib.load_probabilities(clean, logits, stddev, self.k)
+        if valid_f is not None:
+          probs = probs * valid_f
+        smooth_load = gating_lib.load(probs)
+      gates, indices = gating_lib.top_k_gates(logits, self.k)
+      result["load"] = smooth_load
+      result["load_is_smooth"] = smooth_load is not None
+    elif self.gating == "softmax":
+      gates = gating_lib.softmax_gates(clean)
+      indices = ops.broadcast_to(
+          ops.arange(n, dtype="int32")[None, :], ops.shape(gates)
+      )
+    else:  # batchwise, appendix F.
+      probs = gating_lib.softmax_gates(clean)  # eq. (15)
+      thresholds = ops.convert_to_tensor(self.thresholds)
+      if training:
+        num_valid = (
+            ops.shape(x)[0]
+            if valid is None
+            else ops.sum(ops.cast(valid, "int32"))
+        )
+        m = gating_lib.batchwise_capacity(num_valid, self.k, n)
+        mask = gating_lib.batchwise_mask(probs, m, valid)  # eq. (18)
+        bw_loss = gating_lib.batchwise_threshold_loss(
+            ops.stop_gradient(probs), thresholds, mask, valid
+        )  # eq. (20)
+        weighted = self.w_batchwise * bw_loss
+        result["extra_losses"] = (weighted,)
+        result["extra_stats"] = {"batchwise_loss": weighted}
+      else:
+        mask = gating_lib.threshold_mask(probs, thresholds)  # eq. (19)
+      gates = gating_lib.masked_gates(probs, mask)  # eq. (16)
+      indices = ops.where(mask > 0, ops.arange(n, dtype="int32")[None, :], n)
+    if valid_f is not None:
+      gates = gates * valid_f
+      indices = ops.where(valid[:, None], indices, n)
+    result["expert_ids"] = ops.cast(indices, "int32")
+    result["gates"] = gates
+    result["importance"] = gating_lib.importance(gates, result["expert_ids"], n)
+    return result
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+        {
+            "num_experts": self.num_experts,
+            "k": self.k,
+            "gating": self.gating,
+            "w_batchwise": self.w_batchwise,
+        }
+    )
+    return config
