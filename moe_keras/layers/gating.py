@@ -204,6 +204,10 @@ def load_probabilities(clean_logits, noisy_logits, noise_stddev, k):
   Returns:
     float32 [N, n] in [0, 1].
   """
+  if k >= noisy_logits.shape[-1]:
+    # Every expert is always selected: P = 1 exactly. (Going through
+    # Phi((clean + inf) / stddev) would give 1 but a NaN gradient.)
+    return ops.ones_like(clean_logits)
   threshold = kth_excluding(noisy_logits, k)
   return normal_cdf((clean_logits - threshold) / noise_stddev)
 

@@ -135,7 +135,9 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     group_plan = dispatch.RoutingPlan(groups, num_experts=a)
     rows = group_plan.dispatch(x)
     clean_s = group_plan.gather_back(
-        dispatch.grouped_linear(group_plan, rows, self.w_gate_secondary)
+        dispatch.grouped_linear(
+            group_plan, rows, ops.convert_to_tensor(self.w_gate_secondary)
+        )
     )  # [N, kp, b]
     logits_s = clean_s
     routed = ops.less(groups, a)  # [N, kp]
@@ -143,7 +145,9 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     load_h = None
     if training:
       raw_s = group_plan.gather_back(
-          dispatch.grouped_linear(group_plan, rows, self.w_noise_secondary)
+          dispatch.grouped_linear(
+              group_plan, rows, ops.convert_to_tensor(self.w_noise_secondary)
+          )
       )
       if secondary_noise is None:
         noise_s = gating_lib.standard_normal(

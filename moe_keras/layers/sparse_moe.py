@@ -13,6 +13,7 @@ import math
 
 import keras
 from keras import ops
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from moe_keras.layers import dispatch
 from moe_keras.layers import gating as gating_lib
@@ -179,7 +180,10 @@ class MoEBase(keras.layers.Layer):
     self.track_metrics = bool(track_metrics)
     self.supports_masking = True
     self._stat_trackers = {}
-    if self.track_metrics:
+    # Keras metrics owned by a layer are updated inside call(), which a
+    # jitted JAX train step runs statelessly: they would stay at 0 there, so
+    # they exist on TensorFlow only (JAX callers use return_stats=True).
+    if self.track_metrics and keras.backend.backend() == "tensorflow":
       for stat in STAT_METRICS:
         self._stat_trackers[stat] = keras.metrics.Mean(
             name=f"{self.name}_{stat}"
@@ -288,9 +292,9 @@ class MoEBase(keras.layers.Layer):
       for extra in routing.get("extra_losses", ()):
         total = total + extra
       self.add_loss(total)
-      if self.track_metrics:
-        for name, tracker in self._stat_trackers.items():
-          tracker.update_state(stats[name])
+    if not in_stateless_scope():
+      for name, tracker in self._stat_trackers.items():
+        tracker.update_state(stats[name])
     if return_stats:
       return outputs, stats
     return outputs
