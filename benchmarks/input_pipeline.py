@@ -31,22 +31,27 @@ from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # pylint: disable=g-import-not-at-top
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import keras
+import tensorflow as tf
 
-from data_pipelines import debian_translations  # pylint: disable=g-import-not-at-top
-from data_pipelines import ptb  # pylint: disable=g-import-not-at-top
+from data_pipelines import debian_translations
+from data_pipelines import ptb
+
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
-    'debian_cache', debian_translations.DEFAULT_CACHE_DIR, 'Debian corpus cache.'
+    "debian_cache",
+    debian_translations.DEFAULT_CACHE_DIR,
+    "Debian corpus cache.",
 )
-flags.DEFINE_string('debian_lists', None, 'Existing apt lists directory.')
-flags.DEFINE_integer('epochs', 2, 'Epochs timed per pipeline (after warm-up).')
-flags.DEFINE_integer('mt_batch_tokens', 4096, 'MT token budget per batch.')
-flags.DEFINE_integer('lm_batch_tokens', 4096, 'LM token budget per batch.')
-flags.DEFINE_bool('reference', True, 'Also time a small Keras model.')
-flags.DEFINE_integer('reference_steps', 20, 'Timed model steps.')
+flags.DEFINE_string("debian_lists", None, "Existing apt lists directory.")
+flags.DEFINE_integer("epochs", 2, "Epochs timed per pipeline (after warm-up).")
+flags.DEFINE_integer("mt_batch_tokens", 4096, "MT token budget per batch.")
+flags.DEFINE_integer("lm_batch_tokens", 4096, "LM token budget per batch.")
+flags.DEFINE_bool("reference", True, "Also time a small Keras model.")
+flags.DEFINE_integer("reference_steps", 20, "Timed model steps.")
 
 REFERENCE_UNITS = 256
 
@@ -69,8 +74,9 @@ def time_pipeline(make_dataset, count_tokens, epochs):
       source += s
       padded += p
   seconds = time.perf_counter() - start
-  return dict(batches=batches, real=real, source=source, padded=padded,
-              seconds=seconds)
+  return dict(
+      batches=batches, real=real, source=source, padded=padded, seconds=seconds
+  )
 
 
 def lm_tokens(batch):
@@ -80,35 +86,35 @@ def lm_tokens(batch):
 
 def mt_tokens(batch):
   x, target_out, weights = batch
-  source = float(tf.reduce_sum(tf.cast(x['source'] != 0, tf.float32)))
+  source = float(tf.reduce_sum(tf.cast(x["source"] != 0, tf.float32)))
   return float(tf.reduce_sum(weights)), source, int(tf.size(target_out))
 
 
 def reference_lm_model(vocab_size):
-  inputs = keras.Input([None], dtype='int32')
+  inputs = keras.Input([None], dtype="int32")
   h = keras.layers.Embedding(vocab_size, REFERENCE_UNITS)(inputs)
   h = keras.layers.LSTM(REFERENCE_UNITS, return_sequences=True)(h)
   logits = keras.layers.Dense(vocab_size)(h)
   model = keras.Model(inputs, logits)
   model.compile(
-      optimizer='adam',
+      optimizer="adam",
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
   )
   return model
 
 
 def reference_mt_model(vocab_size):
-  source = keras.Input([None], dtype='int32', name='source')
-  target_in = keras.Input([None], dtype='int32', name='target_in')
+  source = keras.Input([None], dtype="int32", name="source")
+  target_in = keras.Input([None], dtype="int32", name="target_in")
   embed = keras.layers.Embedding(vocab_size, REFERENCE_UNITS)
-  _, h, c = keras.layers.LSTM(REFERENCE_UNITS, return_state=True)(
-      embed(source))
+  _, h, c = keras.layers.LSTM(REFERENCE_UNITS, return_state=True)(embed(source))
   dec = keras.layers.LSTM(REFERENCE_UNITS, return_sequences=True)(
-      embed(target_in), initial_state=[h, c])
+      embed(target_in), initial_state=[h, c]
+  )
   logits = keras.layers.Dense(vocab_size)(dec)
-  model = keras.Model({'source': source, 'target_in': target_in}, logits)
+  model = keras.Model({"source": source, "target_in": target_in}, logits)
   model.compile(
-      optimizer='adam',
+      optimizer="adam",
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
   )
   return model
@@ -133,7 +139,7 @@ def main(argv):
   rows = []
   ptb_data = ptb.ptb_lm_data(batch_tokens=FLAGS.lm_batch_tokens)
   ptb_packed = ptb.ptb_lm_data(
-      batch_tokens=FLAGS.lm_batch_tokens, mode='packed', pack_length=64
+      batch_tokens=FLAGS.lm_batch_tokens, mode="packed", pack_length=64
   )
   debian_data = debian_translations.debian_mt_data(
       cache_dir=FLAGS.debian_cache,
@@ -141,20 +147,28 @@ def main(argv):
       batch_tokens=FLAGS.mt_batch_tokens,
   )
   pipelines = [
-      ('MT debian en-fr (wordpiece+bucket)', debian_data.train_dataset,
-       mt_tokens, debian_data),
-      ('LM ptb sentences (bucket)', ptb_data.train_dataset, lm_tokens,
-       ptb_data),
-      ('LM ptb packed (T=64)', ptb_packed.train_dataset, lm_tokens,
-       ptb_packed),
+      (
+          "MT debian en-fr (wordpiece+bucket)",
+          debian_data.train_dataset,
+          mt_tokens,
+          debian_data,
+      ),
+      (
+          "LM ptb sentences (bucket)",
+          ptb_data.train_dataset,
+          lm_tokens,
+          ptb_data,
+      ),
+      ("LM ptb packed (T=64)", ptb_packed.train_dataset, lm_tokens, ptb_packed),
   ]
   for name, make, count, data in pipelines:
     result = time_pipeline(make, count, FLAGS.epochs)
     model_rate = None
-    if FLAGS.reference and 'packed' not in name:
+    if FLAGS.reference and "packed" not in name:
       vocab_size = data.vocab.size
-      model = (reference_mt_model if name.startswith('MT')
-               else reference_lm_model)(vocab_size)
+      model = (
+          reference_mt_model if name.startswith("MT") else reference_lm_model
+      )(vocab_size)
       model_rate = time_model(model, make(), count, FLAGS.reference_steps)
     rows.append((name, result, model_rate))
 
@@ -163,26 +177,35 @@ def main(argv):
       f' {"src+tgt tok/s":>13s} {"pad eff":>7s} {"ms/batch":>8s}'
       f' {"model tok/s":>11s} {"ratio":>6s}'
   )
-  print(f'devices: {tf.config.list_physical_devices()}; '
-        f'cores: {os.cpu_count()}; tf {tf.__version__}')
+  print(
+      f"devices: {tf.config.list_physical_devices()}; "
+      f"cores: {os.cpu_count()}; tf {tf.__version__}"
+  )
   print(header)
-  print('-' * len(header))
+  print("-" * len(header))
   for name, r, model_rate in rows:
-    budget = (FLAGS.mt_batch_tokens if name.startswith('MT')
-              else FLAGS.lm_batch_tokens)
-    tgt_rate = r['real'] / r['seconds']
-    all_rate = (r['real'] + r['source']) / r['seconds']
-    eff = r['real'] / max(r['padded'], 1)
-    ms = 1000 * r['seconds'] / max(r['batches'], 1)
-    model_col = f'{model_rate:11.0f}' if model_rate else f'{"-":>11s}'
-    ratio = f'{tgt_rate / model_rate:6.0f}x' if model_rate else f'{"-":>6s}'
-    print(f'{name:36s} {budget:6d} {r["batches"]:7d} {tgt_rate:10.0f}'
-          f' {all_rate:13.0f} {eff:7.2f} {ms:8.2f} {model_col} {ratio}')
-  print('tok/s counts real (non-padding) tokens; "pad eff" = real target'
-        ' tokens / padded target positions; "model" = target tokens/s that'
-        f' a {REFERENCE_UNITS}-unit embedding+LSTM(+LSTM)+softmax Keras model'
-        ' trains on with train_on_batch.')
+    budget = (
+        FLAGS.mt_batch_tokens
+        if name.startswith("MT")
+        else FLAGS.lm_batch_tokens
+    )
+    tgt_rate = r["real"] / r["seconds"]
+    all_rate = (r["real"] + r["source"]) / r["seconds"]
+    eff = r["real"] / max(r["padded"], 1)
+    ms = 1000 * r["seconds"] / max(r["batches"], 1)
+    model_col = f"{model_rate:11.0f}" if model_rate else f'{"-":>11s}'
+    ratio = f"{tgt_rate / model_rate:6.0f}x" if model_rate else f'{"-":>6s}'
+    print(
+        f'{name:36s} {budget:6d} {r["batches"]:7d} {tgt_rate:10.0f}'
+        f" {all_rate:13.0f} {eff:7.2f} {ms:8.2f} {model_col} {ratio}"
+    )
+  print(
+      'tok/s counts real (non-padding) tokens; "pad eff" = real target'
+      ' tokens / padded target positions; "model" = target tokens/s that'
+      f" a {REFERENCE_UNITS}-unit embedding+LSTM(+LSTM)+softmax Keras model"
+      " trains on with train_on_batch."
+  )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   app.run(main)

@@ -1,0 +1,523 @@
+"""Word-level language-model batches from one-sentence-per-line text.
+
+Every LM corpus (1B Word, sharded news, Penn Treebank, your own files) ends up
+in `lm_dataset`, which turns a dataset of text lines into batches for
+`model.fit`:
+
+  (inputs int32 [B, T], targets int32 [B, T], weights float32 [B, T])
+
+Sentence scheme (1B Word convention, used for every corpus including PTB):
+a line with words w1..wn becomes
+
+  inputs  = <S> w1 ... wn
+  targets = w1 ... wn </S>
+
+so `T = n + 1`, every word and the end of sentence are predicted, and `<S>`
+is never a target. Padding uses id `PAD_ID` = 0 (which is also `<S>` in
+vocabularies built here) with weight 0: models must use `weights` (also the
+input mask: position t is real iff weights[b, t] == 1) rather than
+`mask_zero`. Perplexity = exp(sum(loss * weights) / sum(weights)).
+
+Modes:
+* 'sentences' (default): one sentence per row, batches by token budget
+  (`B * T <= batch_tokens`) over length-sorted windows, longer sentences
+  dropped or truncated to `max_length` (= n + 1) as configured.
+* 'packed': sentences (with their <S>/</S>) are concatenated into one stream
+  cut into rows of `pack_length` tokens, `B = batch_tokens // pack_length`
+  rows per batch; only the final batch of an epoch has padding. Rows are not
+  carried over between batches (no stateful RNN assumption).
+
+Per-epoch counts (lines, empty lines skipped, invalid UTF-8 lines replaced
+with U+FFFD, too-long sentences dropped / truncated, <UNK> tokens, target
+tokens) are logged once per epoch and kept in `LmData.stats`.
+"""
+
+import dataclasses
+from typing import Callable, Dict, Optional
+
+import tensorflow as tf
+
+from data_pipelines import batching
+from data_pipelines import text_io
+from data_pipelines import word_vocab as word_vocab_lib
+from data_pipelines.errors import DataError
+
+PAD_ID = 0
+MODE_SENTENCES = "sentences"
+MODE_PACKED = "packed"
+MODES = (MODE_SENTENCES, MODE_PACKED)
+OUTPUT_KERAS = "keras"
+OUTPUT_DICT = "dict"
+OUTPUT_FORMATS = (OUTPUT_KERAS, OUTPUT_DICT)
+DEFAULT_LINE_SHUFFLE_BUFFER = 1 << 16
+
+# (input_context, training, seed) -> dataset of scalar tf.string lines for one
+# input pipeline (already sharded, files shuffled when training).
+LineSource = Callable[
+    [Optional[tf.distribute.InputContext], bool, int], tf.data.Dataset
+]
+
+
+@dataclasses.dataclass
+class LmData:
+  """What a language-model experiment needs from the data.
+
+  Attributes:
+    name: corpus label used in logs.
+    vocab: the word vocabulary (vocab.size = softmax size).
+    train_dataset: (input_context=None) -> tf.data.Dataset of batches; pass
+      it to `strategy.distribute_datasets_from_function` for multi-replica.
+    eval_dataset: same for the evaluation split, or None.
+    stats: PipelineStats of every dataset built so far, by 'name/split'.
+  """
+
+  name: str
+  vocab: word_vocab_lib.WordVocab
+  train_dataset: Callable[..., tf.data.Dataset]
+  eval_dataset: Optional[Callable[..., tf.data.Dataset]]
+  stats: Dict[str, batching.PipelineStats] = dataclasses.field(
+      default_factory=dict
+  )
+
+
+def _window_sentences(
+    lines: tf.Tensor,
+    *,
+    table: tf.lookup.StaticHashTable,
+    vocab: word_vocab_lib.WordVocab,
+    spec: batching.BatchSpec,
+    mode: str,
+):
+  """Cleans, looks up, filters and sorts one window of lines.
+
+  Args:
+    lines: tf.string [n].
+    table: word -> id table.
+    vocab: the vocabulary (special ids).
+    spec: batching parameters.
+    mode: MODE_SENTENCES or MODE_PACKED.
+
+  Returns:
+    (payload, counts[NUM_STATS]). Sentences mode payload: dict with
+    'inputs'/'targets' int32 [m, Tw], 'lengths' int32 [m] (sorted
+    decreasing) and 'bounds' int32 [K, 2]. Packed mode payload: dict with
+    'inputs'/'targets' int32 [N] (the concatenated streams).
+  """
+  fixed = tf.strings.unicode_transcode(
+      lines, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD
+  )
+  invalid = tf.not_equal(fixed, lines)
+  words = tf.strings.split(fixed)
+  num_words = tf.cast(words.row_lengths(), tf.int32)
+  nonempty = num_words > 0
+  ids = tf.cast(tf.ragged.map_flat_values(table.lookup, words), tf.int32)
+  lengths = num_words + 1  # <S> w1..wn  /  w1..wn </S>
+  if mode == MODE_PACKED:
+    too_long = tf.zeros_like(nonempty)
+    keep = nonempty
+    truncated = tf.zeros_like(nonempty)
+  else:
+    too_long = tf.logical_and(nonempty, lengths > spec.max_length)
+    if spec.length_policy == batching.LENGTH_POLICY_DROP:
+      keep = tf.logical_and(nonempty, tf.logical_not(too_long))
+      truncated = tf.zeros_like(too_long)
+    else:
+      keep = nonempty
+      truncated = too_long
+      ids = ids[:, : spec.max_length - 1]
+  ids = tf.ragged.boolean_mask(ids, keep)
+  m = ids.nrows(out_type=tf.int32)
+  kept_lengths = tf.cast(ids.row_lengths(), tf.int32) + 1
+  counts = batching.stats_vector(
+      lines=tf.size(lines),
+      empty_skipped=tf.reduce_sum(tf.cast(tf.logical_not(nonempty), tf.int64)),
+      invalid_utf8_replaced=tf.reduce_sum(tf.cast(invalid, tf.int64)),
+      too_long_dropped=tf.reduce_sum(
+          tf.cast(tf.logical_and(too_long, tf.logical_not(keep)), tf.int64)
+      ),
+      too_long_truncated=tf.reduce_sum(tf.cast(truncated, tf.int64)),
+      examples=m,
+      target_tokens=tf.reduce_sum(kept_lengths),
+      unk_tokens=tf.reduce_sum(
+          tf.cast(tf.equal(ids.flat_values, vocab.unk_id), tf.int64)
+      ),
+  )
+  bos = tf.fill([m, 1], vocab.bos_id)
+  eos = tf.fill([m, 1], vocab.eos_id)
+  inputs = tf.concat([bos, ids], axis=1)
+  targets = tf.concat([ids, eos], axis=1)
+  if mode == MODE_PACKED:
+    return {
+        "inputs": inputs.flat_values,
+        "targets": targets.flat_values,
+    }, counts
+  order = batching.sort_order(kept_lengths)
+  sorted_lengths = tf.gather(kept_lengths, order)
+  width = batching.round_up(
+      tf.reduce_max(tf.concat([sorted_lengths, [0]], 0)), spec.length_multiple
+  )
+  payload = {
+      "inputs": (
+          tf.gather(inputs, order).to_tensor(
+              default_value=PAD_ID, shape=tf.stack([m, width])
+          )
+      ),
+      "targets": (
+          tf.gather(targets, order).to_tensor(
+              default_value=PAD_ID, shape=tf.stack([m, width])
+          )
+      ),
+      "lengths": sorted_lengths,
+      "bounds": batching.greedy_batch_bounds(
+          sorted_lengths,
+          spec.batch_tokens,
+          max_batch_size=spec.max_batch_size,
+          length_multiple=spec.length_multiple,
+      ),
+  }
+  return payload, counts
+
+
+def _format(inputs, targets, weights, output_format):
+  if output_format == OUTPUT_KERAS:
+    return inputs, targets, weights
+  return {"inputs": inputs, "targets": targets, "weights": weights}
+
+
+def lm_dataset(
+    lines: tf.data.Dataset,
+    vocab: word_vocab_lib.WordVocab,
+    *,
+    batch_tokens: int,
+    max_length: int = 128,
+    length_policy: str = batching.LENGTH_POLICY_DROP,
+    mode: str = MODE_SENTENCES,
+    pack_length: int = 64,
+    training: bool = True,
+    seed: int = 0,
+    line_shuffle_buffer: int = DEFAULT_LINE_SHUFFLE_BUFFER,
+    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
+    window_lines: Optional[int] = None,
+    max_batch_size: Optional[int] = None,
+    length_multiple: int = 1,
+    repeat: bool = False,
+    deterministic: bool = True,
+    output_format: str = OUTPUT_KERAS,
+    input_context: Optional[tf.distribute.InputContext] = None,
+    stats: Optional[batching.PipelineStats] = None,
+) -> tf.data.Dataset:
+  """Batches text lines for a word-level language model.
+
+  Args:
+    lines: dataset of scalar tf.string lines (already sharded for this input
+      pipeline).
+    vocab: word vocabulary with <S>, </S>, <UNK>.
+    batch_tokens: global token budget per step (B * T summed over replicas);
+      divided by `input_context.num_replicas_in_sync`.
+    max_length: maximum T (= words + 1) in 'sentences' mode.
+    length_policy: 'drop' or 'truncate' sentences longer than max_length.
+    mode: 'sentences' or 'packed' (see module docstring).
+    pack_length: T in 'packed' mode.
+    training: shuffle lines and batches (seeded) if True.
+    seed: seed of every shuffle; same seed, same batches.
+    line_shuffle_buffer: lines in the line shuffle buffer.
+    batch_shuffle_buffer: batches in the batch shuffle buffer.
+    window_lines: lines per length-sorting window (default: ~16 batches).
+    max_batch_size: optional cap on B.
+    length_multiple: round T up to a multiple of this (fewer shapes).
+    repeat: repeat forever (stats are still logged per epoch).
+    deterministic: deterministic element order (tf.data option).
+    output_format: 'keras' -> (inputs, targets, weights); 'dict' ->
+      {'inputs', 'targets', 'weights'}.
+    input_context: tf.distribute.InputContext for the budget split.
+    stats: receives per-epoch counts (a new one is made if None).
+
+  Returns:
+    Dataset of batches: inputs int32 [B, T], targets int32 [B, T], weights
+    float32 [B, T] (1.0 on real tokens, 0.0 on padding).
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+  if output_format not in OUTPUT_FORMATS:
+    raise ValueError(
+        f"output_format={output_format!r}; expected one of {OUTPUT_FORMATS}"
+    )
+  spec = batching.BatchSpec.create(
+      batch_tokens=batch_tokens,
+      max_length=max_length if mode == MODE_SENTENCES else pack_length,
+      length_policy=length_policy,
+      window_lines=window_lines,
+      input_context=input_context,
+      max_batch_size=max_batch_size,
+      length_multiple=length_multiple,
+  )
+  stats = stats or batching.PipelineStats("lm")
+  table = vocab.lookup_table()
+  if training and line_shuffle_buffer > 1:
+    lines = lines.shuffle(
+        line_shuffle_buffer, seed=seed, reshuffle_each_iteration=True
+    )
+  windows = lines.batch(spec.window_lines).map(
+      lambda window: _window_sentences(
+          window, table=table, vocab=vocab, spec=spec, mode=mode
+      ),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=deterministic,
+  )
+  windows = batching.count_and_log(windows, stats)
+
+  if mode == MODE_SENTENCES:
+
+    def _make_batch(window, start, end):
+      width = batching.round_up(window["lengths"][start], spec.length_multiple)
+      inputs = window["inputs"][start:end, :width]
+      targets = window["targets"][start:end, :width]
+      weights = tf.sequence_mask(
+          window["lengths"][start:end], width, dtype=tf.float32
+      )
+      return _format(inputs, targets, weights, output_format)
+
+    batches = batching.emit_batches(windows, _make_batch)
+  else:
+    rows = max(spec.batch_tokens // pack_length, 1)
+    if spec.max_batch_size:
+      rows = min(rows, spec.max_batch_size)
+    size = rows * pack_length
+
+    def _pack(stream):
+      n = tf.shape(stream["inputs"])[0]
+      pad = [[0, size - n]]
+      inputs = tf.reshape(tf.pad(stream["inputs"], pad), [rows, pack_length])
+      targets = tf.reshape(tf.pad(stream["targets"], pad), [rows, pack_length])
+      weights = tf.reshape(
+          tf.sequence_mask(n, size, dtype=tf.float32), [rows, pack_length]
+      )
+      return _format(inputs, targets, weights, output_format)
+
+    batches = windows.rebatch(size).map(_pack)
+  if training and batch_shuffle_buffer > 1:
+    batches = batches.shuffle(
+        batch_shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True
+    )
+  if repeat:
+    batches = batches.repeat()
+  return batches.prefetch(tf.data.AUTOTUNE).with_options(
+      batching.dataset_options(deterministic)
+  )
+
+
+def resolve_word_vocab(
+    *,
+    vocab_file: Optional[str],
+    create_vocab_if_missing: bool,
+    count_words: Callable[[], Dict[str, int]],
+    min_count: int,
+    max_size: Optional[int],
+    expected_size: Optional[int],
+    exclude=(),
+) -> word_vocab_lib.WordVocab:
+  """Loads, or builds (and optionally saves), a word vocabulary.
+
+  Args:
+    vocab_file: path of the vocabulary file, or None to build in memory.
+    create_vocab_if_missing: build and save `vocab_file` if it is missing.
+    count_words: () -> word counts of the training data (may be slow).
+    min_count: keep words seen at least this often when building.
+    max_size: optional size cap when building.
+    expected_size: if given, the loaded / built vocab must have this size.
+    exclude: words never added when building.
+
+  Returns:
+    The vocabulary.
+
+  Raises:
+    DataError: missing file (and not allowed to create), or size mismatch.
+  """
+  if vocab_file and tf.io.gfile.exists(vocab_file):
+    return word_vocab_lib.WordVocab.load(
+        vocab_file, expected_size=expected_size
+    )
+  if vocab_file and not create_vocab_if_missing:
+    # Raises the one-line missing-file error.
+    return word_vocab_lib.WordVocab.load(
+        vocab_file, expected_size=expected_size
+    )
+  vocab = word_vocab_lib.WordVocab.from_counts(
+      count_words(), min_count=min_count, max_size=max_size, exclude=exclude
+  )
+  if expected_size is not None and vocab.size != expected_size:
+    raise DataError(
+        f"built word vocabulary has {vocab.size} entries but {expected_size}"
+        " were expected (different training files or min_count?)"
+    )
+  if vocab_file:
+    vocab.save(vocab_file)
+  return vocab
+
+
+def make_lm_data(
+    *,
+    name: str,
+    vocab: word_vocab_lib.WordVocab,
+    train_lines: LineSource,
+    eval_lines: Optional[LineSource],
+    batch_tokens: int,
+    eval_batch_tokens: Optional[int],
+    max_length: int,
+    length_policy: str,
+    eval_length_policy: str,
+    mode: str,
+    pack_length: int,
+    seed: int,
+    line_shuffle_buffer: int,
+    batch_shuffle_buffer: int,
+    window_lines: Optional[int],
+    max_batch_size: Optional[int],
+    length_multiple: int,
+    repeat: bool,
+    deterministic: bool,
+    output_format: str,
+) -> LmData:
+  """Wires line sources and batching options into an `LmData`."""
+  data = LmData(name=name, vocab=vocab, train_dataset=None, eval_dataset=None)
+
+  def _builder(split, source, training):
+    def _build(input_context: Optional[tf.distribute.InputContext] = None):
+      stats = batching.PipelineStats(f"{name}/{split}")
+      data.stats[stats.name] = stats
+      lines = source(input_context, training, seed)
+      return lm_dataset(
+          lines,
+          vocab,
+          batch_tokens=batch_tokens
+          if training
+          else (eval_batch_tokens or batch_tokens),
+          max_length=max_length,
+          length_policy=length_policy if training else eval_length_policy,
+          mode=mode,
+          pack_length=pack_length,
+          training=training,
+          seed=seed,
+          line_shuffle_buffer=line_shuffle_buffer,
+          batch_shuffle_buffer=batch_shuffle_buffer,
+          window_lines=window_lines,
+          max_batch_size=max_batch_size,
+          length_multiple=length_multiple,
+          repeat=repeat and training,
+          deterministic=deterministic,
+          output_format=output_format,
+          input_context=input_context,
+          stats=stats,
+      )
+
+    return _build
+
+  data.train_dataset = _builder("train", train_lines, True)
+  if eval_lines is not None:
+    data.eval_dataset = _builder("eval", eval_lines, False)
+  return data
+
+
+def file_line_source(
+    files,
+    *,
+    cycle_length: int = text_io.DEFAULT_CYCLE_LENGTH,
+    deterministic: bool = True,
+) -> LineSource:
+  """A LineSource reading (and sharding) a list of text files."""
+
+  def _source(input_context, training, seed):
+    return text_io.line_dataset(
+        files,
+        input_context=input_context,
+        shuffle_files=training,
+        seed=seed,
+        cycle_length=cycle_length,
+        deterministic=deterministic,
+    )
+
+  return _source
+
+
+def memory_line_source(lines) -> LineSource:
+  """A LineSource over an in-memory list of str lines (sharded by line)."""
+  tensor = tf.constant(list(lines), tf.string)
+
+  def _source(input_context, training, seed):
+    del training, seed
+    ds = tf.data.Dataset.from_tensor_slices(tensor)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+      ds = ds.shard(
+          input_context.num_input_pipelines, input_context.input_pipeline_id
+      )
+    return ds
+
+  return _source
+
+
+def files_lm_data(
+    *,
+    name: str,
+    train_files,
+    eval_files,
+    layout: str,
+    vocab_file: Optional[str],
+    create_vocab_if_missing: bool,
+    min_count: int,
+    max_vocab_size: Optional[int],
+    expected_vocab_size: Optional[int],
+    vocab_max_files: Optional[int],
+    cycle_length: int,
+    batching_kwargs: Dict[str, object],
+) -> LmData:
+  """LmData over text files: resolves globs, gets the vocab, wires sources.
+
+  Args:
+    name: corpus label used in logs and errors.
+    train_files: glob(s) of training files.
+    eval_files: glob(s) of evaluation files, or None.
+    layout: description of the expected layout (for errors).
+    vocab_file, create_vocab_if_missing, min_count, max_vocab_size,
+      expected_vocab_size: see `resolve_word_vocab`.
+    vocab_max_files: count words on only the first N training files (sorted)
+      when building the vocabulary; None counts all.
+    cycle_length: files read concurrently.
+    batching_kwargs: the remaining `make_lm_data` arguments.
+
+  Returns:
+    LmData.
+  """
+  train = text_io.resolve_files(
+      train_files, what=f"{name} training files", expected_layout=layout
+  )
+  evals = None
+  if eval_files:
+    evals = text_io.resolve_files(
+        eval_files, what=f"{name} evaluation files", expected_layout=layout
+    )
+  count_files = train[:vocab_max_files] if vocab_max_files else train
+  vocab = resolve_word_vocab(
+      vocab_file=vocab_file,
+      create_vocab_if_missing=create_vocab_if_missing,
+      count_words=lambda: word_vocab_lib.count_words_in_files(
+          count_files,
+          what=f"{name}: counting words of {len(count_files)} training files",
+      ),
+      min_count=min_count,
+      max_size=max_vocab_size,
+      expected_size=expected_vocab_size,
+  )
+  deterministic = batching_kwargs.get("deterministic", True)
+  return make_lm_data(
+      name=name,
+      vocab=vocab,
+      train_lines=file_line_source(
+          train, cycle_length=cycle_length, deterministic=deterministic
+      ),
+      eval_lines=file_line_source(
+          evals, cycle_length=cycle_length, deterministic=deterministic
+      )
+      if evals
+      else None,
+      **batching_kwargs,
+  )

