@@ -168,6 +168,10 @@ def _spawn(model, num_experts):
   if _CAPACITY_FACTOR.value is not None:
     argv.append(f"--capacity_factor={_CAPACITY_FACTOR.value}")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  # TensorFlow's caching (BFC) CPU allocator, for the MoE and the dense
+  # worker alike: without it every step page-faults its gradient buffers
+  # afresh (see BUILD.md).
+  env.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
   proc = subprocess.run(
       argv, capture_output=True, text=True, env=env, check=False
   )
