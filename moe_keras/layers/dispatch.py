@@ -76,6 +76,7 @@ class RoutingPlan:
     self.num_tokens = num_tokens
     self.num_assignments = num_assignments
     self.slots = slots
+    self._assignment_rows_cache = None
 
     order = backend_ops.stable_argsort(flat)  # [A], expert-major.
     sorted_experts = ops.take(flat, order)
@@ -178,6 +179,23 @@ class RoutingPlan:
     )
     return summed[: self.num_tokens]
 
+  def _assignment_rows(self):
+    """Row of each assignment, int32 [N*K]; R (one past the end) if none.
+
+    The inverse of `row_assignment`, built once per plan and shared by every
+    `gather_back` call (the hierarchical layer gathers twice per step).
+    """
+    if self._assignment_rows_cache is None:
+      inverse = ops.scatter(
+          self.row_assignment[:, None],
+          ops.arange(1, ops.shape(self.row_assignment)[0] + 1, dtype="int32"),
+          (self.num_assignments + 1,),
+      )[: self.num_assignments]
+      self._assignment_rows_cache = ops.where(
+          inverse > 0, inverse - 1, ops.shape(self.row_assignment)[0]
+      )
+    return self._assignment_rows_cache
+
   def gather_back(self, rows):
     """Returns each assignment's row, [N, K, ...] (zeros if not computed).
 
@@ -191,21 +209,7 @@ class RoutingPlan:
     padded = ops.concatenate(
         [rows, ops.zeros((1,) + trailing, rows.dtype)], axis=0
     )
-    # Inverse of row_assignment (a permutation on routed rows).
-    row_of_assignment = ops.scatter(
-        self.row_assignment[:, None],
-        ops.arange(1, ops.shape(self.row_assignment)[0] + 1, dtype="int32"),
-        (self.num_assignments + 1,),
-    )[: self.num_assignments]
-    picked = ops.take(
-        padded,
-        ops.where(
-            row_of_assignment > 0,
-            row_of_assignment - 1,
-            ops.shape(rows)[0],
-        ),
-        axis=0,
-    )
+    picked = ops.take(padded, self._assignment_rows(), axis=0)
     return ops.reshape(picked, (self.num_tokens, self.slots) + trailing)
 
 
