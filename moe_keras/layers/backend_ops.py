@@ -73,19 +73,36 @@ def grouped_matmul(rows, weights, group_sizes):
   )
 
 
+def _tf_split_rows(rows, group_sizes, num_groups):
+  """TF: the routed rows (the first sum(group_sizes)) split per group.
+
+  Returns:
+    (list of num_groups [rows_g, d] tensors, scalar padding = R - total).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  total = tf.reduce_sum(group_sizes)
+  pieces = tf.split(rows[:total], group_sizes, num=num_groups, axis=0)
+  return pieces, tf.shape(rows)[0] - total
+
+
+def _tf_concat_rows(pieces, padding):
+  """TF: inverse of `_tf_split_rows`; unrouted rows come back as zeros."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return tf.pad(tf.concat(pieces, axis=0), [[0, padding], [0, 0]])
+
+
 def _grouped_matmul_tf(rows, weights, group_sizes):
   """TensorFlow grouped matmul: split rows by group, one MatMul per group."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   num_groups = weights.shape[0]
-  total = tf.reduce_sum(group_sizes)
-  pieces = tf.split(rows[:total], group_sizes, num=num_groups, axis=0)
+  pieces, padding = _tf_split_rows(rows, group_sizes, num_groups)
   # Unpack along axis 0 aliases the weight buffer (no copy).
   per_group = tf.unstack(weights, num=num_groups, axis=0)
   outputs = [tf.matmul(p, w) for p, w in zip(pieces, per_group)]
-  out = tf.concat(outputs, axis=0)
-  padding = tf.shape(rows)[0] - total
-  return tf.pad(out, [[0, padding], [0, 0]])
+  return _tf_concat_rows(outputs, padding)
 
 
 def grouped_ffn(
@@ -133,8 +150,7 @@ def _grouped_ffn_tf(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
   if bias_1 is None and bias_2 is None:
     return _grouped_ffn_tf_no_bias(rows, group_sizes, kernel_1, kernel_2)
   num_groups = kernel_1.shape[0]
-  total = tf.reduce_sum(group_sizes)
-  pieces = tf.split(rows[:total], group_sizes, num=num_groups, axis=0)
+  pieces, padding = _tf_split_rows(rows, group_sizes, num_groups)
   w1 = tf.unstack(kernel_1, num=num_groups, axis=0)
   w2 = tf.unstack(kernel_2, num=num_groups, axis=0)
   b1 = [None] * num_groups if bias_1 is None else tf.unstack(bias_1, axis=0)
@@ -148,8 +164,7 @@ def _grouped_ffn_tf(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
     if b2_g is not None:
       out = out + b2_g
     outputs.append(out)
-  out = tf.concat(outputs, axis=0)
-  return tf.pad(out, [[0, tf.shape(rows)[0] - total], [0, 0]])
+  return _tf_concat_rows(outputs, padding)
 
 
 def _grouped_ffn_tf_no_bias(rows, group_sizes, kernel_1, kernel_2):
@@ -157,20 +172,18 @@ def _grouped_ffn_tf_no_bias(rows, group_sizes, kernel_1, kernel_2):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   num_groups = kernel_1.shape[0]
-  total = tf.reduce_sum(group_sizes)
-  padding = tf.shape(rows)[0] - total
 
   @tf.custom_gradient
   def ffn(rows, kernel_1, kernel_2):
-    pieces = tf.split(rows[:total], group_sizes, num=num_groups, axis=0)
+    pieces, padding = _tf_split_rows(rows, group_sizes, num_groups)
     w1 = tf.unstack(kernel_1, num=num_groups, axis=0)
     w2 = tf.unstack(kernel_2, num=num_groups, axis=0)
     hiddens = [tf.nn.relu(tf.matmul(p, w)) for p, w in zip(pieces, w1)]
     outs = [tf.matmul(hid, w) for hid, w in zip(hiddens, w2)]
-    out = tf.pad(tf.concat(outs, axis=0), [[0, padding], [0, 0]])
+    out = _tf_concat_rows(outs, padding)
 
     def grad(d_out):
-      d_pieces = tf.split(d_out[:total], group_sizes, num=num_groups, axis=0)
+      d_pieces, _ = _tf_split_rows(d_out, group_sizes, num_groups)
       d_rows, d_hiddens, d_w2 = [], [], []
       for hid, dy, w1_g, w2_g in zip(hiddens, d_pieces, w1, w2):
         # dy @ w2^T computed as (w2 @ dy^T)^T: the big dimension becomes
@@ -193,7 +206,7 @@ def _grouped_ffn_tf_no_bias(rows, group_sizes, kernel_1, kernel_2):
             tf.matmul(piece, d_hidden, transpose_a=True)
             for piece, d_hidden in zip(pieces, d_hiddens)
         ]
-      d_rows = tf.pad(tf.concat(d_rows, axis=0), [[0, padding], [0, 0]])
+      d_rows = _tf_concat_rows(d_rows, padding)
       return d_rows, tf.stack(d_w1), d_w2
 
     return out, grad
