@@ -1,0 +1,1 @@
+"""Optimizers: Adam factory and the factored second-moment Adam of appendix D."""

@@ -1,0 +1,1 @@
+"""Tasks: what an experiment trains and evaluates (language modelling, translation)."""
