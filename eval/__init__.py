@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, BLEU (sacrebleu) and expert-utilization statistics."""
