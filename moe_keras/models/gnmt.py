@@ -281,16 +281,15 @@ class Gnmt(keras.Model):
     y, _ = self._upper_decoder(y, context, tmask, training)
     return ops.cast(self.output_layer(y), "float32")
 
-  def initial_state(self, encoded):
-    """Zero decoder state for a batch of encoded sources.
+  def initial_state(self, batch):
+    """Zero decoder state.
 
     Args:
-      encoded: dict from `encode`.
+      batch: B (int or scalar tensor).
 
     Returns:
       list over decoder layers of [r [B, p], c [B, u]].
     """
-    batch = ops.shape(encoded["memory"])[0]
     return [
         layer.cell.get_initial_state(batch) for layer in self.decoder_lstms
     ]
@@ -428,3 +427,70 @@ def count_gnmt(
       "ops_per_timestep": ops_count,
       "expert_params": expert_params,
   }
+
+
+def generate(
+    model,
+    source,
+    *,
+    beam_size=1,
+    alpha=0.6,
+    max_length_ratio=2.0,
+    max_length_offset=10,
+    max_length=None,
+    start_id=2,
+    eos_id=3,
+):
+  """Translates a batch of source ids (TensorFlow backend; traceable).
+
+  Args:
+    model: a `Gnmt`.
+    source: int32 [B, S] right-padded with 0.
+    beam_size: 1 = greedy search, else beam search with this many beams.
+    alpha: GNMT length-penalty exponent (beam search only).
+    max_length_ratio, max_length_offset: at most
+      floor(ratio * source_length) + offset output tokens (EOS included).
+    max_length: optional cap on the output length.
+    start_id: [START] (data_pipelines.wordpiece: 2).
+    eos_id: [END] (3).
+
+  Returns:
+    dict: ids int32 [B, T] (best hypothesis, EOS included, 0 after it),
+    scores float32 [B] (beam score, or log probability when greedy).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from moe_keras.models import beam_search  # pylint: disable=g-import-not-at-top
+
+  source = tf.cast(source, tf.int32)
+  source_lengths = tf.reduce_sum(tf.cast(source != PAD_ID, tf.int32), axis=1)
+  max_lengths = beam_search.max_decode_lengths(
+      source_lengths, max_length_ratio, max_length_offset, max_length
+  )
+  encoded = model.encode(source, training=False)
+  if beam_size > 1:
+    encoded = {
+        key: tf.repeat(value, beam_size, axis=0)
+        for key, value in encoded.items()
+    }
+
+  def step_fn(ids, state, t):
+    del t
+    logits, state, _ = model.decode_step(ids, state, encoded)
+    return tf.nn.log_softmax(logits), state
+
+  initial = model.initial_state(tf.shape(source)[0])
+  if beam_size == 1:
+    out = beam_search.greedy_search(
+        step_fn, initial, max_lengths, start_id=start_id, eos_id=eos_id
+    )
+    return {"ids": out["ids"], "scores": out["log_probs"]}
+  out = beam_search.beam_search(
+      step_fn,
+      initial,
+      max_lengths,
+      beam_size=beam_size,
+      start_id=start_id,
+      eos_id=eos_id,
+      alpha=alpha,
+  )
+  return {"ids": out["ids"][:, 0], "scores": out["scores"][:, 0]}

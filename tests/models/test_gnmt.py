@@ -68,7 +68,7 @@ def test_decode_step_equals_teacher_forcing(kind, attention_kind, projection):
   full = np.asarray(model({"source": SRC, "target_in": TGT}, training=False))
   assert full.shape == (3, 4, V)
   encoded = model.encode(SRC)
-  state = model.initial_state(encoded)
+  state = model.initial_state(3)
   for t in range(TGT.shape[1]):
     logits, state, context = model.decode_step(TGT[:, t], state, encoded)
     assert context.shape == (3, 8)
@@ -115,3 +115,24 @@ def test_fit_reduces_loss_and_adds_moe_losses():
 def test_bad_widths_one_line_error():
   with pytest.raises(ValueError, match="must equal model_dim"):
     gnmt.gnmt_model(V, model_dim=8, lstm_units=16, lstm_projection=4)
+
+
+def test_generate_greedy_matches_manual_greedy():
+  model = _model("batchwise")
+  greedy = gnmt.generate(model, SRC, beam_size=1, max_length_offset=4)
+  beam = gnmt.generate(model, SRC, beam_size=3, max_length_offset=4)
+  assert beam["ids"].shape[0] == 3 and beam["scores"].shape == (3,)
+  # Manual greedy with decode_step (numpy argmax).
+  encoded = model.encode(SRC)
+  state = model.initial_state(3)
+  ids = np.full((3,), 2, np.int32)
+  manual = []
+  for _ in range(greedy["ids"].shape[1]):
+    logits, state, _ = model.decode_step(ids, state, encoded)
+    ids = np.argmax(np.asarray(logits), -1).astype(np.int32)
+    manual.append(ids)
+  manual = np.stack(manual, 1)
+  got = np.asarray(greedy["ids"])
+  for b in range(3):
+    n = int(np.sum(got[b] != 0))
+    np.testing.assert_array_equal(got[b, :n], manual[b, :n])
