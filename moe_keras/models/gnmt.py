@@ -43,6 +43,8 @@ Choices (the paper and PAPER.md leave them open):
 * Dense baseline: `moe=None` (no MoE layer) or `moe_spec.kind='ffn'` (one
   dense ReLU network at the MoE's place, e.g. hidden k*h for equal ops per
   timestep).
+* The training model is functional (so the lead's expert statistics can probe
+  its MoE layers); `GnmtLayers` runs the same layers for inference.
 * Output softmax: a separate [d, V] matrix with bias (the paper shares the
   wordpiece vocabulary and embedding between source and target; it does not
   say the softmax is tied).
@@ -77,17 +79,29 @@ def reverse_within_length(x, lengths):
   return ops.take_along_axis(x, index[:, :, None], axis=1)
 
 
+@keras.saving.register_keras_serializable(package="moe_keras")
+class ReverseWithinLength(keras.layers.Layer):
+  """`reverse_within_length` as a layer (dynamic shapes in functional graphs)."""
+
+  def call(self, x, lengths):
+    return reverse_within_length(x, lengths)
+
+  def compute_output_shape(self, x_shape, lengths_shape):
+    del lengths_shape
+    return x_shape
+
+
 def _lstm(units, projection, name):
   return lstm_lib.ProjectedLSTM(units, projection_units=projection, name=name)
 
 
-@keras.saving.register_keras_serializable(package="moe_keras")
-class Gnmt(keras.Model):
-  """MoE-GNMT (module docstring). Build it with `gnmt_model`.
+class GnmtLayers:
+  """The layers of one MoE-GNMT and the code that runs them.
 
-  Training call: {'source': int32 [B, S], 'target_in': int32 [B, T]} ->
-  logits float32 [B, T, V]. Inference: `encode`, `initial_state`,
-  `decode_step` (explicit cached state), used by `beam_search`.
+  The same methods build the functional training model (on KerasTensors,
+  in `gnmt_model`) and run inference on tensors (`encode`, `initial_state`,
+  `decode_step`), so training and decoding cannot drift apart. Every weight
+  is used inside a layer's `__call__` on the functional path.
   """
 
   def __init__(
@@ -105,9 +119,7 @@ class Gnmt(keras.Model):
       attention_units=None,
       attention_kind="factored",
       seed=None,
-      **kwargs,
   ):
-    super().__init__(**kwargs)
     if encoder_layers < 2 or decoder_layers < 2:
       raise ValueError(
           f"GNMT needs >= 2 encoder and decoder layers, got {encoder_layers}"
@@ -138,11 +150,11 @@ class Gnmt(keras.Model):
     self.model_dim = model_dim
     self.encoder_moe_after = encoder_moe_after
     self.decoder_moe_after = decoder_moe_after
-    self.moe_spec = moe
     d = model_dim
     half_units = lstm_units if lstm_projection else d // 2
     half_proj = d // 2 if lstm_projection else None
     self.embedding = keras.layers.Embedding(vocab_size, d, name="embedding")
+    self.reverse = ReverseWithinLength(name="reverse_within_length")
     self.dropout = keras.layers.Dropout(dropout, seed=seed, name="dropout")
     self.encoder_fw = _lstm(half_units, half_proj, "encoder_0_fw")
     self.encoder_bw = _lstm(half_units, half_proj, "encoder_0_bw")
@@ -162,41 +174,8 @@ class Gnmt(keras.Model):
         attention_units or d, kind=attention_kind, name="attention"
     )
     self.output_layer = keras.layers.Dense(vocab_size, name="softmax")
-    self._config = dict(
-        vocab_size=vocab_size,
-        model_dim=model_dim,
-        lstm_units=lstm_units,
-        lstm_projection=lstm_projection,
-        encoder_layers=encoder_layers,
-        decoder_layers=decoder_layers,
-        moe=moe,
-        encoder_moe_after=encoder_moe_after,
-        decoder_moe_after=decoder_moe_after,
-        dropout=dropout,
-        attention_units=attention_units,
-        attention_kind=attention_kind,
-        seed=seed,
-    )
 
-  def build(self, input_shape=None):
-    """Creates every weight (the shapes follow from the config alone)."""
-    del input_shape
-    d = self.model_dim
-    seq = (None, None, d)
-    self.embedding.build((None, None))
-    for layer in [self.encoder_fw, self.encoder_bw] + self.encoder_lstms:
-      layer.build(seq)
-    self.decoder_lstms[0].build(seq)
-    for layer in self.decoder_lstms[1:]:
-      layer.build((None, None, 2 * d))
-    for moe in (self.encoder_moe, self.decoder_moe):
-      if moe is not None:
-        moe.build((None, d))
-    self.attention.build(seq, seq)
-    self.output_layer.build(seq)
-    self.built = True
-
-  # -- pieces -----------------------------------------------------------------
+  # -- pieces ---------------------------------------------------------------
 
   def _residual(self, x, fx, training):
     return x + self.dropout(fx, training=training)
@@ -208,40 +187,36 @@ class Gnmt(keras.Model):
     out = moe(x, mask=mask, training=training)
     return self._residual(x, ops.sigmoid(out), training)
 
-  def encode(self, source, training=False):
+  def encode_memory(self, source, training=None):
     """Runs the encoder.
 
     Args:
       source: int32 [B, S], 0 = padding (right-padded).
-      training: dropout and MoE training behaviour.
+      training: dropout and MoE training behaviour (None: Keras's context).
 
     Returns:
-      dict: memory [B, S, d], keys [B, S, n] (attention's query-independent
-      part), mask bool [B, S].
+      (memory [B, S, d], mask bool [B, S]).
     """
-    source = ops.cast(source, "int32")
     mask = ops.not_equal(source, PAD_ID)
     lengths = ops.sum(ops.cast(mask, "int32"), axis=1)
     e = self.dropout(self.embedding(source), training=training)
     fw = self.encoder_fw(e)
-    bw = reverse_within_length(
-        self.encoder_bw(reverse_within_length(e, lengths)), lengths
-    )
+    bw = self.reverse(self.encoder_bw(self.reverse(e, lengths)), lengths)
     x = self._residual(e, ops.concatenate([fw, bw], axis=-1), training)
     for i, layer in enumerate(self.encoder_lstms, start=2):
       x = self._residual(x, layer(x), training)
       if i == self.encoder_moe_after:
         x = self._residual_moe(self.encoder_moe, x, mask, training)
-    return {"memory": x, "keys": self.attention.precompute(x), "mask": mask}
+    return x, mask
 
   def _upper_decoder(self, y, context, mask, training, states=None):
-    """MoE and the decoder layers above the bottom one.
+    """The decoder MoE and the decoder layers above the bottom one.
 
     Args:
       y: bottom-layer output [B, T, d] (or [B, d] with `states`).
       context: attention context, same leading shape.
       mask: bool [B, T] (or [B]).
-      training: bool.
+      training: bool or None.
       states: None (sequence mode) or list of [r, c] per upper layer.
 
     Returns:
@@ -260,36 +235,37 @@ class Gnmt(keras.Model):
       y = self._residual(y, out, training)
     return y, new_states
 
-  def call(self, inputs, training=False):
-    """Teacher-forced logits.
-
-    Args:
-      inputs: {'source': int32 [B, S], 'target_in': int32 [B, T]}.
-      training: bool.
-
-    Returns:
-      logits float32 [B, T, V].
-    """
-    encoded = self.encode(inputs["source"], training=training)
-    target_in = ops.cast(inputs["target_in"], "int32")
-    tmask = ops.not_equal(target_in, PAD_ID)
+  def forward(self, source, target_in, training=None):
+    """Teacher-forced logits [B, T, V] (the training model's graph)."""
+    memory, source_mask = self.encode_memory(source, training)
+    target_mask = ops.not_equal(target_in, PAD_ID)
     e = self.dropout(self.embedding(target_in), training=training)
     y = self._residual(e, self.decoder_lstms[0](e), training)
-    context = self.attention.attend(
-        y, encoded["keys"], encoded["memory"], encoded["mask"]
-    )[0]
-    y, _ = self._upper_decoder(y, context, tmask, training)
-    return ops.cast(self.output_layer(y), "float32")
+    context = self.attention(y, memory, memory_mask=source_mask)
+    y, _ = self._upper_decoder(y, context, target_mask, training)
+    return self.output_layer(y)
 
-  def initial_state(self, batch):
-    """Zero decoder state.
+  # -- inference ------------------------------------------------------------
+
+  def encode(self, source):
+    """Encoder outputs for decoding.
 
     Args:
-      batch: B (int or scalar tensor).
+      source: int32 [B, S] right-padded with 0.
 
     Returns:
-      list over decoder layers of [r [B, p], c [B, u]].
+      dict: memory [B, S, d], keys [B, S, n] (attention's query-independent
+      part), mask bool [B, S].
     """
+    memory, mask = self.encode_memory(ops.cast(source, "int32"), False)
+    return {
+        "memory": memory,
+        "keys": self.attention.precompute(memory),
+        "mask": mask,
+    }
+
+  def initial_state(self, batch):
+    """Zero decoder state: list over decoder layers of [r [B, p], c [B, u]]."""
     return [
         layer.cell.get_initial_state(batch) for layer in self.decoder_lstms
     ]
@@ -300,7 +276,7 @@ class Gnmt(keras.Model):
     Args:
       ids: int32 [N] previous tokens ([START] at the first step).
       state: list over decoder layers of [r [N, p], c [N, u]].
-      encoded: dict from `encode` with leading size N (tile for beams).
+      encoded: dict from `encode` with leading size N (tile it for beams).
 
     Returns:
       (logits float32 [N, V], new state, attention context [N, d]).
@@ -317,8 +293,20 @@ class Gnmt(keras.Model):
     logits = ops.cast(self.output_layer(y), "float32")
     return logits, [bottom_state] + upper, context
 
-  def get_config(self):
-    return dict(self._config)
+
+def layers_of(model):
+  """The `GnmtLayers` of a model built by `gnmt_model`.
+
+  Raises:
+    ValueError: the model is not a GNMT.
+  """
+  layers = getattr(model, "gnmt_layers", None)
+  if not isinstance(layers, GnmtLayers):
+    raise ValueError(
+        f"model {model.name!r} is not a GNMT built by gnmt_model (no"
+        " gnmt_layers)"
+    )
+  return layers
 
 
 @gin.configurable
@@ -338,7 +326,7 @@ def gnmt_model(
     seed=None,
     name="gnmt",
 ):
-  """Builds (and builds the weights of) a MoE-GNMT; gin-configurable.
+  """Builds a MoE-GNMT training model; gin-configurable.
 
   Args:
     vocab_size: V of the shared wordpiece vocabulary.
@@ -360,9 +348,11 @@ def gnmt_model(
     name: model name.
 
   Returns:
-    A built `Gnmt`.
+    functional keras.Model {'source': int32 [B, S], 'target_in': int32
+    [B, T]} -> logits float32 [B, T, V], with the attribute `gnmt_layers`
+    (a `GnmtLayers`: encode / initial_state / decode_step for inference).
   """
-  model = Gnmt(
+  layers = GnmtLayers(
       vocab_size,
       model_dim=model_dim,
       lstm_units=lstm_units,
@@ -376,10 +366,14 @@ def gnmt_model(
       attention_units=attention_units,
       attention_kind=attention_kind,
       seed=seed,
-      name=name,
   )
-  dummy = ops.ones((1, 2), "int32")
-  model({"source": dummy, "target_in": dummy})
+  source = keras.Input((None,), dtype="int32", name="source")
+  target_in = keras.Input((None,), dtype="int32", name="target_in")
+  logits = layers.forward(source, target_in)
+  model = keras.Model(
+      {"source": source, "target_in": target_in}, logits, name=name
+  )
+  model.gnmt_layers = layers
   return model
 
 
@@ -444,7 +438,7 @@ def generate(
   """Translates a batch of source ids (TensorFlow backend; traceable).
 
   Args:
-    model: a `Gnmt`.
+    model: a model built by `gnmt_model`.
     source: int32 [B, S] right-padded with 0.
     beam_size: 1 = greedy search, else beam search with this many beams.
     alpha: GNMT length-penalty exponent (beam search only).
@@ -466,7 +460,8 @@ def generate(
   max_lengths = beam_search.max_decode_lengths(
       source_lengths, max_length_ratio, max_length_offset, max_length
   )
-  encoded = model.encode(source, training=False)
+  layers = layers_of(model)
+  encoded = layers.encode(source)
   if beam_size > 1:
     encoded = {
         key: tf.repeat(value, beam_size, axis=0)
@@ -475,10 +470,10 @@ def generate(
 
   def step_fn(ids, state, t):
     del t
-    logits, state, _ = model.decode_step(ids, state, encoded)
+    logits, state, _ = layers.decode_step(ids, state, encoded)
     return tf.nn.log_softmax(logits), state
 
-  initial = model.initial_state(tf.shape(source)[0])
+  initial = layers.initial_state(tf.shape(source)[0])
   if beam_size == 1:
     out = beam_search.greedy_search(
         step_fn, initial, max_lengths, start_id=start_id, eos_id=eos_id

@@ -67,10 +67,11 @@ def test_decode_step_equals_teacher_forcing(kind, attention_kind, projection):
   model = _model(kind, attention_kind, projection)
   full = np.asarray(model({"source": SRC, "target_in": TGT}, training=False))
   assert full.shape == (3, 4, V)
-  encoded = model.encode(SRC)
-  state = model.initial_state(3)
+  layers = gnmt.layers_of(model)
+  encoded = layers.encode(SRC)
+  state = layers.initial_state(3)
   for t in range(TGT.shape[1]):
-    logits, state, context = model.decode_step(TGT[:, t], state, encoded)
+    logits, state, context = layers.decode_step(TGT[:, t], state, encoded)
     assert context.shape == (3, 8)
     real = TGT[:, t] != 0
     np.testing.assert_allclose(
@@ -123,12 +124,13 @@ def test_generate_greedy_matches_manual_greedy():
   beam = gnmt.generate(model, SRC, beam_size=3, max_length_offset=4)
   assert beam["ids"].shape[0] == 3 and beam["scores"].shape == (3,)
   # Manual greedy with decode_step (numpy argmax).
-  encoded = model.encode(SRC)
-  state = model.initial_state(3)
+  layers = gnmt.layers_of(model)
+  encoded = layers.encode(SRC)
+  state = layers.initial_state(3)
   ids = np.full((3,), 2, np.int32)
   manual = []
   for _ in range(greedy["ids"].shape[1]):
-    logits, state, _ = model.decode_step(ids, state, encoded)
+    logits, state, _ = layers.decode_step(ids, state, encoded)
     ids = np.argmax(np.asarray(logits), -1).astype(np.int32)
     manual.append(ids)
   manual = np.stack(manual, 1)
