@@ -139,7 +139,11 @@ class Translator(tf.Module):
       language_token_id=None,
   ):
     super().__init__(name="translator")
-    self.model = model
+    # The Keras model is held outside TF's object tracking (a SavedModel of
+    # it would also trace its own serving function, which updates the MoE
+    # metrics); its variables are tracked directly.
+    self._model_fn = lambda: model
+    self.model_variables = [v.value for v in model.variables]
     self._tokenizer = tokenizer
     # Tracked so that a SavedModel keeps the tokenizer's resources.
     self.wordpiece = tokenizer._fast  # pylint: disable=protected-access
@@ -155,7 +159,26 @@ class Translator(tf.Module):
         input_signature=[tf.TensorSpec([None], tf.string, name="inputs")],
     )
 
+  @property
+  def model(self):
+    return self._model_fn()
+
   def _translate(self, texts):
+    # The Python body runs only while tracing: the MoE layers' Keras metric
+    # trackers are detached meanwhile, so decoding neither updates the
+    # training statistics nor captures their (untracked) variables, which a
+    # SavedModel could not export.
+    moe_layers = expert_stats.moe_layers(self.model)
+    saved = [layer._stat_trackers for layer in moe_layers]  # pylint: disable=protected-access
+    try:
+      for layer in moe_layers:
+        layer._stat_trackers = {}  # pylint: disable=protected-access
+      return self._translate_graph(texts)
+    finally:
+      for layer, trackers in zip(moe_layers, saved):
+        layer._stat_trackers = trackers  # pylint: disable=protected-access
+
+  def _translate_graph(self, texts):
     ids = self._tokenizer.tokenize(texts)
     if self.max_source_length:
       ids = ids[:, : self.max_source_length]
@@ -415,3 +438,41 @@ class MtTask(base.Task):
         ppl,
     )
     return result
+
+
+class TranslationError(ValueError):
+  """Bad input or setup for translation (one-line message)."""
+
+
+def check_target_language(task, target_lang):
+  """A multilingual model needs a known target language."""
+  tokens = getattr(task.data, "language_tokens", ())
+  language = target_lang or task.target_language
+  if tokens and not language:
+    raise TranslationError(
+        "this model is multilingual: pass --target_lang (one of"
+        f" {', '.join(t[2:-1] for t in tokens)})"
+    )
+  if language and tokens and f"<2{language}>" not in tokens:
+    raise TranslationError(
+        f"--target_lang={language} is not one of the model's languages"
+        f" ({', '.join(t[2:-1] for t in tokens)})"
+    )
+
+
+def load_translator(model_dir, beam_size, alpha, target_lang, gin_bindings=()):
+  """(task, step, Translator) of a trained MT model_dir."""
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+
+  task, model, step = experiment.load_experiment(model_dir, gin_bindings)
+  if not isinstance(task, MtTask):
+    raise TranslationError(
+        f"{model_dir} is a {type(task).__name__} experiment, not translation"
+    )
+  if beam_size is not None and beam_size < 1:
+    raise TranslationError(f"--beam_size must be >= 1, got {beam_size}")
+  check_target_language(task, target_lang)
+  translator = task.translator(
+      model, beam_size=beam_size, alpha=alpha, target_language=target_lang
+  )
+  return task, step, translator
