@@ -38,20 +38,29 @@ from absl import app  # pylint: disable=g-bad-import-order
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "A run directory of moe_keras.train.")
-flags.DEFINE_string("export_dir", None, "SavedModel directory to create.")
-flags.DEFINE_integer("beam_size", None, "Beams (1 = greedy; default: config).")
-flags.DEFINE_float("alpha", None, "Length-penalty exponent (default: config).")
-flags.DEFINE_string(
-    "target_lang", None, "Target language of a multilingual model ('fr')."
-)
-flags.DEFINE_bool("overwrite", False, "Replace an existing export_dir.")
-flags.DEFINE_multi_string(
-    "gin_bindings", [], "Bindings applied on top of DIR/config.gin."
-)
-flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 PROGRAM = "moe_keras.export"
+
+
+def define_flags():
+  """Defines the flags; only when run as a program, so that the CLI modules
+  can be imported together (tests import decode and export)."""
+  flags.DEFINE_string("model_dir", None, "A run directory of moe_keras.train.")
+  flags.DEFINE_string("export_dir", None, "SavedModel directory to create.")
+  flags.DEFINE_integer(
+      "beam_size", None, "Beams (1 = greedy; default: config)."
+  )
+  flags.DEFINE_float(
+      "alpha", None, "Length-penalty exponent (default: config)."
+  )
+  flags.DEFINE_string(
+      "target_lang", None, "Target language of a multilingual model ('fr')."
+  )
+  flags.DEFINE_bool("overwrite", False, "Replace an existing export_dir.")
+  flags.DEFINE_multi_string(
+      "gin_bindings", [], "Bindings applied on top of DIR/config.gin."
+  )
+  flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 
 class ExportError(ValueError):
@@ -140,4 +149,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

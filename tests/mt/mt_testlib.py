@@ -5,7 +5,9 @@ import random
 
 EN = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
 FR = ["un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit"]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 def write_corpus(directory, train=400, dev=24, seed=0):
