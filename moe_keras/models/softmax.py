@@ -64,7 +64,9 @@ def exact_nll(hidden, targets, kernel, bias):
   return log_z - target_logit
 
 
-def sampled_nll(hidden, targets, kernel, bias, num_sampled, seed):
+def sampled_nll(
+    hidden, targets, kernel, bias, num_sampled, seed, sampled_ids=None
+):
   """Importance-sampled softmax loss (Jean et al. 2015), training only.
 
   Args:
@@ -74,14 +76,18 @@ def sampled_nll(hidden, targets, kernel, bias, num_sampled, seed):
     bias: [V].
     num_sampled: S, candidates shared by the N tokens.
     seed: a keras SeedGenerator.
+    sampled_ids: optional int [S] candidates replacing the random draw.
 
   Returns:
     float32 [N], -log of the target's softmax over {target} + samples with
     logits corrected by -log(S Q(c)).
   """
   vocab_size = kernel.shape[0]
-  sampled = sample_log_uniform(num_sampled, vocab_size, seed)
-  sampled = ops.stop_gradient(sampled)
+  if sampled_ids is None:
+    sampled = sample_log_uniform(num_sampled, vocab_size, seed)
+  else:
+    sampled = ops.cast(sampled_ids, "int32")
+    num_sampled = sampled.shape[0]
   log_s = math.log(num_sampled)
   true_w = ops.take(kernel, targets, axis=0)  # [N, d]
   true_logit = ops.sum(
