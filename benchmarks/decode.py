@@ -1,7 +1,7 @@
 r"""Decoding speed of MoE-GNMT configs: sentences/s, greedy and beam 4.
 
   python benchmarks/decode.py \
-      --gin_files=gin/mt/debian_en_fr/gnmt_dense.gin,gin/mt/debian_en_fr/moe_32.gin,gin/mt/debian_en_fr/moe_32_h.gin \
+      --gin_files=gin/mt/debian_en_fr/gnmt_dense.gin,gin/mt/debian_en_fr/moe_32.gin \
       [--model_dir=DIR --input_file=F]
 
 Without --model_dir each config's model is built with random weights (no

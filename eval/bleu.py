@@ -70,7 +70,7 @@ def check_counts(hypotheses: Sequence[str], references: Sequence[str]) -> None:
     raise ValueError("no hypotheses to score (empty input)")
 
 
-def _result(metric: BLEU, score, signature: str) -> BleuResult:
+def _result(score, signature: str) -> BleuResult:
   return BleuResult(
       score=float(score.score),
       signature=signature,
@@ -81,7 +81,9 @@ def _result(metric: BLEU, score, signature: str) -> BleuResult:
   )
 
 
-def sacre_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> BleuResult:
+def sacre_bleu(
+    hypotheses: Sequence[str], references: Sequence[str]
+) -> BleuResult:
   """sacreBLEU (default settings) of detokenized output vs raw references.
 
   Args:
@@ -97,7 +99,7 @@ def sacre_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> BleuResu
   check_counts(hypotheses, references)
   metric = BLEU()
   score = metric.corpus_score(list(hypotheses), [list(references)])
-  return _result(metric, score, str(metric.get_signature()))
+  return _result(score, str(metric.get_signature()))
 
 
 def tokenize_13a(lines: Sequence[str]) -> List[str]:
@@ -128,11 +130,11 @@ def tokenized_bleu(
       tokenize_13a(hypotheses), [tokenize_13a(references)]
   )
   signature = f"pretok:{TOKENIZED_BLEU_TOKENIZER}|{metric.get_signature()}"
-  return _result(metric, score, signature)
+  return _result(score, signature)
 
 
 def bleu_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
-  """Both scores as a JSON-ready dict {'sacrebleu': {...}, 'tokenized_bleu': {...}}."""
+  """Both scores: {'sacrebleu': {...}, 'tokenized_bleu': {...}} (JSON-ready)."""
   return {
       "sacrebleu": sacre_bleu(hypotheses, references).as_dict(),
       "tokenized_bleu": tokenized_bleu(hypotheses, references).as_dict(),
@@ -155,7 +157,9 @@ def main(argv=None) -> int:
   parser.add_argument("--references", required=True)
   args = parser.parse_args(argv)
   try:
-    scores = bleu_scores(read_lines(args.hypotheses), read_lines(args.references))
+    scores = bleu_scores(
+        read_lines(args.hypotheses), read_lines(args.references)
+    )
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -66,7 +66,9 @@ class SourceAttention(keras.layers.Layer):
   def __init__(self, units, kind="factored", **kwargs):
     super().__init__(**kwargs)
     if kind not in KINDS:
-      raise ValueError(f"unknown attention kind {kind!r}; expected one of {KINDS}")
+      raise ValueError(
+          f"unknown attention kind {kind!r}; expected one of {KINDS}"
+      )
     if not isinstance(units, int) or units < 1:
       raise ValueError(f"attention units must be an int >= 1, got {units!r}")
     self.units = units
@@ -76,10 +78,14 @@ class SourceAttention(keras.layers.Layer):
     if memory_shape is None:
       memory_shape = queries_shape
     self.u = self.add_weight(
-        name="u", shape=(memory_shape[-1], self.units), initializer="glorot_uniform"
+        name="u",
+        shape=(memory_shape[-1], self.units),
+        initializer="glorot_uniform",
     )
     self.w = self.add_weight(
-        name="w", shape=(queries_shape[-1], self.units), initializer="glorot_uniform"
+        name="w",
+        shape=(queries_shape[-1], self.units),
+        initializer="glorot_uniform",
     )
     self.v = self.add_weight(
         name="v", shape=(self.units,), initializer="glorot_uniform"

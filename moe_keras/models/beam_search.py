@@ -45,7 +45,9 @@ def length_penalty(length, alpha):
     float32 tensor of the same shape.
   """
   length = tf.cast(length, tf.float32)
-  return tf.pow((LENGTH_PENALTY_BASE + length) / (LENGTH_PENALTY_BASE + 1.0), alpha)
+  return tf.pow(
+      (LENGTH_PENALTY_BASE + length) / (LENGTH_PENALTY_BASE + 1.0), alpha
+  )
 
 
 def max_decode_lengths(source_lengths, ratio=2.0, offset=10, maximum=None):
@@ -108,7 +110,9 @@ def greedy_search(step_fn, initial_state, max_lengths, *, start_id, eos_id):
   max_steps = tf.reduce_max(max_lengths)
 
   def cond(t, unused_prev, unused_state, finished, unused_ids, *unused):
-    return tf.logical_and(t < max_steps, tf.logical_not(tf.reduce_all(finished)))
+    return tf.logical_and(
+        t < max_steps, tf.logical_not(tf.reduce_all(finished))
+    )
 
   def body(t, prev, state, finished, ids, lengths, total):
     log_probs, state = step_fn(prev, state, t)
@@ -212,8 +216,17 @@ def beam_search(
         t < max_steps, tf.reduce_any(not_done(t, alive_lp, finished[1]))
     )
 
-  def body(t, prev, state, alive_lp, alive_seq, fin_seq, fin_scores, fin_lp,
-           fin_len):
+  def body(
+      t,
+      prev,
+      state,
+      alive_lp,
+      alive_seq,
+      fin_seq,
+      fin_scores,
+      fin_lp,
+      fin_len,
+  ):
     active = not_done(t, alive_lp, fin_scores)  # [B]
     log_probs, state = step_fn(prev, state, t)
     log_probs = tf.cast(log_probs, tf.float32)
@@ -255,11 +268,29 @@ def beam_search(
     parent = tf.gather(parent, order, batch_dims=1)
     token = tf.gather(token, order, batch_dims=1)
     state = _gather_beams(state, parent, batch_size, k)
-    return (t + 1, tf.reshape(token, [-1]), state, alive_lp, alive_seq,
-            fin_seq, fin_scores, fin_lp, fin_len)
+    return (
+        t + 1,
+        tf.reshape(token, [-1]),
+        state,
+        alive_lp,
+        alive_seq,
+        fin_seq,
+        fin_scores,
+        fin_lp,
+        fin_len,
+    )
 
-  loop_vars = (tf.constant(0), prev, state, alive_lp, alive_seq, fin_seq,
-               fin_scores, fin_lp, fin_len)
+  loop_vars = (
+      tf.constant(0),
+      prev,
+      state,
+      alive_lp,
+      alive_seq,
+      fin_seq,
+      fin_scores,
+      fin_lp,
+      fin_len,
+  )
   invariants = tf.nest.map_structure(_shape_invariant, loop_vars)
   result = tf.while_loop(cond, body, loop_vars, shape_invariants=invariants)
   _, _, _, _, _, fin_seq, fin_scores, fin_lp, fin_len = result

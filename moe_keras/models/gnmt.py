@@ -81,7 +81,7 @@ def reverse_within_length(x, lengths):
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class ReverseWithinLength(keras.layers.Layer):
-  """`reverse_within_length` as a layer (dynamic shapes in functional graphs)."""
+  """`reverse_within_length` as a layer (for dynamic functional shapes)."""
 
   def call(self, x, lengths):
     return reverse_within_length(x, lengths)

@@ -98,7 +98,8 @@ class TargetTokens(keras.metrics.Metric):
 
   def update_state(self, y_true, y_pred, sample_weight=None):
     del y_pred, sample_weight
-    self.count.assign_add(keras.ops.sum(keras.ops.cast(y_true[..., 1], "float32")))
+    weights = keras.ops.cast(y_true[..., 1], "float32")
+    self.count.assign_add(keras.ops.sum(weights))
 
   def result(self):
     return self.count

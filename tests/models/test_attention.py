@@ -29,7 +29,8 @@ def _numpy_attention(x, y, u, w, v, mask, kind):
     valid = mask[bi]
     if not valid.any():
       continue
-    e = np.exp(scores[bi][:, valid] - scores[bi][:, valid].max(-1, keepdims=True))
+    s = scores[bi][:, valid]
+    e = np.exp(s - s.max(-1, keepdims=True))
     weights[bi][:, valid] = e / e.sum(-1, keepdims=True)
   context = np.einsum("bts,bsd->btd", weights, x)
   return context, weights

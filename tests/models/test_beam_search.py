@@ -156,7 +156,10 @@ def test_traces_in_tf_function():
   step = _tf_step(m)
 
   @tf.function(
-      input_signature=[tf.TensorSpec([None, H]), tf.TensorSpec([None], tf.int32)]
+      input_signature=[
+          tf.TensorSpec([None, H]),
+          tf.TensorSpec([None], tf.int32),
+      ]
   )
   def decode(h, lens):
     return beam_search.beam_search(
