@@ -20,6 +20,7 @@ CONFIGS = sorted(
     for f in glob.glob(os.path.join(REPO, "gin/mt/**/*.gin"), recursive=True)
     if "/common/" not in f
     and not (f.endswith("/base.gin") and "/tiny/" not in f)
+    and not f.endswith("/tiny/model.gin")
 )
 ARCH = (
     "model_dim",

@@ -144,3 +144,33 @@ def test_decode_cli_empty_input_one_line_error(trained, tmp_path):
       " translate"
   ]
   assert "Traceback" not in proc.stderr
+
+
+def test_multilingual_tiny(tmp_path):
+  directory = str(tmp_path)
+  train_path, dev_path = mt_testlib.write_corpus(directory, train=100, dev=6)
+  model_dir = os.path.join(directory, "model")
+  gin.clear_config()
+  experiment.parse_gin(
+      ["gin/mt/tiny/multilingual.gin"],
+      [
+          f"TRAIN_FILES = {{'en-fr': {train_path!r}, 'fr-en': {train_path!r}}}",
+          f"EVAL_FILES = {{'en-fr': {dev_path!r}, 'fr-en': {dev_path!r}}}",
+          "multilingual_mt_data.vocab_file ="
+          f" {os.path.join(directory, 'vocab.txt')!r}",
+          "multilingual_mt_data.create_vocab_if_missing = True",
+          "TRAIN_STEPS = 4",
+          "STEPS_PER_CHECKPOINT = 4",
+      ],
+  )
+  experiment.train(model_dir, verbose=0)
+  gin.clear_config()
+  with pytest.raises(mt_task.TranslationError, match="multilingual"):
+    mt_task.load_translator(model_dir, 1, None, None)
+  with pytest.raises(mt_task.TranslationError, match="not one of"):
+    mt_task.load_translator(model_dir, 1, None, "de")
+  task, _, translator = mt_task.load_translator(model_dir, 1, None, "fr")
+  assert translator.language_token_id == task.data.vocab.token_to_id("<2fr>")
+  result = task.evaluate(translator.model, "dev", model_dir, beam_size=1)
+  assert result["sentences"] == 12  # 6 pairs in each direction
+  assert 0.0 <= result["bleu"] <= 100.0
