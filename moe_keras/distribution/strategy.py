@@ -1,0 +1,251 @@
+"""`make_distribution`: what the train CLI builds and fits a model under.
+
+```python
+dist = make_distribution("batch:2,expert:4")
+with dist.scope():
+  model = task.build_model()   # MoE layers shard their experts here
+  model = dist.wrap_model(model)
+  model.compile(...)
+model.fit(dist.distribute_dataset(train_ds), ...)
+dist.unwrap(model).save_weights(path)   # layout-independent checkpoint
+```
+
+TensorFlow, one host (`InGraphMesh`): one program over all devices of the
+mesh. Dense layers and gates are data-parallel over all B*E devices (the
+global batch is split B*E ways); each MoE layer's experts are split into E
+blocks, block e existing once, on device (0, e); a replica of batch row b
+sends its tokens for block e to device (b, e). Variables other than experts
+live on device (0, 0) and their gradients are summed there.
+TensorFlow, several hosts (TF_CONFIG with more than one worker): a
+MultiWorkerMirroredStrategy with one replica per host; each host runs the
+in-graph program over its local devices (the mesh's batch axis must be a
+multiple of the number of workers; each host takes batch/workers rows).
+JAX: `keras.distribution.ModelParallel` over a DeviceMesh; the experts'
+axis 0 is sharded on "expert" and the batch on "batch".
+
+BUILD.md ("Distribution") explains the choices.
+"""
+
+import contextlib
+import json
+import os
+
+import gin
+import keras
+
+from moe_keras.distribution import mesh as mesh_lib
+from moe_keras.distribution import optimizer as optimizer_lib
+from moe_keras.distribution import sharded_experts
+
+# Expert variables sharded along their experts axis (axis 0) on JAX.
+EXPERT_VARIABLE_PATTERNS = (
+    "expert_kernel_1",
+    "expert_kernel_2",
+    "expert_bias_1",
+    "expert_bias_2",
+)
+
+
+def _tf_config_workers():
+  """Number of workers in TF_CONFIG (1 without TF_CONFIG)."""
+  raw = os.environ.get("TF_CONFIG")
+  if not raw:
+    return 1
+  try:
+    cluster = json.loads(raw).get("cluster", {})
+  except ValueError as e:
+    raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
+  return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class MeshDataParallel(keras.Model):
+  """Runs `inner` once per mesh device on a slice of the batch (TF).
+
+  Replica r = b*E + e (device (b, e)) gets the r-th of B*E near-equal slices
+  of every input along axis 0; outputs are concatenated back in order, so
+  losses and metrics see the global batch exactly as without the wrapper.
+  Inner variables are shared: TF sums their gradients over the replicas.
+  """
+
+  def __init__(self, inner, mesh, **kwargs):
+    super().__init__(name=kwargs.pop("name", f"{inner.name}_mesh"), **kwargs)
+    self.inner = inner
+    self.mesh = mesh
+    if inner.built:
+      self.built = True
+
+  def call(self, inputs, training=None):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    num = self.mesh.num_devices
+    flat = tf.nest.flatten(inputs)
+    batch = tf.shape(flat[0])[0]
+    sizes = tf.stack([(batch + num - 1 - r) // num for r in range(num)])
+    splits = [tf.split(t, sizes, num=num, axis=0) for t in flat]
+    outputs = []
+    for r in range(num):
+      b, e = divmod(r, self.mesh.expert)
+      shard = tf.nest.pack_sequence_as(inputs, [s[r] for s in splits])
+      with tf.device(self.mesh.device(b, e)):
+        with sharded_experts.replica_scope(b, num):
+          outputs.append(self.inner(shard, training=training))
+    return tf.nest.map_structure(
+        lambda *xs: tf.concat(xs, axis=0), *outputs
+    )
+
+  def compile(self, optimizer="rmsprop", *args, **kwargs):
+    """Model.compile; the optimizer keeps slots on their variable's device."""
+    optimizer = optimizer_lib.colocate_slots(keras.optimizers.get(optimizer))
+    super().compile(optimizer, *args, **kwargs)
+
+  def save_weights(self, *args, **kwargs):
+    """Saves the inner model's weights (same file as without the mesh)."""
+    return self.inner.save_weights(*args, **kwargs)
+
+  def load_weights(self, *args, **kwargs):
+    return self.inner.load_weights(*args, **kwargs)
+
+
+class Distribution:
+  """What `make_distribution` returns (see the module docstring).
+
+  Attributes:
+    mesh: the Mesh (this host's devices).
+    strategy: tf.distribute strategy or None.
+    kind: "single" | "in_graph" | "multi_worker" | "jax".
+  """
+
+  def __init__(self, mesh, kind, strategy=None, keras_distribution=None):
+    self.mesh = mesh
+    self.kind = kind
+    self.strategy = strategy
+    self.keras_distribution = keras_distribution
+
+  @contextlib.contextmanager
+  def scope(self):
+    """Build (and compile) the model inside this scope."""
+    with contextlib.ExitStack() as stack:
+      if self.strategy is not None:
+        stack.enter_context(self.strategy.scope())
+      if self.keras_distribution is not None:
+        stack.enter_context(self.keras_distribution.scope())
+      if self.kind in ("in_graph", "multi_worker") and self.mesh.num_devices > 1:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+        stack.enter_context(tf.device(self.mesh.device(0, 0)))
+        if self.mesh.expert > 1:
+          stack.enter_context(
+              sharded_experts.placement_scope(
+                  sharded_experts.Placement(
+                      self.mesh.expert_devices(0),
+                      [
+                          self.mesh.expert_devices(b)
+                          for b in range(self.mesh.batch)
+                      ],
+                  )
+              )
+          )
+      yield self
+
+  def wrap_model(self, model):
+    """The model to compile and fit (in-graph data parallelism on TF)."""
+    if self.kind in ("in_graph", "multi_worker") and self.mesh.num_devices > 1:
+      return MeshDataParallel(model, self.mesh)
+    return model
+
+  @staticmethod
+  def unwrap(model):
+    """The model whose weights form the (layout-independent) checkpoint."""
+    return model.inner if isinstance(model, MeshDataParallel) else model
+
+  def distribute_dataset(self, dataset):
+    """The dataset to pass to fit (global batches in, global batches out).
+
+    Keras distributes datasets itself under a tf.distribute strategy and
+    under a keras.distribution; in-graph programs split the batch inside
+    the model. Kept as the one place a future layout would change it.
+    """
+    return dataset
+
+
+@gin.configurable
+def make_distribution(mesh_shape="batch:1,expert:1", backend=None):
+  """The distribution for `mesh_shape` on this process's devices.
+
+  Args:
+    mesh_shape: "batch:B,expert:E" (or a dict). With TF_CONFIG naming W > 1
+      workers (TensorFlow), B must be a multiple of W and this host gets a
+      "batch:B/W,expert:E" mesh of its own devices.
+    backend: "tensorflow" | "jax"; default the Keras backend.
+
+  Returns:
+    Distribution.
+
+  Raises:
+    ValueError: malformed mesh_shape or a device count that does not match.
+  """
+  backend = backend or keras.backend.backend()
+  shape = mesh_lib.parse_mesh_shape(mesh_shape)
+  if backend == "jax":
+    mesh = mesh_lib.Mesh(shape, devices=mesh_lib.available_devices("jax"))
+    return Distribution(mesh, "jax", keras_distribution=jax_distribution(mesh))
+  if backend != "tensorflow":
+    raise ValueError(f"unsupported backend {backend!r} for distribution")
+  workers = _tf_config_workers()
+  if workers > 1:
+    if shape["batch"] % workers:
+      raise ValueError(
+          f"mesh batch axis {shape['batch']} is not a multiple of the"
+          f" {workers} workers in TF_CONFIG"
+      )
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    # One replica per host: the host's devices are used by the in-graph
+    # program, not by MultiWorkerMirroredStrategy's per-GPU replicas.
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    local = dict(shape, batch=shape["batch"] // workers)
+    mesh = mesh_lib.Mesh(local)
+    if mesh.num_devices > 1:
+      resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+          resolver.cluster_spec(),
+          task_type=resolver.task_type,
+          task_id=resolver.task_id,
+          rpc_layer=resolver.rpc_layer,
+          num_accelerators={},
+      )
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver
+    )
+    return Distribution(mesh, "multi_worker", strategy=strategy)
+  mesh = mesh_lib.Mesh(shape)
+  kind = "single" if mesh.num_devices == 1 else "in_graph"
+  return Distribution(mesh, kind)
+
+
+def jax_distribution(mesh):
+  """keras.distribution.ModelParallel for `mesh` (JAX).
+
+  The experts' leading axis is sharded on "expert" (blocks of n/E experts,
+  so hierarchical groups stay whole), everything else is replicated, and
+  the batch is split on "batch".
+
+  Args:
+    mesh: Mesh with jax devices.
+
+  Returns:
+    keras.distribution.ModelParallel.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  device_mesh = keras.distribution.DeviceMesh(
+      shape=(mesh.batch, mesh.expert),
+      axis_names=("batch", "expert"),
+      devices=np.asarray(mesh.devices).reshape(mesh.batch, mesh.expert),
+  )
+  layout_map = keras.distribution.LayoutMap(device_mesh)
+  layout_map[r".*expert_kernel_[12]"] = ("expert", None, None)
+  layout_map[r".*expert_bias_[12]"] = ("expert", None)
+  return keras.distribution.ModelParallel(
+      layout_map=layout_map, batch_dim_name="batch"
+  )
