@@ -100,6 +100,14 @@ def available_devices(backend=None):
 
 
 @gin.configurable
+def configured_mesh_shape(mesh_shape="batch:1,expert:1"):
+  """The mesh shape chosen in gin (`configured_mesh_shape.mesh_shape = ...`).
+
+  Validation happens in `Mesh` (outside gin, so errors stay one line).
+  """
+  return mesh_shape
+
+
 class Mesh:
   """A [batch, expert] grid of devices.
 
@@ -117,12 +125,15 @@ class Mesh:
         `available_devices`), or an explicit list of B*E devices.
 
     Raises:
-      ValueError: malformed shape, or B*E != the number of devices.
+      ValueError: malformed shape, or B*E != the number of devices (any
+        number of devices is fine for a 1x1 mesh).
     """
     self.shape = parse_mesh_shape(mesh_shape)
     if devices is None:
       devices = available_devices()
     devices = list(devices)
+    if self.num_devices == 1:
+      devices = devices[:1]  # a 1x1 mesh runs on the first device anywhere
     if self.num_devices != len(devices):
       raise ValueError(
           f"mesh {self.spec} needs {self.num_devices} devices but"
@@ -164,7 +175,7 @@ class Mesh:
       name: for the message.
     """
     groups = num_experts // group_size
-    if num_experts % (group_size * self.expert) or groups < self.expert:
+    if num_experts % (group_size * self.expert):
       what = (
           f"num_experts={num_experts}"
           if group_size == 1

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 
-import gin
 import keras
 
 from moe_keras.distribution import mesh as mesh_lib
@@ -169,12 +168,12 @@ class Distribution:
     return dataset
 
 
-@gin.configurable
-def make_distribution(mesh_shape="batch:1,expert:1", backend=None):
+def make_distribution(mesh_shape=None, backend=None):
   """The distribution for `mesh_shape` on this process's devices.
 
   Args:
-    mesh_shape: "batch:B,expert:E" (or a dict). With TF_CONFIG naming W > 1
+    mesh_shape: "batch:B,expert:E" (or a dict); None takes the gin
+      binding `configured_mesh_shape.mesh_shape` (default 1x1). With TF_CONFIG naming W > 1
       workers (TensorFlow), B must be a multiple of W and this host gets a
       "batch:B/W,expert:E" mesh of its own devices.
     backend: "tensorflow" | "jax"; default the Keras backend.
@@ -186,6 +185,8 @@ def make_distribution(mesh_shape="batch:1,expert:1", backend=None):
     ValueError: malformed mesh_shape or a device count that does not match.
   """
   backend = backend or keras.backend.backend()
+  if mesh_shape is None:
+    mesh_shape = mesh_lib.configured_mesh_shape()
   shape = mesh_lib.parse_mesh_shape(mesh_shape)
   if backend == "jax":
     mesh = mesh_lib.Mesh(shape, devices=mesh_lib.available_devices("jax"))
