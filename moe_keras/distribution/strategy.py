@@ -45,6 +45,39 @@ EXPERT_VARIABLE_PATTERNS = (
 )
 
 
+def _patch_keras_multi_worker_reduce():
+  """Works around Keras 3 fit under MultiWorkerMirroredStrategy.
+
+  Keras 3.15 reduces every per-step log value with
+  `strategy.reduce("MEAN", v, axis=0)` on multi-worker strategies, which
+  fails on scalars ("Invalid reduction dimension 0 for input with 0
+  dimensions"; tensorflow/tensorflow#72388). This reduces scalars over the
+  replicas (axis=None) and leaves everything else to Keras.
+  """
+  from keras.src.backend.tensorflow import trainer as tf_trainer  # pylint: disable=g-import-not-at-top
+
+  original = tf_trainer.reduce_per_replica
+  if getattr(original, "moe_keras_patched", False):
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def reduce_per_replica(values, strategy, reduction):
+    if reduction not in ("auto", "mean") or not (
+        tf_trainer._collective_all_reduce_multi_worker(strategy)  # pylint: disable=protected-access
+    ):
+      return original(values, strategy, reduction)
+
+    def reduce(v):
+      local = strategy.experimental_local_results(v)[0]
+      axis = None if local.shape.rank == 0 else 0
+      return strategy.reduce("MEAN", v, axis=axis)
+
+    return tf.nest.map_structure(reduce, values)
+
+  reduce_per_replica.moe_keras_patched = True
+  tf_trainer.reduce_per_replica = reduce_per_replica
+
+
 def _tf_config_workers():
   """Number of workers in TF_CONFIG (1 without TF_CONFIG)."""
   raw = os.environ.get("TF_CONFIG")
@@ -92,6 +125,30 @@ class MeshDataParallel(keras.Model):
     return tf.nest.map_structure(
         lambda *xs: tf.concat(xs, axis=0), *outputs
     )
+
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Keras 3.15's version, with the sample batch reduced per tensor.
+
+    Keras reduces the whole (x, y) structure with one `strategy.reduce`,
+    which MultiWorkerMirroredStrategy rejects ("Attempt to convert a value
+    (PerReplica...)"); reducing each tensor works on every strategy.
+    """
+    if self._distribute_strategy is None or iterator is None:
+      return super()._maybe_symbolic_build(iterator, data_batch)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    strategy = self.distribute_strategy
+    for _, _, it in iterator:
+      batch = next(it)
+      data_batch = tf.nest.map_structure(
+          lambda v: strategy.reduce("MEAN", v, axis=None)
+          if isinstance(v, tf.distribute.DistributedValues)
+          else v,
+          batch,
+      )
+      break
+    with strategy.scope():
+      self._symbolic_build(data_batch=data_batch)
 
   def compile(self, optimizer="rmsprop", *args, **kwargs):
     """Model.compile; the optimizer keeps slots on their variable's device."""
@@ -149,7 +206,9 @@ class Distribution:
 
   def wrap_model(self, model):
     """The model to compile and fit (in-graph data parallelism on TF)."""
-    if self.kind in ("in_graph", "multi_worker") and self.mesh.num_devices > 1:
+    if self.kind == "multi_worker" or (
+        self.kind == "in_graph" and self.mesh.num_devices > 1
+    ):
       return MeshDataParallel(model, self.mesh)
     return model
 
@@ -206,8 +265,7 @@ def make_distribution(mesh_shape=None, backend=None):
     # program, not by MultiWorkerMirroredStrategy's per-GPU replicas.
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     local = dict(shape, batch=shape["batch"] // workers)
-    mesh = mesh_lib.Mesh(local)
-    if mesh.num_devices > 1:
+    if local["batch"] * local["expert"] > 1:
       resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
           resolver.cluster_spec(),
           task_type=resolver.task_type,
@@ -215,9 +273,13 @@ def make_distribution(mesh_shape=None, backend=None):
           rpc_layer=resolver.rpc_layer,
           num_accelerators={},
       )
+    # Created before anything lists devices: the strategy configures the
+    # runtime, which must not be initialized yet.
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=resolver
     )
+    _patch_keras_multi_worker_reduce()
+    mesh = mesh_lib.Mesh(local)
     return Distribution(mesh, "multi_worker", strategy=strategy)
   mesh = mesh_lib.Mesh(shape)
   kind = "single" if mesh.num_devices == 1 else "in_graph"

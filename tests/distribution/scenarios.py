@@ -25,13 +25,20 @@ D, H, T, V = 6, 5, 4, 3
 TOL = 1e-5
 
 
-def setup_tf_devices(num=NUM_DEVICES):
+def setup_tf_devices(num=NUM_DEVICES, initialize=True):
+  """Splits the CPU into `num` logical devices (before TF initializes).
+
+  With initialize=False the runtime is left uninitialized (a
+  MultiWorkerMirroredStrategy must be created before it is).
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   cpu = tf.config.list_physical_devices("CPU")[0]
   tf.config.set_logical_device_configuration(
       cpu, [tf.config.LogicalDeviceConfiguration()] * num
   )
+  if not initialize:
+    return None
   return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
@@ -426,7 +433,10 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
         proc.kill()
   for index, (proc, text) in enumerate(zip(procs, outputs)):
     if proc.returncode != 0:
-      raise AssertionError(f"worker {index} failed:\n{text[-5000:]}")
+      lines = [l for l in text.splitlines() if "File " in l or "Error" in l]
+      raise AssertionError(
+          f"worker {index} failed:\n" + "\n".join(lines[-40:])
+      )
   for index in range(2):
     with open(os.path.join(out_dir, f"worker{index}.json")) as f:
       got = json.load(f)
@@ -439,19 +449,20 @@ def scenario_worker(mesh_shape, local_devices, out_path):
   """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the parent)."""
   import time  # pylint: disable=g-import-not-at-top
 
-  setup_tf_devices(int(local_devices))
+  setup_tf_devices(int(local_devices), initialize=False)
+  import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
 
+  keras.config.disable_traceback_filtering()
+  # First, before any TensorFlow op: the strategy configures the runtime.
+  dist = make_distribution(mesh_shape)
   init = os.path.join(os.path.dirname(out_path), "init.weights.h5")
   deadline = time.time() + 120
   while not os.path.exists(init) and time.time() < deadline:
     time.sleep(0.2)
   time.sleep(0.5)
-  import keras  # pylint: disable=g-import-not-at-top
-
-  dist = make_distribution(mesh_shape)
   assert dist.kind == "multi_worker", dist.kind
   with dist.scope():
     model = dist.wrap_model(tiny_model())
