@@ -279,7 +279,12 @@ def make_distribution(mesh_shape=None, backend=None):
         cluster_resolver=resolver
     )
     _patch_keras_multi_worker_reduce()
-    mesh = mesh_lib.Mesh(local)
+    # The cluster's devices are all visible now; the mesh is this host's.
+    task = f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}/"
+    local_devices = [
+        d for d in mesh_lib.available_devices("tensorflow") if task in d
+    ]
+    mesh = mesh_lib.Mesh(local, devices=local_devices)
     return Distribution(mesh, "multi_worker", strategy=strategy)
   mesh = mesh_lib.Mesh(shape)
   kind = "single" if mesh.num_devices == 1 else "in_graph"

@@ -443,6 +443,8 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
     check_close(f"worker {index} losses ({mesh_shape})", got["loss"], history)
     final = single.predict(x, verbose=0)
     check_close(f"worker {index} final outputs", got["outputs"], final)
+    if index == 0:
+      print("worker 0 expert blocks:", got["placement"])
 
 
 def scenario_worker(mesh_shape, local_devices, out_path):
@@ -474,8 +476,19 @@ def scenario_worker(mesh_shape, local_devices, out_path):
       dist.distribute_dataset(dataset), epochs=3, verbose=0
   ).history["loss"]
   outputs = dist.unwrap(model).predict(x, verbose=0)
+  placement = {
+      v.path: [
+          _short(c.device)
+          for c in getattr(v.value, "values", [v.value])
+      ]
+      for v in dist.unwrap(model).weights
+      if "_block" in v.path
+  }
   with open(out_path, "w") as f:
-    json.dump({"loss": history, "outputs": outputs.tolist()}, f)
+    json.dump(
+        {"loss": history, "outputs": outputs.tolist(), "placement": placement},
+        f,
+    )
 
 
 def scenario_jax_mesh():
@@ -523,13 +536,17 @@ def scenario_jax_mesh():
   print("ok expert_kernel_1 sharding", spec, shard_shapes)
   kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
   h1 = single.fit(x, y, **kwargs).history["loss"]
-  h2 = sharded.fit(x, y, **kwargs).history["loss"]
+  with dist.scope():  # the batch is split on "batch" only inside
+    h2 = sharded.fit(x, y, **kwargs).history["loss"]
+    got = sharded.predict(x, batch_size=16, verbose=0)
   check_close("jax 2x4 losses", h2, h1)
   check_close(
       "jax 2x4 outputs after training",
-      sharded.predict(x, batch_size=16, verbose=0),
+      got,
       single.predict(x, batch_size=16, verbose=0),
   )
+  kernel = moe.expert_kernel_1.value
+  assert {s.data.shape for s in kernel.addressable_shards} == {(2, D, H)}
 
 
 SCENARIOS = {
