@@ -180,7 +180,7 @@ class ShardedExperts:
     for name, shape, initializer in shapes:
       self.blocks[name] = []
       for e, device in enumerate(devices):
-        with tf.device(device):
+        with tf.device(device), _strategy_placement(device):
           var = layer.add_weight(
               name=f"{name}_block{e}",
               shape=shape,
@@ -301,6 +301,47 @@ class ShardedExperts:
     return np.concatenate(
         [ops.convert_to_numpy(v) for v in self.blocks[name]], axis=0
     )
+
+
+class _DeviceSet:
+  """Stands for a variable on `device` in `colocate_vars_with` (below)."""
+
+  def __init__(self, strategy, device):
+    self._distribute_strategy = strategy
+    self._devices = (device,)
+
+
+def _strategy_placement(device):
+  """Under a (MultiWorker)MirroredStrategy: create variables on `device`.
+
+  Mirrored strategies put every variable on their replica devices and
+  ignore `tf.device`. Their variable creator takes the devices of a
+  `colocate_with` variable instead; `_DeviceSet` provides `(device,)`, so
+  the block is a mirrored variable with its one copy on `device` (its Adam
+  slots follow it, and MultiWorkerMirroredStrategy still all-reduces its
+  gradient across hosts). Other strategies: no-op.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  if not tf.distribute.has_strategy():
+    return contextlib.nullcontext()
+  strategy = tf.distribute.get_strategy()
+  if not isinstance(
+      strategy,
+      (
+          tf.distribute.MirroredStrategy,
+          tf.distribute.MultiWorkerMirroredStrategy,
+      ),
+  ):
+    return contextlib.nullcontext()
+  # What `strategy.extended.colocate_vars_with` installs, without its check
+  # that the argument is a DistributedVariable.
+  def creator(next_creator, **kwargs):
+    kwargs["use_resource"] = True
+    kwargs["colocate_with"] = _DeviceSet(strategy, device)
+    return next_creator(**kwargs)
+
+  return tf.variable_creator_scope(creator)
 
 
 def _on_device(device, fn, *args):

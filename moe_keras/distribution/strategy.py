@@ -90,7 +90,6 @@ def _tf_config_workers():
   return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-@keras.saving.register_keras_serializable(package="moe_keras")
 class MeshDataParallel(keras.Model):
   """Runs `inner` once per mesh device on a slice of the batch (TF).
 
@@ -98,6 +97,8 @@ class MeshDataParallel(keras.Model):
   of every input along axis 0; outputs are concatenated back in order, so
   losses and metrics see the global batch exactly as without the wrapper.
   Inner variables are shared: TF sums their gradients over the replicas.
+  Not serializable itself: save and load the inner model (save_weights and
+  load_weights delegate to it), so checkpoints do not depend on the mesh.
   """
 
   def __init__(self, inner, mesh, **kwargs):
@@ -186,7 +187,8 @@ class Distribution:
         stack.enter_context(self.strategy.scope())
       if self.keras_distribution is not None:
         stack.enter_context(self.keras_distribution.scope())
-      if self.kind in ("in_graph", "multi_worker") and self.mesh.num_devices > 1:
+      in_graph = self.kind in ("in_graph", "multi_worker")
+      if in_graph and self.mesh.num_devices > 1:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
         stack.enter_context(tf.device(self.mesh.device(0, 0)))

@@ -182,7 +182,9 @@ class MoEBase(keras.layers.Layer):
     self.track_metrics = bool(track_metrics)
     # Placement, not architecture: not in get_config, and checkpoints store
     # the unsharded [n, ...] arrays (moe_keras.distribution.sharded_experts).
-    self.expert_devices = None if expert_devices is None else list(expert_devices)
+    self.expert_devices = (
+        None if expert_devices is None else list(expert_devices)
+    )
     self._expert_shards = None
     self.supports_masking = True
     self._stat_trackers = {}

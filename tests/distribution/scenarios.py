@@ -131,7 +131,9 @@ def scenario_sharded_layer():
   x = rng.normal(size=(3, 4, D)).astype("float32")
   tokens = x.reshape(-1, D)
   for name, experts_axis, kwargs, use_bias in cases:
-    mesh = mesh_lib.Mesh(f"batch:1,expert:{experts_axis}", devices[:experts_axis])
+    mesh = mesh_lib.Mesh(
+        f"batch:1,expert:{experts_axis}", devices[:experts_axis]
+    )
     weights = ref.random_flat_weights(rng, D, n, H, out, use_bias=use_bias)
     noise = rng.normal(size=(tokens.shape[0], n)).astype("float32")
     single = SparseMoE(n, k, H, output_dim=out, **kwargs)
@@ -444,7 +446,11 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
     final = single.predict(x, verbose=0)
     check_close(f"worker {index} final outputs", got["outputs"], final)
     if index == 0:
-      print("worker 0 expert blocks:", got["placement"])
+      print("worker 0 expert blocks and Adam slots:", got["placement"])
+    for path, where in got["placement"].items():
+      block = int(path.split("_block")[1][0])
+      # Local mesh batch:B/2,expert:E: block e on local device (0, e) = e.
+      assert where == [f"CPU:{block}"], (path, where)
 
 
 def scenario_worker(mesh_shape, local_devices, out_path):
@@ -481,7 +487,9 @@ def scenario_worker(mesh_shape, local_devices, out_path):
           _short(c.device)
           for c in getattr(v.value, "values", [v.value])
       ]
-      for v in dist.unwrap(model).weights
+      for v in list(dist.unwrap(model).weights) + list(
+          model.optimizer.variables
+      )
       if "_block" in v.path
   }
   with open(out_path, "w") as f:
