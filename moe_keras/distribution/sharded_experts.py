@@ -29,6 +29,21 @@ import numpy as np
 from keras import ops
 
 _STATE = threading.local()
+# id(block variable) -> (variable, ShardedExperts, group name, block index),
+# so optimizers can save their slots of the blocks as unsharded arrays.
+_BLOCKS = {}
+
+
+def block_of(variable):
+  """(ShardedExperts, group name, block index) of a block variable, or None.
+
+  Args:
+    variable: a keras.Variable or the tf.Variable inside one.
+  """
+  entry = _BLOCKS.get(id(variable))
+  if entry is None or entry[0] is not variable:
+    return None
+  return entry[1:]
 
 
 class _BlockPlan:
@@ -191,6 +206,8 @@ class ShardedExperts:
           )
         self.blocks[name].append(var)
         self._block_of[id(var)] = (name, e)
+        _BLOCKS[id(var)] = (var, self, name, e)
+        _BLOCKS[id(var.value)] = (var.value, self, name, e)
     for name in ("expert_bias_1", "expert_bias_2"):
       if name not in self.blocks:
         setattr(layer, name, None)

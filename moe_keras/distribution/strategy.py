@@ -155,6 +155,9 @@ class MeshDataParallel(keras.Model):
     """Model.compile; the optimizer keeps slots on their variable's device."""
     optimizer = optimizer_lib.colocate_slots(keras.optimizers.get(optimizer))
     super().compile(optimizer, *args, **kwargs)
+    # The inner model's checkpoints then hold the optimizer state too, as
+    # the checkpoints of the same model compiled without a mesh do.
+    self.inner.optimizer = self.optimizer
 
   def save_weights(self, *args, **kwargs):
     """Saves the inner model's weights (same file as without the mesh)."""

@@ -336,7 +336,11 @@ def scenario_train_step():
 
 
 def scenario_reshard():
-  """Save on a 2x4 mesh; restore on 1 device, 1x8 and 4x2: same evaluation."""
+  """Save on a 2x4 mesh; restore on 1 device, 1x8 and 4x2.
+
+  Same evaluation, and (the optimizer state restored too) the same next
+  training step as the saved model's own.
+  """
   setup_tf_devices()
   import h5py  # pylint: disable=g-import-not-at-top
 
@@ -353,14 +357,22 @@ def scenario_reshard():
         else None
     )
   assert (8, D, H) in shapes and (8, H, D) in shapes, shapes
+  # No block-shaped array: weights and Adam moments are stored unsharded.
+  assert all(len(s) != 3 or s[0] == 8 for s in shapes), shapes
   print("ok checkpoint holds full [n, d, h] arrays:", sorted(set(shapes)))
   # Only the loss: the MoE statistics (cv_load, ...) of a mesh model are
   # means over its replicas' slices, not the global batch's.
   want_loss = trained.evaluate(x, y, batch_size=16, verbose=0)[0]
   want_y = trained.predict(x, batch_size=16, verbose=0)
+  fit = dict(batch_size=16, epochs=1, shuffle=False, verbose=0)
+  x2, y2 = tiny_data(seed=7)
+  restored = []
   for mesh_shape in ("", "batch:1,expert:8", "batch:4,expert:2"):
     _, model = build_on(mesh_shape)
+    # As moe_keras.experiment restores: optimizer built, then the weights.
+    model.optimizer.build(model.trainable_variables)
     model.load_weights(path)
+    restored.append((mesh_shape, model))
     loss = model.evaluate(x, y, batch_size=16, verbose=0)[0]
     check_close(f"restored on '{mesh_shape}' loss", loss, want_loss, 1e-6)
     check_close(
@@ -368,6 +380,21 @@ def scenario_reshard():
         model.predict(x, batch_size=16, verbose=0),
         want_y,
         1e-6,
+    )
+  # One more Adam step (moments and iteration restored) everywhere.
+  want_next = trained.fit(x2, y2, **fit).history["loss"]
+  want_y = trained.predict(x, batch_size=16, verbose=0)
+  for mesh_shape, model in restored:
+    assert int(model.optimizer.iterations.numpy()) == 1
+    check_close(
+        f"'{mesh_shape}' next step loss",
+        model.fit(x2, y2, **fit).history["loss"],
+        want_next,
+    )
+    check_close(
+        f"'{mesh_shape}' outputs after the next step",
+        model.predict(x, batch_size=16, verbose=0),
+        want_y,
     )
 
 
