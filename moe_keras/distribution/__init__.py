@@ -9,6 +9,7 @@ expert placement that `SparseMoE` / `HierarchicalSparseMoE` use;
 from moe_keras.distribution.mesh import Mesh
 from moe_keras.distribution.mesh import parse_mesh_shape
 from moe_keras.distribution.optimizer import colocate_slots
+from moe_keras.distribution.sharded_experts import logical_weight_signature
 from moe_keras.distribution.strategy import Distribution
 from moe_keras.distribution.strategy import make_distribution
 from moe_keras.distribution.strategy import MeshDataParallel
@@ -18,6 +19,7 @@ __all__ = [
     "Mesh",
     "MeshDataParallel",
     "colocate_slots",
+    "logical_weight_signature",
     "make_distribution",
     "parse_mesh_shape",
 ]

@@ -123,6 +123,27 @@ def scale_replica_loss(total):
   return total / float(num_replicas)
 
 
+def logical_weight_signature(model):
+  """[[path, shape], ...] of model.weights as the unsharded model has them.
+
+  Blocks of one expert group count as one [n, ...] weight at the place and
+  path (`.../expert_kernel_1`) of the unsharded variable, so the signature
+  (e.g. a checkpoint's architecture check) is the same on every mesh.
+  """
+  signature = []
+  for weight in model.weights:
+    found = block_of(weight)
+    if found is None:
+      signature.append([weight.path, list(weight.shape)])
+      continue
+    shards, _, block = found
+    if block == 0:
+      path = weight.path[: -len("_block0")]
+      shape = [shards.layer.num_experts] + list(weight.shape[1:])
+      signature.append([path, shape])
+  return signature
+
+
 def maybe_build(layer, input_dim):
   """Creates `layer`'s experts as blocks on devices, or returns None.
 
