@@ -24,6 +24,7 @@ indices), and `load_own_variables` splits them for any number of blocks.
 import contextlib
 import threading
 
+from absl import logging
 import keras
 import numpy as np
 from keras import ops
@@ -232,6 +233,13 @@ class ShardedExperts:
     for name in ("expert_bias_1", "expert_bias_2"):
       if name not in self.blocks:
         setattr(layer, name, None)
+    logging.info(
+        "%s: %d experts in %d blocks on %s",
+        layer.name,
+        n,
+        num_blocks,
+        ", ".join(devices),
+    )
 
   # -- forward --------------------------------------------------------------
 

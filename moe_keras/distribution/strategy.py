@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 
+from absl import logging
 import keras
 
 from moe_keras.distribution import mesh as mesh_lib
@@ -317,6 +318,7 @@ def make_distribution(mesh_shape=None, backend=None):
   _split_cpu(shape["batch"] * shape["expert"])
   mesh = mesh_lib.Mesh(shape)
   kind = "single" if mesh.num_devices == 1 else "in_graph"
+  logging.info("distribution: mesh %s (%s)", mesh.spec, kind)
   return Distribution(mesh, kind)
 
 
