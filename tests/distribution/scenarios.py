@@ -333,6 +333,14 @@ def scenario_train_step():
           _short(s.value.device) == want for s in slots
       ), [(s.name, s.value.device) for s in slots]
   print("ok experts and Adam slots on the mesh devices", devices[:4])
+  # Batches not divisible by the 8 replicas, and smaller than 8 (some
+  # replicas get no example).
+  for size in (3, 11):
+    check_close(
+        f"batch of {size} on 8 replicas",
+        mesh_model.predict(x[:size], batch_size=size, verbose=0),
+        single.predict(x[:size], batch_size=size, verbose=0),
+    )
 
 
 def scenario_reshard():
