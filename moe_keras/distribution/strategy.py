@@ -278,6 +278,8 @@ def make_distribution(mesh_shape=None, backend=None):
   shape = mesh_lib.parse_mesh_shape(mesh_shape)
   if backend == "jax":
     mesh = mesh_lib.Mesh(shape, devices=mesh_lib.available_devices("jax"))
+    if mesh.num_devices == 1:
+      return Distribution(mesh, "single")
     return Distribution(mesh, "jax", keras_distribution=jax_distribution(mesh))
   if backend != "tensorflow":
     raise ValueError(f"unsupported backend {backend!r} for distribution")
