@@ -167,12 +167,9 @@ class FactoredAdam(keras.optimizers.Optimizer):
     step = ops.cast(self.iterations + 1, "float32")
     beta_2_power = ops.power(ops.cast(self.beta_2, "float32"), step)
     g2 = ops.square(g)
-    self.assign_add(
-        row, ops.multiply(ops.subtract(ops.mean(g2, axis=-1), row), 1 - self.beta_2)
-    )
-    self.assign_add(
-        col, ops.multiply(ops.subtract(ops.mean(g2, axis=-2), col), 1 - self.beta_2)
-    )
+    decay = 1 - self.beta_2
+    self.assign_add(row, (ops.mean(g2, axis=-1) - row) * decay)
+    self.assign_add(col, (ops.mean(g2, axis=-2) - col) * decay)
     mean_r = ops.maximum(ops.mean(row, axis=-1, keepdims=True), MIN_MEAN)
     # sqrt(outer(r, c) / mean(r)) = outer(sqrt(r / mean(r)), sqrt(c)).
     denom = (

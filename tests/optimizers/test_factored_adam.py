@@ -235,7 +235,8 @@ def test_without_factored_variables_equals_keras_adam():
 
 def _moe_model(layer, d=D_IN, t=3, out=2):
   inputs = keras.Input((t, d))
-  return keras.Model(inputs, keras.layers.Dense(out, name="head")(layer(inputs)))
+  head = keras.layers.Dense(out, name="head")
+  return keras.Model(inputs, head(layer(inputs)))
 
 
 @pytest.mark.parametrize("hierarchical", [False, True])
