@@ -130,6 +130,17 @@ class MoEBase(keras.layers.Layer):
 
   Holds the stacked experts, the losses/statistics plumbing and the Keras
   metrics. Subclasses implement `_route`.
+
+  Memory options (appendix D; both default off):
+    recompute_expert_activations: the [tokens*k, h] ReLU activations of the
+      experts are not kept between the forward and the backward pass; the
+      gradient recomputes them from the dispatched rows (same values and
+      gradients, one more expert matmul per step).
+    expert_dtype: None (experts follow the layer's dtype policy) or a dtype
+      policy name for the experts only: "bfloat16" (bf16 expert weights and
+      activations) or "mixed_bfloat16" (float32 weights, bf16 compute). The
+      gating (W_g, W_noise, logits, softmax, Phi, Load, losses) stays
+      float32 and the output is in the layer's compute dtype.
   """
 
   def __init__(
@@ -147,6 +158,8 @@ class MoEBase(keras.layers.Layer):
       kernel_regularizer=None,
       seed=None,
       track_metrics=True,
+      recompute_expert_activations=False,
+      expert_dtype=None,
       **kwargs,
   ):
     super().__init__(**kwargs)
@@ -178,6 +191,15 @@ class MoEBase(keras.layers.Layer):
     self.seed = seed
     self.seed_generator = keras.random.SeedGenerator(seed)
     self.track_metrics = bool(track_metrics)
+    self.recompute_expert_activations = bool(recompute_expert_activations)
+    # Experts may use their own dtype policy (e.g. "bfloat16": bf16 weights
+    # and activations, or "mixed_bfloat16": float32 weights, bf16 compute);
+    # gating always computes in float32 (see `_route`).
+    self.expert_dtype = (
+        None
+        if expert_dtype is None
+        else keras.dtype_policies.get(expert_dtype).name
+    )
     self.supports_masking = True
     self._stat_trackers = {}
     # Keras metrics owned by a layer are updated inside call(), which a
@@ -191,29 +213,49 @@ class MoEBase(keras.layers.Layer):
 
   # -- variables ------------------------------------------------------------
 
+  @property
+  def expert_compute_dtype(self):
+    """Dtype of the expert matmuls and of the dispatched rows."""
+    if self.expert_dtype is None:
+      return self.compute_dtype
+    return keras.dtype_policies.get(self.expert_dtype).compute_dtype
+
+  def _expert_weight_kwargs(self):
+    if self.expert_dtype is None:
+      return {}
+    policy = keras.dtype_policies.get(self.expert_dtype)
+    return {"dtype": policy.variable_dtype, "autocast": False}
+
   def _build_experts(self, input_dim):
     out_dim = self.output_dim or input_dim
     n, h = self.num_experts, self.expert_hidden_dim
+    extra = self._expert_weight_kwargs()
     self.expert_kernel_1 = self.add_weight(
         name="expert_kernel_1",
         shape=(n, input_dim, h),
         initializer=self.kernel_initializer,
         regularizer=self.kernel_regularizer,
+        **extra,
     )
     self.expert_kernel_2 = self.add_weight(
         name="expert_kernel_2",
         shape=(n, h, out_dim),
         initializer=self.kernel_initializer,
         regularizer=self.kernel_regularizer,
+        **extra,
     )
     if self.use_bias:
       self.expert_bias_1 = self.add_weight(
-          name="expert_bias_1", shape=(n, h), initializer=self.bias_initializer
+          name="expert_bias_1",
+          shape=(n, h),
+          initializer=self.bias_initializer,
+          **extra,
       )
       self.expert_bias_2 = self.add_weight(
           name="expert_bias_2",
           shape=(n, out_dim),
           initializer=self.bias_initializer,
+          **extra,
       )
     else:
       self.expert_bias_1 = None
@@ -267,18 +309,17 @@ class MoEBase(keras.layers.Layer):
         num_experts=self.num_experts,
         capacity_factor=self.capacity_factor,
     )
-    rows = plan.dispatch(tokens)
+    expert_dtype = self.expert_compute_dtype
+    rows = plan.dispatch(ops.cast(tokens, expert_dtype))
+    cast = lambda v: None if v is None else ops.cast(v, expert_dtype)
     expert_out = dispatch.expert_ffn(
         plan,
         rows,
-        ops.cast(self.expert_kernel_1, self.compute_dtype),
-        ops.cast(self.expert_kernel_2, self.compute_dtype),
-        None
-        if self.expert_bias_1 is None
-        else ops.cast(self.expert_bias_1, self.compute_dtype),
-        None
-        if self.expert_bias_2 is None
-        else ops.cast(self.expert_bias_2, self.compute_dtype),
+        cast(self.expert_kernel_1),
+        cast(self.expert_kernel_2),
+        cast(self.expert_bias_1),
+        cast(self.expert_bias_2),
+        recompute=self.recompute_expert_activations,
     )
     combined = plan.combine(expert_out, routing["gates"])
     outputs = ops.reshape(
@@ -366,6 +407,10 @@ class MoEBase(keras.layers.Layer):
             ),
             "seed": self.seed,
             "track_metrics": self.track_metrics,
+            "recompute_expert_activations": (
+                self.recompute_expert_activations
+            ),
+            "expert_dtype": self.expert_dtype,
         }
     )
     return config
