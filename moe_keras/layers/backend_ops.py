@@ -229,11 +229,19 @@ def _grouped_ffn_tf_no_bias(
         pieces, _ = _tf_split_rows(
             _tf_after(rows, d_out), group_sizes, num_groups
         )
-        hiddens = [tf.nn.relu(tf.matmul(p, w)) for p, w in zip(pieces, w1)]
+        hiddens = [None] * num_groups
       else:
         pieces, hiddens = saved
       d_rows, d_hiddens, d_w2 = [], [], []
-      for hid, dy, w1_g, w2_g in zip(hiddens, d_pieces, w1, w2):
+      for g, (hid, dy, w1_g, w2_g) in enumerate(
+          zip(hiddens, d_pieces, w1, w2)
+      ):
+        if hid is None:
+          # Recompute expert g only after expert g-1's backward ran, so
+          # that about one [rows_g, h] hidden is alive at a time.
+          after = d_w2[-1:] if d_w2 else []
+          with tf.control_dependencies(after):
+            hid = tf.nn.relu(tf.matmul(pieces[g], w1_g))
         # dy @ w2^T computed as (w2 @ dy^T)^T: the big dimension becomes
         # the MatMul's M and only the small [rows, h] result is transposed.
         # (Grappler folds an explicit transpose of w2 back into the slow
