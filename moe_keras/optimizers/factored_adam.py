@@ -178,7 +178,9 @@ class FactoredAdam(keras.optimizers.Optimizer):
         + self.epsilon
     )
     alpha = lr * ops.sqrt(1 - beta_2_power)
-    self.assign_sub(variable, ops.cast(alpha * g / denom, variable.dtype))
+    # g * (alpha / denom): TF computes the quotient in the buffer of denom
+    # and the product in place too, so one [..., d_in, d_out] temporary.
+    self.assign_sub(variable, ops.cast(g * (alpha / denom), variable.dtype))
 
   def state_bytes(self):
     """Bytes of optimizer state (slots only; iterations etc. excluded).
