@@ -259,3 +259,29 @@ def factored_adam(
       factored_patterns=factored_patterns,
       **kwargs,
   )
+
+
+def _make_optimizer_builder(
+    learning_rate, beta_1, beta_2, epsilon, clipnorm, global_clipnorm
+):
+  """`make_optimizer(name='factored_adam', ...)` builder."""
+  return FactoredAdam(
+      learning_rate=learning_rate,
+      beta_1=beta_1,
+      beta_2=beta_2,
+      epsilon=epsilon,
+      clipnorm=clipnorm,
+      global_clipnorm=global_clipnorm,
+  )
+
+
+def _register_with_factory():
+  """Registers 'factored_adam' with `moe_keras.optimizers.factory`."""
+  try:
+    from moe_keras.optimizers import factory  # pylint: disable=g-import-not-at-top
+  except ImportError:  # the factory is not part of this checkout
+    return
+  factory.register_optimizer("factored_adam", _make_optimizer_builder)
+
+
+_register_with_factory()
