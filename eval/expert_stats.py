@@ -1,0 +1,192 @@
+"""Expert-utilization statistics of a trained model's MoE layers.
+
+For every MoE layer of a functional model (SparseMoE, HierarchicalSparseMoE)
+this runs the layer on its real inputs over a dataset and accumulates, per
+expert, the importance (eq. 6: sum of gates), the load and the number of
+tokens routed, then reports CV = std/mean (population std, as the balancing
+losses use) and max/mean load, both over the whole split ("aggregate") and
+averaged over batches ("per batch", how the paper's Table 6 reports them).
+
+In evaluation (`training=False`) there is no noise, so the load of an expert
+is the number of tokens it receives; with `training=True` the noisy gates and
+the smooth load estimator of eq. (10) are used, as in a training step.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from moe_keras.layers.sparse_moe import MoEBase
+
+STAT_KEYS = ("importance", "load", "token_counts")
+
+
+def moe_layers(model):
+  """All MoE layers of `model` (recursively), in model order."""
+  found = []
+  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+    if isinstance(layer, MoEBase):
+      found.append(layer)
+  return found
+
+
+def _probe_model(model, layers):
+  """Functional model: model inputs -> (input, mask) of every MoE layer."""
+  outputs = []
+  for layer in layers:
+    node = layer._inbound_nodes[0]  # pylint: disable=protected-access
+    layer_input = node.arguments.args[0]
+    mask = node.arguments.kwargs.get("mask")
+    outputs.append(layer_input)
+    outputs.append(
+        mask
+        if mask is not None
+        else keras.ops.ones(keras.ops.shape(layer_input)[:-1], "bool")
+    )
+  return keras.Model(model.inputs, outputs)
+
+
+def _cv(x):
+  x = np.asarray(x, np.float64)
+  mean = x.mean()
+  return float(x.std() / mean) if mean > 0 else 0.0
+
+
+def _max_over_mean(x):
+  x = np.asarray(x, np.float64)
+  mean = x.mean()
+  return float(x.max() / mean) if mean > 0 else 0.0
+
+
+def collect_expert_stats(model, dataset, max_batches=None, training=False):
+  """Runs every MoE layer of `model` over `dataset` and summarizes routing.
+
+  Args:
+    model: a functional keras.Model containing MoE layers.
+    dataset: iterable of (x, ...) batches in the model's input format.
+    max_batches: stop after this many batches (None: all).
+    training: use the training-time gates (noise, smooth load).
+
+  Returns:
+    {layer_name: dict} with per-expert lists 'importance', 'load',
+    'token_counts' (summed over the split), 'cv_importance', 'cv_load',
+    'max_over_mean_load' over those sums, the same three averaged over
+    batches ('batch_mean_cv_importance', ...), 'dropped_fraction', and
+    'num_batches'. Empty when the model has no MoE layer.
+  """
+  layers = moe_layers(model)
+  if not layers:
+    return {}
+  probe = _probe_model(model, layers)
+  sums = {layer.name: {key: 0.0 for key in STAT_KEYS} for layer in layers}
+  batch_stats = {layer.name: [] for layer in layers}
+  dropped = {layer.name: [0.0, 0.0] for layer in layers}
+  num_batches = 0
+  for batch in dataset:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    probed = probe(x, training=False)
+    for i, layer in enumerate(layers):
+      stats = layer(
+          probed[2 * i],
+          mask=probed[2 * i + 1],
+          training=training,
+          return_stats=True,
+      )[1]
+      if training:
+        layer._clear_losses()  # pylint: disable=protected-access
+      arrays = {
+          key: keras.ops.convert_to_numpy(stats[key]).astype(np.float64)
+          for key in STAT_KEYS
+      }
+      for key in STAT_KEYS:
+        sums[layer.name][key] = sums[layer.name][key] + arrays[key]
+      batch_stats[layer.name].append(
+          (
+              _cv(arrays["importance"]),
+              _cv(arrays["load"]),
+              _max_over_mean(arrays["load"]),
+          )
+      )
+      routed = float(arrays["token_counts"].sum())
+      frac = float(keras.ops.convert_to_numpy(stats["dropped_fraction"]))
+      dropped[layer.name][0] += frac * routed
+      dropped[layer.name][1] += routed
+    num_batches += 1
+    if max_batches is not None and num_batches >= max_batches:
+      break
+  results = {}
+  for layer in layers:
+    s = sums[layer.name]
+    per_batch = np.asarray(batch_stats[layer.name] or [(0.0, 0.0, 0.0)])
+    results[layer.name] = {
+        "num_experts": layer.num_experts,
+        "importance": np.asarray(s["importance"]).tolist(),
+        "load": np.asarray(s["load"]).tolist(),
+        "token_counts": np.asarray(s["token_counts"]).tolist(),
+        "cv_importance": _cv(s["importance"]),
+        "cv_load": _cv(s["load"]),
+        "max_over_mean_load": _max_over_mean(s["load"]),
+        "batch_mean_cv_importance": float(per_batch[:, 0].mean()),
+        "batch_mean_cv_load": float(per_batch[:, 1].mean()),
+        "batch_mean_max_over_mean_load": float(per_batch[:, 2].mean()),
+        "dropped_fraction": (
+            dropped[layer.name][0] / max(dropped[layer.name][1], 1.0)
+        ),
+        "num_batches": num_batches,
+        "training_mode": bool(training),
+    }
+  return results
+
+
+def plot_expert_stats(stats, output_dir, prefix="experts"):
+  """Writes one PNG per MoE layer: per-expert importance and load bars.
+
+  Args:
+    stats: the dict of `collect_expert_stats`.
+    output_dir: directory for the PNG files.
+    prefix: file name prefix; files are `<prefix>_<layer>.png`.
+
+  Returns:
+    list of written paths.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  paths = []
+  for name, layer_stats in stats.items():
+    importance = np.asarray(layer_stats["importance"])
+    load = np.asarray(layer_stats["load"])
+    n = importance.shape[0]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, min(n / 8, 24)), 6))
+    for ax, values, label, cv in (
+        (axes[0], importance, "importance (sum of gates)", "cv_importance"),
+        (axes[1], load, "load (tokens routed)", "cv_load"),
+    ):
+      mean = values.mean() if n else 0.0
+      ax.bar(np.arange(n), values, width=1.0, color="tab:blue")
+      ax.axhline(mean, color="tab:red", linewidth=1, label="mean")
+      ax.set_ylabel(label)
+      ax.set_title(f"{name}: {label}, CV={layer_stats[cv]:.3f}")
+      ax.legend(loc="upper right")
+    axes[1].set_xlabel(
+        f"expert (max/mean load =" f" {layer_stats['max_over_mean_load']:.2f})"
+    )
+    fig.tight_layout()
+    path = os.path.join(output_dir, f"{prefix}_{name}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def write_json_atomic(path, payload):
+  """Writes JSON to `path` through a temporary file and a rename."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)

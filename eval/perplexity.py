@@ -1,0 +1,93 @@
+"""Per-word perplexity: exp(total NLL / number of target tokens).
+
+The LM's model returns the exact per-token NLL in evaluation; perplexity is
+exp of its weight-weighted mean over the whole split (not a mean of per-batch
+perplexities). Every target token counts, including `</S>` (the 1B Word and
+PTB conventions; PTB's 82,430 test targets are 78,669 words + 3,761 `</S>`).
+"""
+
+import math
+
+import keras
+import numpy as np
+
+
+def masked_mean_nll(weights, nll):
+  """Keras loss: sum(nll * weights) / max(sum(weights), 1).
+
+  Args:
+    weights: float [B, T] target weights (0 on padding); the `y` of the LM's
+      batches.
+    nll: float [B, T] per-token negative log-likelihood (the model output).
+
+  Returns:
+    scalar, the mean NLL per target token of the batch.
+  """
+  weights = keras.ops.cast(weights, "float32")
+  nll = keras.ops.cast(nll, "float32")
+  return keras.ops.sum(nll * weights) / keras.ops.maximum(
+      keras.ops.sum(weights), 1.0
+  )
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class Perplexity(keras.metrics.Metric):
+  """exp(sum of NLL / number of tokens) over everything seen since reset."""
+
+  def __init__(self, name="perplexity", **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.total_nll = self.add_variable((), initializer="zeros", name="nll")
+    self.total_tokens = self.add_variable(
+        (), initializer="zeros", name="tokens"
+    )
+
+  def update_state(self, y_true, y_pred, sample_weight=None):
+    del sample_weight
+    weights = keras.ops.cast(y_true, "float32")
+    self.total_nll.assign_add(
+        keras.ops.sum(keras.ops.cast(y_pred, "float32") * weights)
+    )
+    self.total_tokens.assign_add(keras.ops.sum(weights))
+
+  def result(self):
+    return keras.ops.exp(
+        self.total_nll / keras.ops.maximum(self.total_tokens, 1.0)
+    )
+
+
+@keras.saving.register_keras_serializable(package="moe_keras")
+class TokenCount(keras.metrics.Metric):
+  """Number of target tokens seen since reset (words/s logging)."""
+
+  def __init__(self, name="tokens", **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.count = self.add_variable((), initializer="zeros", name="count")
+
+  def update_state(self, y_true, y_pred, sample_weight=None):
+    del y_pred, sample_weight
+    self.count.assign_add(keras.ops.sum(keras.ops.cast(y_true, "float32")))
+
+  def result(self):
+    return self.count
+
+
+class PerplexityAccumulator:
+  """Accumulates NLL and token counts over batches on the host (float64)."""
+
+  def __init__(self):
+    self.total_nll = 0.0
+    self.tokens = 0.0
+
+  def add(self, nll, weights):
+    """Adds one batch: nll and weights float arrays [B, T]."""
+    weights = np.asarray(weights, np.float64)
+    self.total_nll += float(np.sum(np.asarray(nll, np.float64) * weights))
+    self.tokens += float(np.sum(weights))
+
+  @property
+  def mean_nll(self):
+    return self.total_nll / max(self.tokens, 1.0)
+
+  @property
+  def perplexity(self):
+    return math.exp(self.mean_nll)

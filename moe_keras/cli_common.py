@@ -1,0 +1,41 @@
+"""Flags and error handling shared by the moe_keras command-line tools."""
+
+import os
+import sys
+
+# TF reads these when it starts: the BFC allocator reuses the experts'
+# gradient buffers instead of page-faulting them every step (BUILD.md).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+
+
+def define_gin_flags():
+  flags.DEFINE_multi_string("gin_file", [], "Gin config file(s).")
+  flags.DEFINE_multi_string(
+      "gin_bindings", [], 'Gin bindings, e.g. "training.train_steps=100".'
+  )
+  flags.DEFINE_multi_string(
+      "gin_search_paths",
+      [],
+      "Directories searched for gin files and their includes (the"
+      " repository root always is).",
+  )
+
+
+def fail(program, error):
+  """Prints `program: error: <one line>` to stderr and exits with status 1.
+
+  With MOE_KERAS_DEBUG=1 in the environment the exception is re-raised
+  (full traceback) instead.
+  """
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+
+  if os.environ.get("MOE_KERAS_DEBUG"):
+    raise error
+  sys.stderr.write(f"{program}: error: {experiment.one_line(error)}\n")
+  sys.stderr.flush()
+  sys.exit(1)

@@ -1,0 +1,570 @@
+"""Experiments: gin parsing, the model_dir layout, checkpoints and training.
+
+model_dir layout:
+
+  DIR/config.gin                    the operative gin config of the run
+  DIR/checkpoints/ckpt-<step>.weights.h5   model + optimizer variables
+  DIR/checkpoints/ckpt-<step>.seeds.npz    random-generator states
+  DIR/checkpoints/state.json        {"step", "latest", "checkpoints",
+                                     "architecture": [[path, shape], ...]}
+  DIR/logs/                         TensorBoard summaries
+  DIR/eval_<split>.json             results of moe_keras.evaluate
+
+Every file is written to a temporary name in its directory and renamed into
+place, and `state.json` is replaced only after its checkpoint is complete, so
+a run killed at any moment (SIGKILL included) leaves the previous checkpoint
+usable and loses at most the steps since it. A model_dir whose checkpoint
+was made by a different architecture is refused before anything in it is
+written.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import List, Optional, Sequence
+
+from absl import logging
+import gin
+import keras
+import numpy as np
+
+import data_pipelines
+from eval import expert_stats
+from moe_keras.optimizers import factory as optimizer_factory
+from moe_keras.tasks import base as task_base
+from moe_keras.tasks import lm_task  # pylint: disable=unused-import
+from moe_keras import schedules  # pylint: disable=unused-import
+
+CONFIG_FILE = "config.gin"
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+LOG_DIR = "logs"
+CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.weights\.h5$")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ExperimentError(ValueError):
+  """A user error with a one-line message (bad flag, gin, model_dir...)."""
+
+
+def one_line(error):
+  """The first line of an exception's message (gin appends context lines)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+# -- gin ------------------------------------------------------------------
+
+
+def _resolve_gin_file(path, search_paths):
+  candidates = [path] + [os.path.join(p, path) for p in search_paths]
+  for candidate in candidates:
+    if os.path.isfile(os.path.expanduser(candidate)):
+      return os.path.expanduser(candidate)
+  raise ExperimentError(
+      f"gin file not found: {path} (searched the current directory and"
+      f" {', '.join(search_paths)})"
+  )
+
+
+def parse_gin(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str] = (),
+    gin_search_paths: Sequence[str] = (),
+):
+  """Parses gin files and bindings; the repository root is a search path.
+
+  Args:
+    gin_files: config files (paths, or relative to a search path).
+    gin_bindings: extra bindings, applied after the files.
+    gin_search_paths: directories searched for files and `include`s.
+
+  Raises:
+    ExperimentError: a missing file or a malformed file or binding (one
+      line naming the cause).
+  """
+  search_paths = list(
+      dict.fromkeys(list(gin_search_paths) + [os.getcwd(), REPO_ROOT])
+  )
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  files = [_resolve_gin_file(f, search_paths) for f in gin_files]
+  try:
+    gin.parse_config_files_and_bindings(
+        files, list(gin_bindings), finalize_config=False
+    )
+  except (ValueError, SyntaxError, KeyError, ImportError, IOError) as e:
+    raise ExperimentError(f"bad gin config: {one_line(e)}") from e
+
+
+# -- training configuration -----------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+  """How long to train and how often to checkpoint, evaluate and log."""
+
+  train_steps: int
+  steps_per_checkpoint: int
+  steps_per_eval: Optional[int]
+  eval_steps: Optional[int]
+  keep_checkpoints: int
+  seed: int
+  log_every_steps: int
+
+
+@gin.configurable
+def training(
+    train_steps=1000,
+    steps_per_checkpoint=200,
+    steps_per_eval=None,
+    eval_steps=None,
+    keep_checkpoints=3,
+    seed=0,
+    log_every_steps=50,
+):
+  """The training loop's settings (gin: `training.train_steps = ...`).
+
+  Args:
+    train_steps: total optimizer steps.
+    steps_per_checkpoint: a checkpoint every this many steps (and at the
+      end); also the length of a Keras "epoch" in the progress bar.
+    steps_per_eval: validation on the eval split every this many steps (a
+      multiple of steps_per_checkpoint), or None.
+    eval_steps: batches per validation (None: the whole eval split).
+    keep_checkpoints: how many recent checkpoints to keep.
+    seed: global random seed (weights, dropout, noise, sampling).
+    log_every_steps: words/s and TensorBoard scalars every this many steps.
+
+  Returns:
+    TrainingConfig.
+
+  Raises:
+    ValueError: non-positive values or an eval period that is not a
+      multiple of the checkpoint period.
+  """
+  for name, value in (
+      ("train_steps", train_steps),
+      ("steps_per_checkpoint", steps_per_checkpoint),
+      ("keep_checkpoints", keep_checkpoints),
+      ("log_every_steps", log_every_steps),
+  ):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"training.{name} must be an int >= 1, got {value!r}")
+  if steps_per_eval is not None and steps_per_eval % steps_per_checkpoint:
+    raise ValueError(
+        f"training.steps_per_eval={steps_per_eval} must be a multiple of"
+        f" steps_per_checkpoint={steps_per_checkpoint}"
+    )
+  return TrainingConfig(
+      train_steps=train_steps,
+      steps_per_checkpoint=steps_per_checkpoint,
+      steps_per_eval=steps_per_eval,
+      eval_steps=eval_steps,
+      keep_checkpoints=keep_checkpoints,
+      seed=seed,
+      log_every_steps=log_every_steps,
+  )
+
+
+# -- checkpoints ----------------------------------------------------------
+
+
+def architecture_signature(model):
+  """[[variable path, shape], ...] of the model's weights."""
+  return [[w.path, list(w.shape)] for w in model.weights]
+
+
+def _seed_variables(model):
+  """The states of the model's random generators (dropout, noise, sampler)."""
+  found = []
+  for layer in model._flatten_layers(include_self=True):  # pylint: disable=protected-access
+    for generator in getattr(layer, "_seed_generators", ()):
+      found.append(generator.state)
+  return found
+
+
+def _write_atomic(path, write_fn):
+  """Calls write_fn(tmp) then renames tmp to path (tmp keeps the suffix)."""
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+  try:
+    write_fn(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+class CheckpointManager:
+  """Saves and restores checkpoints in DIR/checkpoints (see module doc)."""
+
+  def __init__(self, model_dir, keep=3):
+    self.model_dir = model_dir
+    self.directory = os.path.join(model_dir, CHECKPOINT_DIR)
+    self.keep = keep
+
+  @property
+  def state_path(self):
+    return os.path.join(self.directory, STATE_FILE)
+
+  def state(self):
+    """The parsed state.json, or None when there is no checkpoint."""
+    if not os.path.exists(self.state_path):
+      return None
+    try:
+      with open(self.state_path) as f:
+        state = json.load(f)
+      latest = os.path.join(self.directory, state["latest"])
+    except (ValueError, KeyError, OSError) as e:
+      raise ExperimentError(
+          f"unreadable checkpoint state {self.state_path}: {one_line(e)}"
+      ) from e
+    if not os.path.exists(latest):
+      raise ExperimentError(
+          f"checkpoint state {self.state_path} names a missing file {latest}"
+      )
+    return state
+
+  def check_architecture(self, model):
+    """Raises ExperimentError if the checkpoint is of another architecture."""
+    state = self.state()
+    if state is None:
+      return
+    saved = [tuple((p, tuple(s))) for p, s in state["architecture"]]
+    current = [(p, tuple(s)) for p, s in architecture_signature(model)]
+    if saved != current:
+      saved_d, current_d = dict(saved), dict(current)
+      diff = next(
+          (
+              f"{p}: checkpoint {saved_d.get(p)} vs model {current_d.get(p)}"
+              for p in list(saved_d) + list(current_d)
+              if saved_d.get(p) != current_d.get(p)
+          ),
+          "variable order differs",
+      )
+      raise ExperimentError(
+          f"{self.model_dir} holds a checkpoint of a different architecture"
+          f" ({diff}); use a new --model_dir"
+      )
+
+  def restore(self, model):
+    """Restores the latest checkpoint into `model`; returns its step or 0."""
+    state = self.state()
+    if state is None:
+      return 0
+    self.check_architecture(model)
+    weights_path = os.path.join(self.directory, state["latest"])
+    if model.optimizer is not None and not model.optimizer.built:
+      model.optimizer.build(model.trainable_variables)
+    try:
+      model.load_weights(weights_path)
+    except (ValueError, OSError) as e:
+      raise ExperimentError(
+          f"cannot restore {weights_path}: {one_line(e)}"
+      ) from e
+    seeds_path = weights_path.replace(".weights.h5", ".seeds.npz")
+    if os.path.exists(seeds_path):
+      with np.load(seeds_path) as saved:
+        variables = _seed_variables(model)
+        if len(saved.files) == len(variables):
+          for i, variable in enumerate(variables):
+            variable.assign(saved[f"s{i}"])
+    logging.info("restored %s (step %d)", weights_path, state["step"])
+    return int(state["step"])
+
+  def save(self, model, step):
+    """Writes ckpt-<step> and then state.json; prunes old checkpoints."""
+    os.makedirs(self.directory, exist_ok=True)
+    name = f"ckpt-{step}.weights.h5"
+    path = os.path.join(self.directory, name)
+    _write_atomic(path, model.save_weights)
+    seeds = {
+        f"s{i}": keras.ops.convert_to_numpy(v)
+        for i, v in enumerate(_seed_variables(model))
+    }
+    seeds_path = path.replace(".weights.h5", ".seeds.npz")
+
+    def write_seeds(tmp):
+      with open(tmp, "wb") as f:
+        np.savez(f, **seeds)
+
+    _write_atomic(seeds_path, write_seeds)
+    previous = self.state()
+    checkpoints = [
+        c for c in (previous or {}).get("checkpoints", []) if c != name
+    ]
+    checkpoints.append(name)
+    state = {
+        "step": int(step),
+        "latest": name,
+        "checkpoints": checkpoints[-self.keep :],
+        "architecture": architecture_signature(model),
+        "time": time.time(),
+    }
+    _write_atomic(
+        self.state_path,
+        lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1) + "\n"),
+    )
+    for old in checkpoints[: -self.keep]:
+      for suffix in (".weights.h5", ".seeds.npz"):
+        old_path = os.path.join(self.directory, old).replace(
+            ".weights.h5", suffix
+        )
+        if os.path.exists(old_path):
+          os.remove(old_path)
+    logging.info("saved checkpoint %s", path)
+    return path
+
+
+# -- callbacks --------------------------------------------------------------
+
+
+class StepCallback(keras.callbacks.Callback):
+  """Checkpoints, stops at train_steps, logs words/s and expert histograms."""
+
+  def __init__(
+      self,
+      checkpoints,
+      config,
+      initial_step,
+      log_dir,
+      probe_batch=None,
+  ):
+    super().__init__()
+    self.checkpoints = checkpoints
+    self.config = config
+    self.step = initial_step
+    self.last_saved = initial_step
+    self.log_dir = log_dir
+    self.probe_batch = probe_batch
+    self._tokens_at_log = 0.0
+    self._time_at_log = None
+    self._writer = None
+    self.words_per_sec = []
+
+  def _summary_writer(self):
+    if self._writer is None and keras.backend.backend() == "tensorflow":
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+      self._writer = tf.summary.create_file_writer(
+          os.path.join(self.log_dir, "moe")
+      )
+    return self._writer
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._tokens_at_log = 0.0
+    self._time_at_log = time.time()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.step += 1
+    logs = logs or {}
+    if self.step % self.config.log_every_steps == 0 and "tokens" in logs:
+      now = time.time()
+      tokens = float(logs["tokens"])
+      rate = (tokens - self._tokens_at_log) / max(now - self._time_at_log, 1e-9)
+      self._tokens_at_log, self._time_at_log = tokens, now
+      self.words_per_sec.append(rate)
+      logging.info(
+          "step %d: loss %.4f, perplexity %.2f, %.0f words/s",
+          self.step,
+          float(logs.get("loss", float("nan"))),
+          float(logs.get("perplexity", float("nan"))),
+          rate,
+      )
+      writer = self._summary_writer()
+      if writer is not None:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+        with writer.as_default(step=self.step):
+          tf.summary.scalar("words_per_sec", rate)
+    if self.step >= self.config.train_steps:
+      self.model.stop_training = True
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.step != self.last_saved:
+      self.checkpoints.save(self.model, self.step)
+      self.last_saved = self.step
+    self._write_expert_histograms()
+
+  def on_train_end(self, logs=None):
+    if self.step != self.last_saved:
+      self.checkpoints.save(self.model, self.step)
+      self.last_saved = self.step
+
+  def _write_expert_histograms(self):
+    writer = self._summary_writer()
+    if writer is None or self.probe_batch is None:
+      return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    stats = expert_stats.collect_expert_stats(
+        self.model, [self.probe_batch], training=False
+    )
+    with writer.as_default(step=self.step):
+      for name, layer_stats in stats.items():
+        for key in ("importance", "load"):
+          tf.summary.histogram(f"{name}/{key}", np.asarray(layer_stats[key]))
+        for key in ("cv_importance", "cv_load", "max_over_mean_load"):
+          tf.summary.scalar(f"{name}/{key}", layer_stats[key])
+    writer.flush()
+
+
+# -- building and training --------------------------------------------------
+
+
+def build_task_and_model(compile_model=True):
+  """Builds data, task, model (and compiles it) from the parsed gin config.
+
+  Returns:
+    (task, model).
+  """
+  data = data_pipelines.get_data()
+  task = task_base.get_task(data)
+  model = task.build_model()
+  if compile_model:
+    task.compile(model, optimizer_factory.make_optimizer())
+  return task, model
+
+
+def write_config(model_dir):
+  """Writes the operative gin config to DIR/config.gin (atomically)."""
+  path = os.path.join(model_dir, CONFIG_FILE)
+  text = gin.operative_config_str()
+  _write_atomic(path, lambda tmp: open(tmp, "w").write(text))
+  return path
+
+
+def train(model_dir, verbose="auto"):
+  """Trains (or resumes) the gin-configured experiment in model_dir.
+
+  gin must already be parsed (`parse_gin`).
+
+  Args:
+    model_dir: the run directory (created if missing).
+    verbose: passed to `model.fit` ("auto": progress bar on a terminal).
+
+  Returns:
+    dict: step (final), resumed_from, history (Keras logs), words_per_sec.
+
+  Raises:
+    ExperimentError: a model_dir of another architecture, unreadable
+      checkpoints.
+  """
+  config = training()
+  keras.utils.set_random_seed(config.seed)
+  os.makedirs(model_dir, exist_ok=True)
+  task, model = build_task_and_model()
+  checkpoints = CheckpointManager(model_dir, keep=config.keep_checkpoints)
+  model.optimizer.build(model.trainable_variables)
+  # Build the model's weights before comparing architectures.
+  train_ds = task.train_dataset()
+  probe_x = next(iter(train_ds.take(1)))[0]
+  model(probe_x, training=False)
+  checkpoints.check_architecture(model)
+  step = checkpoints.restore(model)
+  write_config(model_dir)
+  if step >= config.train_steps:
+    logging.info(
+        "%s is already trained to step %d (train_steps=%d)",
+        model_dir,
+        step,
+        config.train_steps,
+    )
+    return {"step": step, "resumed_from": step, "history": {}}
+  spc = config.steps_per_checkpoint
+  # The data stream is a pure function of (seed, step): skipping the steps
+  # already taken makes a resumed run see exactly the batches it would have.
+  dataset = train_ds.repeat().skip(step)
+  eval_ds = None
+  fit_kwargs = {}
+  if config.steps_per_eval:
+    eval_ds = task.eval_dataset()
+    if eval_ds is not None:
+      if config.eval_steps:
+        eval_ds = eval_ds.take(config.eval_steps)
+      fit_kwargs = {
+          "validation_data": eval_ds,
+          "validation_freq": config.steps_per_eval // spc,
+      }
+  log_dir = os.path.join(model_dir, LOG_DIR)
+  step_callback = StepCallback(
+      checkpoints, config, step, log_dir, probe_batch=probe_x
+  )
+  callbacks = [
+      step_callback,
+      keras.callbacks.TensorBoard(
+          log_dir=log_dir, update_freq=config.log_every_steps
+      ),
+  ]
+  history = model.fit(
+      dataset,
+      epochs=math.ceil(config.train_steps / spc),
+      initial_epoch=step // spc,
+      steps_per_epoch=spc,
+      callbacks=callbacks,
+      verbose=verbose,
+      shuffle=False,  # the pipeline shuffles (seeded)
+      **fit_kwargs,
+  )
+  return {
+      "step": step_callback.step,
+      "resumed_from": step,
+      "history": history.history,
+      "words_per_sec": step_callback.words_per_sec,
+  }
+
+
+def load_experiment(
+    model_dir, gin_bindings: Sequence[str] = (), compile_model=True
+):
+  """Rebuilds a trained experiment from DIR/config.gin and its checkpoint.
+
+  Args:
+    model_dir: a directory written by `moe_keras.train`.
+    gin_bindings: bindings applied on top of the saved config (e.g. another
+      EVAL_FILES).
+    compile_model: compile (and build the optimizer) so the checkpoint's
+      optimizer state loads too.
+
+  Returns:
+    (task, model, step).
+
+  Raises:
+    ExperimentError: no config, no checkpoint, or a mismatching one.
+  """
+  config_path = os.path.join(model_dir, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise ExperimentError(
+        f"{model_dir} is not a trained model_dir: {config_path} is missing"
+    )
+  checkpoints = CheckpointManager(model_dir)
+  if checkpoints.state() is None:
+    raise ExperimentError(f"{model_dir} has no checkpoint yet")
+  gin.clear_config()
+  parse_gin([config_path], gin_bindings)
+  task, model = build_task_and_model(compile_model=compile_model)
+  eval_ds = task.eval_dataset() or task.train_dataset()
+  model(next(iter(eval_ds.take(1)))[0], training=False)
+  step = checkpoints.restore(model)
+  return task, model, step
+
+
+def latest_step(model_dir) -> Optional[int]:
+  """The step of the latest checkpoint in model_dir, or None."""
+  state = CheckpointManager(model_dir).state()
+  return None if state is None else int(state["step"])
+
+
+def list_checkpoints(model_dir) -> List[str]:
+  """File names of the checkpoints present in DIR/checkpoints."""
+  directory = os.path.join(model_dir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(
+      (f for f in os.listdir(directory) if CHECKPOINT_PATTERN.match(f)),
+      key=lambda f: int(CHECKPOINT_PATTERN.match(f).group(1)),
+  )

@@ -1,0 +1,74 @@
+"""`make_optimizer`: the gin entry point that builds an experiment's optimizer.
+
+The paper trains every model with Adam (appendices C-E); the 100B-word models
+use Adam with a factored second moment and beta1 = 0 on the experts
+(appendix D, `name='factored_adam'` once that optimizer is registered).
+Adam's beta2 and epsilon are not stated in the paper; Keras's defaults apply
+unless a config binds them.
+"""
+
+import gin
+import keras
+
+OPTIMIZER_BUILDERS = {}
+
+
+def register_optimizer(name, builder):
+  """Makes `make_optimizer(name=...)` call `builder(**kwargs)`."""
+  OPTIMIZER_BUILDERS[name] = builder
+
+
+def _adam(learning_rate, beta_1, beta_2, epsilon, clipnorm, global_clipnorm):
+  return keras.optimizers.Adam(
+      learning_rate=learning_rate,
+      beta_1=beta_1,
+      beta_2=beta_2,
+      epsilon=epsilon,
+      clipnorm=clipnorm,
+      global_clipnorm=global_clipnorm,
+  )
+
+
+register_optimizer("adam", _adam)
+
+
+@gin.configurable
+def make_optimizer(
+    name="adam",
+    learning_rate=1e-3,
+    beta_1=0.9,
+    beta_2=0.999,
+    epsilon=1e-7,
+    clipnorm=None,
+    global_clipnorm=None,
+):
+  """Builds the optimizer an experiment trains with.
+
+  Args:
+    name: a registered optimizer ('adam' always).
+    learning_rate: a float or a schedule (gin: `@warmup_rsqrt()`).
+    beta_1: first-moment decay.
+    beta_2: second-moment decay.
+    epsilon: Adam's epsilon.
+    clipnorm: per-variable gradient norm clip (None: off).
+    global_clipnorm: global gradient norm clip (None: off).
+
+  Returns:
+    keras.optimizers.Optimizer.
+
+  Raises:
+    ValueError: unknown optimizer name.
+  """
+  if name not in OPTIMIZER_BUILDERS:
+    raise ValueError(
+        f"unknown optimizer {name!r}; expected one of"
+        f" {', '.join(sorted(OPTIMIZER_BUILDERS))}"
+    )
+  return OPTIMIZER_BUILDERS[name](
+      learning_rate=learning_rate,
+      beta_1=beta_1,
+      beta_2=beta_2,
+      epsilon=epsilon,
+      clipnorm=clipnorm,
+      global_clipnorm=global_clipnorm,
+  )

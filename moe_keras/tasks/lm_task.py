@@ -1,0 +1,130 @@
+"""`LmTask`: word-level language modelling (the paper's sections 5 and 8).
+
+Batches of `data_pipelines.LmData` are `(inputs, targets, weights)`; the task
+feeds them to the LM of `moe_keras.models.lm` as
+
+  x = {'inputs', 'targets', 'weights'},  y = weights
+
+so the loss is the per-token mean NLL over real tokens
+(`eval.perplexity.masked_mean_nll`) plus the MoE balancing losses the layers
+add, and the `perplexity` metric is exp of the mean NLL over everything seen.
+"""
+
+import time
+
+import gin
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from eval import expert_stats
+from eval import perplexity as perplexity_lib
+from moe_keras.models import lm
+from moe_keras.tasks import base
+
+
+def _to_keras(inputs, targets, weights):
+  return {"inputs": inputs, "targets": targets, "weights": weights}, weights
+
+
+@gin.configurable
+class LmTask(base.Task):
+  """Language modelling on an `LmData`."""
+
+  name = "lm"
+
+  def __init__(self, data, stats_batches=None):
+    """Creates the task.
+
+    Args:
+      data: `data_pipelines.LmData`.
+      stats_batches: expert statistics in `evaluate` over at most this many
+        eval batches (None: the whole split).
+    """
+    super().__init__(data)
+    self.stats_batches = stats_batches
+
+  @property
+  def vocab_size(self):
+    return self.data.vocab.size
+
+  def build_model(self):
+    return lm.build_lm(self.vocab_size)
+
+  def compile(self, model, optimizer):
+    model.compile(
+        optimizer=optimizer,
+        loss=perplexity_lib.masked_mean_nll,
+        metrics=[perplexity_lib.Perplexity(), perplexity_lib.TokenCount()],
+    )
+
+  def train_dataset(self, input_context=None):
+    return self.data.train_dataset(input_context).map(
+        _to_keras, num_parallel_calls=tf.data.AUTOTUNE
+    )
+
+  def eval_dataset(self, input_context=None):
+    if self.data.eval_dataset is None:
+      return None
+    return self.data.eval_dataset(input_context).map(
+        _to_keras, num_parallel_calls=tf.data.AUTOTUNE
+    )
+
+  def evaluate(self, model, split, model_dir, plot=False, **options):
+    """Exact-softmax perplexity and expert statistics of one split.
+
+    Args:
+      model: the LM (restored).
+      split: label of the split (for file names and the report).
+      model_dir: where PNGs go with `plot`.
+      plot: also write `DIR/experts_<split>_<layer>.png` per MoE layer.
+      **options: unused.
+
+    Returns:
+      dict: split, perplexity, mean_nll, tokens, sentences, words_per_sec,
+      num_batches, experts ({layer: statistics}), plots (paths).
+
+    Raises:
+      ValueError: the data has no evaluation split.
+    """
+    del options
+    dataset = self.eval_dataset()
+    if dataset is None:
+      raise ValueError("the data has no evaluation split (EVAL_FILES)")
+    accumulator = perplexity_lib.PerplexityAccumulator()
+    sentences = 0
+    start = time.time()
+    num_batches = 0
+    for x, weights in dataset:
+      nll = model.predict_on_batch(x)
+      w = np.asarray(weights)
+      accumulator.add(nll, w)
+      sentences += int(np.sum(w[:, 0] > 0))
+      num_batches += 1
+    elapsed = time.time() - start
+    if accumulator.tokens == 0:
+      raise ValueError(f"the {split} split is empty: no target tokens")
+    stats = expert_stats.collect_expert_stats(
+        model, dataset, max_batches=self.stats_batches
+    )
+    result = {
+        "split": split,
+        "perplexity": accumulator.perplexity,
+        "mean_nll": accumulator.mean_nll,
+        "tokens": int(accumulator.tokens),
+        "sentences": sentences,
+        "num_batches": num_batches,
+        "words_per_sec": accumulator.tokens / max(elapsed, 1e-9),
+        "experts": stats,
+    }
+    if plot and stats:
+      result["plots"] = expert_stats.plot_expert_stats(
+          stats, model_dir, prefix=f"experts_{split}"
+      )
+    logging.info(
+        "%s: perplexity %.3f over %d tokens",
+        split,
+        result["perplexity"],
+        result["tokens"],
+    )
+    return result

@@ -1,0 +1,62 @@
+r"""Trains a gin-configured experiment; rerunning resumes where it stopped.
+
+  python -m moe_keras.train --gin_file=gin/lm/ptb/moe_32.gin \
+      --model_dir=/tmp/ptb_moe32 [--gin_bindings="training.train_steps=100"]
+
+Writes DIR/config.gin (the operative config), checkpoints every
+`training.steps_per_checkpoint` steps and at the end, TensorBoard summaries
+under DIR/logs (loss, perplexity, words/s, per MoE layer CV and max/mean
+load and importance/load histograms). See `moe_keras.experiment`.
+"""
+
+from moe_keras import cli_common  # sets TF environment first
+
+from absl import app  # pylint: disable=g-bad-import-order
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+cli_common.define_gin_flags()
+flags.DEFINE_string("model_dir", None, "Run directory (created if missing).")
+flags.DEFINE_bool(
+    "deterministic",
+    False,
+    "Enable TensorFlow op determinism (bit-identical reruns and resumes).",
+)
+flags.DEFINE_string(
+    "verbose", "auto", "model.fit verbosity: auto, 0, 1 (progress bar), 2."
+)
+flags.mark_flag_as_required("model_dir")
+
+PROGRAM = "moe_keras.train"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+  import data_pipelines  # pylint: disable=g-import-not-at-top
+
+  if not FLAGS.gin_file:
+    cli_common.fail(PROGRAM, "no --gin_file given")
+  if FLAGS.deterministic:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    tf.config.experimental.enable_op_determinism()
+  verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
+  try:
+    experiment.parse_gin(
+        FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
+    )
+    result = experiment.train(FLAGS.model_dir, verbose=verbose)
+  except (experiment.ExperimentError, data_pipelines.DataError) as e:
+    cli_common.fail(PROGRAM, e)
+  except (ValueError, TypeError) as e:
+    # Errors raised while gin calls a configurable (bad values).
+    cli_common.fail(PROGRAM, e)
+  logging.info("trained %s to step %d", FLAGS.model_dir, result["step"])
+  print(f"trained {FLAGS.model_dir} to step {result['step']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

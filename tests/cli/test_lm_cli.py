@@ -1,0 +1,261 @@
+"""End to end: train -> evaluate -> kill -> resume with the absl CLIs.
+
+Each CLI runs in a subprocess, as a user runs it, on a tiny LM and a tiny
+corpus written by the test.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "ran", "big", "red"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  for split, lines in (("train", 300), ("valid", 40)):
+    with open(root / f"{split}.txt", "w") as f:
+      for _ in range(lines):
+        f.write(" ".join(rng.choice(WORDS, rng.integers(3, 10))) + "\n")
+  return root
+
+
+def _run(module, *args, check=True, timeout=300):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  env.pop("MOE_KERAS_DEBUG", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", module] + list(args),
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{module} failed:\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _train_args(corpus, model_dir, *extra, gin_file="gin/lm/tiny/moe_flat.gin"):
+  return [
+      f"--gin_file={gin_file}",
+      f"--gin_bindings=TRAIN_FILES='{corpus / 'train.txt'}'",
+      f"--gin_bindings=EVAL_FILES='{corpus / 'valid.txt'}'",
+      f"--model_dir={model_dir}",
+      "--verbose=0",
+      "--deterministic",
+  ] + list(extra)
+
+
+def _weights(model_dir):
+  with open(os.path.join(model_dir, "checkpoints", "state.json")) as f:
+    state = json.load(f)
+  values = {}
+  with h5py.File(
+      os.path.join(model_dir, "checkpoints", state["latest"]), "r"
+  ) as f:
+    f.visititems(
+        lambda name, obj: values.__setitem__(name, obj[()])
+        if isinstance(obj, h5py.Dataset)
+        else None
+    )
+  return state["step"], values
+
+
+def _digest(directory):
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(directory)):
+    for name in sorted(files):
+      with open(os.path.join(root, name), "rb") as f:
+        digest.update(name.encode() + f.read())
+  return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+  model_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+  _run("moe_keras.train", *_train_args(corpus, model_dir))
+  return model_dir
+
+
+def test_train_writes_layout(trained):
+  assert (trained / "config.gin").exists()
+  step, _ = _weights(trained)
+  assert step == 20
+  assert "moe_spec.num_experts = 4" in (trained / "config.gin").read_text()
+  assert any(
+      f.startswith("events")
+      for _, _, fs in os.walk(trained / "logs")
+      for f in fs
+  )
+
+
+def test_evaluate_perplexity_and_expert_stats(trained, corpus):
+  proc = _run(
+      "moe_keras.evaluate",
+      f"--model_dir={trained}",
+      "--split=valid",
+      "--plot",
+  )
+  with open(trained / "eval_valid.json") as f:
+    result = json.load(f)
+  valid_lines = (corpus / "valid.txt").read_text().splitlines()
+  # Every word and every </S> is a target.
+  assert result["tokens"] == sum(len(l.split()) + 1 for l in valid_lines)
+  assert result["sentences"] == len(valid_lines)
+  assert result["perplexity"] == pytest.approx(
+      np.exp(result["mean_nll"]), rel=1e-9
+  )
+  # 10 words + </S> + <UNK>: a trained model beats uniform guessing.
+  assert 1.0 < result["perplexity"] < 13.0
+  moe = result["experts"]["moe"]
+  assert sum(moe["token_counts"]) == 2 * result["tokens"]  # k = 2 per token
+  counts = np.asarray(moe["token_counts"])
+  assert moe["cv_load"] == pytest.approx(counts.std() / counts.mean())
+  assert (trained / "experts_valid_moe.png").exists()
+  assert '"perplexity"' in proc.stdout
+
+
+def test_kill_and_resume_gives_the_same_weights(trained, corpus, tmp_path):
+  """SIGKILL after a checkpoint, rerun: identical final weights."""
+  model_dir = tmp_path / "killed"
+  args = [sys.executable, "-m", "moe_keras.train"] + _train_args(
+      corpus,
+      model_dir,
+      "--gin_bindings=training.steps_per_checkpoint=5",
+      "--gin_bindings=training.train_steps=2000",
+  )
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  proc = subprocess.Popen(
+      args,
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
+  state_path = model_dir / "checkpoints" / "state.json"
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline:
+      if (
+          state_path.exists()
+          and json.loads(state_path.read_text())["step"] >= 10
+      ):
+        break
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait()
+  killed_at = json.loads(state_path.read_text())["step"]
+  assert 10 <= killed_at < 2000
+  _run(
+      "moe_keras.train",
+      *_train_args(
+          corpus, model_dir, "--gin_bindings=training.steps_per_checkpoint=5"
+      ),
+  )
+  step_a, weights_a = _weights(trained)
+  step_b, weights_b = _weights(model_dir)
+  assert step_a == step_b == 20
+  assert weights_a.keys() == weights_b.keys()
+  for name in weights_a:
+    np.testing.assert_array_equal(
+        weights_a[name], weights_b[name], err_msg=name
+    )
+
+
+def test_rerun_of_finished_run_does_nothing(trained, corpus):
+  before = _digest(trained / "checkpoints")
+  _run("moe_keras.train", *_train_args(corpus, trained))
+  assert _digest(trained / "checkpoints") == before
+
+
+def test_other_architecture_is_refused_and_dir_untouched(trained, corpus):
+  before = _digest(trained)
+  proc = _run(
+      "moe_keras.train",
+      *_train_args(corpus, trained, gin_file="gin/lm/tiny/dense.gin"),
+      check=False,
+  )
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "holds a checkpoint of a different architecture" in last
+  assert _digest(trained) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gin_file=gin/lm/tiny/missing.gin"], "gin file not found"),
+        (
+            ["--gin_file=gin/lm/tiny/moe_flat.gin", "--gin_bindings=nope.x=1"],
+            "bad gin config: No configurable matching 'nope'",
+        ),
+        (
+            [
+                "--gin_file=gin/lm/tiny/moe_flat.gin",
+                "--gin_bindings=TRAIN_FILES='/no/such/*.txt'",
+            ],
+            "matches no file",
+        ),
+        (
+            [
+                "--gin_file=gin/lm/tiny/moe_flat.gin",
+                "--gin_bindings=moe_spec.k = 9",
+            ],
+            "k=9 is larger than num_experts=4",
+        ),
+    ],
+)
+def test_bad_input_is_one_line(args, message, tmp_path):
+  proc = _run(
+      "moe_keras.train",
+      f"--model_dir={tmp_path / 'run'}",
+      *args,
+      check=False,
+  )
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("moe_keras.train: error: ")
+  assert message in lines[-1]
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluate_bad_inputs(tmp_path, trained):
+  proc = _run("moe_keras.evaluate", f"--model_dir={tmp_path}", check=False)
+  assert proc.returncode == 1
+  assert "is not a trained model_dir" in proc.stderr.strip().splitlines()[-1]
+  proc = _run(
+      "moe_keras.evaluate",
+      f"--model_dir={trained}",
+      "--eval_file=/no/such/file.txt",
+      check=False,
+  )
+  assert proc.returncode == 1
+  assert "matches no file" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_evaluate_any_text_file(trained, tmp_path):
+  text = tmp_path / "mine.txt"
+  text.write_text("the cat sat\nzebra ran\n")
+  _run(
+      "moe_keras.evaluate",
+      f"--model_dir={trained}",
+      "--split=mine",
+      f"--eval_file={text}",
+  )
+  with open(trained / "eval_mine.json") as f:
+    result = json.load(f)
+  assert result["tokens"] == 4 + 3  # 5 words + 2 </S>
+  assert result["eval_file"] == str(text)
