@@ -8,6 +8,8 @@ functions here exist because Keras's portable op is missing or weaker:
     dropping is "first come, first served" and results must be deterministic).
   * `grouped_matmul`: one matmul per expert over a variable number of rows
     (dropless dispatch), where `keras.ops` only has fixed-shape einsum.
+  * `remat`: recomputation in the backward pass (appendix D) without the
+    weight copies of `tf.recompute_grad`.
 """
 
 import keras
