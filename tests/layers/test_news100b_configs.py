@@ -20,9 +20,11 @@ import keras
 import numpy as np
 import pytest
 
+import data_pipelines  # pylint: disable=unused-import (gin: get_data)
 from moe_keras import experiment
 from moe_keras.models import lm
 from moe_keras.optimizers import factored_adam
+from moe_keras.optimizers import factory
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 NEWS_VOCAB = 100_000  # assumption, see the module docstring
@@ -88,10 +90,6 @@ def test_every_table_8_row_has_a_config():
 
 
 def test_news100b_uses_factored_adam_and_news_data():
-  from moe_keras.optimizers import factory  # pylint: disable=g-import-not-at-top
-
-  import data_pipelines  # pylint: disable=g-import-not-at-top,unused-import
-
   _config_for("moe_1024_h")
   assert "news_lm_data" in str(gin.query_parameter("get_data.data_fn"))
   optimizer = factory.make_optimizer(learning_rate=1e-3)
