@@ -455,3 +455,30 @@ def test_jax_backend_matches_tensorflow(tmp_path):
       [l for l in proc.stdout.splitlines() if l.startswith("LOSSES")][0][7:]
   )
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+_FACTORY_SCRIPT = textwrap.dedent("""
+    import gin
+    from moe_keras.optimizers import factory
+    gin.parse_config("make_optimizer.name = 'factored_adam'")
+    opt = factory.make_optimizer(learning_rate=0.5, beta_2=0.9)
+    print("OPT", type(opt).__name__, opt.beta_2)
+""")
+
+
+def test_make_optimizer_knows_factored_adam_fresh_process():
+  """Importing the lead's factory alone registers 'factored_adam'."""
+  env = dict(
+      os.environ,
+      PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", _FACTORY_SCRIPT],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "OPT FactoredAdam 0.9" in proc.stdout
