@@ -35,6 +35,15 @@ flags.DEFINE_multi_string(
     "gin_bindings", [], "Bindings applied on top of DIR/config.gin."
 )
 flags.DEFINE_bool("plot", False, "Write a PNG of expert importance/load.")
+flags.DEFINE_integer(
+    "beam_size", None, "Translation: beam size (default: the config's)."
+)
+flags.DEFINE_float(
+    "alpha", None, "Translation: GNMT length-penalty alpha (default: config)."
+)
+flags.DEFINE_integer(
+    "max_sentences", None, "Translation: decode at most this many sentences."
+)
 flags.DEFINE_string(
     "output", None, "Results file (default DIR/eval_<split>.json)."
 )
@@ -87,7 +96,14 @@ def main(argv):
     bindings = split_bindings(config_path, FLAGS.split, FLAGS.eval_file)
     bindings += FLAGS.gin_bindings
     task, model, step = experiment.load_experiment(model_dir, bindings)
-    result = task.evaluate(model, FLAGS.split, model_dir, plot=FLAGS.plot)
+    options = {
+        name: getattr(FLAGS, name)
+        for name in ("beam_size", "alpha", "max_sentences")
+        if getattr(FLAGS, name) is not None
+    }
+    result = task.evaluate(
+        model, FLAGS.split, model_dir, plot=FLAGS.plot, **options
+    )
   except (experiment.ExperimentError, data_pipelines.DataError) as e:
     cli_common.fail(PROGRAM, e)
   except (ValueError, TypeError, OSError) as e:
