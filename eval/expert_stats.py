@@ -86,6 +86,7 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
   num_batches = 0
   for batch in dataset:
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    x = keras.tree.map_structure(np.asarray, x)  # tf.data -> any backend
     probed = probe(x, training=False)
     for i, layer in enumerate(layers):
       stats = layer(

@@ -68,7 +68,8 @@ class TokenCount(keras.metrics.Metric):
     self.count.assign_add(keras.ops.sum(keras.ops.cast(y_true, "float32")))
 
   def result(self):
-    return self.count
+    # A tensor, not the variable (JAX's abstract evaluation rejects those).
+    return keras.ops.convert_to_tensor(self.count)
 
 
 class PerplexityAccumulator:

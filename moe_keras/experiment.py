@@ -31,8 +31,11 @@ import gin
 import keras
 import numpy as np
 
+import contextlib
+
 import data_pipelines
 from eval import expert_stats
+from moe_keras import distribution as distribution_lib
 from moe_keras.optimizers import factory as optimizer_factory
 from moe_keras.tasks import base as task_base
 from moe_keras.tasks import lm_task  # pylint: disable=unused-import
@@ -174,8 +177,12 @@ def training(
 
 
 def architecture_signature(model):
-  """[[variable path, shape], ...] of the model's weights."""
-  return [[w.path, list(w.shape)] for w in model.weights]
+  """[[variable path, shape], ...] of the model's weights.
+
+  Expert blocks of a sharded MoE count as the unsharded [n, ...] weight,
+  so a run resumes on any --mesh_shape.
+  """
+  return distribution_lib.logical_weight_signature(model)
 
 
 def _seed_variables(model):
@@ -402,7 +409,9 @@ class StepCallback(keras.callbacks.Callback):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     stats = expert_stats.collect_expert_stats(
-        self.model, [self.probe_batch], training=False
+        distribution_lib.Distribution.unwrap(self.model),
+        [self.probe_batch],
+        training=False,
     )
     with writer.as_default(step=self.step):
       for name, layer_stats in stats.items():
@@ -416,17 +425,28 @@ class StepCallback(keras.callbacks.Callback):
 # -- building and training --------------------------------------------------
 
 
-def build_task_and_model(compile_model=True):
+def build_task_and_model(compile_model=True, distribution=None):
   """Builds data, task, model (and compiles it) from the parsed gin config.
+
+  Args:
+    compile_model: compile with the gin-configured optimizer.
+    distribution: None, or a moe_keras.distribution.Distribution to build
+      the model under (its model is the one to compile and fit).
 
   Returns:
     (task, model).
   """
   data = data_pipelines.get_data()
   task = task_base.get_task(data)
-  model = task.build_model()
-  if compile_model:
-    task.compile(model, optimizer_factory.make_optimizer())
+  if distribution is None:
+    model = task.build_model()
+    if compile_model:
+      task.compile(model, optimizer_factory.make_optimizer())
+    return task, model
+  with distribution.scope():
+    model = distribution.wrap_model(task.build_model())
+    if compile_model:
+      task.compile(model, optimizer_factory.make_optimizer())
   return task, model
 
 
@@ -438,7 +458,7 @@ def write_config(model_dir):
   return path
 
 
-def train(model_dir, verbose="auto"):
+def train(model_dir, verbose="auto", distribution=None):
   """Trains (or resumes) the gin-configured experiment in model_dir.
 
   gin must already be parsed (`parse_gin`).
@@ -446,6 +466,8 @@ def train(model_dir, verbose="auto"):
   Args:
     model_dir: the run directory (created if missing).
     verbose: passed to `model.fit` ("auto": progress bar on a terminal).
+    distribution: None (one device) or a Distribution from
+      `moe_keras.distribution.make_distribution` (--mesh_shape).
 
   Returns:
     dict: step (final), resumed_from, history (Keras logs), words_per_sec.
@@ -457,7 +479,7 @@ def train(model_dir, verbose="auto"):
   config = training()
   keras.utils.set_random_seed(config.seed)
   os.makedirs(model_dir, exist_ok=True)
-  task, model = build_task_and_model()
+  task, model = build_task_and_model(distribution=distribution)
   checkpoints = CheckpointManager(model_dir, keep=config.keep_checkpoints)
   model.optimizer.build(model.trainable_variables)
   # Build the model's weights before comparing architectures.
@@ -500,16 +522,20 @@ def train(model_dir, verbose="auto"):
           log_dir=log_dir, update_freq=config.log_every_steps
       ),
   ]
-  history = model.fit(
-      dataset,
-      epochs=math.ceil(config.train_steps / spc),
-      initial_epoch=step // spc,
-      steps_per_epoch=spc,
-      callbacks=callbacks,
-      verbose=verbose,
-      shuffle=False,  # the pipeline shuffles (seeded)
-      **fit_kwargs,
+  scope = (
+      contextlib.nullcontext() if distribution is None else distribution.scope()
   )
+  with scope:
+    history = model.fit(
+        dataset,
+        epochs=math.ceil(config.train_steps / spc),
+        initial_epoch=step // spc,
+        steps_per_epoch=spc,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,  # the pipeline shuffles (seeded)
+        **fit_kwargs,
+    )
   return {
       "step": step_callback.step,
       "resumed_from": step,

@@ -26,6 +26,12 @@ flags.DEFINE_bool(
 flags.DEFINE_string(
     "verbose", "auto", "model.fit verbosity: auto, 0, 1 (progress bar), 2."
 )
+flags.DEFINE_string(
+    "mesh_shape",
+    None,
+    "Device mesh, e.g. batch:2,expert:4 (moe_keras.distribution; default:"
+    " the gin binding configured_mesh_shape.mesh_shape, else one device).",
+)
 flags.mark_flag_as_required("model_dir")
 
 PROGRAM = "moe_keras.train"
@@ -48,7 +54,13 @@ def main(argv):
     experiment.parse_gin(
         FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
     )
-    result = experiment.train(FLAGS.model_dir, verbose=verbose)
+    from moe_keras import distribution  # pylint: disable=g-import-not-at-top
+
+    result = experiment.train(
+        FLAGS.model_dir,
+        verbose=verbose,
+        distribution=distribution.make_distribution(FLAGS.mesh_shape),
+    )
   except (experiment.ExperimentError, data_pipelines.DataError) as e:
     cli_common.fail(PROGRAM, e)
   except (ValueError, TypeError) as e:

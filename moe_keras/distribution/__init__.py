@@ -1,1 +1,25 @@
-"""Distribution: data parallelism plus experts placed across the devices of a mesh (section 3)."""
+"""Distribution: data parallelism plus experts placed across the devices of a mesh (section 3).
+
+`make_distribution(mesh_shape)` is the entry point (see strategy.py);
+`Mesh` parses "batch:B,expert:E"; `sharded_experts` holds the TensorFlow
+expert placement that `SparseMoE` / `HierarchicalSparseMoE` use;
+`colocate_slots` keeps optimizer state on its variable's device.
+"""
+
+from moe_keras.distribution.mesh import Mesh
+from moe_keras.distribution.mesh import parse_mesh_shape
+from moe_keras.distribution.optimizer import colocate_slots
+from moe_keras.distribution.sharded_experts import logical_weight_signature
+from moe_keras.distribution.strategy import Distribution
+from moe_keras.distribution.strategy import make_distribution
+from moe_keras.distribution.strategy import MeshDataParallel
+
+__all__ = [
+    "Distribution",
+    "Mesh",
+    "MeshDataParallel",
+    "colocate_slots",
+    "logical_weight_signature",
+    "make_distribution",
+    "parse_mesh_shape",
+]

@@ -15,6 +15,7 @@ import keras
 from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
+from moe_keras.distribution import sharded_experts
 from moe_keras.layers import dispatch
 from moe_keras.layers import gating as gating_lib
 
@@ -160,6 +161,7 @@ class MoEBase(keras.layers.Layer):
       track_metrics=True,
       recompute_expert_activations=False,
       expert_dtype=None,
+      expert_devices=None,
       **kwargs,
   ):
     super().__init__(**kwargs)
@@ -200,6 +202,12 @@ class MoEBase(keras.layers.Layer):
         if expert_dtype is None
         else keras.dtype_policies.get(expert_dtype).name
     )
+    # Placement, not architecture: not in get_config, and checkpoints store
+    # the unsharded [n, ...] arrays (moe_keras.distribution.sharded_experts).
+    self.expert_devices = (
+        None if expert_devices is None else list(expert_devices)
+    )
+    self._expert_shards = None
     self.supports_masking = True
     self._stat_trackers = {}
     # Keras metrics owned by a layer are updated inside call(), which a
@@ -227,6 +235,17 @@ class MoEBase(keras.layers.Layer):
     return {"dtype": policy.variable_dtype, "autocast": False}
 
   def _build_experts(self, input_dim):
+    # Sharding hook: expert blocks on several devices (TensorFlow), when
+    # `expert_devices` is set or a moe_keras.distribution scope is active.
+    shards = sharded_experts.maybe_build(self, input_dim)
+    if shards is not None:
+      if self.expert_dtype is not None or self.recompute_expert_activations:
+        raise ValueError(
+            f"{self.name}: expert_dtype and recompute_expert_activations are"
+            " not implemented for experts sharded over devices"
+        )
+      self._expert_shards = shards
+      return
     out_dim = self.output_dim or input_dim
     n, h = self.num_experts, self.expert_hidden_dim
     extra = self._expert_weight_kwargs()
@@ -309,18 +328,8 @@ class MoEBase(keras.layers.Layer):
         num_experts=self.num_experts,
         capacity_factor=self.capacity_factor,
     )
-    expert_dtype = self.expert_compute_dtype
-    rows = plan.dispatch(ops.cast(tokens, expert_dtype))
-    cast = lambda v: None if v is None else ops.cast(v, expert_dtype)
-    expert_out = dispatch.expert_ffn(
-        plan,
-        rows,
-        cast(self.expert_kernel_1),
-        cast(self.expert_kernel_2),
-        cast(self.expert_bias_1),
-        cast(self.expert_bias_2),
-        recompute=self.recompute_expert_activations,
-    )
+    rows = plan.dispatch(ops.cast(tokens, self.expert_compute_dtype))
+    expert_out = self._run_experts(plan, rows)
     combined = plan.combine(expert_out, routing["gates"])
     outputs = ops.reshape(
         ops.cast(combined, self.compute_dtype),
@@ -332,13 +341,43 @@ class MoEBase(keras.layers.Layer):
       total = stats["importance_loss"] + stats["load_loss"]
       for extra in routing.get("extra_losses", ()):
         total = total + extra
-      self.add_loss(total)
+      self.add_loss(sharded_experts.scale_replica_loss(total))
     if not in_stateless_scope():
       for name, tracker in self._stat_trackers.items():
         tracker.update_state(stats[name])
     if return_stats:
       return outputs, stats
     return outputs
+
+  def _run_experts(self, plan, rows):
+    """Runs the experts on the dispatched rows ([R, d] -> [R, d_out])."""
+    if self._expert_shards is not None:
+      return self._expert_shards.run(plan, rows)
+    expert_dtype = self.expert_compute_dtype
+    cast = lambda v: None if v is None else ops.cast(v, expert_dtype)
+    return dispatch.expert_ffn(
+        plan,
+        rows,
+        cast(self.expert_kernel_1),
+        cast(self.expert_kernel_2),
+        cast(self.expert_bias_1),
+        cast(self.expert_bias_2),
+        recompute=self.recompute_expert_activations,
+    )
+
+  def save_own_variables(self, store):
+    """Saves as the unsharded layer would ([n, ...] arrays), any layout."""
+    if self._expert_shards is not None:
+      self._expert_shards.save_own_variables(store)
+    else:
+      super().save_own_variables(store)
+
+  def load_own_variables(self, store):
+    """Loads unsharded [n, ...] arrays into any layout."""
+    if self._expert_shards is not None:
+      self._expert_shards.load_own_variables(store)
+    else:
+      super().load_own_variables(store)
 
   def _statistics(self, routing, plan, training):
     """Per-step statistics and the weighted balancing losses (eqs. 6-11).

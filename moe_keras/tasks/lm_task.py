@@ -13,6 +13,7 @@ add, and the `perplexity` metric is exp of the mean NLL over everything seen.
 import time
 
 import gin
+import keras
 from absl import logging
 import numpy as np
 import tensorflow as tf
@@ -96,6 +97,7 @@ class LmTask(base.Task):
     start = time.time()
     num_batches = 0
     for x, weights in dataset:
+      x = keras.tree.map_structure(np.asarray, x)  # any backend
       nll = model.predict_on_batch(x)
       w = np.asarray(weights)
       accumulator.add(nll, w)

@@ -259,3 +259,37 @@ def test_evaluate_any_text_file(trained, tmp_path):
     result = json.load(f)
   assert result["tokens"] == 4 + 3  # 5 words + 2 </S>
   assert result["eval_file"] == str(text)
+
+
+def test_jax_backend_train_and_evaluate(corpus, tmp_path):
+  """The same CLIs on KERAS_BACKEND=jax (capacity mode: static shapes)."""
+  model_dir = tmp_path / "jax"
+  env = dict(
+      os.environ, KERAS_BACKEND="jax", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3"
+  )
+  common = dict(cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  train = subprocess.run(
+      [sys.executable, "-m", "moe_keras.train"]
+      + _train_args(
+          corpus,
+          model_dir,
+          "--gin_bindings=training.train_steps=10",
+          "--gin_bindings=moe_spec.capacity_factor=2.0",
+      )[:-1],
+      **common,
+  )
+  assert train.returncode == 0, train.stderr[-3000:]
+  evaluate = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "moe_keras.evaluate",
+          f"--model_dir={model_dir}",
+          "--split=valid",
+      ],
+      **common,
+  )
+  assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+  with open(model_dir / "eval_valid.json") as f:
+    result = json.load(f)
+  assert np.isfinite(result["perplexity"]) and result["step"] == 10

@@ -1,0 +1,190 @@
+"""A device mesh with a batch axis and an expert axis (paper section 3).
+
+`Mesh("batch:2,expert:4")` lays 8 devices out row-major as a [batch, expert]
+grid: device (b, e) is `devices[b * expert + e]`. Its meaning (the same on
+both backends, see BUILD.md "Distribution"):
+
+  * batch axis: data parallelism. The global batch is split along it.
+  * expert axis: model parallelism. The n experts of an MoE layer are split
+    into `expert` contiguous blocks of n / expert experts (block sharding,
+    so a hierarchical MoE's group of b experts, rows i*b .. i*b + b - 1,
+    stays on one device). Block e lives on the devices of column e.
+
+With `batch:1,expert:d` every expert exists once, on one of d devices, and
+receives the tokens of every data-parallel replica: the paper's mixed
+data/model parallelism.
+"""
+
+import re
+
+import gin
+import keras
+
+AXES = ("batch", "expert")
+_AXIS_RE = re.compile(r"^\s*([a-z_]+)\s*:\s*(\d+)\s*$")
+
+
+def parse_mesh_shape(mesh_shape):
+  """Parses `"batch:2,expert:4"` into {"batch": 2, "expert": 4}.
+
+  Both axes are optional (a missing axis has size 1); order is free.
+
+  Args:
+    mesh_shape: str like "batch:2,expert:4", or a dict {axis: size}.
+
+  Returns:
+    dict {"batch": int >= 1, "expert": int >= 1}.
+
+  Raises:
+    ValueError: a malformed string, unknown or repeated axis, size < 1.
+  """
+  if isinstance(mesh_shape, dict):
+    items = list(mesh_shape.items())
+  else:
+    if not isinstance(mesh_shape, str) or not mesh_shape.strip():
+      raise ValueError(
+          f"mesh_shape must be a string like 'batch:2,expert:4', got"
+          f" {mesh_shape!r}"
+      )
+    items = []
+    for part in mesh_shape.split(","):
+      match = _AXIS_RE.match(part)
+      if not match:
+        raise ValueError(
+            f"malformed mesh_shape {mesh_shape!r}: {part.strip()!r} is not"
+            " 'axis:size' (expected e.g. 'batch:2,expert:4')"
+        )
+      items.append((match.group(1), int(match.group(2))))
+  shape = {}
+  for axis, size in items:
+    if axis not in AXES:
+      raise ValueError(
+          f"unknown mesh axis {axis!r} in {mesh_shape!r}; expected"
+          f" {' and '.join(AXES)}"
+      )
+    if axis in shape:
+      raise ValueError(f"mesh axis {axis!r} repeated in {mesh_shape!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+      raise ValueError(
+          f"mesh axis {axis!r} must have an int size >= 1, got {size!r}"
+      )
+    shape[axis] = size
+  return {axis: shape.get(axis, 1) for axis in AXES}
+
+
+def available_devices(backend=None):
+  """Device names of the accelerators (else CPUs) of this process.
+
+  TensorFlow: logical GPUs if any, else logical CPUs ("/device:CPU:3"),
+  so `tf.config.set_logical_device_configuration` splits one CPU into
+  several. JAX: `jax.devices()` (platform default).
+
+  Args:
+    backend: "tensorflow" or "jax"; default the Keras backend.
+
+  Returns:
+    list of device names (TF) or jax Device objects (JAX).
+  """
+  backend = backend or keras.backend.backend()
+  if backend == "tensorflow":
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = gpus or tf.config.list_logical_devices("CPU")
+    return [d.name for d in devices]
+  if backend == "jax":
+    import jax  # pylint: disable=g-import-not-at-top
+
+    return list(jax.devices())
+  raise ValueError(f"unsupported backend {backend!r} for a device mesh")
+
+
+@gin.configurable
+def configured_mesh_shape(mesh_shape="batch:1,expert:1"):
+  """The mesh shape chosen in gin (`configured_mesh_shape.mesh_shape = ...`).
+
+  Validation happens in `Mesh` (outside gin, so errors stay one line).
+  """
+  return mesh_shape
+
+
+class Mesh:
+  """A [batch, expert] grid of devices.
+
+  Attributes:
+    shape: {"batch": B, "expert": E}.
+    devices: the B*E devices, row-major (device (b, e) at b*E + e).
+  """
+
+  def __init__(self, mesh_shape="batch:1,expert:1", devices=None):
+    """Builds the mesh.
+
+    Args:
+      mesh_shape: "batch:B,expert:E" string or dict (see parse_mesh_shape).
+      devices: None (all available devices of the Keras backend, see
+        `available_devices`), or an explicit list of B*E devices.
+
+    Raises:
+      ValueError: malformed shape, or B*E != the number of devices (any
+        number of devices is fine for a 1x1 mesh).
+    """
+    self.shape = parse_mesh_shape(mesh_shape)
+    if devices is None:
+      devices = available_devices()
+    devices = list(devices)
+    if self.num_devices == 1:
+      devices = devices[:1]  # a 1x1 mesh runs on the first device anywhere
+    if self.num_devices != len(devices):
+      raise ValueError(
+          f"mesh {self.spec} needs {self.num_devices} devices but"
+          f" {len(devices)} are available"
+      )
+    self.devices = devices
+
+  @property
+  def batch(self):
+    return self.shape["batch"]
+
+  @property
+  def expert(self):
+    return self.shape["expert"]
+
+  @property
+  def num_devices(self):
+    return self.batch * self.expert
+
+  @property
+  def spec(self):
+    return ",".join(f"{axis}:{self.shape[axis]}" for axis in AXES)
+
+  def device(self, b, e):
+    """The device at batch index b, expert index e."""
+    return self.devices[b * self.expert + e]
+
+  def expert_devices(self, row=0):
+    """The E devices holding the expert blocks for batch row `row`."""
+    return [self.device(row, e) for e in range(self.expert)]
+
+  def check_num_experts(self, num_experts, group_size=1, name="layer"):
+    """Raises ValueError unless n experts split into E whole blocks.
+
+    Args:
+      num_experts: n.
+      group_size: experts that must stay on one device (a hierarchical
+        MoE's b experts per group).
+      name: for the message.
+    """
+    groups = num_experts // group_size
+    if num_experts % (group_size * self.expert):
+      what = (
+          f"num_experts={num_experts}"
+          if group_size == 1
+          else f"num_groups={groups}"
+      )
+      raise ValueError(
+          f"{name}: {what} is not divisible by the mesh's expert axis"
+          f" ({self.expert})"
+      )
+
+  def __repr__(self):
+    return f"Mesh({self.spec!r}, devices={len(self.devices)})"

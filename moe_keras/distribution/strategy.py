@@ -1,0 +1,352 @@
+"""`make_distribution`: what the train CLI builds and fits a model under.
+
+```python
+dist = make_distribution("batch:2,expert:4")
+with dist.scope():
+  model = task.build_model()   # MoE layers shard their experts here
+  model = dist.wrap_model(model)
+  model.compile(...)
+model.fit(dist.distribute_dataset(train_ds), ...)
+dist.unwrap(model).save_weights(path)   # layout-independent checkpoint
+```
+
+TensorFlow, one host (`InGraphMesh`): one program over all devices of the
+mesh. Dense layers and gates are data-parallel over all B*E devices (the
+global batch is split B*E ways); each MoE layer's experts are split into E
+blocks, block e existing once, on device (0, e); a replica of batch row b
+sends its tokens for block e to device (b, e). Variables other than experts
+live on device (0, 0) and their gradients are summed there.
+TensorFlow, several hosts (TF_CONFIG with more than one worker): a
+MultiWorkerMirroredStrategy with one replica per host; each host runs the
+in-graph program over its local devices (the mesh's batch axis must be a
+multiple of the number of workers; each host takes batch/workers rows).
+JAX: `keras.distribution.ModelParallel` over a DeviceMesh; the experts'
+axis 0 is sharded on "expert" and the batch on "batch".
+
+BUILD.md ("Distribution") explains the choices.
+"""
+
+import contextlib
+import json
+import os
+
+from absl import logging
+import keras
+
+from moe_keras.distribution import mesh as mesh_lib
+from moe_keras.distribution import optimizer as optimizer_lib
+from moe_keras.distribution import sharded_experts
+
+# Expert variables sharded along their experts axis (axis 0) on JAX.
+EXPERT_VARIABLE_PATTERNS = (
+    "expert_kernel_1",
+    "expert_kernel_2",
+    "expert_bias_1",
+    "expert_bias_2",
+)
+
+
+def _patch_keras_multi_worker_reduce():
+  """Works around Keras 3 fit under MultiWorkerMirroredStrategy.
+
+  Keras 3.15 reduces every per-step log value with
+  `strategy.reduce("MEAN", v, axis=0)` on multi-worker strategies, which
+  fails on scalars ("Invalid reduction dimension 0 for input with 0
+  dimensions"; tensorflow/tensorflow#72388). This reduces scalars over the
+  replicas (axis=None) and leaves everything else to Keras.
+  """
+  from keras.src.backend.tensorflow import trainer as tf_trainer  # pylint: disable=g-import-not-at-top
+
+  original = tf_trainer.reduce_per_replica
+  if getattr(original, "moe_keras_patched", False):
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def reduce_per_replica(values, strategy, reduction):
+    if reduction not in ("auto", "mean") or not (
+        tf_trainer._collective_all_reduce_multi_worker(strategy)  # pylint: disable=protected-access
+    ):
+      return original(values, strategy, reduction)
+
+    def reduce(v):
+      local = strategy.experimental_local_results(v)[0]
+      axis = None if local.shape.rank == 0 else 0
+      return strategy.reduce("MEAN", v, axis=axis)
+
+    return tf.nest.map_structure(reduce, values)
+
+  reduce_per_replica.moe_keras_patched = True
+  tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def _split_cpu(num_devices):
+  """On a host without GPUs, splits the CPU into `num_devices` devices.
+
+  So that `--mesh_shape=batch:2,expert:4` runs (slowly, for checks) on a
+  CPU-only machine. Only possible before TensorFlow initializes; otherwise,
+  or when devices are already configured, nothing changes and `Mesh`
+  reports a device count that does not match.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  if num_devices < 2 or tf.config.list_physical_devices("GPU"):
+    return
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    if tf.config.get_logical_device_configuration(cpu):
+      return
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
+    )
+  except RuntimeError:  # TensorFlow already initialized
+    return
+
+
+def _tf_config_workers():
+  """Number of workers in TF_CONFIG (1 without TF_CONFIG)."""
+  raw = os.environ.get("TF_CONFIG")
+  if not raw:
+    return 1
+  try:
+    cluster = json.loads(raw).get("cluster", {})
+  except ValueError as e:
+    raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
+  return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+class MeshDataParallel(keras.Model):
+  """Runs `inner` once per mesh device on a slice of the batch (TF).
+
+  Replica r = b*E + e (device (b, e)) gets the r-th of B*E near-equal slices
+  of every input along axis 0; outputs are concatenated back in order, so
+  losses and metrics see the global batch exactly as without the wrapper.
+  Inner variables are shared: TF sums their gradients over the replicas.
+  Not serializable itself: save and load the inner model (save_weights and
+  load_weights delegate to it), so checkpoints do not depend on the mesh.
+  """
+
+  def __init__(self, inner, mesh, **kwargs):
+    super().__init__(name=kwargs.pop("name", f"{inner.name}_mesh"), **kwargs)
+    self.inner = inner
+    self.mesh = mesh
+    if inner.built:
+      self.built = True
+
+  def call(self, inputs, training=None):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    num = self.mesh.num_devices
+    flat = tf.nest.flatten(inputs)
+    batch = tf.shape(flat[0])[0]
+    sizes = tf.stack([(batch + num - 1 - r) // num for r in range(num)])
+    splits = [tf.split(t, sizes, num=num, axis=0) for t in flat]
+    outputs = []
+    for r in range(num):
+      b, e = divmod(r, self.mesh.expert)
+      shard = tf.nest.pack_sequence_as(inputs, [s[r] for s in splits])
+      with tf.device(self.mesh.device(b, e)):
+        with sharded_experts.replica_scope(b, num):
+          outputs.append(self.inner(shard, training=training))
+    return tf.nest.map_structure(
+        lambda *xs: tf.concat(xs, axis=0), *outputs
+    )
+
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Keras 3.15's version, with the sample batch reduced per tensor.
+
+    Keras reduces the whole (x, y) structure with one `strategy.reduce`,
+    which MultiWorkerMirroredStrategy rejects ("Attempt to convert a value
+    (PerReplica...)"); reducing each tensor works on every strategy.
+    """
+    if self._distribute_strategy is None or iterator is None:
+      return super()._maybe_symbolic_build(iterator, data_batch)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    strategy = self.distribute_strategy
+    for _, _, it in iterator:
+      batch = next(it)
+      data_batch = tf.nest.map_structure(
+          lambda v: strategy.reduce("MEAN", v, axis=None)
+          if isinstance(v, tf.distribute.DistributedValues)
+          else v,
+          batch,
+      )
+      break
+    with strategy.scope():
+      self._symbolic_build(data_batch=data_batch)
+
+  def compile(self, optimizer="rmsprop", *args, **kwargs):
+    """Model.compile; the optimizer keeps slots on their variable's device."""
+    optimizer = optimizer_lib.colocate_slots(keras.optimizers.get(optimizer))
+    super().compile(optimizer, *args, **kwargs)
+    # The inner model's checkpoints then hold the optimizer state too, as
+    # the checkpoints of the same model compiled without a mesh do.
+    self.inner.optimizer = self.optimizer
+
+  def save_weights(self, *args, **kwargs):
+    """Saves the inner model's weights (same file as without the mesh)."""
+    return self.inner.save_weights(*args, **kwargs)
+
+  def load_weights(self, *args, **kwargs):
+    return self.inner.load_weights(*args, **kwargs)
+
+
+class Distribution:
+  """What `make_distribution` returns (see the module docstring).
+
+  Attributes:
+    mesh: the Mesh (this host's devices).
+    strategy: tf.distribute strategy or None.
+    kind: "single" | "in_graph" | "multi_worker" | "jax".
+  """
+
+  def __init__(self, mesh, kind, strategy=None, keras_distribution=None):
+    self.mesh = mesh
+    self.kind = kind
+    self.strategy = strategy
+    self.keras_distribution = keras_distribution
+
+  @contextlib.contextmanager
+  def scope(self):
+    """Build (and compile) the model inside this scope."""
+    with contextlib.ExitStack() as stack:
+      if self.strategy is not None:
+        stack.enter_context(self.strategy.scope())
+      if self.keras_distribution is not None:
+        stack.enter_context(self.keras_distribution.scope())
+      in_graph = self.kind in ("in_graph", "multi_worker")
+      if in_graph and self.mesh.num_devices > 1:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+        stack.enter_context(tf.device(self.mesh.device(0, 0)))
+        if self.mesh.expert > 1:
+          stack.enter_context(
+              sharded_experts.placement_scope(
+                  sharded_experts.Placement(
+                      self.mesh.expert_devices(0),
+                      [
+                          self.mesh.expert_devices(b)
+                          for b in range(self.mesh.batch)
+                      ],
+                  )
+              )
+          )
+      yield self
+
+  def wrap_model(self, model):
+    """The model to compile and fit (in-graph data parallelism on TF)."""
+    if self.kind == "multi_worker" or (
+        self.kind == "in_graph" and self.mesh.num_devices > 1
+    ):
+      return MeshDataParallel(model, self.mesh)
+    return model
+
+  @staticmethod
+  def unwrap(model):
+    """The model whose weights form the (layout-independent) checkpoint."""
+    return model.inner if isinstance(model, MeshDataParallel) else model
+
+  def distribute_dataset(self, dataset):
+    """The dataset to pass to fit (global batches in, global batches out).
+
+    Keras distributes datasets itself under a tf.distribute strategy and
+    under a keras.distribution; in-graph programs split the batch inside
+    the model. Kept as the one place a future layout would change it.
+    """
+    return dataset
+
+
+def make_distribution(mesh_shape=None, backend=None):
+  """The distribution for `mesh_shape` on this process's devices.
+
+  Args:
+    mesh_shape: "batch:B,expert:E" (or a dict); None takes the gin
+      binding `configured_mesh_shape.mesh_shape` (default 1x1). With TF_CONFIG naming W > 1
+      workers (TensorFlow), B must be a multiple of W and this host gets a
+      "batch:B/W,expert:E" mesh of its own devices.
+    backend: "tensorflow" | "jax"; default the Keras backend.
+
+  Returns:
+    Distribution.
+
+  Raises:
+    ValueError: malformed mesh_shape or a device count that does not match.
+  """
+  backend = backend or keras.backend.backend()
+  if mesh_shape is None:
+    mesh_shape = mesh_lib.configured_mesh_shape()
+  shape = mesh_lib.parse_mesh_shape(mesh_shape)
+  if backend == "jax":
+    mesh = mesh_lib.Mesh(shape, devices=mesh_lib.available_devices("jax"))
+    if mesh.num_devices == 1:
+      return Distribution(mesh, "single")
+    return Distribution(mesh, "jax", keras_distribution=jax_distribution(mesh))
+  if backend != "tensorflow":
+    raise ValueError(f"unsupported backend {backend!r} for distribution")
+  workers = _tf_config_workers()
+  if workers > 1:
+    if shape["batch"] % workers:
+      raise ValueError(
+          f"mesh batch axis {shape['batch']} is not a multiple of the"
+          f" {workers} workers in TF_CONFIG"
+      )
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    # One replica per host: the host's devices are used by the in-graph
+    # program, not by MultiWorkerMirroredStrategy's per-GPU replicas.
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    local = dict(shape, batch=shape["batch"] // workers)
+    if local["batch"] * local["expert"] > 1:
+      resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+          resolver.cluster_spec(),
+          task_type=resolver.task_type,
+          task_id=resolver.task_id,
+          rpc_layer=resolver.rpc_layer,
+          num_accelerators={},
+      )
+    # Created before anything lists devices: the strategy configures the
+    # runtime, which must not be initialized yet.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver
+    )
+    _patch_keras_multi_worker_reduce()
+    # The cluster's devices are all visible now; the mesh is this host's.
+    task = f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}/"
+    local_devices = [
+        d for d in mesh_lib.available_devices("tensorflow") if task in d
+    ]
+    mesh = mesh_lib.Mesh(local, devices=local_devices)
+    return Distribution(mesh, "multi_worker", strategy=strategy)
+  _split_cpu(shape["batch"] * shape["expert"])
+  mesh = mesh_lib.Mesh(shape)
+  kind = "single" if mesh.num_devices == 1 else "in_graph"
+  logging.info("distribution: mesh %s (%s)", mesh.spec, kind)
+  return Distribution(mesh, kind)
+
+
+def jax_distribution(mesh):
+  """keras.distribution.ModelParallel for `mesh` (JAX).
+
+  The experts' leading axis is sharded on "expert" (blocks of n/E experts,
+  so hierarchical groups stay whole), everything else is replicated, and
+  the batch is split on "batch".
+
+  Args:
+    mesh: Mesh with jax devices.
+
+  Returns:
+    keras.distribution.ModelParallel.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  device_mesh = keras.distribution.DeviceMesh(
+      shape=(mesh.batch, mesh.expert),
+      axis_names=("batch", "expert"),
+      devices=np.asarray(mesh.devices).reshape(mesh.batch, mesh.expert),
+  )
+  layout_map = keras.distribution.LayoutMap(device_mesh)
+  layout_map[r".*expert_kernel_[12]"] = ("expert", None, None)
+  layout_map[r".*expert_bias_[12]"] = ("expert", None)
+  return keras.distribution.ModelParallel(
+      layout_map=layout_map, batch_dim_name="batch"
+  )

@@ -1,0 +1,605 @@
+"""Distribution scenarios, each run in its own process with 8 devices.
+
+`python scenarios.py NAME [ARGS]`. The pytest files call `run_scenario`
+(dist_testlib); a scenario fails by raising (non-zero exit). TensorFlow
+scenarios split the CPU into 8 logical devices before TensorFlow
+initializes; JAX scenarios get 8 host devices from XLA_FLAGS (set by
+dist_testlib).
+
+References: the sharded layer's outputs are checked against the float64
+numpy reference of tests/layers (written from the paper), its gradients and
+training steps against the single-device layer on the same global batch.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+NUM_DEVICES = 8
+D, H, T, V = 6, 5, 4, 3
+TOL = 1e-5
+
+
+def setup_tf_devices(num=NUM_DEVICES, initialize=True):
+  """Splits the CPU into `num` logical devices (before TF initializes).
+
+  With initialize=False the runtime is left uninitialized (a
+  MultiWorkerMirroredStrategy must be created before it is).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  tf.config.set_logical_device_configuration(
+      cpu, [tf.config.LogicalDeviceConfiguration()] * num
+  )
+  if not initialize:
+    return None
+  return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def _short(device):
+  """'/job:localhost/replica:0/task:0/device:CPU:3' -> 'CPU:3'."""
+  return device.split("device:")[-1]
+
+
+def assign_named(layer, weights):
+  """Assigns unsharded numpy weights by name, splitting expert blocks."""
+  shards = layer._expert_shards  # pylint: disable=protected-access
+  for name, value in weights.items():
+    if shards is not None and name in shards.blocks:
+      parts = np.split(value, shards.num_blocks, axis=0)
+      for var, part in zip(shards.blocks[name], parts):
+        var.assign(part)
+    else:
+      getattr(layer, name).assign(value)
+
+
+def expert_gradient(layer, grads_by_var, name):
+  """The gradient of one expert weight [n, ...] (sharded: concatenated)."""
+  shards = layer._expert_shards  # pylint: disable=protected-access
+  if shards is None:
+    return grads_by_var[id(getattr(layer, name))]
+  return np.concatenate(
+      [grads_by_var[id(v)] for v in shards.blocks[name]], axis=0
+  )
+
+
+def layer_run(layer, x, noise):
+  """Output, total loss and gradients of sum(y * c) + losses, traced."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  c = np.cos(np.arange(np.prod(x.shape[:-1]) * layer_out_dim(layer, x)))
+  c = c.reshape(x.shape[:-1] + (layer_out_dim(layer, x),)).astype("float32")
+  variables = layer.trainable_weights
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      y = layer(x, training=True, noise=noise)
+      loss = tf.reduce_sum(y * c) + tf.add_n(layer.losses)
+    return y, tf.add_n(layer.losses), tape.gradient(
+        loss, [v.value for v in variables]
+    )
+
+  y, aux, grads = step(x)
+  return (
+      y.numpy(),
+      float(aux),
+      {id(v): g.numpy() for v, g in zip(variables, grads) if g is not None},
+  )
+
+
+def layer_out_dim(layer, x):
+  return layer.output_dim or x.shape[-1]
+
+
+def check_close(name, got, want, tol=TOL):
+  err = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
+  if not err <= tol:
+    raise AssertionError(f"{name}: max abs error {err} > {tol}")
+  print(f"ok {name}: max abs error {err:.2e}")
+
+
+# -- scenarios ----------------------------------------------------------------
+
+
+def scenario_sharded_layer():
+  """Sharded == single device (outputs, losses, gradients); placement."""
+  devices = setup_tf_devices()
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  import numpy_reference as ref  # pylint: disable=g-import-not-at-top
+  from moe_keras.distribution import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from moe_keras.distribution import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  n, k, out = 8, 2, 7
+  cases = [
+      # (name, expert axis, layer kwargs)
+      ("dropless_e4", 4, dict(), False),
+      ("capacity_bias_e2", 2, dict(capacity_factor=1.0, use_bias=True), True),
+      ("dropless_e8", 8, dict(), False),
+  ]
+  x = rng.normal(size=(3, 4, D)).astype("float32")
+  tokens = x.reshape(-1, D)
+  for name, experts_axis, kwargs, use_bias in cases:
+    mesh = mesh_lib.Mesh(
+        f"batch:1,expert:{experts_axis}", devices[:experts_axis]
+    )
+    weights = ref.random_flat_weights(rng, D, n, H, out, use_bias=use_bias)
+    noise = rng.normal(size=(tokens.shape[0], n)).astype("float32")
+    single = SparseMoE(n, k, H, output_dim=out, **kwargs)
+    sharded = SparseMoE(
+        n, k, H, output_dim=out, expert_devices=mesh.expert_devices(), **kwargs
+    )
+    for layer in (single, sharded):
+      layer.build(x.shape)
+      assign_named(layer, weights)
+    y1, aux1, g1 = layer_run(single, x, noise)
+    y2, aux2, g2 = layer_run(sharded, x, noise)
+    capacity = None
+    if kwargs.get("capacity_factor"):
+      capacity = int(np.ceil(1.0 * tokens.shape[0] * k / n))
+    want = ref.sparse_moe(
+        tokens, weights, k, noise=noise, capacity=capacity
+    )
+    check_close(f"{name} output vs numpy", y2.reshape(-1, out), want["output"])
+    check_close(f"{name} losses vs numpy", aux2, want["total_loss"])
+    check_close(f"{name} output vs single", y2, y1)
+    check_close(f"{name} losses vs single", aux2, aux1)
+    for var_name in ("w_gate", "w_noise"):
+      check_close(
+          f"{name} d{var_name}",
+          g2[id(getattr(sharded, var_name))],
+          g1[id(getattr(single, var_name))],
+      )
+    for var_name in weights:
+      if var_name.startswith("expert_"):
+        check_close(
+            f"{name} d{var_name}",
+            expert_gradient(sharded, g2, var_name),
+            expert_gradient(single, g1, var_name),
+        )
+    # Expert e lives in block e // (n / E), on expert device e // (n / E).
+    blocks = sharded._expert_shards.blocks  # pylint: disable=protected-access
+    for var_name, block_vars in blocks.items():
+      for e, var in enumerate(block_vars):
+        assert _short(var.value.device) == _short(mesh.device(0, e)), (
+            var.name,
+            var.value.device,
+        )
+        assert var.shape[0] == n // experts_axis
+    print(f"ok {name} placement")
+
+  # Hierarchical: a=4 groups of b=2 on 4 devices, one group per device.
+  a, b = 4, 2
+  weights = ref.random_hier_weights(rng, D, a, b, H, out)
+  pnoise = rng.normal(size=(tokens.shape[0], a)).astype("float32")
+  snoise = rng.normal(size=(tokens.shape[0], a, b)).astype("float32")
+  single = HierarchicalSparseMoE(a, b, H, output_dim=out)
+  sharded = HierarchicalSparseMoE(
+      a, b, H, output_dim=out, expert_devices=devices[:4]
+  )
+  for layer in (single, sharded):
+    layer.build(x.shape)
+    assign_named(layer, weights)
+  y1, aux1, g1 = layer_run(single, x, (pnoise, snoise))
+  y2, aux2, g2 = layer_run(sharded, x, (pnoise, snoise))
+  want = ref.hierarchical_moe(
+      tokens, weights, 2, 2, primary_noise=pnoise, secondary_noise=snoise
+  )
+  check_close("hier output vs numpy", y2.reshape(-1, out), want["output"])
+  check_close("hier output vs single", y2, y1)
+  check_close("hier losses vs single", aux2, aux1)
+  for var_name in ("expert_kernel_1", "expert_kernel_2"):
+    check_close(
+        f"hier d{var_name}",
+        expert_gradient(sharded, g2, var_name),
+        expert_gradient(single, g1, var_name),
+    )
+  blocks = sharded._expert_shards.blocks  # pylint: disable=protected-access
+  for i in range(a):
+    for j in range(b):
+      row = i * b + j  # expert (i, j)
+      var = blocks["expert_kernel_1"][row // b]
+      assert _short(var.value.device) == _short(devices[i]), (i, j)
+  print("ok hier placement: group i on device i")
+  try:
+    HierarchicalSparseMoE(3, 2, H, expert_devices=devices[:2]).build(x.shape)
+  except ValueError as e:
+    assert "num_groups=3" in str(e), e
+    print("ok hier indivisible:", e)
+  else:
+    raise AssertionError("3 groups on 2 devices accepted")
+
+  # Adam slots: created inside a traced step (as model.fit does). Plain
+  # Keras puts them on the default device; colocate_slots puts them (and
+  # the update ops) with their variable.
+  layer = SparseMoE(n, k, H, gating="top_k", expert_devices=devices[4:8])
+  layer.build(x.shape)
+  for fix in (False, True):
+    opt = keras.optimizers.Adam(1e-2)
+    if fix:
+      optimizer_lib.colocate_slots(opt)
+
+    @tf.function
+    def train(x, opt=opt):
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x, training=True) ** 2)
+      grads = tape.gradient(loss, layer.trainable_weights)
+      opt.apply_gradients(zip(grads, layer.trainable_weights))
+
+    train(x)
+    placed = {
+        v.name: _short(v.value.device)
+        for v in opt.variables
+        if "expert_kernel" in v.name
+    }
+    blocks = layer._expert_shards.blocks  # pylint: disable=protected-access
+    wrong = [
+        (slot, device)
+        for slot, device in placed.items()
+        for name, block_vars in blocks.items()
+        for e, var in enumerate(block_vars)
+        if f"{name}_block{e}_" in slot and device != _short(devices[4 + e])
+    ]
+    print(f"colocate_slots={fix}: {len(wrong)}/{len(placed)} slots misplaced")
+    if fix:
+      assert len(placed) == 2 * 2 * 4 and not wrong, wrong
+
+
+def tiny_model(num_experts=8, hierarchical=False, seed=0):
+  """Dense -> residual MoE -> Dense on [B, T, D] (the MoE sees B*T tokens)."""
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((T, D))
+  hidden = keras.layers.Dense(D, activation="tanh")(inputs)
+  moe = SparseMoE(
+      num_experts, 2, H, gating="top_k", w_importance=0.0, w_load=0.0
+  )
+  hidden = keras.layers.Add()([hidden, moe(hidden)])
+  outputs = keras.layers.Dense(V)(hidden)
+  return keras.Model(inputs, outputs)
+
+
+def tiny_data(batch=16, seed=1):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, T, D)).astype("float32")
+  y = rng.normal(size=(batch, T, V)).astype("float32")
+  return x, y
+
+
+def build_on(mesh_shape):
+  """(distribution, compiled model) for a mesh ('' = single device)."""
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+
+  dist = make_distribution(mesh_shape or "batch:1,expert:1")
+  with dist.scope():
+    model = dist.wrap_model(tiny_model())
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+  return dist, model
+
+
+def scenario_train_step():
+  """Two Adam steps on a 2x4 mesh == on one device, same global batch."""
+  devices = setup_tf_devices()
+  x, y = tiny_data()
+  tmp = tempfile.mkdtemp()
+  init = os.path.join(tmp, "init.weights.h5")
+  _, single = build_on("")
+  single.save_weights(init)
+  dist, mesh_model = build_on("batch:2,expert:4")
+  mesh_model.load_weights(init)
+  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+  h1 = single.fit(x, y, **kwargs).history["loss"]
+  h2 = mesh_model.fit(x, y, **kwargs).history["loss"]
+  check_close("2x4 step losses", h2, h1)
+  inner = dist.unwrap(mesh_model)
+  shards = inner.layers[2]._expert_shards  # pylint: disable=protected-access
+  plain = [v for v in inner.weights if "_block" not in v.path]
+  single_plain = [v for v in single.weights if "expert_" not in v.path]
+  assert len(plain) == len(single_plain)
+  for v, w in zip(plain, single_plain):
+    check_close(f"weight {w.path}", v.numpy(), w.numpy())
+  for name in ("expert_kernel_1", "expert_kernel_2"):
+    w = [v for v in single.weights if v.path.endswith(name)][0]
+    check_close(f"weight {w.path}", shards.full_value(name), w.numpy())
+  # Every expert block and its two Adam moments on device (0, e).
+  for name, block_vars in shards.blocks.items():
+    for e, var in enumerate(block_vars):
+      want = _short(dist.mesh.device(0, e))
+      assert _short(var.value.device) == want
+      slots = [
+          s
+          for s in mesh_model.optimizer.variables
+          if s.name.endswith(
+              (f"{name}_block{e}_momentum", f"{name}_block{e}_velocity")
+          )
+      ]
+      assert len(slots) == 2 and all(
+          _short(s.value.device) == want for s in slots
+      ), [(s.name, s.value.device) for s in slots]
+  print("ok experts and Adam slots on the mesh devices", devices[:4])
+  # Batches not divisible by the 8 replicas, and smaller than 8 (some
+  # replicas get no example).
+  for size in (3, 11):
+    check_close(
+        f"batch of {size} on 8 replicas",
+        mesh_model.predict(x[:size], batch_size=size, verbose=0),
+        single.predict(x[:size], batch_size=size, verbose=0),
+    )
+
+
+def scenario_reshard():
+  """Save on a 2x4 mesh; restore on 1 device, 1x8 and 4x2.
+
+  Same evaluation, and (the optimizer state restored too) the same next
+  training step as the saved model's own.
+  """
+  setup_tf_devices()
+  import h5py  # pylint: disable=g-import-not-at-top
+
+  x, y = tiny_data()
+  _, trained = build_on("batch:2,expert:4")
+  trained.fit(x, y, batch_size=16, epochs=1, verbose=0)
+  path = os.path.join(tempfile.mkdtemp(), "ckpt.weights.h5")
+  trained.save_weights(path)
+  shapes = []
+  with h5py.File(path, "r") as f:
+    f.visititems(
+        lambda name, obj: shapes.append(tuple(obj.shape))
+        if isinstance(obj, h5py.Dataset)
+        else None
+    )
+  assert (8, D, H) in shapes and (8, H, D) in shapes, shapes
+  # No block-shaped array: weights and Adam moments are stored unsharded.
+  assert all(len(s) != 3 or s[0] == 8 for s in shapes), shapes
+  print("ok checkpoint holds full [n, d, h] arrays:", sorted(set(shapes)))
+  # Only the loss: the MoE statistics (cv_load, ...) of a mesh model are
+  # means over its replicas' slices, not the global batch's.
+  want_loss = trained.evaluate(x, y, batch_size=16, verbose=0)[0]
+  want_y = trained.predict(x, batch_size=16, verbose=0)
+  fit = dict(batch_size=16, epochs=1, shuffle=False, verbose=0)
+  x2, y2 = tiny_data(seed=7)
+  restored = []
+  for mesh_shape in ("", "batch:1,expert:8", "batch:4,expert:2"):
+    _, model = build_on(mesh_shape)
+    # As moe_keras.experiment restores: optimizer built, then the weights.
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(path)
+    restored.append((mesh_shape, model))
+    loss = model.evaluate(x, y, batch_size=16, verbose=0)[0]
+    check_close(f"restored on '{mesh_shape}' loss", loss, want_loss, 1e-6)
+    check_close(
+        f"restored on '{mesh_shape}' outputs",
+        model.predict(x, batch_size=16, verbose=0),
+        want_y,
+        1e-6,
+    )
+  # One more Adam step (moments and iteration restored) everywhere.
+  want_next = trained.fit(x2, y2, **fit).history["loss"]
+  want_y = trained.predict(x, batch_size=16, verbose=0)
+  for mesh_shape, model in restored:
+    assert int(model.optimizer.iterations.numpy()) == 1
+    check_close(
+        f"'{mesh_shape}' next step loss",
+        model.fit(x2, y2, **fit).history["loss"],
+        want_next,
+    )
+    check_close(
+        f"'{mesh_shape}' outputs after the next step",
+        model.predict(x, batch_size=16, verbose=0),
+        want_y,
+    )
+
+
+def _free_ports(count):
+  socks = []
+  for _ in range(count):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
+  """2 MultiWorkerMirroredStrategy workers == 1 process, same global batch.
+
+  Args:
+    mesh_shape: the global mesh; each worker gets batch/2 rows of it.
+  """
+  shape = dict(p.split(":") for p in mesh_shape.split(","))
+  local_devices = int(shape["batch"]) // 2 * int(shape["expert"])
+  ports = _free_ports(2)
+  out_dir = tempfile.mkdtemp()
+  procs = []
+  for index in range(2):
+    env = dict(os.environ)
+    env["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+        "task": {"type": "worker", "index": index},
+    })
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "worker",
+                mesh_shape,
+                str(local_devices),
+                os.path.join(out_dir, f"worker{index}.json"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    )
+  # The single-process reference runs while the workers start.
+  setup_tf_devices(1)
+  x, y = tiny_data(batch=16)
+  _, single = build_on("")
+  weights_path = os.path.join(out_dir, "init.weights.h5")
+  single.save_weights(weights_path)  # the workers wait for this file
+  history = single.fit(
+      x, y, batch_size=16, epochs=3, shuffle=False, verbose=0
+  ).history["loss"]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=180)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for index, (proc, text) in enumerate(zip(procs, outputs)):
+    if proc.returncode != 0:
+      lines = [l for l in text.splitlines() if "File " in l or "Error" in l]
+      raise AssertionError(
+          f"worker {index} failed:\n" + "\n".join(lines[-40:])
+      )
+  for index in range(2):
+    with open(os.path.join(out_dir, f"worker{index}.json")) as f:
+      got = json.load(f)
+    check_close(f"worker {index} losses ({mesh_shape})", got["loss"], history)
+    final = single.predict(x, verbose=0)
+    check_close(f"worker {index} final outputs", got["outputs"], final)
+    if index == 0:
+      print("worker 0 expert blocks and Adam slots:", got["placement"])
+    for path, where in got["placement"].items():
+      block = int(path.split("_block")[1][0])
+      # Local mesh batch:B/2,expert:E: block e on local device (0, e) = e.
+      assert where == [f"CPU:{block}"], (path, where)
+
+
+def scenario_worker(mesh_shape, local_devices, out_path):
+  """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the parent)."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  setup_tf_devices(int(local_devices), initialize=False)
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+
+  keras.config.disable_traceback_filtering()
+  # First, before any TensorFlow op: the strategy configures the runtime.
+  dist = make_distribution(mesh_shape)
+  init = os.path.join(os.path.dirname(out_path), "init.weights.h5")
+  deadline = time.time() + 120
+  while not os.path.exists(init) and time.time() < deadline:
+    time.sleep(0.2)
+  time.sleep(0.5)
+  assert dist.kind == "multi_worker", dist.kind
+  with dist.scope():
+    model = dist.wrap_model(tiny_model())
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+  model.load_weights(init)
+  x, y = tiny_data(batch=16)
+  dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+  history = model.fit(
+      dist.distribute_dataset(dataset), epochs=3, verbose=0
+  ).history["loss"]
+  outputs = dist.unwrap(model).predict(x, verbose=0)
+  placement = {
+      v.path: [
+          _short(c.device)
+          for c in getattr(v.value, "values", [v.value])
+      ]
+      for v in list(dist.unwrap(model).weights) + list(
+          model.optimizer.variables
+      )
+      if "_block" in v.path
+  }
+  with open(out_path, "w") as f:
+    json.dump(
+        {"loss": history, "outputs": outputs.tolist(), "placement": placement},
+        f,
+    )
+
+
+def scenario_jax_mesh():
+  """JAX: experts sharded on 'expert', batch on 'batch'; == one device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+
+  assert len(jax.devices()) == NUM_DEVICES, jax.devices()
+  x, y = tiny_data()
+
+  def build():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((T, D))
+    hidden = keras.layers.Dense(D, activation="tanh")(inputs)
+    moe = SparseMoE(
+        8,
+        2,
+        H,
+        gating="top_k",
+        w_importance=0.0,
+        w_load=0.0,
+        capacity_factor=2.0,
+    )
+    hidden = keras.layers.Add()([hidden, moe(hidden)])
+    model = keras.Model(inputs, keras.layers.Dense(V)(hidden))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    return model
+
+  single = build()
+  path = os.path.join(tempfile.mkdtemp(), "init.weights.h5")
+  single.save_weights(path)
+  dist = make_distribution("batch:2,expert:4")
+  with dist.scope():
+    sharded = build()
+  sharded.load_weights(path)
+  moe = [l for l in sharded.layers if isinstance(l, SparseMoE)][0]
+  kernel = moe.expert_kernel_1.value
+  spec = kernel.sharding.spec
+  assert tuple(spec)[:1] == ("expert",), spec
+  shard_shapes = {s.data.shape for s in kernel.addressable_shards}
+  assert shard_shapes == {(2, D, H)}, shard_shapes
+  print("ok expert_kernel_1 sharding", spec, shard_shapes)
+  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+  h1 = single.fit(x, y, **kwargs).history["loss"]
+  with dist.scope():  # the batch is split on "batch" only inside
+    h2 = sharded.fit(x, y, **kwargs).history["loss"]
+    got = sharded.predict(x, batch_size=16, verbose=0)
+  check_close("jax 2x4 losses", h2, h1)
+  check_close(
+      "jax 2x4 outputs after training",
+      got,
+      single.predict(x, batch_size=16, verbose=0),
+  )
+  kernel = moe.expert_kernel_1.value
+  assert {s.data.shape for s in kernel.addressable_shards} == {(2, D, H)}
+
+
+SCENARIOS = {
+    "sharded_layer": scenario_sharded_layer,
+    "train_step": scenario_train_step,
+    "reshard": scenario_reshard,
+    "multi_worker": scenario_multi_worker,
+    "worker": scenario_worker,
+    "jax_mesh": scenario_jax_mesh,
+}
+
+if __name__ == "__main__":
+  SCENARIOS[sys.argv[1]](*sys.argv[2:])
