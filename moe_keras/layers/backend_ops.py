@@ -8,6 +8,8 @@ functions here exist because Keras's portable op is missing or weaker:
     dropping is "first come, first served" and results must be deterministic).
   * `grouped_matmul`: one matmul per expert over a variable number of rows
     (dropless dispatch), where `keras.ops` only has fixed-shape einsum.
+  * `remat`: recomputation in the backward pass (appendix D) without the
+    weight copies of `tf.recompute_grad`.
 """
 
 import keras
@@ -106,7 +108,13 @@ def _grouped_matmul_tf(rows, weights, group_sizes):
 
 
 def grouped_ffn(
-    rows, group_sizes, kernel_1, kernel_2, bias_1=None, bias_2=None
+    rows,
+    group_sizes,
+    kernel_1,
+    kernel_2,
+    bias_1=None,
+    bias_2=None,
+    recompute=False,
 ):
   """Per-group ReLU FFN over rows sorted by group (dropless dispatch).
 
@@ -118,6 +126,8 @@ def grouped_ffn(
     group_sizes: int32 [G].
     kernel_1: [G, d, h]; kernel_2: [G, h, d_out].
     bias_1: optional [G, h]; bias_2: optional [G, d_out].
+    recompute: if True, the [R, h] hidden activations are not kept for the
+      backward pass; the gradient recomputes them from `rows` (appendix D).
 
   Returns:
     [R, d_out].
@@ -125,30 +135,50 @@ def grouped_ffn(
   backend = backend_name()
   if backend == "tensorflow":
     return _grouped_ffn_tf(
-        rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2
+        rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2, recompute
     )
   if backend == "jax":
-    return _grouped_ffn_jax(
-        rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2
+    fn = lambda r, k1, k2, b1, b2: _grouped_ffn_jax(
+        r, group_sizes, k1, k2, b1, b2
     )
+    if recompute:
+      fn = remat(fn)
+    return fn(rows, kernel_1, kernel_2, bias_1, bias_2)
   raise NotImplementedError(
       f"dropless dispatch is not implemented for the {backend!r} backend;"
       " set capacity_factor."
   )
 
 
-def _grouped_ffn_tf(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
+def _grouped_ffn_tf(
+    rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2, recompute=False
+):
   """TensorFlow: split the rows once, one MatMul pair per group, concat.
 
   Without biases a hand-written gradient is used: the same math as
   autodiff, arranged for TF's CPU MatMul. For the few-row matrices that many
   experts produce, `x @ w^T` (transpose_b) runs 2-3x slower than
   `(w @ x^T)^T`, so the input gradients are computed in the second form.
+  With biases and `recompute`, autodiff runs inside `remat`.
   """
+  if bias_1 is None and bias_2 is None:
+    return _grouped_ffn_tf_no_bias(
+        rows, group_sizes, kernel_1, kernel_2, recompute
+    )
+  if recompute:
+    fn = lambda r, k1, k2, b1, b2: _grouped_ffn_tf_bias(
+        r, group_sizes, k1, k2, b1, b2
+    )
+    return remat(fn)(rows, kernel_1, kernel_2, bias_1, bias_2)
+  return _grouped_ffn_tf_bias(
+      rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2
+  )
+
+
+def _grouped_ffn_tf_bias(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
+  """TF grouped FFN with biases; gradient by autodiff."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  if bias_1 is None and bias_2 is None:
-    return _grouped_ffn_tf_no_bias(rows, group_sizes, kernel_1, kernel_2)
   num_groups = kernel_1.shape[0]
   pieces, padding = _tf_split_rows(rows, group_sizes, num_groups)
   w1 = tf.unstack(kernel_1, num=num_groups, axis=0)
@@ -167,8 +197,17 @@ def _grouped_ffn_tf(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
   return _tf_concat_rows(outputs, padding)
 
 
-def _grouped_ffn_tf_no_bias(rows, group_sizes, kernel_1, kernel_2):
-  """Bias-free TF grouped FFN with an explicit gradient (see caller)."""
+def _grouped_ffn_tf_no_bias(
+    rows, group_sizes, kernel_1, kernel_2, recompute=False
+):
+  """Bias-free TF grouped FFN with an explicit gradient (see caller).
+
+  With `recompute`, the gradient closure holds no hidden activation: it
+  recomputes ReLU(piece @ w1) per expert from the routed rows, made
+  data-dependent on the incoming gradient so that the recomputation runs in
+  the backward pass and cannot be merged with the forward MatMul by
+  Grappler's common-subexpression elimination.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   num_groups = kernel_1.shape[0]
@@ -181,11 +220,30 @@ def _grouped_ffn_tf_no_bias(rows, group_sizes, kernel_1, kernel_2):
     hiddens = [tf.nn.relu(tf.matmul(p, w)) for p, w in zip(pieces, w1)]
     outs = [tf.matmul(hid, w) for hid, w in zip(hiddens, w2)]
     out = _tf_concat_rows(outs, padding)
+    # What the gradient closure may reference: the hiddens only without
+    # recomputation (a closure cell would keep them alive in eager mode).
+    saved = None if recompute else (pieces, hiddens)
+    del pieces, hiddens, outs
 
     def grad(d_out):
       d_pieces, _ = _tf_split_rows(d_out, group_sizes, num_groups)
+      if saved is None:
+        pieces, _ = _tf_split_rows(
+            _tf_after(rows, d_out), group_sizes, num_groups
+        )
+        hiddens = [None] * num_groups
+      else:
+        pieces, hiddens = saved
       d_rows, d_hiddens, d_w2 = [], [], []
-      for hid, dy, w1_g, w2_g in zip(hiddens, d_pieces, w1, w2):
+      for g, (hid, dy, w1_g, w2_g) in enumerate(
+          zip(hiddens, d_pieces, w1, w2)
+      ):
+        if hid is None:
+          # Recompute expert g only after expert g-1's backward ran, so
+          # that about one [rows_g, h] hidden is alive at a time.
+          after = d_w2[-1:] if d_w2 else []
+          with tf.control_dependencies(after):
+            hid = tf.nn.relu(tf.matmul(pieces[g], w1_g))
         # dy @ w2^T computed as (w2 @ dy^T)^T: the big dimension becomes
         # the MatMul's M and only the small [rows, h] result is transposed.
         # (Grappler folds an explicit transpose of w2 back into the slow
@@ -212,6 +270,81 @@ def _grouped_ffn_tf_no_bias(rows, group_sizes, kernel_1, kernel_2):
     return out, grad
 
   return ffn(rows, kernel_1, kernel_2)
+
+
+def _tf_after(x, after):
+  """TF: `x` + 0, with the zero data-dependent on the tensor `after`.
+
+  Ops computed from the result run only once `after` exists and are not
+  merged with the same ops on `x` (Grappler CSE); a control dependency alone
+  is ignored by XLA. Same device as `tf.recompute_grad`, but applied to one
+  (small) tensor only, so no weight is copied.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  first = tf.reduce_max(tf.reshape(after, [-1])[:1])
+  finite = tf.cast(first, tf.bool)
+  zero = tf.where(tf.equal(finite, finite), 0.0, float("nan"))
+  return x + tf.cast(zero, x.dtype)
+
+
+def remat(fn):
+  """Rematerialization of `fn(x, *weights)`: nothing inside is kept.
+
+  The gradient recomputes `fn` from its inputs. Arguments may be None
+  (absent biases). JAX: `jax.checkpoint`. TensorFlow: a custom gradient that
+  reruns `fn` under a tape on `x` made data-dependent on the output gradient
+  (`_tf_after`); unlike `tf.recompute_grad`, which adds a zero to every
+  argument, the weights are not copied.
+
+  Args:
+    fn: function of (x, *weights) -> one tensor; x is the first argument.
+
+  Returns:
+    function with the same signature and value.
+  """
+  backend = backend_name()
+  if backend == "jax":
+    import jax  # pylint: disable=g-import-not-at-top
+
+    return jax.checkpoint(fn)
+  if backend != "tensorflow":
+    raise NotImplementedError(
+        f"remat is not implemented for the {backend!r} backend"
+    )
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def wrapper(*args):
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def call(tensors):
+      full = [None] * len(args)
+      for i, t in zip(present, tensors):
+        full[i] = t
+      return fn(*full)
+
+    @tf.custom_gradient
+    def inner(*tensors):
+      out = call(tensors)
+
+      def grad(d_out):
+        again = list(tensors)
+        again[0] = _tf_after(again[0], d_out)
+        with tf.GradientTape() as tape:
+          tape.watch(again)
+          recomputed = call(again)
+        return tape.gradient(
+            recomputed,
+            again,
+            output_gradients=d_out,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+      return out, grad
+
+    return inner(*[args[i] for i in present])
+
+  return wrapper
 
 
 def _grouped_ffn_jax(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):

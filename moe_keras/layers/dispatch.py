@@ -213,7 +213,15 @@ class RoutingPlan:
     return ops.reshape(picked, (self.num_tokens, self.slots) + trailing)
 
 
-def expert_ffn(plan, rows, kernel_1, kernel_2, bias_1=None, bias_2=None):
+def expert_ffn(
+    plan,
+    rows,
+    kernel_1,
+    kernel_2,
+    bias_1=None,
+    bias_2=None,
+    recompute=False,
+):
   """Runs every expert E_i(x) = ReLU(x W1_i + b1_i) W2_i + b2_i on its rows.
 
   Args:
@@ -221,6 +229,9 @@ def expert_ffn(plan, rows, kernel_1, kernel_2, bias_1=None, bias_2=None):
     rows: [R, d] from `plan.dispatch`.
     kernel_1: [n, d, h]; kernel_2: [n, h, d_out].
     bias_1: optional [n, h]; bias_2: optional [n, d_out].
+    recompute: recompute the [R, h] hidden activations in the backward pass
+      instead of keeping them from the forward pass (appendix D); same
+      values and gradients.
 
   Returns:
     [R, d_out]; only the rows of routed assignments are computed
@@ -228,17 +239,24 @@ def expert_ffn(plan, rows, kernel_1, kernel_2, bias_1=None, bias_2=None):
   """
   num_experts = kernel_1.shape[0]
   if plan.capacity is not None:
-    buffer = ops.reshape(rows, (num_experts, plan.capacity, rows.shape[-1]))
-    hidden = ops.einsum("ecd,edh->ech", buffer, kernel_1)
-    if bias_1 is not None:
-      hidden = hidden + bias_1[:, None, :]
-    hidden = ops.relu(hidden)
-    out = ops.einsum("ech,eho->eco", hidden, kernel_2)
-    if bias_2 is not None:
-      out = out + bias_2[:, None, :]
-    return ops.reshape(out, (plan.num_rows, kernel_2.shape[-1]))
+    capacity = plan.capacity
+
+    def ffn(rows, kernel_1, kernel_2, bias_1, bias_2):
+      buffer = ops.reshape(rows, (num_experts, capacity, rows.shape[-1]))
+      hidden = ops.einsum("ecd,edh->ech", buffer, kernel_1)
+      if bias_1 is not None:
+        hidden = hidden + bias_1[:, None, :]
+      hidden = ops.relu(hidden)
+      out = ops.einsum("ech,eho->eco", hidden, kernel_2)
+      if bias_2 is not None:
+        out = out + bias_2[:, None, :]
+      return ops.reshape(out, (num_experts * capacity, kernel_2.shape[-1]))
+
+    if recompute:
+      ffn = backend_ops.remat(ffn)
+    return ffn(rows, kernel_1, kernel_2, bias_1, bias_2)
   return backend_ops.grouped_ffn(
-      rows, plan.group_sizes, kernel_1, kernel_2, bias_1, bias_2
+      rows, plan.group_sizes, kernel_1, kernel_2, bias_1, bias_2, recompute
   )
 
 

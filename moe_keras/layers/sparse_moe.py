@@ -131,6 +131,17 @@ class MoEBase(keras.layers.Layer):
 
   Holds the stacked experts, the losses/statistics plumbing and the Keras
   metrics. Subclasses implement `_route`.
+
+  Memory options (appendix D; both default off):
+    recompute_expert_activations: the [tokens*k, h] ReLU activations of the
+      experts are not kept between the forward and the backward pass; the
+      gradient recomputes them from the dispatched rows (same values and
+      gradients, one more expert matmul per step).
+    expert_dtype: None (experts follow the layer's dtype policy) or a dtype
+      policy name for the experts only: "bfloat16" (bf16 expert weights and
+      activations) or "mixed_bfloat16" (float32 weights, bf16 compute). The
+      gating (W_g, W_noise, logits, softmax, Phi, Load, losses) stays
+      float32 and the output is in the layer's compute dtype.
   """
 
   def __init__(
@@ -148,6 +159,8 @@ class MoEBase(keras.layers.Layer):
       kernel_regularizer=None,
       seed=None,
       track_metrics=True,
+      recompute_expert_activations=False,
+      expert_dtype=None,
       expert_devices=None,
       **kwargs,
   ):
@@ -180,6 +193,15 @@ class MoEBase(keras.layers.Layer):
     self.seed = seed
     self.seed_generator = keras.random.SeedGenerator(seed)
     self.track_metrics = bool(track_metrics)
+    self.recompute_expert_activations = bool(recompute_expert_activations)
+    # Experts may use their own dtype policy (e.g. "bfloat16": bf16 weights
+    # and activations, or "mixed_bfloat16": float32 weights, bf16 compute);
+    # gating always computes in float32 (see `_route`).
+    self.expert_dtype = (
+        None
+        if expert_dtype is None
+        else keras.dtype_policies.get(expert_dtype).name
+    )
     # Placement, not architecture: not in get_config, and checkpoints store
     # the unsharded [n, ...] arrays (moe_keras.distribution.sharded_experts).
     self.expert_devices = (
@@ -199,35 +221,60 @@ class MoEBase(keras.layers.Layer):
 
   # -- variables ------------------------------------------------------------
 
+  @property
+  def expert_compute_dtype(self):
+    """Dtype of the expert matmuls and of the dispatched rows."""
+    if self.expert_dtype is None:
+      return self.compute_dtype
+    return keras.dtype_policies.get(self.expert_dtype).compute_dtype
+
+  def _expert_weight_kwargs(self):
+    if self.expert_dtype is None:
+      return {}
+    policy = keras.dtype_policies.get(self.expert_dtype)
+    return {"dtype": policy.variable_dtype, "autocast": False}
+
   def _build_experts(self, input_dim):
     # Sharding hook: expert blocks on several devices (TensorFlow), when
     # `expert_devices` is set or a moe_keras.distribution scope is active.
     shards = sharded_experts.maybe_build(self, input_dim)
     if shards is not None:
+      if self.expert_dtype is not None or self.recompute_expert_activations:
+        raise ValueError(
+            f"{self.name}: expert_dtype and recompute_expert_activations are"
+            " not implemented for experts sharded over devices"
+        )
       self._expert_shards = shards
       return
     out_dim = self.output_dim or input_dim
     n, h = self.num_experts, self.expert_hidden_dim
+    extra = self._expert_weight_kwargs()
     self.expert_kernel_1 = self.add_weight(
         name="expert_kernel_1",
         shape=(n, input_dim, h),
         initializer=self.kernel_initializer,
         regularizer=self.kernel_regularizer,
+        **extra,
     )
     self.expert_kernel_2 = self.add_weight(
         name="expert_kernel_2",
         shape=(n, h, out_dim),
         initializer=self.kernel_initializer,
         regularizer=self.kernel_regularizer,
+        **extra,
     )
     if self.use_bias:
       self.expert_bias_1 = self.add_weight(
-          name="expert_bias_1", shape=(n, h), initializer=self.bias_initializer
+          name="expert_bias_1",
+          shape=(n, h),
+          initializer=self.bias_initializer,
+          **extra,
       )
       self.expert_bias_2 = self.add_weight(
           name="expert_bias_2",
           shape=(n, out_dim),
           initializer=self.bias_initializer,
+          **extra,
       )
     else:
       self.expert_bias_1 = None
@@ -281,7 +328,7 @@ class MoEBase(keras.layers.Layer):
         num_experts=self.num_experts,
         capacity_factor=self.capacity_factor,
     )
-    rows = plan.dispatch(tokens)
+    rows = plan.dispatch(ops.cast(tokens, self.expert_compute_dtype))
     expert_out = self._run_experts(plan, rows)
     combined = plan.combine(expert_out, routing["gates"])
     outputs = ops.reshape(
@@ -306,17 +353,16 @@ class MoEBase(keras.layers.Layer):
     """Runs the experts on the dispatched rows ([R, d] -> [R, d_out])."""
     if self._expert_shards is not None:
       return self._expert_shards.run(plan, rows)
+    expert_dtype = self.expert_compute_dtype
+    cast = lambda v: None if v is None else ops.cast(v, expert_dtype)
     return dispatch.expert_ffn(
         plan,
         rows,
-        ops.cast(self.expert_kernel_1, self.compute_dtype),
-        ops.cast(self.expert_kernel_2, self.compute_dtype),
-        None
-        if self.expert_bias_1 is None
-        else ops.cast(self.expert_bias_1, self.compute_dtype),
-        None
-        if self.expert_bias_2 is None
-        else ops.cast(self.expert_bias_2, self.compute_dtype),
+        cast(self.expert_kernel_1),
+        cast(self.expert_kernel_2),
+        cast(self.expert_bias_1),
+        cast(self.expert_bias_2),
+        recompute=self.recompute_expert_activations,
     )
 
   def save_own_variables(self, store):
@@ -400,6 +446,10 @@ class MoEBase(keras.layers.Layer):
             ),
             "seed": self.seed,
             "track_metrics": self.track_metrics,
+            "recompute_expert_activations": (
+                self.recompute_expert_activations
+            ),
+            "expert_dtype": self.expert_dtype,
         }
     )
     return config
