@@ -94,6 +94,7 @@ def moe_spec(
     capacity_factor=None,
     noise_epsilon=1e-2,
     recompute_expert_activations=None,
+    expert_dtype=None,
 ):
   """The MoE layer of a model, as a plain dict (gin-configurable).
 
@@ -115,6 +116,8 @@ def moe_spec(
     noise_epsilon: added to the noise std (see BUILD.md).
     recompute_expert_activations: None (the layer's default) or a bool,
       passed to the layer when set (appendix D recomputation).
+    expert_dtype: None (the layer's dtype) or e.g. "bfloat16": expert
+      weights and activations in that dtype, gating kept in float32.
 
   Returns:
     dict of these arguments.
@@ -142,6 +145,7 @@ def moe_spec(
       capacity_factor=capacity_factor,
       noise_epsilon=noise_epsilon,
       recompute_expert_activations=recompute_expert_activations,
+      expert_dtype=expert_dtype,
   )
 
 
@@ -156,9 +160,11 @@ def build_moe(spec, name="moe", seed=None):
   Returns:
     A SparseMoE, HierarchicalSparseMoE or FeedForward layer.
   """
-  extra = {}
-  if spec.get("recompute_expert_activations") is not None:
-    extra["recompute_expert_activations"] = spec["recompute_expert_activations"]
+  extra = {
+      key: spec[key]
+      for key in ("recompute_expert_activations", "expert_dtype")
+      if spec.get(key) is not None
+  }
   if spec["kind"] == "ffn":
     return FeedForward(spec["hidden_dims"], name=name)
   if spec["kind"] == "flat":

@@ -130,3 +130,18 @@ def test_jax_backend_trains_the_lm():
   _, backend, first, last = line.split()
   assert backend == "jax"
   assert float(last) < float(first) - 0.5
+
+
+def test_moe_spec_passes_appendix_d_options():
+  spec = blocks.moe_spec(
+      num_experts=4,
+      k=2,
+      expert_hidden_dim=8,
+      expert_dtype="bfloat16",
+      recompute_expert_activations=True,
+  )
+  model = lm.build_lm(20, lm.lm_config(model_dim=8, moe=spec))
+  moe = model.get_layer("moe")
+  assert moe.recompute_expert_activations
+  assert moe.expert_kernel_1.dtype == "bfloat16"
+  assert moe.w_gate.dtype == "float32"  # gating stays float32
