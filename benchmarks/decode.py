@@ -178,8 +178,13 @@ def bench_train_step(gin_file, args):
   for _ in range(args.train_steps):
     model.train_on_batch(x, y)
   elapsed = (time.perf_counter() - start) / args.train_steps
-  return (os.path.relpath(gin_file), batch, length, elapsed,
-          batch * length / elapsed)
+  return (
+      os.path.relpath(gin_file),
+      batch,
+      length,
+      elapsed,
+      batch * length / elapsed,
+  )
 
 
 def bench_model_dir(args):

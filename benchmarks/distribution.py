@@ -115,9 +115,7 @@ def layer_step_ms(devices, args, expert_devices):
       tf.float32,
   )
   layer.build(x.shape)
-  layer.w_gate.assign(
-      np.random.default_rng(1).normal(size=layer.w_gate.shape)
-  )
+  layer.w_gate.assign(np.random.default_rng(1).normal(size=layer.w_gate.shape))
   weights = [v.value for v in layer.trainable_weights]
 
   @tf.function
@@ -126,8 +124,9 @@ def layer_step_ms(devices, args, expert_devices):
       loss = tf.reduce_sum(layer(x, training=True) ** 2)
     return tape.gradient(loss, weights)
 
-  return time_fn(lambda: [g.numpy() for g in step() if g is not None],
-                 args.repeats)
+  return time_fn(
+      lambda: [g.numpy() for g in step() if g is not None], args.repeats
+  )
 
 
 def model_step_ms(mesh_shape, args):
@@ -153,9 +152,7 @@ def model_step_ms(mesh_shape, args):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(batch, seq, args.dim)).astype("float32")
   y = rng.normal(size=(batch, seq, args.dim)).astype("float32")
-  return time_fn(
-      lambda: model.train_on_batch(x, y), args.repeats
-  )
+  return time_fn(lambda: model.train_on_batch(x, y), args.repeats)
 
 
 def main():

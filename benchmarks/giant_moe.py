@@ -206,9 +206,7 @@ def _child(setting, gin_files, steps, train_mode):
     allocated = None
   result.update(
       {
-          "peak_allocated_mb": (
-              None if allocated is None else allocated / 2**20
-          ),
+          "peak_allocated_mb": None if allocated is None else allocated / 2**20,
           "steps": len(step_times),
           "first_step_s": step_times[0],
           "step_s": float(np.median(step_times[1:] or step_times)),

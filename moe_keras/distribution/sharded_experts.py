@@ -67,7 +67,7 @@ class Placement:
 
   def __init__(self, expert_devices, row_devices=None):
     self.expert_devices = list(expert_devices)
-    self.row_devices = [list(r) for r in (row_devices or [expert_devices])]
+    self.row_devices = [list(r) for r in row_devices or [expert_devices]]
 
 
 def _stack():
@@ -380,6 +380,7 @@ def _strategy_placement(device):
       ),
   ):
     return contextlib.nullcontext()
+
   # What `strategy.extended.colocate_vars_with` installs, without its check
   # that the argument is a DistributedVariable.
   def creator(next_creator, **kwargs):

@@ -147,9 +147,7 @@ class MeshDataParallel(keras.Model):
       with tf.device(self.mesh.device(b, e)):
         with sharded_experts.replica_scope(b, num):
           outputs.append(self.inner(shard, training=training))
-    return tf.nest.map_structure(
-        lambda *xs: tf.concat(xs, axis=0), *outputs
-    )
+    return tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *outputs)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     """Keras 3.15's version, with the sample batch reduced per tensor.

@@ -235,9 +235,7 @@ def _grouped_ffn_tf_no_bias(
       else:
         pieces, hiddens = saved
       d_rows, d_hiddens, d_w2 = [], [], []
-      for g, (hid, dy, w1_g, w2_g) in enumerate(
-          zip(hiddens, d_pieces, w1, w2)
-      ):
+      for g, (hid, dy, w1_g, w2_g) in enumerate(zip(hiddens, d_pieces, w1, w2)):
         if hid is None:
           # Recompute expert g only after expert g-1's backward ran, so
           # that about one [rows_g, h] hidden is alive at a time.

@@ -446,9 +446,7 @@ class MoEBase(keras.layers.Layer):
             ),
             "seed": self.seed,
             "track_metrics": self.track_metrics,
-            "recompute_expert_activations": (
-                self.recompute_expert_activations
-            ),
+            "recompute_expert_activations": self.recompute_expert_activations,
             "expert_dtype": self.expert_dtype,
         }
     )

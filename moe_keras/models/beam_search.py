@@ -71,16 +71,12 @@ def max_decode_lengths(source_lengths, ratio=2.0, offset=10, maximum=None):
 
 def _tile_state(state, beam_size):
   """[B, ...] -> [B * K, ...] (each row repeated K times, consecutively)."""
-  return tf.nest.map_structure(
-      lambda x: tf.repeat(x, beam_size, axis=0), state
-  )
+  return tf.nest.map_structure(lambda x: tf.repeat(x, beam_size, axis=0), state)
 
 
 def _gather_beams(state, indices, batch_size, beam_size):
   """Reorders a [B * K, ...] nest by per-example beam indices [B, K]."""
-  flat = tf.reshape(
-      indices + tf.range(batch_size)[:, None] * beam_size, [-1]
-  )
+  flat = tf.reshape(indices + tf.range(batch_size)[:, None] * beam_size, [-1])
   return tf.nest.map_structure(lambda x: tf.gather(x, flat), state)
 
 
@@ -254,9 +250,7 @@ def beam_search(
     all_scores = tf.concat([fin_scores, new_scores], axis=1)
     all_lp = tf.concat([fin_lp, tf.where(finishing, top_lp, NEG_INF)], axis=1)
     all_seq = tf.concat([fin_seq, seq], axis=1)
-    all_len = tf.concat(
-        [fin_len, tf.fill([batch_size, k], length)], axis=1
-    )
+    all_len = tf.concat([fin_len, tf.fill([batch_size, k], length)], axis=1)
     fin_scores, keep = tf.math.top_k(all_scores, k=k)
     fin_lp = tf.gather(all_lp, keep, batch_dims=1)
     fin_seq = tf.gather(all_seq, keep, batch_dims=1)

@@ -266,9 +266,7 @@ class GnmtLayers:
 
   def initial_state(self, batch):
     """Zero decoder state: list over decoder layers of [r [B, p], c [B, u]]."""
-    return [
-        layer.cell.get_initial_state(batch) for layer in self.decoder_lstms
-    ]
+    return [layer.cell.get_initial_state(batch) for layer in self.decoder_lstms]
 
   def decode_step(self, ids, state, encoded):
     """One decoding step with explicit cached state.

@@ -82,8 +82,10 @@ def layer_run(layer, x, noise):
     with tf.GradientTape() as tape:
       y = layer(x, training=True, noise=noise)
       loss = tf.reduce_sum(y * c) + tf.add_n(layer.losses)
-    return y, tf.add_n(layer.losses), tape.gradient(
-        loss, [v.value for v in variables]
+    return (
+        y,
+        tf.add_n(layer.losses),
+        tape.gradient(loss, [v.value for v in variables]),
     )
 
   y, aux, grads = step(x)
@@ -148,9 +150,7 @@ def scenario_sharded_layer():
     capacity = None
     if kwargs.get("capacity_factor"):
       capacity = int(np.ceil(1.0 * tokens.shape[0] * k / n))
-    want = ref.sparse_moe(
-        tokens, weights, k, noise=noise, capacity=capacity
-    )
+    want = ref.sparse_moe(tokens, weights, k, noise=noise, capacity=capacity)
     check_close(f"{name} output vs numpy", y2.reshape(-1, out), want["output"])
     check_close(f"{name} losses vs numpy", aux2, want["total_loss"])
     check_close(f"{name} output vs single", y2, y1)
@@ -431,10 +431,12 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
   procs = []
   for index in range(2):
     env = dict(os.environ)
-    env["TF_CONFIG"] = json.dumps({
-        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-        "task": {"type": "worker", "index": index},
-    })
+    env["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
     procs.append(
         subprocess.Popen(
             [
@@ -471,9 +473,7 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
   for index, (proc, text) in enumerate(zip(procs, outputs)):
     if proc.returncode != 0:
       lines = [l for l in text.splitlines() if "File " in l or "Error" in l]
-      raise AssertionError(
-          f"worker {index} failed:\n" + "\n".join(lines[-40:])
-      )
+      raise AssertionError(f"worker {index} failed:\n" + "\n".join(lines[-40:]))
   for index in range(2):
     with open(os.path.join(out_dir, f"worker{index}.json")) as f:
       got = json.load(f)
@@ -518,10 +518,7 @@ def scenario_worker(mesh_shape, local_devices, out_path):
   ).history["loss"]
   outputs = dist.unwrap(model).predict(x, verbose=0)
   placement = {
-      v.path: [
-          _short(c.device)
-          for c in getattr(v.value, "values", [v.value])
-      ]
+      v.path: [_short(c.device) for c in getattr(v.value, "values", [v.value])]
       for v in list(dist.unwrap(model).weights) + list(
           model.optimizer.variables
       )

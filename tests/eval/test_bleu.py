@@ -10,11 +10,7 @@ from eval import bleu
 def test_hand_computed_single_segment():
   # hyp "a b c d e" vs ref "a b c d f g": precisions 4/5, 3/4, 2/3, 1/2,
   # c = 5 < r = 6 so BP = exp(1 - 6/5).
-  expected = (
-      100
-      * math.exp(1 - 6 / 5)
-      * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
-  )
+  expected = 100 * math.exp(1 - 6 / 5) * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
   result = bleu.tokenized_bleu(["a b c d e"], ["a b c d f g"])
   assert result.score == pytest.approx(expected, abs=1e-6)
   assert result.hyp_len == 5 and result.ref_len == 6

@@ -165,7 +165,10 @@ def test_fit_with_recompute_matches_plain():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((T, D))
     moe = make_layer(
-        "flat", None, False, gating="top_k",
+        "flat",
+        None,
+        False,
+        gating="top_k",
         recompute_expert_activations=recompute,
     )
     model = keras.Model(inputs, keras.layers.Dense(2)(moe(inputs)))

@@ -115,8 +115,13 @@ def test_small_beam_top1_and_early_stop(alpha):
   m = _model(2)
   h0 = np.random.default_rng(3).normal(size=(2, H))
   out = beam_search.beam_search(
-      _tf_step(m), {"h": tf.constant(h0, tf.float32)}, tf.constant([4, 4]),
-      beam_size=8, start_id=START, eos_id=EOS, alpha=alpha,
+      _tf_step(m),
+      {"h": tf.constant(h0, tf.float32)},
+      tf.constant([4, 4]),
+      beam_size=8,
+      start_id=START,
+      eos_id=EOS,
+      alpha=alpha,
   )
   for b in range(2):
     ref = {tuple(s): sc for sc, s in _np_exhaustive(m, h0[b], 4, alpha)}
@@ -136,8 +141,13 @@ def test_greedy_equals_beam_one_and_numpy():
       _tf_step(m), state, tf.constant(max_lens), start_id=START, eos_id=EOS
   )
   beam1 = beam_search.beam_search(
-      _tf_step(m), state, tf.constant(max_lens), beam_size=1, start_id=START,
-      eos_id=EOS, alpha=0.6,
+      _tf_step(m),
+      state,
+      tf.constant(max_lens),
+      beam_size=1,
+      start_id=START,
+      eos_id=EOS,
+      alpha=0.6,
   )
   for b in range(6):
     ref = _np_greedy(m, h0[b], int(max_lens[b]))

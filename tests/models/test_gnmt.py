@@ -17,18 +17,31 @@ V = 24
 def _spec(kind):
   if kind == "batchwise":
     return blocks.moe_spec(
-        kind="flat", num_experts=4, k=2, expert_hidden_dim=8,
-        gating="batchwise", w_importance=0.01, w_load=0.01,
+        kind="flat",
+        num_experts=4,
+        k=2,
+        expert_hidden_dim=8,
+        gating="batchwise",
+        w_importance=0.01,
+        w_load=0.01,
     )
   if kind == "noisy":
     return blocks.moe_spec(
-        kind="flat", num_experts=4, k=2, expert_hidden_dim=8,
-        w_importance=0.01, w_load=0.01,
+        kind="flat",
+        num_experts=4,
+        k=2,
+        expert_hidden_dim=8,
+        w_importance=0.01,
+        w_load=0.01,
     )
   if kind == "hierarchical":
     return blocks.moe_spec(
-        kind="hierarchical", num_groups=2, experts_per_group=3,
-        expert_hidden_dim=8, w_importance=0.01, w_load=0.01,
+        kind="hierarchical",
+        num_groups=2,
+        experts_per_group=3,
+        expert_hidden_dim=8,
+        w_importance=0.01,
+        w_load=0.01,
     )
   if kind == "ffn":
     return blocks.moe_spec(kind="ffn", hidden_dims=(16,))
@@ -37,8 +50,13 @@ def _spec(kind):
 
 def _model(kind, attention_kind="factored", projection=8):
   return gnmt.gnmt_model(
-      V, model_dim=8, lstm_units=16 if projection else 8,
-      lstm_projection=projection, moe=_spec(kind), dropout=0.2, seed=1,
+      V,
+      model_dim=8,
+      lstm_units=16 if projection else 8,
+      lstm_projection=projection,
+      moe=_spec(kind),
+      dropout=0.2,
+      seed=1,
       attention_kind=attention_kind,
   )
 
@@ -89,7 +107,9 @@ def test_source_padding_does_not_change_outputs():
 def test_paper_config_counts():
   # MoE-2048 hierarchical, h = 2048: the paper reports 8.7B parameters.
   spec = blocks.moe_spec(
-      kind="hierarchical", num_groups=32, experts_per_group=64,
+      kind="hierarchical",
+      num_groups=32,
+      experts_per_group=64,
       expert_hidden_dim=2048,
   )
   counts = gnmt.count_gnmt(512, 2048, 512, moe=spec)

@@ -40,8 +40,12 @@ def test_thresholds_match_batchwise_mask_after_training():
   keras.utils.set_random_seed(0)
   rng = np.random.default_rng(0)
   moe = SparseMoE(
-      N_EXPERTS, K, expert_hidden_dim=4, gating="batchwise",
-      w_importance=0.0, w_load=0.0,
+      N_EXPERTS,
+      K,
+      expert_hidden_dim=4,
+      gating="batchwise",
+      w_importance=0.0,
+      w_load=0.0,
   )
   moe.build((None, D))
   w_gate = rng.normal(size=(D, N_EXPERTS)).astype("float32")

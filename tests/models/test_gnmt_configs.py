@@ -83,9 +83,7 @@ def test_dense_baseline_matches_ops_per_timestep(directory, moe_names):
     np.testing.assert_allclose(moe, dense, rtol=0.05)
 
 
-@pytest.mark.parametrize(
-    "name", ["dense", "moe_flat", "moe_hierarchical"]
-)
+@pytest.mark.parametrize("name", ["dense", "moe_flat", "moe_hierarchical"])
 def test_tiny_configs_build_and_run(name):
   gin.clear_config()
   experiment.parse_gin([f"gin/mt/tiny/{name}.gin"])

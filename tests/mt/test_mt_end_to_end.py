@@ -117,10 +117,24 @@ def test_export_round_trip(trained):
       " sys.exit(saved_model_cli.main())"
   )
   proc = subprocess.run(
-      [sys.executable, "-c", code, "run", "--dir", export_dir, "--tag_set",
-       "serve", "--signature_def", "serving_default", "--input_exprs",
-       f"inputs={sources[:3]!r}"],
-      capture_output=True, text=True, timeout=120, check=True,
+      [
+          sys.executable,
+          "-c",
+          code,
+          "run",
+          "--dir",
+          export_dir,
+          "--tag_set",
+          "serve",
+          "--signature_def",
+          "serving_default",
+          "--input_exprs",
+          f"inputs={sources[:3]!r}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=True,
   )
   text = proc.stdout.split("Result for output key translations:")[1]
   for expected in served[:3]:
@@ -131,10 +145,18 @@ def test_decode_cli_empty_input_one_line_error(trained, tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("")
   proc = subprocess.run(
-      [sys.executable, "-m", "moe_keras.decode",
-       f"--model_dir={trained['model_dir']}", f"--input_file={empty}",
-       f"--output_file={tmp_path / 'o.txt'}"],
-      capture_output=True, text=True, timeout=120, cwd=REPO,
+      [
+          sys.executable,
+          "-m",
+          "moe_keras.decode",
+          f"--model_dir={trained['model_dir']}",
+          f"--input_file={empty}",
+          f"--output_file={tmp_path / 'o.txt'}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=REPO,
       env=dict(os.environ, PYTHONPATH=REPO),
   )
   assert proc.returncode == 1

@@ -68,9 +68,7 @@ def reference_steps(params, grad_steps, factored, lr, beta_1, beta_2, eps):
           r[e] = beta_2 * r[e] + (1 - beta_2) * sq.mean(axis=1)
           c[e] = beta_2 * c[e] + (1 - beta_2) * sq.mean(axis=0)
           mean = r[e].mean()
-          v_hat = (
-              np.outer(r[e], c[e]) / mean if mean > 0 else np.zeros_like(sq)
-          )
+          v_hat = np.outer(r[e], c[e]) / mean if mean > 0 else np.zeros_like(sq)
           p[e] -= lr_t * g[e] / (np.sqrt(v_hat) + eps)
       else:
         if name not in state:
@@ -95,14 +93,14 @@ FACTORED = {"expert_kernel_1", "expert_kernel_2"}
 
 def make_problem(seed=0, steps=5):
   rng = np.random.default_rng(seed)
-  params = {
-      k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()
-  }
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
   grad_steps = []
   for t in range(steps):
     grads = {
-        k: (rng.normal(size=s) * rng.uniform(0.1, 3.0, size=s)).astype(
-            np.float32
+        k: (
+            (rng.normal(size=s) * rng.uniform(0.1, 3.0, size=s)).astype(
+                np.float32
+            )
         )
         for k, s in SHAPES.items()
     }
@@ -255,8 +253,13 @@ def test_slot_shapes_and_bytes(hierarchical):
   names = [v.path.split("/")[-1] for v in opt.variables]
   # No first moment for the expert matrices; Adam for everything else.
   assert not any("expert_kernel" in s and "momentum" in s for s in names)
-  assert not any("expert_kernel" in s and "_velocity" in s and "row" not in s
-                 and "col" not in s for s in names)
+  assert not any(
+      "expert_kernel" in s
+      and "_velocity" in s
+      and "row" not in s
+      and "col" not in s
+      for s in names
+  )
   expected_bytes = {"factored": 0, "adam": 0}
   for i, v in enumerate(model.trainable_variables):
     if "expert_kernel" in v.path:
