@@ -41,12 +41,18 @@ class Perplexity(keras.metrics.Metric):
         (), initializer="zeros", name="tokens"
     )
 
+  def nll_and_weights(self, y_true, y_pred):
+    """(per-token NLL, weights) of a batch; the LM layout by default.
+
+    The LM's `y` is the weights and its output the NLL; a task with another
+    layout (translation packs targets and weights into `y`) overrides this.
+    """
+    return keras.ops.cast(y_pred, "float32"), keras.ops.cast(y_true, "float32")
+
   def update_state(self, y_true, y_pred, sample_weight=None):
     del sample_weight
-    weights = keras.ops.cast(y_true, "float32")
-    self.total_nll.assign_add(
-        keras.ops.sum(keras.ops.cast(y_pred, "float32") * weights)
-    )
+    nll, weights = self.nll_and_weights(y_true, y_pred)
+    self.total_nll.assign_add(keras.ops.sum(nll * weights))
     self.total_tokens.assign_add(keras.ops.sum(weights))
 
   def result(self):
@@ -63,9 +69,13 @@ class TokenCount(keras.metrics.Metric):
     super().__init__(name=name, **kwargs)
     self.count = self.add_variable((), initializer="zeros", name="count")
 
+  def weights(self, y_true):
+    """Target weights of a batch (the LM's `y`); overridable like above."""
+    return keras.ops.cast(y_true, "float32")
+
   def update_state(self, y_true, y_pred, sample_weight=None):
     del y_pred, sample_weight
-    self.count.assign_add(keras.ops.sum(keras.ops.cast(y_true, "float32")))
+    self.count.assign_add(keras.ops.sum(self.weights(y_true)))
 
   def result(self):
     # A tensor, not the variable (JAX's abstract evaluation rejects those).

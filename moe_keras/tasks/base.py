@@ -7,6 +7,7 @@ task-agnostic.
 """
 
 import gin
+import tensorflow as tf
 
 
 class Task:
@@ -29,13 +30,28 @@ class Task:
     """Compiles `model` with the task's loss and metrics."""
     raise NotImplementedError
 
-  def train_dataset(self, input_context=None):
-    """tf.data.Dataset of (x, y, sample_weight) or (x, y) for model.fit."""
+  @property
+  def vocab_size(self):
+    """Size of the data's vocabulary (the softmax)."""
+    return self.data.vocab.size
+
+  def to_keras(self, *batch):
+    """Maps one batch of the data pipeline to the model's (x, y)."""
     raise NotImplementedError
+
+  def train_dataset(self, input_context=None):
+    """tf.data.Dataset of (x, y) batches for model.fit."""
+    return self.data.train_dataset(input_context).map(
+        self.to_keras, num_parallel_calls=tf.data.AUTOTUNE
+    )
 
   def eval_dataset(self, input_context=None):
     """Same for the evaluation split, or None."""
-    raise NotImplementedError
+    if self.data.eval_dataset is None:
+      return None
+    return self.data.eval_dataset(input_context).map(
+        self.to_keras, num_parallel_calls=tf.data.AUTOTUNE
+    )
 
   def evaluate(self, model, split, model_dir, **options):
     """Evaluates `model`; returns a JSON-serializable dict of results."""

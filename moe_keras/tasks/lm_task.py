@@ -16,7 +16,6 @@ import gin
 import keras
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
 from eval import expert_stats
 from eval import perplexity as perplexity_lib
@@ -45,10 +44,6 @@ class LmTask(base.Task):
     super().__init__(data)
     self.stats_batches = stats_batches
 
-  @property
-  def vocab_size(self):
-    return self.data.vocab.size
-
   def build_model(self):
     return lm.build_lm(self.vocab_size)
 
@@ -59,17 +54,8 @@ class LmTask(base.Task):
         metrics=[perplexity_lib.Perplexity(), perplexity_lib.TokenCount()],
     )
 
-  def train_dataset(self, input_context=None):
-    return self.data.train_dataset(input_context).map(
-        _to_keras, num_parallel_calls=tf.data.AUTOTUNE
-    )
-
-  def eval_dataset(self, input_context=None):
-    if self.data.eval_dataset is None:
-      return None
-    return self.data.eval_dataset(input_context).map(
-        _to_keras, num_parallel_calls=tf.data.AUTOTUNE
-    )
+  def to_keras(self, inputs, targets, weights):
+    return _to_keras(inputs, targets, weights)
 
   def evaluate(self, model, split, model_dir, plot=False, **options):
     """Exact-softmax perplexity and expert statistics of one split.

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from eval import bleu as bleu_lib
 from eval import expert_stats
+from eval import perplexity as perplexity_lib
 from moe_keras.models import gnmt
 from moe_keras.tasks import base
 
@@ -62,47 +63,23 @@ def masked_token_nll(y_true, logits):
     scalar mean NLL per target token.
   """
   nll, weights = _nll(y_true, logits)
-  return keras.ops.sum(nll * weights) / keras.ops.maximum(
-      keras.ops.sum(weights), 1.0
-  )
+  return perplexity_lib.masked_mean_nll(weights, nll)
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
-class TokenPerplexity(keras.metrics.Metric):
-  """exp(sum of NLL / number of target tokens) since the last reset."""
+class TokenPerplexity(perplexity_lib.Perplexity):
+  """`eval.perplexity.Perplexity` over the packed translation targets."""
 
-  def __init__(self, name="perplexity", **kwargs):
-    super().__init__(name=name, **kwargs)
-    self.total_nll = self.add_variable((), initializer="zeros", name="nll")
-    self.total_tokens = self.add_variable((), initializer="zeros", name="n")
-
-  def update_state(self, y_true, y_pred, sample_weight=None):
-    del sample_weight
-    nll, weights = _nll(y_true, y_pred)
-    self.total_nll.assign_add(keras.ops.sum(nll * weights))
-    self.total_tokens.assign_add(keras.ops.sum(weights))
-
-  def result(self):
-    return keras.ops.exp(
-        self.total_nll / keras.ops.maximum(self.total_tokens, 1.0)
-    )
+  def nll_and_weights(self, y_true, y_pred):
+    return _nll(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
-class TargetTokens(keras.metrics.Metric):
-  """Number of target tokens seen since the last reset."""
+class TargetTokens(perplexity_lib.TokenCount):
+  """`eval.perplexity.TokenCount` over the packed translation targets."""
 
-  def __init__(self, name="tokens", **kwargs):
-    super().__init__(name=name, **kwargs)
-    self.count = self.add_variable((), initializer="zeros", name="count")
-
-  def update_state(self, y_true, y_pred, sample_weight=None):
-    del y_pred, sample_weight
-    weights = keras.ops.cast(y_true[..., 1], "float32")
-    self.count.assign_add(keras.ops.sum(weights))
-
-  def result(self):
-    return self.count
+  def weights(self, y_true):
+    return keras.ops.cast(y_true[..., 1], "float32")
 
 
 def _to_keras(x, target_out, weights):
@@ -270,10 +247,6 @@ class MtTask(base.Task):
     self.target_language = target_language
     self.stats_batches = stats_batches
 
-  @property
-  def vocab_size(self):
-    return self.data.vocab.size
-
   def build_model(self):
     return gnmt.gnmt_model(self.vocab_size)
 
@@ -284,17 +257,8 @@ class MtTask(base.Task):
         metrics=[TokenPerplexity(), TargetTokens()],
     )
 
-  def train_dataset(self, input_context=None):
-    return self.data.train_dataset(input_context).map(
-        _to_keras, num_parallel_calls=tf.data.AUTOTUNE
-    )
-
-  def eval_dataset(self, input_context=None):
-    if self.data.eval_dataset is None:
-      return None
-    return self.data.eval_dataset(input_context).map(
-        _to_keras, num_parallel_calls=tf.data.AUTOTUNE
-    )
+  def to_keras(self, x, target_out, weights):
+    return _to_keras(x, target_out, weights)
 
   def count_tokens(self, batch):
     """Target tokens of one (x, y) batch."""
