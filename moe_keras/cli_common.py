@@ -39,3 +39,20 @@ def fail(program, error):
   sys.stderr.write(f"{program}: error: {experiment.one_line(error)}\n")
   sys.stderr.flush()
   sys.exit(1)
+
+
+def define_translation_flags():
+  """Flags shared by moe_keras.decode and moe_keras.export."""
+  flags.DEFINE_string("model_dir", None, "A run directory of moe_keras.train.")
+  flags.DEFINE_integer(
+      "beam_size", None, "Beams (1 = greedy; default: config)."
+  )
+  flags.DEFINE_float(
+      "alpha", None, "Length-penalty exponent (default: config)."
+  )
+  flags.DEFINE_string(
+      "target_lang", None, "Target language of a multilingual model ('fr')."
+  )
+  flags.DEFINE_multi_string(
+      "gin_bindings", [], "Bindings applied on top of DIR/config.gin."
+  )

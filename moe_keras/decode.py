@@ -38,22 +38,11 @@ PROGRAM = "moe_keras.decode"
 def define_flags():
   """Defines the flags; only when run as a program, so that the CLI modules
   can be imported together (tests import decode and export)."""
-  flags.DEFINE_string("model_dir", None, "A run directory of moe_keras.train.")
+  cli_common.define_translation_flags()
+  flags.adopt_module_key_flags(cli_common)
   flags.DEFINE_string("input_file", None, "Source sentences, one per line.")
   flags.DEFINE_string("output_file", None, "Where to write the translations.")
-  flags.DEFINE_integer(
-      "beam_size", None, "Beams (1 = greedy; default: config)."
-  )
-  flags.DEFINE_float(
-      "alpha", None, "Length-penalty exponent (default: config)."
-  )
-  flags.DEFINE_string(
-      "target_lang", None, "Target language of a multilingual model ('fr')."
-  )
   flags.DEFINE_integer("batch_size", 32, "Sentences per decoding batch.")
-  flags.DEFINE_multi_string(
-      "gin_bindings", [], "Bindings applied on top of DIR/config.gin."
-  )
   flags.mark_flags_as_required(["model_dir", "input_file", "output_file"])
 
 

@@ -45,21 +45,10 @@ PROGRAM = "moe_keras.export"
 def define_flags():
   """Defines the flags; only when run as a program, so that the CLI modules
   can be imported together (tests import decode and export)."""
-  flags.DEFINE_string("model_dir", None, "A run directory of moe_keras.train.")
+  cli_common.define_translation_flags()
+  flags.adopt_module_key_flags(cli_common)
   flags.DEFINE_string("export_dir", None, "SavedModel directory to create.")
-  flags.DEFINE_integer(
-      "beam_size", None, "Beams (1 = greedy; default: config)."
-  )
-  flags.DEFINE_float(
-      "alpha", None, "Length-penalty exponent (default: config)."
-  )
-  flags.DEFINE_string(
-      "target_lang", None, "Target language of a multilingual model ('fr')."
-  )
   flags.DEFINE_bool("overwrite", False, "Replace an existing export_dir.")
-  flags.DEFINE_multi_string(
-      "gin_bindings", [], "Bindings applied on top of DIR/config.gin."
-  )
   flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 

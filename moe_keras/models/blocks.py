@@ -160,40 +160,42 @@ def build_moe(spec, name="moe", seed=None):
   Returns:
     A SparseMoE, HierarchicalSparseMoE or FeedForward layer.
   """
-  extra = {
-      key: spec[key]
-      for key in ("recompute_expert_activations", "expert_dtype")
-      if spec.get(key) is not None
-  }
   if spec["kind"] == "ffn":
     return FeedForward(spec["hidden_dims"], name=name)
+  common = {
+      key: spec[key]
+      for key in (
+          "expert_hidden_dim",
+          "w_importance",
+          "w_load",
+          "capacity_factor",
+          "noise_epsilon",
+      )
+  }
+  common.update(
+      {
+          key: spec[key]
+          for key in ("recompute_expert_activations", "expert_dtype")
+          if spec.get(key) is not None
+      }
+  )
   if spec["kind"] == "flat":
     return SparseMoE(
         num_experts=spec["num_experts"],
         k=spec["k"],
-        expert_hidden_dim=spec["expert_hidden_dim"],
         gating=spec["gating"],
-        w_importance=spec["w_importance"],
-        w_load=spec["w_load"],
-        capacity_factor=spec["capacity_factor"],
-        noise_epsilon=spec["noise_epsilon"],
         seed=seed,
         name=name,
-        **extra,
+        **common,
     )
   return HierarchicalSparseMoE(
       num_groups=spec["num_groups"],
       experts_per_group=spec["experts_per_group"],
-      expert_hidden_dim=spec["expert_hidden_dim"],
       k_primary=spec["k_primary"],
       k_secondary=spec["k_secondary"],
-      w_importance=spec["w_importance"],
-      w_load=spec["w_load"],
-      capacity_factor=spec["capacity_factor"],
-      noise_epsilon=spec["noise_epsilon"],
       seed=seed,
       name=name,
-      **extra,
+      **common,
   )
 
 
