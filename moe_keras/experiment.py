@@ -573,8 +573,13 @@ def load_experiment(
   gin.clear_config()
   parse_gin([config_path], gin_bindings)
   task, model = build_task_and_model(compile_model=compile_model)
-  eval_ds = task.eval_dataset() or task.train_dataset()
-  model(next(iter(eval_ds.take(1)))[0], training=False)
+  # Build the weights on one batch: the eval split's, or the training
+  # data's when the eval split is empty (evaluate then reports that).
+  for dataset in (task.eval_dataset(), task.train_dataset()):
+    batch = None if dataset is None else next(iter(dataset.take(1)), None)
+    if batch is not None:
+      model(batch[0], training=False)
+      break
   step = checkpoints.restore(model)
   return task, model, step
 

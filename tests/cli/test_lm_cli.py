@@ -293,3 +293,22 @@ def test_jax_backend_train_and_evaluate(corpus, tmp_path):
   with open(model_dir / "eval_valid.json") as f:
     result = json.load(f)
   assert np.isfinite(result["perplexity"]) and result["step"] == 10
+
+
+def test_evaluate_empty_file_is_one_line(trained, tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  proc = _run(
+      "moe_keras.evaluate",
+      f"--model_dir={trained}",
+      "--split=empty",
+      f"--eval_file={empty}",
+      check=False,
+  )
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert (
+      last
+      == "moe_keras.evaluate: error: the empty split is empty: no target tokens"
+  )
+  assert not (trained / "eval_empty.json").exists()
