@@ -391,16 +391,17 @@ class StepCallback(keras.callbacks.Callback):
     if self.step >= self.config.train_steps:
       self.model.stop_training = True
 
-  def on_epoch_end(self, epoch, logs=None):
+  def _save_if_new(self):
     if self.step != self.last_saved:
       self.checkpoints.save(self.model, self.step)
       self.last_saved = self.step
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._save_if_new()
     self._write_expert_histograms()
 
   def on_train_end(self, logs=None):
-    if self.step != self.last_saved:
-      self.checkpoints.save(self.model, self.step)
-      self.last_saved = self.step
+    self._save_if_new()
 
   def _write_expert_histograms(self):
     writer = self._summary_writer()
