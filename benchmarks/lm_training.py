@@ -53,6 +53,19 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 flags.DEFINE_float("target", 0.85, "Target ratio of MoE to baseline words/s.")
+flags.DEFINE_multi_string(
+    "gin_bindings",
+    [],
+    "Extra gin bindings for every config, e.g."
+    " \"moe_spec.dispatch_mode='grouped'\".",
+)
+flags.DEFINE_list(
+    "variants",
+    [],
+    "NAME=BINDING entries: also time config NAME with one more gin binding,"
+    " e.g. \"moe_256=moe_spec.dispatch_mode='grouped'\" (an A/B in the same"
+    " interleaved rounds).",
+)
 
 PAIR_BASELINE = "4xlstm_128"
 
@@ -60,9 +73,12 @@ PAIR_BASELINE = "4xlstm_128"
 class Runner:
   """One model and a fixed, cached set of PTB batches, trained with fit."""
 
-  def __init__(self, name):
+  def __init__(self, name, bindings=()):
     gin.clear_config()
-    experiment.parse_gin([os.path.join(REPO, "gin/lm/ptb", f"{name}.gin")])
+    experiment.parse_gin(
+        [os.path.join(REPO, "gin/lm/ptb", f"{name}.gin")],
+        list(FLAGS.gin_bindings) + list(bindings),
+    )
     keras.utils.set_random_seed(0)
     self.task, self.model = experiment.build_task_and_model()
     self.counts = lm.count_lm(lm.lm_config())
@@ -81,7 +97,10 @@ class Runner:
 def main(argv):
   del argv
   runners = {name: Runner(name) for name in FLAGS.configs}
-  rates = {name: [] for name in FLAGS.configs}
+  for variant in FLAGS.variants:
+    name, binding = variant.split("=", 1)
+    runners[f"{name} + {binding}"] = Runner(name, [binding])
+  rates = {name: [] for name in runners}
   for _ in range(FLAGS.rounds):
     for name, runner in runners.items():
       rates[name].append(runner.time_round())
@@ -96,7 +115,7 @@ def main(argv):
       f" vs {PAIR_BASELINE} | target |"
   )
   print("|---|---:|---:|---:|---:|---:|---|")
-  for name in FLAGS.configs:
+  for name in runners:
     rate = statistics.median(rates[name])
     counts = runners[name].counts
     is_moe = name.startswith("moe_")

@@ -11,7 +11,14 @@ to it (paper section 2: "E_i not evaluated when G(x)_i == 0") is done here:
   2. `dispatch`: gather the token rows into that expert-major layout.
   3. The experts run on their rows: one matmul per expert over exactly its
      rows (dropless, the paper's behaviour), or one batched einsum over a
-     [n, C, d] buffer (fixed capacity C; static shapes for XLA/JAX).
+     [n, C, d] buffer (fixed capacity C; static shapes for XLA/JAX), or
+     one batched einsum over a [n, C, d] buffer padded to this step's
+     largest expert, C = max_i count_i rounded up ("padded" dropless:
+     nothing is dropped; a dynamic shape, TensorFlow only). Padded trades
+     (C/mean - 1) of wasted rows for 2 einsums instead of 2n matmuls. On a
+     2-core CPU it lost in the PTB training step even at 64 rows per
+     expert (benchmarks/lm_training.py, README), so "grouped" is the
+     default and "padded" an option for accelerators.
   4. `combine`: multiply each row by its gate and segment-sum the rows back
      into their tokens, y = sum_i G(x)_i E_i(x).
 
@@ -26,6 +33,10 @@ import math
 from keras import ops
 
 from moe_keras.layers import backend_ops
+
+DISPATCH_MODES = ("grouped", "padded")
+# Padded capacity C is the step's largest expert count rounded up to this.
+PADDED_CAPACITY_MULTIPLE = 32
 
 
 def capacity_for(num_assignments, num_experts, capacity_factor):
@@ -56,10 +67,13 @@ class RoutingPlan:
     token_counts: int32 [n], assignments routed to each expert before any
       capacity drop.
     num_dropped: int32 scalar, routed assignments dropped for capacity.
-    capacity: None (dropless) or python int C.
+    capacity: None (grouped dropless), python int C (capacity mode) or an
+      int32 scalar tensor C = max_i count_i (padded dropless).
   """
 
-  def __init__(self, expert_ids, num_experts, capacity_factor=None):
+  def __init__(
+      self, expert_ids, num_experts, capacity_factor=None, padded=False
+  ):
     """Builds the plan.
 
     Args:
@@ -67,6 +81,13 @@ class RoutingPlan:
       num_experts: python int n.
       capacity_factor: None (dropless) or python float; capacity mode needs a
         static N.
+      padded: dropless with the [n, C, d] buffer layout of capacity mode,
+        C = max_i count_i (a scalar tensor), so no assignment is dropped;
+        needs a backend with dynamic shapes (TensorFlow). Ignored when
+        `capacity_factor` is set.
+
+    Raises:
+      ValueError: capacity_factor with a dynamic number of tokens.
     """
     num_tokens = ops.shape(expert_ids)[0]
     slots = expert_ids.shape[1]
@@ -91,7 +112,7 @@ class RoutingPlan:
     self.token_counts = counts[:num_experts]
     order = ops.cast(order, "int32")
 
-    if capacity_factor is None:
+    if capacity_factor is None and not padded:
       # Dropless: row r of the layout is sorted assignment r. Rows of
       # unrouted assignments (sentinel id) are at the end and are skipped by
       # the grouped matmul (group_sizes excludes them).
@@ -106,12 +127,23 @@ class RoutingPlan:
       self.num_dropped = ops.zeros((), "int32")
       return
 
-    if not isinstance(num_assignments, int):
-      raise ValueError(
-          "capacity_factor needs a static number of tokens; got a dynamic"
-          " batch shape."
+    if capacity_factor is None:
+      # Padded dropless: the largest expert sets this step's capacity.
+      # (rounded up, so that steps reuse a few buffer shapes: oneDNN builds
+      # a batched-matmul kernel per new shape).
+      largest = ops.maximum(ops.max(self.token_counts), 1)
+      capacity = (
+          (largest + PADDED_CAPACITY_MULTIPLE - 1)
+          // PADDED_CAPACITY_MULTIPLE
+          * PADDED_CAPACITY_MULTIPLE
       )
-    capacity = capacity_for(num_assignments, num_experts, capacity_factor)
+    else:
+      if not isinstance(num_assignments, int):
+        raise ValueError(
+            "capacity_factor needs a static number of tokens; got a dynamic"
+            " batch shape."
+        )
+      capacity = capacity_for(num_assignments, num_experts, capacity_factor)
     self.capacity = capacity
     # Position of each sorted assignment within its expert's run.
     starts = ops.cumsum(counts) - counts  # [n + 1]

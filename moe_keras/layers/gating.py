@@ -13,6 +13,7 @@ number of experts.
   eq. (6)   Importance(X) ..................... `importance`
   eqs.(7,11) CV(.)^2 losses ................... `cv_squared`
   eq. (8)   kth_excluding ..................... `kth_excluding`
+  eqs.(4,5,8) one top-(k+1) for all three ...... `noisy_top_k`
   eq. (9)   P(x, i) ........................... `load_probabilities`
   eq. (10)  Load(X) ........................... `load`
   eqs.(15,16) strictly balanced gates ......... `masked_gates`
@@ -94,7 +95,7 @@ def noisy_top_k_logits(clean_logits, raw_noise_stddev, noise, noise_epsilon):
   return clean_logits + noise * noise_stddev, noise_stddev
 
 
-def top_k_gates(logits, k):
+def top_k_gates(logits, k, top=None):
   """Sparse gates G(x) = Softmax(KeepTopK(v, k)), eqs. (3) and (5).
 
   Softmax over the k kept values equals the softmax of eq. (3) with the other
@@ -109,12 +110,19 @@ def top_k_gates(logits, k):
   Args:
     logits: float32 [N, n], H(x) (training) or x . W_g.
     k: python int, 1 <= k <= n.
+    top: optional (values [N, k'], indices [N, k']) of
+      `ops.top_k(logits, k', sorted=True)` for some k' >= k, reused instead
+      of a second top-k (the noisy gate already computes k' = k + 1 for
+      eq. 8; top-k over [N, n] is one of the gate's costliest ops).
 
   Returns:
     (gates float32 [N, k] summing to 1 per row, indices int32 [N, k]) ordered
     by decreasing logit.
   """
-  top_logits, top_indices = ops.top_k(logits, k=k, sorted=True)
+  if top is None:
+    top_logits, top_indices = ops.top_k(logits, k=k, sorted=True)
+  else:
+    top_logits, top_indices = top[0][:, :k], top[1][:, :k]
   if k == 1:
     # Softmax of one logit is exactly 1 (TF's CPU kernel can return
     # 0.99999994, which would leak a spurious gradient into W_g).
@@ -158,7 +166,7 @@ def importance(gates, indices, num_experts):
   return summed[:num_experts]
 
 
-def kth_excluding(noisy_logits, k):
+def kth_excluding(noisy_logits, k, top_values=None):
   """kth_excluding(H(x), k, i) of eq. (8), for every expert i at once.
 
   The k-th largest entry of H(x) once entry i is removed: with the top k+1
@@ -169,6 +177,8 @@ def kth_excluding(noisy_logits, k):
     noisy_logits: float32 [N, n] = H(x).
     k: python int, 1 <= k <= n. For k == n no k-th value exists once one entry
       is removed; the result is -inf (expert i is then always selected).
+    top_values: optional float32 [N, >= k+1], the sorted top values of
+      `noisy_logits` if already computed.
 
   Returns:
     float32 [N, n].
@@ -176,7 +186,8 @@ def kth_excluding(noisy_logits, k):
   num_experts = noisy_logits.shape[-1]
   if k >= num_experts:
     return ops.full_like(noisy_logits, -float("inf"))
-  top_values, _ = ops.top_k(noisy_logits, k=k + 1, sorted=True)
+  if top_values is None:
+    top_values, _ = ops.top_k(noisy_logits, k=k + 1, sorted=True)
   threshold_if_in = top_values[:, k : k + 1]
   threshold_if_out = top_values[:, k - 1 : k]
   is_in = ops.greater(noisy_logits, threshold_if_in)
@@ -188,7 +199,9 @@ def normal_cdf(z):
   return 0.5 * (1.0 + ops.erf(z * _SQRT_HALF))
 
 
-def load_probabilities(clean_logits, noisy_logits, noise_stddev, k):
+def load_probabilities(
+    clean_logits, noisy_logits, noise_stddev, k, top_values=None
+):
   """P(x, i) of eqs. (8)-(9): the smooth probability that G(x)_i != 0.
 
   P(x, i) = Phi(((x . W_g)_i - kth_excluding(H(x), k, i)) / noise_stddev_i),
@@ -200,6 +213,8 @@ def load_probabilities(clean_logits, noisy_logits, noise_stddev, k):
     noisy_logits: float32 [N, n], H(x) as used for the top-k selection.
     noise_stddev: float32 [N, n], Softplus(x . W_noise) (+ epsilon), > 0.
     k: python int.
+    top_values: optional float32 [N, >= k+1], sorted top values of
+      `noisy_logits` (see `kth_excluding`).
 
   Returns:
     float32 [N, n] in [0, 1].
@@ -208,7 +223,7 @@ def load_probabilities(clean_logits, noisy_logits, noise_stddev, k):
     # Every expert is always selected: P = 1 exactly. (Going through
     # Phi((clean + inf) / stddev) would give 1 but a NaN gradient.)
     return ops.ones_like(clean_logits)
-  threshold = kth_excluding(noisy_logits, k)
+  threshold = kth_excluding(noisy_logits, k, top_values=top_values)
   return normal_cdf((clean_logits - threshold) / noise_stddev)
 
 
@@ -320,6 +335,36 @@ def batchwise_threshold_loss(probabilities, thresholds, batch_mask, valid=None):
   if valid is not None:
     terms = terms * ops.cast(valid, "float32")[:, None]
   return ops.sum(terms)
+
+
+def noisy_top_k(clean_logits, raw_noise_stddev, noise, k, noise_epsilon):
+  """Noisy top-k gate with its smooth load, eqs. (3)-(5) and (8)-(10).
+
+  The training path of the paper's gate in one place: H(x) (eq. 4), the
+  gates Softmax(KeepTopK(H(x), k)) (eqs. 3, 5) and P(x, i) (eq. 9), with a
+  single sorted top-(k+1) of H(x) shared by KeepTopK and kth_excluding
+  (eq. 8). Same values as calling `noisy_top_k_logits`, `top_k_gates` and
+  `load_probabilities` in turn.
+
+  Args:
+    clean_logits: float32 [N, n], x . W_g.
+    raw_noise_stddev: float32 [N, n], x . W_noise.
+    noise: float32 [N, n] standard-normal draws.
+    k: python int, 1 <= k <= n.
+    noise_epsilon: python float added to the Softplus.
+
+  Returns:
+    (gates float32 [N, k], indices int32 [N, k], probabilities P float32
+    [N, n]).
+  """
+  noisy, stddev = noisy_top_k_logits(
+      clean_logits, raw_noise_stddev, noise, noise_epsilon
+  )
+  num_experts = noisy.shape[-1]
+  top = ops.top_k(noisy, k=min(k + 1, num_experts), sorted=True)
+  gates, indices = top_k_gates(noisy, k, top=top)
+  probs = load_probabilities(clean_logits, noisy, stddev, k, top_values=top[0])
+  return gates, indices, probs
 
 
 def standard_normal(shape, seed):

@@ -16,6 +16,7 @@ from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from moe_keras.distribution import sharded_experts
+from moe_keras.layers import backend_ops
 from moe_keras.layers import dispatch
 from moe_keras.layers import gating as gating_lib
 
@@ -132,6 +133,14 @@ class MoEBase(keras.layers.Layer):
   Holds the stacked experts, the losses/statistics plumbing and the Keras
   metrics. Subclasses implement `_route`.
 
+  Dispatch (`dispatch_mode`, dropless only; see moe_keras.layers.dispatch):
+    "grouped" (default): one matmul pair per expert over exactly its rows
+      (JAX: `jax.lax.ragged_dot`).
+    "padded": TensorFlow only (JAX keeps "grouped"): one batched einsum
+      over [n, C, d], C = this step's largest expert count rounded up; same
+      values, nothing dropped. Slower than "grouped" in the PTB training
+      step on a 2-core CPU (measured); an option for accelerators.
+
   Memory options (appendix D; both default off):
     recompute_expert_activations: the [tokens*k, h] ReLU activations of the
       experts are not kept between the forward and the backward pass; the
@@ -162,9 +171,16 @@ class MoEBase(keras.layers.Layer):
       recompute_expert_activations=False,
       expert_dtype=None,
       expert_devices=None,
+      dispatch_mode="grouped",
       **kwargs,
   ):
     super().__init__(**kwargs)
+    if dispatch_mode not in dispatch.DISPATCH_MODES:
+      raise ValueError(
+          f"unknown dispatch_mode {dispatch_mode!r}; expected one of"
+          f" {', '.join(dispatch.DISPATCH_MODES)}"
+      )
+    self.dispatch_mode = dispatch_mode
     if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
       raise ValueError(
           f"expert_hidden_dim must be an int >= 1, got {expert_hidden_dim!r}"
@@ -327,6 +343,7 @@ class MoEBase(keras.layers.Layer):
         routing["expert_ids"],
         num_experts=self.num_experts,
         capacity_factor=self.capacity_factor,
+        padded=self._padded_dispatch(),
     )
     rows = plan.dispatch(ops.cast(tokens, self.expert_compute_dtype))
     expert_out = self._run_experts(plan, rows)
@@ -348,6 +365,19 @@ class MoEBase(keras.layers.Layer):
     if return_stats:
       return outputs, stats
     return outputs
+
+  def _padded_dispatch(self):
+    """Whether the dropless plan uses the padded layout (dispatch_mode).
+
+    Returns:
+      python bool: "padded" on TensorFlow for experts on one device (JAX
+      keeps its grouped kernel; sharded experts dispatch per device block).
+    """
+    return (
+        self.dispatch_mode == "padded"
+        and self._expert_shards is None
+        and backend_ops.backend_name() == "tensorflow"
+    )
 
   def _run_experts(self, plan, rows):
     """Runs the experts on the dispatched rows ([R, d] -> [R, d_out])."""
@@ -448,6 +478,7 @@ class MoEBase(keras.layers.Layer):
             "track_metrics": self.track_metrics,
             "recompute_expert_activations": self.recompute_expert_activations,
             "expert_dtype": self.expert_dtype,
+            "dispatch_mode": self.dispatch_mode,
         }
     )
     return config
@@ -553,22 +584,29 @@ class SparseMoE(MoEBase):
     """
     n = self.num_experts
     x = ops.cast(tokens, "float32")
-    clean = ops.matmul(x, self.w_gate)  # [N, n]
     valid_f = None if valid is None else ops.cast(valid, "float32")[:, None]
     result = {}
+    if self.gating == "noisy_top_k" and training:
+      # x . W_g and x . W_noise as one matmul (eq. 4).
+      both = ops.matmul(x, ops.concatenate([self.w_gate, self.w_noise], axis=1))
+      clean, raw = both[:, :n], both[:, n:]
+    else:
+      clean = ops.matmul(x, self.w_gate)  # [N, n]
     if self.gating in ("noisy_top_k", "top_k"):
-      logits = clean
       smooth_load = None
       if self.gating == "noisy_top_k" and training:
-        raw = ops.matmul(x, self.w_noise)
-        logits, stddev = gating_lib.noisy_top_k_logits(
-            clean, raw, self._noise(ops.shape(clean), noise), self.noise_epsilon
-        )
-        probs = gating_lib.load_probabilities(clean, logits, stddev, self.k)
+        gates, indices, probs = gating_lib.noisy_top_k(
+            clean,
+            raw,
+            self._noise(ops.shape(clean), noise),
+            self.k,
+            self.noise_epsilon,
+        )  # eqs. (3)-(5), (8)-(9)
         if valid_f is not None:
           probs = probs * valid_f
-        smooth_load = gating_lib.load(probs)
-      gates, indices = gating_lib.top_k_gates(logits, self.k)
+        smooth_load = gating_lib.load(probs)  # eq. (10)
+      else:
+        gates, indices = gating_lib.top_k_gates(clean, self.k)
       result["load"] = smooth_load
       result["load_is_smooth"] = smooth_load is not None
     elif self.gating == "softmax":

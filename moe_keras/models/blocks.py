@@ -95,6 +95,7 @@ def moe_spec(
     noise_epsilon=1e-2,
     recompute_expert_activations=None,
     expert_dtype=None,
+    dispatch_mode=None,
 ):
   """The MoE layer of a model, as a plain dict (gin-configurable).
 
@@ -118,6 +119,9 @@ def moe_spec(
       passed to the layer when set (appendix D recomputation).
     expert_dtype: None (the layer's dtype) or e.g. "bfloat16": expert
       weights and activations in that dtype, gating kept in float32.
+    dispatch_mode: None (the layer's default, 'grouped': a matmul per
+      expert) or 'padded' (TensorFlow: one einsum padded to the step's
+      largest expert); see moe_keras.layers.dispatch.
 
   Returns:
     dict of these arguments.
@@ -146,6 +150,7 @@ def moe_spec(
       noise_epsilon=noise_epsilon,
       recompute_expert_activations=recompute_expert_activations,
       expert_dtype=expert_dtype,
+      dispatch_mode=dispatch_mode,
   )
 
 
@@ -175,7 +180,11 @@ def build_moe(spec, name="moe", seed=None):
   common.update(
       {
           key: spec[key]
-          for key in ("recompute_expert_activations", "expert_dtype")
+          for key in (
+              "recompute_expert_activations",
+              "expert_dtype",
+              "dispatch_mode",
+          )
           if spec.get(key) is not None
       }
   )

@@ -143,6 +143,23 @@ def test_load_probabilities_eq9(rng, k):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 6])
+def test_noisy_top_k_one_top_k_for_eqs_3_5_8_9(rng, k):
+  """The fused training gate (one top-(k+1)) equals eqs. 3-5 and 8-9."""
+  clean = rng.normal(size=(24, 6)).astype(np.float32)
+  raw = rng.normal(size=(24, 6)).astype(np.float32)
+  noise = rng.normal(size=(24, 6)).astype(np.float32)
+  gates, idx, probs = gating.noisy_top_k(
+      _f32(clean), _f32(raw), _f32(noise), k, 1e-2
+  )
+  noisy, std = ref.noisy_logits(clean, raw, noise, 1e-2)
+  want_gates, want_idx = ref.top_k_gates(noisy, k)
+  np.testing.assert_array_equal(_np(idx), want_idx)
+  np.testing.assert_allclose(_np(gates), want_gates, rtol=RTOL, atol=ATOL)
+  want_p = ref.load_probabilities(clean, noisy, std, k)
+  np.testing.assert_allclose(_np(probs), want_p, rtol=1e-5, atol=2e-6)
+
+
 def test_load_probabilities_match_monte_carlo():
   """P(x,i) (eq 9) vs the probability it models (eq 8), estimated by redrawing
   only expert i's noise. Agreement within 5 standard errors for every (x, i)."""

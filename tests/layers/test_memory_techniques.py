@@ -129,7 +129,11 @@ def test_recompute_equals_plain_path_tf(kind, capacity_factor, use_bias, graph):
 def _op_counts(recompute, capacity_factor):
   x, noise = make_inputs("flat")
   layer = make_layer(
-      "flat", capacity_factor, False, recompute_expert_activations=recompute
+      "flat",
+      capacity_factor,
+      False,
+      recompute_expert_activations=recompute,
+      dispatch_mode="grouped",
   )
   layer.build(x.shape)
 
