@@ -635,11 +635,69 @@ def _free_ports(count):
   return ports
 
 
-def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
+# The tiny LM of gin/lm/tiny (LSTM -> residual MoE -> LSTM -> softmax),
+# made deterministic so that 2 workers can match 1 process: no dropout, the
+# exact softmax (no sampled candidates), top-k gating without noise and no
+# balancing losses (replicas compute those on their slice of the batch).
+LM_BINDINGS = (
+    "DROPOUT = 0.0",
+    "NUM_SAMPLED = None",
+    "W_IMPORTANCE = 0.0",
+    "W_LOAD = 0.0",
+    "WARMUP_STEPS = 2",
+    "moe_spec.gating = 'top_k'",
+)
+LM_VOCAB, LM_BATCH, LM_TIME = 40, 8, 12
+
+
+def multi_worker_model(kind, dist):
+  """(compiled model, x, y) for the multi-worker scenario.
+
+  Args:
+    kind: "tiny" (Dense -> MoE -> Dense, MSE) or "lm" (the tiny MoE LM of
+      gin/lm/tiny/moe_flat.gin, its Adam schedule and masked mean NLL).
+    dist: the Distribution to build under.
+
+  Returns:
+    (model, x, y) with the global batch x, y.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  if kind == "tiny":
+    with dist.scope():
+      model = dist.wrap_model(tiny_model())
+      model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    return (model,) + tiny_data(batch=16)
+  from eval import perplexity as perplexity_lib  # pylint: disable=g-import-not-at-top
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+  from moe_keras.models import lm  # pylint: disable=g-import-not-at-top
+  from moe_keras.optimizers import factory  # pylint: disable=g-import-not-at-top
+
+  experiment.parse_gin(["gin/lm/tiny/moe_flat.gin"], LM_BINDINGS)
+  keras.utils.set_random_seed(0)
+  with dist.scope():
+    model = dist.wrap_model(lm.build_lm(LM_VOCAB))
+    model.compile(
+        optimizer=factory.make_optimizer(),
+        loss=perplexity_lib.masked_mean_nll,
+    )
+  rng = np.random.default_rng(5)
+  ids = rng.integers(1, LM_VOCAB, size=(LM_BATCH, LM_TIME + 1))
+  weights = np.ones((LM_BATCH, LM_TIME), "float32")
+  x = {
+      "inputs": ids[:, :-1].astype("int32"),
+      "targets": ids[:, 1:].astype("int32"),
+      "weights": weights,
+  }
+  return model, x, weights
+
+
+def scenario_multi_worker(mesh_shape="batch:2,expert:1", kind="tiny"):
   """2 MultiWorkerMirroredStrategy workers == 1 process, same global batch.
 
   Args:
     mesh_shape: the global mesh; each worker gets batch/2 rows of it.
+    kind: "tiny" or "lm" (see `multi_worker_model`).
   """
   shape = dict(p.split(":") for p in mesh_shape.split(","))
   local_devices = int(shape["batch"]) // 2 * int(shape["expert"])
@@ -663,6 +721,7 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
                 mesh_shape,
                 str(local_devices),
                 os.path.join(out_dir, f"worker{index}.json"),
+                kind,
             ],
             env=env,
             stdout=subprocess.PIPE,
@@ -672,12 +731,14 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
     )
   # The single-process reference runs while the workers start.
   setup_tf_devices(1)
-  x, y = tiny_data(batch=16)
-  _, single = build_on("")
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+
+  single, x, y = multi_worker_model(kind, make_distribution("batch:1,expert:1"))
+  batch = len(y)
   weights_path = os.path.join(out_dir, "init.weights.h5")
   single.save_weights(weights_path)  # the workers wait for this file
   history = single.fit(
-      x, y, batch_size=16, epochs=3, shuffle=False, verbose=0
+      x, y, batch_size=batch, epochs=3, shuffle=False, verbose=0
   ).history["loss"]
   outputs = []
   try:
@@ -694,8 +755,11 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
   for index in range(2):
     with open(os.path.join(out_dir, f"worker{index}.json")) as f:
       got = json.load(f)
-    check_close(f"worker {index} losses ({mesh_shape})", got["loss"], history)
-    final = single.predict(x, verbose=0)
+    print(f"worker {index} losses", got["loss"], "one process", history)
+    check_close(
+        f"worker {index} {kind} losses ({mesh_shape})", got["loss"], history
+    )
+    final = single.predict(x, batch_size=batch, verbose=0)
     check_close(f"worker {index} final outputs", got["outputs"], final)
     if index == 0:
       print("worker 0 expert blocks and Adam slots:", got["placement"])
@@ -705,7 +769,7 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
       assert where == [f"CPU:{block}"], (path, where)
 
 
-def scenario_worker(mesh_shape, local_devices, out_path):
+def scenario_worker(mesh_shape, local_devices, out_path, kind="tiny"):
   """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the parent)."""
   import time  # pylint: disable=g-import-not-at-top
 
@@ -724,16 +788,14 @@ def scenario_worker(mesh_shape, local_devices, out_path):
     time.sleep(0.2)
   time.sleep(0.5)
   assert dist.kind == "multi_worker", dist.kind
-  with dist.scope():
-    model = dist.wrap_model(tiny_model())
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+  model, x, y = multi_worker_model(kind, dist)
   model.load_weights(init)
-  x, y = tiny_data(batch=16)
-  dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+  batch = len(y)
+  dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
   history = model.fit(
       dist.distribute_dataset(dataset), epochs=3, verbose=0
   ).history["loss"]
-  outputs = dist.unwrap(model).predict(x, verbose=0)
+  outputs = dist.unwrap(model).predict(x, batch_size=batch, verbose=0)
   placement = {
       v.path: [_short(c.device) for c in getattr(v.value, "values", [v.value])]
       for v in list(dist.unwrap(model).weights) + list(
