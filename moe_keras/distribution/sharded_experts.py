@@ -16,6 +16,13 @@ the calling replica's device, where `RoutingPlan.combine` applies the gates.
 Gradients follow the same path backwards: each block's weight gradients are
 computed on, and stay on, the block's device.
 
+A hierarchical MoE (appendix B) places each secondary MoE whole: block e
+also holds the secondary gates of its a/E groups (`w_gate_secondary_block{e}`,
+`w_noise_secondary_block{e}`, [a/E, d, b]), and `call_hierarchical` sends a
+token's row once per selected group to the group's device, where the
+secondary gate, the experts and the secondary combine run; only the
+combined group output comes back (k_primary rows per token, not k).
+
 Checkpoints do not depend on the layout: `save_own_variables` writes exactly
 what the unsharded layer writes (the full [n, d, h] arrays at the same
 indices), and `load_own_variables` splits them for any number of blocks.
@@ -23,6 +30,7 @@ indices), and `load_own_variables` splits them for any number of blocks.
 
 import contextlib
 import threading
+import types
 
 from absl import logging
 import keras
@@ -488,10 +496,11 @@ class ShardedExperts:
             "group_counts": ops.cast(group_plan.token_counts, "float32"),
         },
     }
-    counts_plan = _BlockPlan(capacity, None, None)
-    counts_plan.token_counts = tf.concat(counts, axis=0)
-    counts_plan.num_dropped = tf.add_n(dropped)
-    stats = layer._statistics(routing, counts_plan, training)  # pylint: disable=protected-access
+    # What `_statistics` reads of a RoutingPlan, over the a*b experts.
+    expert_counts = types.SimpleNamespace(
+        token_counts=tf.concat(counts, axis=0), num_dropped=tf.add_n(dropped)
+    )
+    stats = layer._statistics(routing, expert_counts, training)  # pylint: disable=protected-access
     if training:
       layer.add_loss(
           scale_replica_loss(stats["importance_loss"] + stats["load_loss"])
