@@ -1,14 +1,20 @@
 """Bytes crossing devices per token, and the sharded layer's step overhead.
 
 Part 1 (computed): for the paper's LM and MT configurations, the bytes one
-token sends across devices through one MoE layer per training step. Each
-of its k assignments sends the d-dim input to the expert's device and gets
-the d-dim output back (forward), and the backward pass sends the output
-gradient there and the input gradient back: 4 k d bytes_per_value, of which
-a fraction (E-1)/E crosses devices with uniform routing over E expert
-devices. "paper placement" is the hierarchical MoE with each secondary MoE
-(gate included) on one device: one send per primary group, 4 k_primary d.
-MACs per value moved = h for every configuration (paper section 3).
+token sends across devices through one MoE layer per training step, with a
+fraction (E-1)/E crossing devices under uniform routing over E expert
+devices. Flat MoE: each of the token's k assignments sends the d-dim input
+to the expert's device and gets the d-dim output back (forward); the
+backward pass sends the output gradient there and the input gradient back:
+4 k d values. Hierarchical MoE (appendix B; k = k_primary * k_secondary):
+"experts only" is the earlier placement (secondary gates in every replica,
+each of the k expert assignments sent on its own, 4 k d); "this code" is
+the paper's placement, each secondary MoE (gate and experts) on its
+group's device: one row per selected group, carrying d inputs and its
+primary gate there and d outputs back, and the same in the backward pass:
+k_primary (4 d + 2) values. MACs per value moved (paper section 3): h for a
+flat MoE; k_secondary h + b per hierarchical group row (b's gate MACs are
+small next to the experts'; taken as 0 below).
 
 Part 2 (measured): forward+backward step time of one SparseMoE layer, single
 device vs experts in blocks on 8 logical CPU devices (`expert_devices`),
@@ -46,13 +52,25 @@ PAPER_CONFIGS = (
 
 
 def bytes_table(num_devices):
-  """Rows of (name, d, h, k, bytes here, bytes paper placement, MACs/value)."""
+  """Bytes crossing devices per token per MoE layer per training step.
+
+  Args:
+    num_devices: E, expert devices (uniform routing: (E-1)/E crosses).
+
+  Returns:
+    rows of (name, d, h, k, bytes with experts-only placement, bytes with
+    this code's placement, MACs per value moved by this code).
+  """
   cross = (num_devices - 1) / num_devices
   rows = []
   for name, d, h, k, k_primary in PAPER_CONFIGS:
-    here = 4 * k * d * BYTES_PER_VALUE * cross
-    paper = 4 * (k_primary or k) * d * BYTES_PER_VALUE * cross
-    rows.append((name, d, h, k, here, paper, h))
+    experts_only = 4 * k * d * BYTES_PER_VALUE * cross
+    if k_primary is None:
+      here, macs = experts_only, h
+    else:
+      here = k_primary * (4 * d + 2) * BYTES_PER_VALUE * cross
+      macs = (k // k_primary) * h
+    rows.append((name, d, h, k, experts_only, here, macs))
   return rows
 
 
@@ -62,13 +80,14 @@ def print_bytes_table(num_devices):
       f" (float32, {num_devices} expert devices, uniform routing):\n"
   )
   print(
-      "| config | d | h | k | bytes/token (this code) | bytes/token (paper"
-      " placement) | fwd bytes/token | MACs per value moved |"
+      "| config | d | h | k | bytes/token (experts-only placement) |"
+      " bytes/token (this code) | fwd bytes/token (this code) | MACs per"
+      " value moved |"
   )
   print("|---|---:|---:|---:|---:|---:|---:|---:|")
-  for name, d, h, k, here, paper, macs in bytes_table(num_devices):
+  for name, d, h, k, experts_only, here, macs in bytes_table(num_devices):
     print(
-        f"| {name} | {d} | {h} | {k} | {here:,.0f} | {paper:,.0f} |"
+        f"| {name} | {d} | {h} | {k} | {experts_only:,.0f} | {here:,.0f} |"
         f" {here / 2:,.0f} | {macs} |"
     )
 
@@ -94,22 +113,33 @@ def time_fn(fn, repeats):
   return statistics.median(times) * 1000.0
 
 
-def layer_step_ms(devices, args, expert_devices):
+def layer_step_ms(devices, args, expert_devices, hierarchical=False):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
 
   del devices
-  layer = SparseMoE(
-      args.num_experts,
-      args.k,
-      args.hidden,
-      gating="top_k",
-      expert_devices=expert_devices,
-      seed=0,
-      track_metrics=False,
-  )
+  if hierarchical:  # groups of 4 experts, k = 2 * 2
+    layer = HierarchicalSparseMoE(
+        args.num_experts // 4,
+        4,
+        args.hidden,
+        expert_devices=expert_devices,
+        seed=0,
+        track_metrics=False,
+    )
+  else:
+    layer = SparseMoE(
+        args.num_experts,
+        args.k,
+        args.hidden,
+        gating="top_k",
+        expert_devices=expert_devices,
+        seed=0,
+        track_metrics=False,
+    )
   x = tf.constant(
       np.random.default_rng(0).normal(size=(args.tokens, args.dim)),
       tf.float32,
@@ -122,6 +152,8 @@ def layer_step_ms(devices, args, expert_devices):
   def step():
     with tf.GradientTape() as tape:
       loss = tf.reduce_sum(layer(x, training=True) ** 2)
+      if layer.losses:
+        loss += tf.add_n(layer.losses)
     return tape.gradient(loss, weights)
 
   return time_fn(
@@ -164,6 +196,9 @@ def main():
   parser.add_argument("--num_experts", type=int, default=32)
   parser.add_argument("--k", type=int, default=4)
   parser.add_argument("--skip_measure", action="store_true")
+  parser.add_argument(
+      "--skip_model", action="store_true", help="layers only, no model steps"
+  )
   args = parser.parse_args()
 
   print_bytes_table(NUM_DEVICES)
@@ -185,6 +220,16 @@ def main():
         f"| SparseMoE layer, experts on {blocks} devices | {single:.1f} |"
         f" {sharded:.1f} | {sharded / single - 1:+.0%} |"
     )
+  single = layer_step_ms(devices, args, None, hierarchical=True)
+  for blocks in (2, 8):
+    sharded = layer_step_ms(devices, args, devices[:blocks], hierarchical=True)
+    print(
+        f"| HierarchicalSparseMoE layer ({args.num_experts // 4} groups of 4,"
+        f" k=2x2), groups on {blocks} devices | {single:.1f} |"
+        f" {sharded:.1f} | {sharded / single - 1:+.0%} |"
+    )
+  if args.skip_model:
+    return
   single = model_step_ms("batch:1,expert:1", args)
   for mesh_shape in ("batch:1,expert:8", "batch:2,expert:4"):
     sharded = model_step_ms(mesh_shape, args)

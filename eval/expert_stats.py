@@ -18,6 +18,7 @@ import os
 import keras
 import numpy as np
 
+from moe_keras.distribution import Distribution
 from moe_keras.layers.sparse_moe import MoEBase
 
 STAT_KEYS = ("importance", "load", "token_counts")
@@ -64,7 +65,9 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
   """Runs every MoE layer of `model` over `dataset` and summarizes routing.
 
   Args:
-    model: a functional keras.Model containing MoE layers.
+    model: a functional keras.Model containing MoE layers, or a mesh's
+      wrapped one (its inner model runs the whole batch; MoE layers keep
+      their experts on the mesh's devices).
     dataset: iterable of (x, ...) batches in the model's input format.
     max_batches: stop after this many batches (None: all).
     training: use the training-time gates (noise, smooth load).
@@ -76,6 +79,7 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
     batches ('batch_mean_cv_importance', ...), 'dropped_fraction', and
     'num_batches'. Empty when the model has no MoE layer.
   """
+  model = Distribution.unwrap(model)
   layers = moe_layers(model)
   if not layers:
     return {}

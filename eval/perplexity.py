@@ -21,13 +21,24 @@ def masked_mean_nll(weights, nll):
     nll: float [B, T] per-token negative log-likelihood (the model output).
 
   Returns:
-    scalar, the mean NLL per target token of the batch.
+    scalar, the mean NLL per target token of the batch; under a
+    tf.distribute strategy with R replicas (MultiWorkerMirroredStrategy),
+    divided by R, so that the summed replica gradients and Keras's reported
+    loss are those of the mean (Keras divides its own losses by R, but
+    leaves a loss function's scalar result as it is).
   """
   weights = keras.ops.cast(weights, "float32")
   nll = keras.ops.cast(nll, "float32")
-  return keras.ops.sum(nll * weights) / keras.ops.maximum(
+  mean = keras.ops.sum(nll * weights) / keras.ops.maximum(
       keras.ops.sum(weights), 1.0
   )
+  if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+      mean = mean / float(replicas)
+  return mean
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")

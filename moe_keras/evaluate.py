@@ -2,6 +2,7 @@ r"""Evaluates a trained model_dir: perplexity (LM) or BLEU (MT), expert stats.
 
   python -m moe_keras.evaluate --model_dir=DIR [--split=test]
       [--eval_file=my_text.txt] [--plot] [--gin_bindings=...]
+      [--mesh_shape=batch:2,expert:4]
 
 Rebuilds the experiment from DIR/config.gin, restores the latest checkpoint
 and calls the task's `evaluate`. Language models report per-word perplexity
@@ -46,6 +47,13 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string(
     "output", None, "Results file (default DIR/eval_<split>.json)."
+)
+flags.DEFINE_string(
+    "mesh_shape",
+    None,
+    "Device mesh, e.g. batch:2,expert:4 (moe_keras.distribution; default:"
+    " the gin binding configured_mesh_shape.mesh_shape, else one device)."
+    " Checkpoints load on any mesh.",
 )
 flags.mark_flag_as_required("model_dir")
 
@@ -95,7 +103,13 @@ def main(argv):
       )
     bindings = split_bindings(config_path, FLAGS.split, FLAGS.eval_file)
     bindings += FLAGS.gin_bindings
-    task, model, step = experiment.load_experiment(model_dir, bindings)
+    from moe_keras import distribution  # pylint: disable=g-import-not-at-top
+
+    task, model, step = experiment.load_experiment(
+        model_dir,
+        bindings,
+        distribution=lambda: distribution.make_distribution(FLAGS.mesh_shape),
+    )
     options = {
         name: getattr(FLAGS, name)
         for name in ("beam_size", "alpha", "max_sentences")

@@ -546,7 +546,10 @@ def train(model_dir, verbose="auto", distribution=None):
 
 
 def load_experiment(
-    model_dir, gin_bindings: Sequence[str] = (), compile_model=True
+    model_dir,
+    gin_bindings: Sequence[str] = (),
+    compile_model=True,
+    distribution=None,
 ):
   """Rebuilds a trained experiment from DIR/config.gin and its checkpoint.
 
@@ -556,9 +559,14 @@ def load_experiment(
       EVAL_FILES).
     compile_model: compile (and build the optimizer) so the checkpoint's
       optimizer state loads too.
+    distribution: None (one device), a moe_keras.distribution.Distribution,
+      or a function of no arguments returning one, called once the config
+      is parsed (so a gin-bound mesh shape of the run applies). The
+      checkpoint loads into any mesh layout.
 
   Returns:
-    (task, model, step).
+    (task, model, step); on a mesh, `model` is the wrapped model
+    (`Distribution.unwrap` gives the inner one).
 
   Raises:
     ExperimentError: no config, no checkpoint, or a mismatching one.
@@ -573,7 +581,11 @@ def load_experiment(
     raise ExperimentError(f"{model_dir} has no checkpoint yet")
   gin.clear_config()
   parse_gin([config_path], gin_bindings)
-  task, model = build_task_and_model(compile_model=compile_model)
+  if callable(distribution):
+    distribution = distribution()
+  task, model = build_task_and_model(
+      compile_model=compile_model, distribution=distribution
+  )
   # Build the weights on one batch: the eval split's, or the training
   # data's when the eval split is empty (evaluate then reports that).
   for dataset in (task.eval_dataset(), task.train_dataset()):

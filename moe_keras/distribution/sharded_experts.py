@@ -16,6 +16,13 @@ the calling replica's device, where `RoutingPlan.combine` applies the gates.
 Gradients follow the same path backwards: each block's weight gradients are
 computed on, and stay on, the block's device.
 
+A hierarchical MoE (appendix B) places each secondary MoE whole: block e
+also holds the secondary gates of its a/E groups (`w_gate_secondary_block{e}`,
+`w_noise_secondary_block{e}`, [a/E, d, b]), and `call_hierarchical` sends a
+token's row once per selected group to the group's device, where the
+secondary gate, the experts and the secondary combine run; only the
+combined group output comes back (k_primary rows per token, not k).
+
 Checkpoints do not depend on the layout: `save_own_variables` writes exactly
 what the unsharded layer writes (the full [n, d, h] arrays at the same
 indices), and `load_own_variables` splits them for any number of blocks.
@@ -23,6 +30,7 @@ indices), and `load_own_variables` splits them for any number of blocks.
 
 import contextlib
 import threading
+import types
 
 from absl import logging
 import keras
@@ -140,9 +148,24 @@ def logical_weight_signature(model):
     shards, _, block = found
     if block == 0:
       path = weight.path[: -len("_block0")]
-      shape = [shards.layer.num_experts] + list(weight.shape[1:])
+      shape = [shards.num_blocks * weight.shape[0]] + list(weight.shape[1:])
       signature.append([path, shape])
   return signature
+
+
+def will_shard(layer):
+  """Whether `maybe_build(layer, ...)` will place `layer`'s experts.
+
+  A hierarchical layer asks this before creating its secondary gates,
+  which `ShardedExperts` then creates per group on the group's device.
+
+  Args:
+    layer: an MoEBase being built.
+
+  Returns:
+    bool: the layer has expert devices or a `placement_scope` is active.
+  """
+  return layer.expert_devices is not None or current_placement() is not None
 
 
 def maybe_build(layer, input_dim):
@@ -202,19 +225,34 @@ class ShardedExperts:
     self.per_block = n // num_blocks
     out_dim = layer.output_dim or input_dim
     m = self.per_block
-    shapes = [
-        ("expert_kernel_1", (m, input_dim, h), layer.kernel_initializer),
-        ("expert_kernel_2", (m, h, out_dim), layer.kernel_initializer),
+    self.groups_per_block = (n // group) // num_blocks
+    # (name, block shape, initializer, add_weight kwargs), in the order the
+    # unsharded layer creates these variables.
+    shapes = []
+    if group > 1:
+      # A hierarchical layer's secondary gates [a, d, b] (float32, zeros)
+      # live with their group's experts: the whole secondary MoE of a group
+      # is on one device (appendix B).
+      gate_kwargs = {"dtype": "float32", "autocast": False}
+      gate_shape = (self.groups_per_block, input_dim, group)
+      shapes += [
+          ("w_gate_secondary", gate_shape, "zeros", gate_kwargs),
+          ("w_noise_secondary", gate_shape, "zeros", gate_kwargs),
+      ]
+    extra = layer._expert_weight_kwargs()  # pylint: disable=protected-access
+    shapes += [
+        ("expert_kernel_1", (m, input_dim, h), layer.kernel_initializer, extra),
+        ("expert_kernel_2", (m, h, out_dim), layer.kernel_initializer, extra),
     ]
     if layer.use_bias:
       shapes += [
-          ("expert_bias_1", (m, h), layer.bias_initializer),
-          ("expert_bias_2", (m, out_dim), layer.bias_initializer),
+          ("expert_bias_1", (m, h), layer.bias_initializer, extra),
+          ("expert_bias_2", (m, out_dim), layer.bias_initializer, extra),
       ]
     # name -> list of E block variables; creation order = unsharded order.
     self.blocks = {}
     self._block_of = {}
-    for name, shape, initializer in shapes:
+    for name, shape, initializer, kwargs in shapes:
       self.blocks[name] = []
       for e, device in enumerate(devices):
         with tf.device(device), _strategy_placement(device):
@@ -225,6 +263,7 @@ class ShardedExperts:
               regularizer=(
                   layer.kernel_regularizer if "kernel" in name else None
               ),
+              **kwargs,
           )
         self.blocks[name].append(var)
         self._block_of[id(var)] = (name, e)
@@ -269,7 +308,8 @@ class ShardedExperts:
       padding = tf.shape(rows)[0] - total
     else:
       pieces = tf.split(rows, num_blocks, axis=0)
-    dtype = self.layer.compute_dtype
+    dtype = self.layer.expert_compute_dtype
+    recompute = self.layer.recompute_expert_activations
     outs = []
     for e in range(num_blocks):
       with tf.device(run_devices[e]):
@@ -292,7 +332,7 @@ class ShardedExperts:
         outs.append(
             _on_device(
                 run_devices[e],
-                lambda r, *w, bp=block_plan: _block_ffn(bp, r, *w),
+                lambda r, *w, bp=block_plan: _block_ffn(bp, r, *w, recompute),
                 pieces[e],
                 *weights,
             )
@@ -301,6 +341,176 @@ class ShardedExperts:
     if plan.capacity is None:
       out = tf.pad(out, [[0, padding], [0, 0]])
     return out
+
+  def call_hierarchical(self, inputs, training, mask, return_stats, noise):
+    """`HierarchicalSparseMoE.call` with the paper's placement (appendix B).
+
+    The primary gate runs here, in the calling replica. Each token's row
+    goes, once per selected group, to the device of that group's block;
+    there the group's secondary gate picks k_secondary of its b experts
+    (eqs. 3-5 with the group's W_g, W_noise), the experts run, and their
+    outputs are combined with the secondary gates. Only the combined group
+    output [d_out] per row comes back, and the primary gates combine those
+    (eq. 12 as sum_i G_p(x)_i (sum_j G_i(x)_j E_ij(x))). Per block, the
+    device also returns its [groups, b] importance, load and counts (eqs.
+    13-14). Same values, losses and gradients as the unsharded layer.
+
+    Args:
+      inputs: [..., d].
+      training: bool.
+      mask: optional bool [...].
+      return_stats: also return the statistics dict.
+      noise: None or (primary [N, a], secondary [N, a, b]) standard normal.
+
+    Returns:
+      [..., d_out] (and the stats dict), as `MoEBase.call`.
+
+    Raises:
+      ValueError: bad input rank or mask, or a capacity_factor with a
+        dynamic number of tokens.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from keras.src.backend.common.stateless_scope import in_stateless_scope  # pylint: disable=g-import-not-at-top
+
+    from moe_keras.layers import dispatch  # pylint: disable=g-import-not-at-top
+    from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
+    from moe_keras.layers import sparse_moe  # pylint: disable=g-import-not-at-top
+
+    layer = self.layer
+    training = bool(training)
+    a, b = layer.num_groups, layer.experts_per_group
+    kp = layer.k_primary
+    num_blocks, g = self.num_blocks, self.groups_per_block
+    tokens, valid, leading = sparse_moe.flatten_tokens(layer.name, inputs, mask)
+    tokens = ops.cast(tokens, layer.compute_dtype)
+    primary_noise, secondary_noise = (None, None) if noise is None else noise
+    # Primary gate, eqs. (3)-(5) over the a groups (data-parallel).
+    gates_p, groups, load_primary = layer._primary_gate(  # pylint: disable=protected-access
+        ops.cast(tokens, "float32"), valid, training, primary_noise
+    )
+
+    # Rows sorted by group: block e owns one contiguous run of them.
+    group_plan = dispatch.RoutingPlan(groups, num_experts=a)
+    rows = group_plan.dispatch(tokens)  # [N*kp, d], compute dtype
+    row_gate = ops.take(
+        ops.concatenate([ops.reshape(gates_p, [-1]), ops.zeros((1,))]),
+        group_plan.row_assignment,
+    )  # [N*kp], G_primary(x)_i of each row
+    row_noise = None
+    if training and secondary_noise is not None:
+      picked = ops.take_along_axis(
+          ops.cast(secondary_noise, "float32"),
+          ops.minimum(groups, a - 1)[:, :, None],
+          axis=1,
+      )  # [N, kp, b]
+      row_noise = ops.take(
+          ops.concatenate(
+              [ops.reshape(picked, (-1, b)), ops.zeros((1, b))], axis=0
+          ),
+          group_plan.row_assignment,
+          axis=0,
+      )
+    capacity = max_rows = None
+    if layer.capacity_factor is not None:
+      num_tokens = tokens.shape[0]
+      if not isinstance(num_tokens, int):
+        raise ValueError(
+            "capacity_factor needs a static number of tokens; got a dynamic"
+            " batch shape."
+        )
+      capacity = dispatch.capacity_for(
+          num_tokens * kp * layer.k_secondary, a * b, layer.capacity_factor
+      )
+      max_rows = min(num_tokens * kp, num_tokens * g)
+
+    sizes = tf.reshape(group_plan.group_sizes, [num_blocks, g])
+    block_rows = tf.reduce_sum(sizes, axis=1)
+    total = tf.reduce_sum(block_rows)
+    split = lambda t: tf.split(t[:total], block_rows, num=num_blocks, axis=0)
+    row_pieces, gate_pieces = split(rows), split(row_gate)
+    noise_pieces = (
+        [None] * num_blocks if row_noise is None else split(row_noise)
+    )
+    row, _ = current_replica()
+    run_devices = self.placement.row_devices[
+        min(row, len(self.placement.row_devices) - 1)
+    ]
+    names = (
+        "w_gate_secondary",
+        "w_noise_secondary",
+        "expert_kernel_1",
+        "expert_kernel_2",
+        "expert_bias_1",
+        "expert_bias_2",
+    )
+    results = []
+    for e in range(num_blocks):
+      with tf.device(run_devices[e]):
+        weights = [
+            None
+            if n not in self.blocks
+            else ops.cast(
+                self.blocks[n][e],
+                "float32" if n.startswith("w_") else layer.expert_compute_dtype,
+            )
+            for n in names
+        ]
+        block_noise = noise_pieces[e]
+        if training and block_noise is None:
+          block_noise = gating_lib.standard_normal(
+              (block_rows[e], b), seed=layer.seed_generator
+          )
+        fn = lambda r, gate, *w, s=sizes[e], z=block_noise: _secondary_moe(
+            layer, training, capacity, max_rows, s, z, r, gate, *w
+        )
+        results.append(
+            _on_device(
+                run_devices[e], fn, row_pieces[e], gate_pieces[e], *weights
+            )
+        )
+    group_out, importance, load_secondary, counts, dropped = (
+        list(t) for t in zip(*results)
+    )
+    out = tf.concat(group_out, axis=0)
+    out = tf.pad(out, [[0, tf.shape(rows)[0] - total], [0, 0]])
+    combined = group_plan.combine(out, gates_p)  # [N, d_out], eq. (12)
+    outputs = ops.reshape(
+        ops.cast(combined, layer.compute_dtype),
+        tuple(leading) + (combined.shape[-1],),
+    )
+    load_h = None
+    if training:
+      group_sizes = ops.cast(group_plan.token_counts, "float32")  # |X^(i)|
+      load_h = ops.reshape(
+          load_primary[:, None]
+          * tf.concat(load_secondary, axis=0)
+          / ops.maximum(group_sizes, 1.0)[:, None],
+          (-1,),
+      )  # eq. (14)
+    routing = {
+        "importance": tf.concat(importance, axis=0),  # eq. (13)
+        "load": load_h,
+        "load_is_smooth": load_h is not None,
+        "extra_stats": {
+            "importance_primary": gating_lib.importance(gates_p, groups, a),
+            "group_counts": ops.cast(group_plan.token_counts, "float32"),
+        },
+    }
+    # What `_statistics` reads of a RoutingPlan, over the a*b experts.
+    expert_counts = types.SimpleNamespace(
+        token_counts=tf.concat(counts, axis=0), num_dropped=tf.add_n(dropped)
+    )
+    stats = layer._statistics(routing, expert_counts, training)  # pylint: disable=protected-access
+    if training:
+      layer.add_loss(
+          scale_replica_loss(stats["importance_loss"] + stats["load_loss"])
+      )
+    if not in_stateless_scope():
+      for name, tracker in layer._stat_trackers.items():  # pylint: disable=protected-access
+        tracker.update_state(stats[name])
+    if return_stats:
+      return outputs, stats
+    return outputs
 
   # -- checkpoints ----------------------------------------------------------
 
@@ -416,18 +626,137 @@ def _on_device(device, fn, *args):
         tape.watch(tensors)
         out = call(tensors)
 
-    def grad(d_out):
+    def grad(*d_out):
       with tf.device(device):
-        return tape.gradient(out, tensors, output_gradients=d_out)
+        if not isinstance(out, (list, tuple)):
+          return tape.gradient(out, tensors, output_gradients=d_out[0])
+        # Several outputs: integer-valued statistics have no gradient.
+        pairs = [
+            (o, tf.zeros_like(o) if d is None else d)
+            for o, d in zip(out, d_out)
+            if o.dtype.is_floating
+        ]
+        return tape.gradient(
+            [o for o, _ in pairs],
+            tensors,
+            output_gradients=[d for _, d in pairs],
+        )
 
     return out, grad
 
   return wrapped(*[args[i] for i in present])
 
 
-def _block_ffn(block_plan, rows, kernel_1, kernel_2, bias_1, bias_2):
+def _block_ffn(
+    block_plan, rows, kernel_1, kernel_2, bias_1, bias_2, recompute=False
+):
   from moe_keras.layers import dispatch  # pylint: disable=g-import-not-at-top
 
   return dispatch.expert_ffn(
-      block_plan, rows, kernel_1, kernel_2, bias_1, bias_2
+      block_plan, rows, kernel_1, kernel_2, bias_1, bias_2, recompute
   )
+
+
+def _secondary_moe(
+    layer,
+    training,
+    capacity,
+    max_rows,
+    group_sizes,
+    noise,
+    rows,
+    row_gate,
+    w_gate,
+    w_noise,
+    kernel_1,
+    kernel_2,
+    bias_1,
+    bias_2,
+):
+  """The secondary MoEs of one block of groups, run on the block's device.
+
+  Args:
+    layer: the HierarchicalSparseMoE.
+    training: python bool (noise and load only in training).
+    capacity: None (dropless) or the unsharded layer's per-expert capacity.
+    max_rows: with a capacity, a static bound on the block's rows.
+    group_sizes: int32 [g], rows per group of the block.
+    noise: float32 [R, b] standard normal (training), else None.
+    rows: [R, d] the block's rows sorted by group, compute dtype.
+    row_gate: float32 [R], G_primary(x)_i of each row.
+    w_gate, w_noise: float32 [g, d, b], the block's secondary gates.
+    kernel_1: [g*b, d, h]; kernel_2: [g*b, h, d_out]; bias_1 [g*b, h] and
+      bias_2 [g*b, d_out] or None.
+
+  Returns:
+    [group_out float32 [R, d_out] = sum_j G_i(x)_j E_ij(x),
+     importance float32 [g*b] (eq. 13), load_secondary float32 [g, b]
+     (Load_i(X^(i)) of eq. 14; zeros outside training), token_counts
+     float32 [g*b], num_dropped float32 scalar].
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import dispatch  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
+
+  num_groups, _, b = w_gate.shape
+  ks = layer.k_secondary
+  x = ops.cast(rows, "float32")
+  gate_plan = _BlockPlan(None, None, group_sizes)
+  row_group = tf.repeat(tf.range(num_groups, dtype="int32"), group_sizes)
+  clean = dispatch.grouped_linear(gate_plan, x, w_gate)  # [R, b]
+  logits = clean
+  load_secondary = tf.zeros((num_groups, b), "float32")
+  if training:
+    raw = dispatch.grouped_linear(gate_plan, x, w_noise)
+    logits, stddev = gating_lib.noisy_top_k_logits(
+        clean, raw, noise, layer.noise_epsilon
+    )
+    probs = gating_lib.load_probabilities(clean, logits, stddev, ks)
+    load_secondary = ops.segment_sum(probs, row_group, num_segments=num_groups)
+  gates, experts = gating_lib.top_k_gates(logits, ks)  # [R, ks]
+  num_experts = num_groups * b
+  expert_ids = row_group[:, None] * b + experts
+  importance = gating_lib.importance(
+      row_gate[:, None] * gates, expert_ids, num_experts
+  )
+  expert_rows = ops.cast(rows, layer.expert_compute_dtype)
+  num_rows = tf.shape(rows)[0]
+  if capacity is None:
+    plan = dispatch.RoutingPlan(expert_ids, num_experts=num_experts)
+  else:
+    # Static shapes for the capacity layout: pad (here, on this device)
+    # to max_rows with unrouted rows. A factor that gives exactly the
+    # unsharded capacity; rows of one expert keep their token order, so
+    # the same assignments are dropped.
+    pad = max_rows - num_rows
+    expert_ids = tf.pad(
+        expert_ids, [[0, pad], [0, 0]], constant_values=num_experts
+    )
+    expert_ids = tf.ensure_shape(expert_ids, (max_rows, ks))
+    expert_rows = tf.ensure_shape(
+        tf.pad(expert_rows, [[0, pad], [0, 0]]), (max_rows, rows.shape[-1])
+    )
+    gates = tf.pad(gates, [[0, pad], [0, 0]])
+    factor = (capacity - 0.5) * num_experts / (max_rows * ks)
+    assert dispatch.capacity_for(max_rows * ks, num_experts, factor) == capacity
+    plan = dispatch.RoutingPlan(
+        expert_ids, num_experts=num_experts, capacity_factor=factor
+    )
+  out = dispatch.expert_ffn(
+      plan,
+      plan.dispatch(expert_rows),
+      kernel_1,
+      kernel_2,
+      bias_1,
+      bias_2,
+      recompute=layer.recompute_expert_activations,
+  )
+  group_out = plan.combine(out, gates)[:num_rows]  # float32 [R, d_out]
+  return [
+      group_out,
+      importance,
+      load_secondary,
+      ops.cast(plan.token_counts, "float32"),
+      ops.cast(plan.num_dropped, "float32"),
+  ]

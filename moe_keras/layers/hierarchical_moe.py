@@ -18,6 +18,7 @@ the paper places each secondary MoE.
 import keras
 from keras import ops
 
+from moe_keras.distribution import sharded_experts
 from moe_keras.layers import dispatch
 from moe_keras.layers import gating as gating_lib
 from moe_keras.layers import sparse_moe
@@ -95,23 +96,47 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     a, b = self.num_groups, self.experts_per_group
     self.w_gate = self._gate_weight("w_gate", (input_dim, a))
     self.w_noise = self._gate_weight("w_noise", (input_dim, a))
-    self.w_gate_secondary = self._gate_weight(
-        "w_gate_secondary", (a, input_dim, b)
-    )
-    self.w_noise_secondary = self._gate_weight(
-        "w_noise_secondary", (a, input_dim, b)
-    )
+    if not sharded_experts.will_shard(self):
+      # Sharded: each group's secondary gates live with its experts.
+      self.w_gate_secondary = self._gate_weight(
+          "w_gate_secondary", (a, input_dim, b)
+      )
+      self.w_noise_secondary = self._gate_weight(
+          "w_noise_secondary", (a, input_dim, b)
+      )
     self._build_experts(input_dim)
 
-  def _route(self, tokens, valid, training, noise):
-    """Two-level gating; returns the dict described in SparseMoE._route."""
-    a, b = self.num_groups, self.experts_per_group
-    kp, ks = self.k_primary, self.k_secondary
-    primary_noise, secondary_noise = (None, None) if noise is None else noise
-    x = ops.cast(tokens, "float32")
-    valid_f = None if valid is None else ops.cast(valid, "float32")
+  def call(
+      self, inputs, training=None, mask=None, return_stats=False, noise=None
+  ):
+    """MoEBase.call; sharded: each secondary MoE runs on its group's device."""
+    if self._expert_shards is not None:
+      return self._expert_shards.call_hierarchical(
+          inputs, training, mask, return_stats, noise
+      )
+    return super().call(
+        inputs,
+        training=training,
+        mask=mask,
+        return_stats=return_stats,
+        noise=noise,
+    )
 
-    # Primary gate, eqs. (3)-(5) over the a groups.
+  def _primary_gate(self, x, valid, training, primary_noise):
+    """Primary gate, eqs. (3)-(5) over the a groups.
+
+    Args:
+      x: float32 [N, d] tokens.
+      valid: bool [N] or None.
+      training: python bool (noise and load only in training).
+      primary_noise: None or float [N, a] standard normal.
+
+    Returns:
+      (gates_p float32 [N, kp] (0 for invalid tokens), groups int32 [N, kp]
+      (a for invalid tokens), load_primary float32 [a] or None).
+    """
+    a, kp = self.num_groups, self.k_primary
+    valid_f = None if valid is None else ops.cast(valid, "float32")
     clean_p = ops.matmul(x, self.w_gate)
     logits_p = clean_p
     load_primary = None
@@ -130,6 +155,17 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     if valid is not None:
       groups = ops.where(valid[:, None], groups, a)
       gates_p = gates_p * valid_f[:, None]
+    return gates_p, groups, load_primary
+
+  def _route(self, tokens, valid, training, noise):
+    """Two-level gating; returns the dict described in SparseMoE._route."""
+    a, b = self.num_groups, self.experts_per_group
+    kp, ks = self.k_primary, self.k_secondary
+    primary_noise, secondary_noise = (None, None) if noise is None else noise
+    x = ops.cast(tokens, "float32")
+    gates_p, groups, load_primary = self._primary_gate(
+        x, valid, training, primary_noise
+    )
 
     # Secondary gates, evaluated only on the groups each token was sent to.
     group_plan = dispatch.RoutingPlan(groups, num_experts=a)

@@ -255,11 +255,6 @@ class MoEBase(keras.layers.Layer):
     # `expert_devices` is set or a moe_keras.distribution scope is active.
     shards = sharded_experts.maybe_build(self, input_dim)
     if shards is not None:
-      if self.expert_dtype is not None or self.recompute_expert_activations:
-        raise ValueError(
-            f"{self.name}: expert_dtype and recompute_expert_activations are"
-            " not implemented for experts sharded over devices"
-        )
       self._expert_shards = shards
       return
     out_dim = self.output_dim or input_dim

@@ -31,6 +31,7 @@ import tensorflow as tf
 from eval import bleu as bleu_lib
 from eval import expert_stats
 from eval import perplexity as perplexity_lib
+from moe_keras import distribution as distribution_lib
 from moe_keras.models import gnmt
 from moe_keras.tasks import base
 
@@ -273,9 +274,13 @@ class MtTask(base.Task):
     return self.data.vocab.token_to_id(wordpiece.language_token(language))
 
   def translator(self, model, beam_size=None, alpha=None, target_language=None):
-    """A `Translator` with the task's decoding settings (overridable)."""
+    """A `Translator` with the task's decoding settings (overridable).
+
+    `model` may be a mesh-wrapped model; decoding uses the inner model
+    (its MoE layers keep their experts on the mesh's devices).
+    """
     return Translator(
-        model,
+        distribution_lib.Distribution.unwrap(model),
         self.data.tokenizer,
         beam_size=self.beam_size if beam_size is None else beam_size,
         alpha=self.alpha if alpha is None else alpha,

@@ -60,16 +60,16 @@ def assign_named(layer, weights):
 
 
 def expert_gradient(layer, grads_by_var, name):
-  """The gradient of one expert weight [n, ...] (sharded: concatenated)."""
+  """The gradient of one weight [n, ...] (sharded blocks: concatenated)."""
   shards = layer._expert_shards  # pylint: disable=protected-access
-  if shards is None:
+  if shards is None or name not in shards.blocks:
     return grads_by_var[id(getattr(layer, name))]
   return np.concatenate(
       [grads_by_var[id(v)] for v in shards.blocks[name]], axis=0
   )
 
 
-def layer_run(layer, x, noise):
+def layer_run(layer, x, noise, mask=None):
   """Output, total loss and gradients of sum(y * c) + losses, traced."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -80,7 +80,7 @@ def layer_run(layer, x, noise):
   @tf.function
   def step(x):
     with tf.GradientTape() as tape:
-      y = layer(x, training=True, noise=noise)
+      y = layer(x, training=True, noise=noise, mask=mask)
       loss = tf.reduce_sum(y * c) + tf.add_n(layer.losses)
     return (
         y,
@@ -179,39 +179,80 @@ def scenario_sharded_layer():
         assert var.shape[0] == n // experts_axis
     print(f"ok {name} placement")
 
-  # Hierarchical: a=4 groups of b=2 on 4 devices, one group per device.
+  # Hierarchical (paper placement): each group's secondary gate and experts
+  # on one device. a=4 groups of b=2: one group per device on 4 devices,
+  # two per device on 2 (with a capacity), and with a padding mask.
   a, b = 4, 2
-  weights = ref.random_hier_weights(rng, D, a, b, H, out)
-  pnoise = rng.normal(size=(tokens.shape[0], a)).astype("float32")
-  snoise = rng.normal(size=(tokens.shape[0], a, b)).astype("float32")
-  single = HierarchicalSparseMoE(a, b, H, output_dim=out)
-  sharded = HierarchicalSparseMoE(
-      a, b, H, output_dim=out, expert_devices=devices[:4]
-  )
-  for layer in (single, sharded):
-    layer.build(x.shape)
-    assign_named(layer, weights)
-  y1, aux1, g1 = layer_run(single, x, (pnoise, snoise))
-  y2, aux2, g2 = layer_run(sharded, x, (pnoise, snoise))
-  want = ref.hierarchical_moe(
-      tokens, weights, 2, 2, primary_noise=pnoise, secondary_noise=snoise
-  )
-  check_close("hier output vs numpy", y2.reshape(-1, out), want["output"])
-  check_close("hier output vs single", y2, y1)
-  check_close("hier losses vs single", aux2, aux1)
-  for var_name in ("expert_kernel_1", "expert_kernel_2"):
-    check_close(
-        f"hier d{var_name}",
-        expert_gradient(sharded, g2, var_name),
-        expert_gradient(single, g1, var_name),
+  hier_cases = [
+      # (name, devices, layer kwargs, use a mask)
+      ("hier_e4", devices[:4], dict(), False),
+      ("hier_e2_capacity", devices[4:6], dict(capacity_factor=1.0), False),
+      ("hier_e4_mask", devices[4:8], dict(), True),
+  ]
+  for name, hier_devices, kwargs, use_mask in hier_cases:
+    weights = ref.random_hier_weights(rng, D, a, b, H, out)
+    pnoise = rng.normal(size=(tokens.shape[0], a)).astype("float32")
+    snoise = rng.normal(size=(tokens.shape[0], a, b)).astype("float32")
+    single = HierarchicalSparseMoE(a, b, H, output_dim=out, **kwargs)
+    sharded = HierarchicalSparseMoE(
+        a, b, H, output_dim=out, expert_devices=hier_devices, **kwargs
     )
-  blocks = sharded._expert_shards.blocks  # pylint: disable=protected-access
-  for i in range(a):
-    for j in range(b):
-      row = i * b + j  # expert (i, j)
-      var = blocks["expert_kernel_1"][row // b]
-      assert _short(var.value.device) == _short(devices[i]), (i, j)
-  print("ok hier placement: group i on device i")
+    for layer in (single, sharded):
+      layer.build(x.shape)
+      assign_named(layer, weights)
+    mask = None
+    if use_mask:
+      mask = np.arange(tokens.shape[0]).reshape(x.shape[:-1]) % 5 != 3
+    y1, aux1, g1 = layer_run(single, x, (pnoise, snoise), mask)
+    y2, aux2, g2 = layer_run(sharded, x, (pnoise, snoise), mask)
+    if not kwargs:
+      want = ref.hierarchical_moe(
+          tokens,
+          weights,
+          2,
+          2,
+          primary_noise=pnoise,
+          secondary_noise=snoise,
+          valid=None if mask is None else mask.reshape(-1),
+      )
+      check_close(
+          f"{name} output vs numpy", y2.reshape(-1, out), want["output"]
+      )
+      check_close(
+          f"{name} losses vs numpy",
+          aux2,
+          want["importance_loss"] + want["load_loss"],
+      )
+    check_close(f"{name} output vs single", y2, y1)
+    check_close(f"{name} losses vs single", aux2, aux1)
+    for var_name in weights:
+      check_close(
+          f"{name} d{var_name}",
+          expert_gradient(sharded, g2, var_name),
+          expert_gradient(single, g1, var_name),
+      )
+    # Inference (no noise, no losses) and the statistics.
+    y1, s1 = single(x, training=False, mask=mask, return_stats=True)
+    y2, s2 = sharded(x, training=False, mask=mask, return_stats=True)
+    check_close(f"{name} inference output vs single", y2, y1)
+    for stat in ("importance", "token_counts", "dropped_fraction"):
+      check_close(f"{name} inference {stat}", s2[stat], s1[stat])
+    # Group i (its secondary gates and experts i*b .. i*b + b - 1) lives in
+    # block i // (a / E), on that expert device; the primary gate does not.
+    blocks = sharded._expert_shards.blocks  # pylint: disable=protected-access
+    per_device = a // len(hier_devices)
+    for var_name, block_vars in blocks.items():
+      for e, var in enumerate(block_vars):
+        assert _short(var.value.device) == _short(hier_devices[e]), (
+            var.name,
+            var.value.device,
+        )
+    for i in range(a):
+      assert blocks["w_gate_secondary"][i // per_device].shape[0] == per_device
+      for j in range(b):
+        var = blocks["expert_kernel_1"][(i * b + j) // (b * per_device)]
+        assert _short(var.value.device) == _short(hier_devices[i // per_device])
+    print(f"ok {name} placement: secondary MoE of group i on its device")
   try:
     HierarchicalSparseMoE(3, 2, H, expert_devices=devices[:2]).build(x.shape)
   except ValueError as e:
@@ -255,19 +296,131 @@ def scenario_sharded_layer():
     if fix:
       assert len(placed) == 2 * 2 * 4 and not wrong, wrong
 
+  # Hierarchical: the Adam slots of the secondary gates and experts of a
+  # group on the group's device too.
+  layer = HierarchicalSparseMoE(a, b, H, expert_devices=devices[4:8])
+  layer.build(x.shape)
+  opt = optimizer_lib.colocate_slots(keras.optimizers.Adam(1e-2))
+
+  @tf.function
+  def train_hier(x):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(layer(x, training=True) ** 2) + tf.add_n(
+          layer.losses
+      )
+    grads = tape.gradient(loss, layer.trainable_weights)
+    opt.apply_gradients(zip(grads, layer.trainable_weights))
+
+  train_hier(x)
+  placed = {
+      v.name: _short(v.value.device)
+      for v in opt.variables
+      if "_block" in v.name
+  }
+  wrong = [
+      (slot, device)
+      for slot, device in placed.items()
+      if device != _short(devices[4 + int(slot.split("_block")[1][0])])
+  ]
+  print(f"hier colocate_slots: {len(wrong)}/{len(placed)} slots misplaced")
+  assert len(placed) == 4 * 4 * 2 and not wrong, wrong
+
+
+def scenario_sharded_options():
+  """recompute_expert_activations and expert_dtype: sharded == one device."""
+  devices = setup_tf_devices()
+  from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+
+  import numpy_reference as ref  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(3)
+  n, k, out, a, b = 8, 2, 7, 4, 2
+  x = rng.normal(size=(3, 4, D)).astype("float32")
+  num_tokens = x.shape[0] * x.shape[1]
+  cases = [
+      # (name, hierarchical, layer kwargs, tolerance)
+      ("recompute", False, dict(recompute_expert_activations=True), TOL),
+      ("mixed_bf16", False, dict(expert_dtype="mixed_bfloat16"), TOL),
+      (
+          "bf16_recompute_capacity",
+          False,
+          dict(
+              expert_dtype="bfloat16",
+              recompute_expert_activations=True,
+              capacity_factor=1.0,
+          ),
+          TOL,
+      ),
+      (
+          "hier_recompute_mixed_bf16",
+          True,
+          dict(
+              recompute_expert_activations=True, expert_dtype="mixed_bfloat16"
+          ),
+          TOL,
+      ),
+  ]
+  for name, hierarchical, kwargs, tol in cases:
+    if hierarchical:
+      weights = ref.random_hier_weights(rng, D, a, b, H, out)
+      noise = (
+          rng.normal(size=(num_tokens, a)).astype("float32"),
+          rng.normal(size=(num_tokens, a, b)).astype("float32"),
+      )
+      make = lambda **kw: HierarchicalSparseMoE(a, b, H, output_dim=out, **kw)
+    else:
+      weights = ref.random_flat_weights(rng, D, n, H, out)
+      noise = rng.normal(size=(num_tokens, n)).astype("float32")
+      make = lambda **kw: SparseMoE(n, k, H, output_dim=out, **kw)
+    single = make(**kwargs)
+    sharded = make(expert_devices=devices[:4], **kwargs)
+    for layer in (single, sharded):
+      layer.build(x.shape)
+      assign_named(layer, weights)
+    y1, aux1, g1 = layer_run(single, x, noise)
+    y2, aux2, g2 = layer_run(sharded, x, noise)
+    check_close(f"{name} output vs single", y2, y1, tol)
+    check_close(f"{name} losses vs single", aux2, aux1, tol)
+    for var_name in weights:
+      check_close(
+          f"{name} d{var_name}",
+          expert_gradient(sharded, g2, var_name),
+          expert_gradient(single, g1, var_name),
+          tol,
+      )
+    blocks = sharded._expert_shards.blocks  # pylint: disable=protected-access
+    want_dtype = single.expert_kernel_1.dtype
+    assert all(v.dtype == want_dtype for v in blocks["expert_kernel_1"]), (
+        want_dtype,
+        [v.dtype for v in blocks["expert_kernel_1"]],
+    )
+    print(f"ok {name}: expert blocks are {want_dtype}")
+
 
 def tiny_model(num_experts=8, hierarchical=False, seed=0):
-  """Dense -> residual MoE -> Dense on [B, T, D] (the MoE sees B*T tokens)."""
+  """Dense -> residual MoE -> Dense on [B, T, D] (the MoE sees B*T tokens).
+
+  hierarchical: a HierarchicalSparseMoE of num_experts / 2 groups of 2.
+  """
   import keras  # pylint: disable=g-import-not-at-top
 
+  from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
 
   keras.utils.set_random_seed(seed)
   inputs = keras.Input((T, D))
   hidden = keras.layers.Dense(D, activation="tanh")(inputs)
-  moe = SparseMoE(
-      num_experts, 2, H, gating="top_k", w_importance=0.0, w_load=0.0
-  )
+  if hierarchical:
+    # Noisy gates at both levels. No balancing losses: replicas compute
+    # them on their slice of the batch, so they are not the global batch's.
+    moe = HierarchicalSparseMoE(
+        num_experts // 2, 2, H, w_importance=0.0, w_load=0.0
+    )
+  else:
+    moe = SparseMoE(
+        num_experts, 2, H, gating="top_k", w_importance=0.0, w_load=0.0
+    )
   hidden = keras.layers.Add()([hidden, moe(hidden)])
   outputs = keras.layers.Dense(V)(hidden)
   return keras.Model(inputs, outputs)
@@ -280,7 +433,7 @@ def tiny_data(batch=16, seed=1):
   return x, y
 
 
-def build_on(mesh_shape):
+def build_on(mesh_shape, hierarchical=False):
   """(distribution, compiled model) for a mesh ('' = single device)."""
   import keras  # pylint: disable=g-import-not-at-top
 
@@ -288,7 +441,7 @@ def build_on(mesh_shape):
 
   dist = make_distribution(mesh_shape or "batch:1,expert:1")
   with dist.scope():
-    model = dist.wrap_model(tiny_model())
+    model = dist.wrap_model(tiny_model(hierarchical=hierarchical))
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
   return dist, model
 
@@ -406,6 +559,70 @@ def scenario_reshard():
     )
 
 
+def scenario_hier_mesh():
+  """Hierarchical MoE model: 2x4 mesh steps == one device; resharding.
+
+  The gating noise is replaced by zeros in this process (the sharded layer
+  draws the secondary noise on the groups' devices, so random draws differ
+  from one device's); gates, losses and gradients are otherwise the
+  training ones (noise stddev, smooth load; the layer scenario checks the
+  balancing losses).
+  """
+  devices = setup_tf_devices()
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
+
+  gating_lib.standard_normal = lambda shape, seed: keras.ops.zeros(
+      shape, "float32"
+  )
+  x, y = tiny_data()
+  path = os.path.join(tempfile.mkdtemp(), "init.weights.h5")
+  _, single = build_on("", hierarchical=True)
+  single.save_weights(path)
+  dist, mesh_model = build_on("batch:2,expert:4", hierarchical=True)
+  mesh_model.load_weights(path)
+  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+  check_close(
+      "hier 2x4 step losses",
+      mesh_model.fit(x, y, **kwargs).history["loss"],
+      single.fit(x, y, **kwargs).history["loss"],
+  )
+  want_y = single.predict(x, batch_size=16, verbose=0)
+  check_close(
+      "hier 2x4 outputs after 2 steps",
+      mesh_model.predict(x, batch_size=16, verbose=0),
+      want_y,
+  )
+  shards = dist.unwrap(mesh_model).layers[2]._expert_shards  # pylint: disable=protected-access
+  for name, block_vars in shards.blocks.items():
+    for e, var in enumerate(block_vars):
+      want = _short(dist.mesh.device(0, e))
+      slots = [
+          v
+          for v in mesh_model.optimizer.variables
+          if f"{name}_block{e}_" in v.name
+      ]
+      assert len(slots) == 2, [v.name for v in slots]
+      assert all(_short(v.value.device) == want for v in [var] + slots), (
+          var.name,
+          [v.value.device for v in [var] + slots],
+      )
+  print("ok hier secondary gates, experts, Adam slots on", devices[:4])
+  saved = os.path.join(tempfile.mkdtemp(), "ckpt.weights.h5")
+  mesh_model.save_weights(saved)
+  for mesh_shape in ("", "batch:4,expert:2"):
+    _, model = build_on(mesh_shape, hierarchical=True)
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(saved)
+    check_close(
+        f"hier restored on '{mesh_shape}' outputs",
+        model.predict(x, batch_size=16, verbose=0),
+        want_y,
+        1e-6,
+    )
+
+
 def _free_ports(count):
   socks = []
   for _ in range(count):
@@ -418,11 +635,69 @@ def _free_ports(count):
   return ports
 
 
-def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
+# The tiny LM of gin/lm/tiny (LSTM -> residual MoE -> LSTM -> softmax),
+# made deterministic so that 2 workers can match 1 process: no dropout, the
+# exact softmax (no sampled candidates), top-k gating without noise and no
+# balancing losses (replicas compute those on their slice of the batch).
+LM_BINDINGS = (
+    "DROPOUT = 0.0",
+    "NUM_SAMPLED = None",
+    "W_IMPORTANCE = 0.0",
+    "W_LOAD = 0.0",
+    "WARMUP_STEPS = 2",
+    "moe_spec.gating = 'top_k'",
+)
+LM_VOCAB, LM_BATCH, LM_TIME = 40, 8, 12
+
+
+def multi_worker_model(kind, dist):
+  """(compiled model, x, y) for the multi-worker scenario.
+
+  Args:
+    kind: "tiny" (Dense -> MoE -> Dense, MSE) or "lm" (the tiny MoE LM of
+      gin/lm/tiny/moe_flat.gin, its Adam schedule and masked mean NLL).
+    dist: the Distribution to build under.
+
+  Returns:
+    (model, x, y) with the global batch x, y.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  if kind == "tiny":
+    with dist.scope():
+      model = dist.wrap_model(tiny_model())
+      model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    return (model,) + tiny_data(batch=16)
+  from eval import perplexity as perplexity_lib  # pylint: disable=g-import-not-at-top
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+  from moe_keras.models import lm  # pylint: disable=g-import-not-at-top
+  from moe_keras.optimizers import factory  # pylint: disable=g-import-not-at-top
+
+  experiment.parse_gin(["gin/lm/tiny/moe_flat.gin"], LM_BINDINGS)
+  keras.utils.set_random_seed(0)
+  with dist.scope():
+    model = dist.wrap_model(lm.build_lm(LM_VOCAB))
+    model.compile(
+        optimizer=factory.make_optimizer(),
+        loss=perplexity_lib.masked_mean_nll,
+    )
+  rng = np.random.default_rng(5)
+  ids = rng.integers(1, LM_VOCAB, size=(LM_BATCH, LM_TIME + 1))
+  weights = np.ones((LM_BATCH, LM_TIME), "float32")
+  x = {
+      "inputs": ids[:, :-1].astype("int32"),
+      "targets": ids[:, 1:].astype("int32"),
+      "weights": weights,
+  }
+  return model, x, weights
+
+
+def scenario_multi_worker(mesh_shape="batch:2,expert:1", kind="tiny"):
   """2 MultiWorkerMirroredStrategy workers == 1 process, same global batch.
 
   Args:
     mesh_shape: the global mesh; each worker gets batch/2 rows of it.
+    kind: "tiny" or "lm" (see `multi_worker_model`).
   """
   shape = dict(p.split(":") for p in mesh_shape.split(","))
   local_devices = int(shape["batch"]) // 2 * int(shape["expert"])
@@ -446,6 +721,7 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
                 mesh_shape,
                 str(local_devices),
                 os.path.join(out_dir, f"worker{index}.json"),
+                kind,
             ],
             env=env,
             stdout=subprocess.PIPE,
@@ -455,12 +731,14 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
     )
   # The single-process reference runs while the workers start.
   setup_tf_devices(1)
-  x, y = tiny_data(batch=16)
-  _, single = build_on("")
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+
+  single, x, y = multi_worker_model(kind, make_distribution("batch:1,expert:1"))
+  batch = len(y)
   weights_path = os.path.join(out_dir, "init.weights.h5")
   single.save_weights(weights_path)  # the workers wait for this file
   history = single.fit(
-      x, y, batch_size=16, epochs=3, shuffle=False, verbose=0
+      x, y, batch_size=batch, epochs=3, shuffle=False, verbose=0
   ).history["loss"]
   outputs = []
   try:
@@ -477,8 +755,11 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
   for index in range(2):
     with open(os.path.join(out_dir, f"worker{index}.json")) as f:
       got = json.load(f)
-    check_close(f"worker {index} losses ({mesh_shape})", got["loss"], history)
-    final = single.predict(x, verbose=0)
+    print(f"worker {index} losses", got["loss"], "one process", history)
+    check_close(
+        f"worker {index} {kind} losses ({mesh_shape})", got["loss"], history
+    )
+    final = single.predict(x, batch_size=batch, verbose=0)
     check_close(f"worker {index} final outputs", got["outputs"], final)
     if index == 0:
       print("worker 0 expert blocks and Adam slots:", got["placement"])
@@ -488,7 +769,7 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1"):
       assert where == [f"CPU:{block}"], (path, where)
 
 
-def scenario_worker(mesh_shape, local_devices, out_path):
+def scenario_worker(mesh_shape, local_devices, out_path, kind="tiny"):
   """One MultiWorkerMirroredStrategy worker (TF_CONFIG set by the parent)."""
   import time  # pylint: disable=g-import-not-at-top
 
@@ -507,16 +788,14 @@ def scenario_worker(mesh_shape, local_devices, out_path):
     time.sleep(0.2)
   time.sleep(0.5)
   assert dist.kind == "multi_worker", dist.kind
-  with dist.scope():
-    model = dist.wrap_model(tiny_model())
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+  model, x, y = multi_worker_model(kind, dist)
   model.load_weights(init)
-  x, y = tiny_data(batch=16)
-  dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+  batch = len(y)
+  dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
   history = model.fit(
       dist.distribute_dataset(dataset), epochs=3, verbose=0
   ).history["loss"]
-  outputs = dist.unwrap(model).predict(x, verbose=0)
+  outputs = dist.unwrap(model).predict(x, batch_size=batch, verbose=0)
   placement = {
       v.path: [_short(c.device) for c in getattr(v.value, "values", [v.value])]
       for v in list(dist.unwrap(model).weights) + list(
@@ -591,7 +870,9 @@ def scenario_jax_mesh():
 
 SCENARIOS = {
     "sharded_layer": scenario_sharded_layer,
+    "sharded_options": scenario_sharded_options,
     "train_step": scenario_train_step,
+    "hier_mesh": scenario_hier_mesh,
     "reshard": scenario_reshard,
     "multi_worker": scenario_multi_worker,
     "worker": scenario_worker,

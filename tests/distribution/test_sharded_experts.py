@@ -5,15 +5,31 @@ import dist_testlib
 
 def test_sharded_layer_equals_single_device_and_placement():
   """Outputs vs numpy; outputs, losses, gradients vs one device (1e-5);
-  expert blocks (flat and hierarchical groups) and Adam slots on the mesh's
-  devices."""
+  expert blocks (flat), secondary gates and experts of hierarchical groups
+  and their Adam slots on the mesh's devices."""
   out = dist_testlib.run_scenario("sharded_layer")
   assert "colocate_slots=True: 0/16 slots misplaced" in out
+  assert "hier colocate_slots: 0/32 slots misplaced" in out
+
+
+def test_sharded_recompute_and_expert_dtype_equal_single_device():
+  """recompute_expert_activations / expert_dtype on a mesh == one device."""
+  out = dist_testlib.run_scenario("sharded_options")
+  assert "ok hier_recompute_mixed_bf16: expert blocks are float32" in out
+  assert "ok bf16_recompute_capacity: expert blocks are bfloat16" in out
 
 
 def test_train_step_2x4_equals_single_device():
   out = dist_testlib.run_scenario("train_step")
   assert "ok experts and Adam slots on the mesh devices" in out
+
+
+def test_hierarchical_model_on_mesh_equals_single_device():
+  """Two Adam steps of a hierarchical MoE model on 2x4 == one device; its
+  secondary gates, experts and their slots on the group's device; restored
+  on 1 device and on 1x2 with the same outputs."""
+  out = dist_testlib.run_scenario("hier_mesh")
+  assert "restored on 'batch:4,expert:2' outputs" in out
 
 
 def test_resharding_checkpoint():
