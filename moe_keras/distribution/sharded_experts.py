@@ -704,17 +704,18 @@ def _secondary_moe(
   x = ops.cast(rows, "float32")
   gate_plan = _BlockPlan(None, None, group_sizes)
   row_group = tf.repeat(tf.range(num_groups, dtype="int32"), group_sizes)
-  clean = dispatch.grouped_linear(gate_plan, x, w_gate)  # [R, b]
-  logits = clean
   load_secondary = tf.zeros((num_groups, b), "float32")
   if training:
-    raw = dispatch.grouped_linear(gate_plan, x, w_noise)
-    logits, stddev = gating_lib.noisy_top_k_logits(
-        clean, raw, noise, layer.noise_epsilon
-    )
-    probs = gating_lib.load_probabilities(clean, logits, stddev, ks)
+    both = dispatch.grouped_linear(
+        gate_plan, x, tf.concat([w_gate, w_noise], axis=2)
+    )  # [R, 2b]: x . W_i and x . W_noise_i in one grouped matmul
+    gates, experts, probs = gating_lib.noisy_top_k(
+        both[:, :b], both[:, b:], noise, ks, layer.noise_epsilon
+    )  # eqs. (3)-(5), (8)-(9)
     load_secondary = ops.segment_sum(probs, row_group, num_segments=num_groups)
-  gates, experts = gating_lib.top_k_gates(logits, ks)  # [R, ks]
+  else:
+    clean = dispatch.grouped_linear(gate_plan, x, w_gate)  # [R, b]
+    gates, experts = gating_lib.top_k_gates(clean, ks)  # [R, ks]
   num_experts = num_groups * b
   expert_ids = row_group[:, None] * b + experts
   importance = gating_lib.importance(

@@ -137,21 +137,24 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     """
     a, kp = self.num_groups, self.k_primary
     valid_f = None if valid is None else ops.cast(valid, "float32")
-    clean_p = ops.matmul(x, self.w_gate)
-    logits_p = clean_p
     load_primary = None
     if training:
-      logits_p, stddev_p = gating_lib.noisy_top_k_logits(
+      both = ops.matmul(x, ops.concatenate([self.w_gate, self.w_noise], axis=1))
+      clean_p, raw_p = both[:, :a], both[:, a:]
+      gates_p, groups, probs_p = gating_lib.noisy_top_k(
           clean_p,
-          ops.matmul(x, self.w_noise),
+          raw_p,
           self._noise(ops.shape(clean_p), primary_noise),
+          kp,
           self.noise_epsilon,
-      )
-      probs_p = gating_lib.load_probabilities(clean_p, logits_p, stddev_p, kp)
+      )  # eqs. (3)-(5), (8)-(9)
       if valid_f is not None:
         probs_p = probs_p * valid_f[:, None]
       load_primary = gating_lib.load(probs_p)  # [a], eq. (10)
-    gates_p, groups = gating_lib.top_k_gates(logits_p, kp)  # [N, kp]
+    else:
+      gates_p, groups = gating_lib.top_k_gates(
+          ops.matmul(x, self.w_gate), kp
+      )  # [N, kp]
     if valid is not None:
       groups = ops.where(valid[:, None], groups, a)
       gates_p = gates_p * valid_f[:, None]
@@ -170,21 +173,23 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     # Secondary gates, evaluated only on the groups each token was sent to.
     group_plan = dispatch.RoutingPlan(groups, num_experts=a)
     rows = group_plan.dispatch(x)
-    clean_s = group_plan.gather_back(
-        dispatch.grouped_linear(
-            group_plan, rows, ops.convert_to_tensor(self.w_gate_secondary)
-        )
-    )  # [N, kp, b]
-    logits_s = clean_s
     routed = ops.less(groups, a)  # [N, kp]
     routed_f = ops.cast(routed, "float32")
+    flat = lambda t: ops.reshape(t, (-1, b))
     load_h = None
     if training:
-      raw_s = group_plan.gather_back(
-          dispatch.grouped_linear(
-              group_plan, rows, ops.convert_to_tensor(self.w_noise_secondary)
-          )
-      )
+      # x . W_i and x . W_noise_i as one grouped matmul (eq. 4 per group).
+      kernels = ops.concatenate(
+          [
+              ops.convert_to_tensor(self.w_gate_secondary),
+              ops.convert_to_tensor(self.w_noise_secondary),
+          ],
+          axis=2,
+      )  # [a, d, 2b]
+      both = group_plan.gather_back(
+          dispatch.grouped_linear(group_plan, rows, kernels)
+      )  # [N, kp, 2b]
+      clean_s, raw_s = both[..., :b], both[..., b:]
       if secondary_noise is None:
         noise_s = gating_lib.standard_normal(
             ops.shape(clean_s), seed=self.seed_generator
@@ -195,19 +200,10 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
             ops.minimum(groups, a - 1)[:, :, None],
             axis=1,
         )
-      logits_s, stddev_s = gating_lib.noisy_top_k_logits(
-          clean_s, raw_s, noise_s, self.noise_epsilon
-      )
-      flat = lambda t: ops.reshape(t, (-1, b))
-      probs_s = (
-          ops.reshape(
-              gating_lib.load_probabilities(
-                  flat(clean_s), flat(logits_s), flat(stddev_s), ks
-              ),
-              ops.shape(clean_s),
-          )
-          * routed_f[:, :, None]
-      )
+      gates_s, experts_s, probs_s = gating_lib.noisy_top_k(
+          flat(clean_s), flat(raw_s), flat(noise_s), ks, self.noise_epsilon
+      )  # eqs. (3)-(5), (8)-(9) inside each group
+      probs_s = ops.reshape(probs_s, ops.shape(clean_s)) * routed_f[:, :, None]
       # Load_i(X^(i)): sum of P_i over the tokens sent to group i, [a, b].
       load_secondary = ops.segment_sum(
           ops.reshape(probs_s, (-1, b)),
@@ -221,8 +217,13 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
           / ops.maximum(group_sizes, 1.0)[:, None],
           (-1,),
       )  # eq. (14)
-    flat_logits_s = ops.reshape(logits_s, (-1, b))
-    gates_s, experts_s = gating_lib.top_k_gates(flat_logits_s, ks)
+    else:
+      clean_s = group_plan.gather_back(
+          dispatch.grouped_linear(
+              group_plan, rows, ops.convert_to_tensor(self.w_gate_secondary)
+          )
+      )  # [N, kp, b]
+      gates_s, experts_s = gating_lib.top_k_gates(flat(clean_s), ks)
     gates_s = ops.reshape(gates_s, (-1, kp, ks))
     experts_s = ops.reshape(experts_s, (-1, kp, ks))
 
