@@ -326,8 +326,10 @@ def jax_distribution(mesh):
   """keras.distribution.ModelParallel for `mesh` (JAX).
 
   The experts' leading axis is sharded on "expert" (blocks of n/E experts,
-  so hierarchical groups stay whole), everything else is replicated, and
-  the batch is split on "batch".
+  so hierarchical groups stay whole), and so is the groups axis of a
+  hierarchical MoE's secondary gates [a, d, b] (each group's gate lives
+  with its experts, the paper's placement); everything else (primary
+  gates, dense layers) is replicated, and the batch is split on "batch".
 
   Args:
     mesh: Mesh with jax devices.
@@ -345,6 +347,7 @@ def jax_distribution(mesh):
   layout_map = keras.distribution.LayoutMap(device_mesh)
   layout_map[r".*expert_kernel_[12]"] = ("expert", None, None)
   layout_map[r".*expert_bias_[12]"] = ("expert", None)
+  layout_map[r".*w_(gate|noise)_secondary"] = ("expert", None, None)
   return keras.distribution.ModelParallel(
       layout_map=layout_map, batch_dim_name="batch"
   )

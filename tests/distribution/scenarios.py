@@ -810,12 +810,40 @@ def scenario_worker(mesh_shape, local_devices, out_path, kind="tiny"):
     )
 
 
+def _jax_single_and_sharded(build, mesh_shape="batch:2,expert:4"):
+  """Builds `build()` on one device and on `mesh_shape`, same weights."""
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+
+  single = build()
+  path = os.path.join(tempfile.mkdtemp(), "init.weights.h5")
+  single.save_weights(path)
+  dist = make_distribution(mesh_shape)
+  with dist.scope():
+    sharded = build()
+  sharded.load_weights(path)
+  return single, sharded, dist
+
+
+def _jax_fit_equal(single, sharded, dist, x, y, label):
+  """Two epochs of fit on one device and on the mesh: equal losses, outputs."""
+  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+  h1 = single.fit(x, y, **kwargs).history["loss"]
+  with dist.scope():  # the batch is split on "batch" only inside
+    h2 = sharded.fit(x, y, **kwargs).history["loss"]
+    got = sharded.predict(x, batch_size=16, verbose=0)
+  check_close(f"{label} losses", h2, h1)
+  check_close(
+      f"{label} outputs after training",
+      got,
+      single.predict(x, batch_size=16, verbose=0),
+  )
+
+
 def scenario_jax_mesh():
   """JAX: experts sharded on 'expert', batch on 'batch'; == one device."""
   import jax  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
 
-  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
 
   assert len(jax.devices()) == NUM_DEVICES, jax.devices()
@@ -839,13 +867,7 @@ def scenario_jax_mesh():
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     return model
 
-  single = build()
-  path = os.path.join(tempfile.mkdtemp(), "init.weights.h5")
-  single.save_weights(path)
-  dist = make_distribution("batch:2,expert:4")
-  with dist.scope():
-    sharded = build()
-  sharded.load_weights(path)
+  single, sharded, dist = _jax_single_and_sharded(build)
   moe = [l for l in sharded.layers if isinstance(l, SparseMoE)][0]
   kernel = moe.expert_kernel_1.value
   spec = kernel.sharding.spec
@@ -853,19 +875,59 @@ def scenario_jax_mesh():
   shard_shapes = {s.data.shape for s in kernel.addressable_shards}
   assert shard_shapes == {(2, D, H)}, shard_shapes
   print("ok expert_kernel_1 sharding", spec, shard_shapes)
-  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
-  h1 = single.fit(x, y, **kwargs).history["loss"]
-  with dist.scope():  # the batch is split on "batch" only inside
-    h2 = sharded.fit(x, y, **kwargs).history["loss"]
-    got = sharded.predict(x, batch_size=16, verbose=0)
-  check_close("jax 2x4 losses", h2, h1)
-  check_close(
-      "jax 2x4 outputs after training",
-      got,
-      single.predict(x, batch_size=16, verbose=0),
-  )
+  _jax_fit_equal(single, sharded, dist, x, y, "jax 2x4")
   kernel = moe.expert_kernel_1.value
   assert {s.data.shape for s in kernel.addressable_shards} == {(2, D, H)}
+
+
+def scenario_jax_hier_mesh():
+  """JAX: hierarchical MoE, experts and secondary gates on 'expert'.
+
+  Noise is replaced by zeros as in scenario_hier_mesh (random draws are
+  per-device under a mesh); everything else is the training computation.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
+
+  assert len(jax.devices()) == NUM_DEVICES, jax.devices()
+  gating_lib.standard_normal = lambda shape, seed: keras.ops.zeros(
+      shape, "float32"
+  )
+  x, y = tiny_data()
+
+  def build():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((T, D))
+    hidden = keras.layers.Dense(D, activation="tanh")(inputs)
+    moe = HierarchicalSparseMoE(
+        num_groups=4,
+        experts_per_group=2,
+        expert_hidden_dim=H,
+        capacity_factor=4.0,
+    )
+    hidden = keras.layers.Add()([hidden, moe(hidden)])
+    model = keras.Model(inputs, keras.layers.Dense(V)(hidden))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    return model
+
+  single, sharded, dist = _jax_single_and_sharded(build)
+  moe = [l for l in sharded.layers if isinstance(l, HierarchicalSparseMoE)][0]
+  want_shards = {
+      "expert_kernel_1": (2, D, H),
+      "w_gate_secondary": (1, D, 2),
+      "w_noise_secondary": (1, D, 2),
+  }
+  for name, want in want_shards.items():
+    value = getattr(moe, name).value
+    assert tuple(value.sharding.spec)[:1] == ("expert",), (name, value.sharding)
+    got = {s.data.shape for s in value.addressable_shards}
+    assert got == {want}, (name, got)
+  assert {s.data.shape for s in moe.w_gate.value.addressable_shards} == {(D, 4)}
+  print("ok jax hierarchical: experts and secondary gates sharded on expert")
+  _jax_fit_equal(single, sharded, dist, x, y, "jax hier 2x4")
 
 
 SCENARIOS = {
@@ -877,6 +939,7 @@ SCENARIOS = {
     "multi_worker": scenario_multi_worker,
     "worker": scenario_worker,
     "jax_mesh": scenario_jax_mesh,
+    "jax_hier_mesh": scenario_jax_hier_mesh,
 }
 
 if __name__ == "__main__":
