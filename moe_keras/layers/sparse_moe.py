@@ -487,7 +487,9 @@ class SparseMoE(MoEBase):
   (no biases by default, matching the paper's parameter counts;
   `use_bias=True` adds them), stored stacked with a leading experts axis:
   `expert_kernel_1` [n, d, h], `expert_kernel_2` [n, h, d_out]. Gating
-  variables `w_gate`, `w_noise` [d, n] are zero-initialized and float32.
+  variables `w_gate` [d, n] and, for "noisy_top_k" only, `w_noise` [d, n]
+  are zero-initialized and float32 (the other gatings have no noise, so no
+  W_noise).
 
   Gatings (`gating=`):
     "noisy_top_k": eqs. (3)-(5); N(0,1) noise scaled by Softplus(x W_noise)
@@ -553,7 +555,8 @@ class SparseMoE(MoEBase):
     if input_dim is None:
       raise ValueError(f"{self.name}: the last input dimension must be known")
     self.w_gate = self._gate_weight("w_gate", (input_dim, self.num_experts))
-    self.w_noise = self._gate_weight("w_noise", (input_dim, self.num_experts))
+    if self.gating == "noisy_top_k":
+      self.w_noise = self._gate_weight("w_noise", (input_dim, self.num_experts))
     if self.gating == "batchwise":
       self.thresholds = self.add_weight(
           name="thresholds",

@@ -216,8 +216,8 @@ def moe_params(spec, model_dim):
     model_dim: d, the layer's input and output width.
 
   Returns:
-    int. Flat: n * 2dh + 2dn (w_gate and w_noise, which the layer holds
-    for every gating). Hierarchical: a*b * 2dh + 2da + a * 2db. FFN: the sum of its
+    int. Flat: n * 2dh + dn (w_gate) + dn (w_noise, noisy_top_k only).
+    Hierarchical: a*b * 2dh + 2da + a * 2db. FFN: the sum of its
     matrices.
   """
   d = model_dim
@@ -227,8 +227,8 @@ def moe_params(spec, model_dim):
   h = spec["expert_hidden_dim"]
   if spec["kind"] == "flat":
     n = spec["num_experts"]
-    # SparseMoE allocates w_gate and w_noise [d, n] for every gating.
-    return n * 2 * d * h + 2 * d * n
+    gate_matrices = 2 if spec["gating"] == "noisy_top_k" else 1
+    return n * 2 * d * h + gate_matrices * d * n
   a, b = spec["num_groups"], spec["experts_per_group"]
   return a * b * 2 * d * h + 2 * d * a + a * 2 * d * b
 

@@ -535,6 +535,15 @@ def random_hier_weights(
 
 
 def assign_weights(layer, weights):
-  """Assign each named numpy array to the layer attribute of the same name."""
+  """Assign each named numpy array to the layer attribute of the same name.
+
+  W_noise is skipped for a SparseMoE whose gating has no noise (the layer
+  does not create it); the references do not read it for those gatings.
+  """
   for name, value in weights.items():
+    if name == "w_noise" and getattr(layer, "gating", "") not in (
+        "",
+        "noisy_top_k",
+    ):
+      continue
     getattr(layer, name).assign(value)

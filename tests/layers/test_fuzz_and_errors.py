@@ -27,6 +27,8 @@ def _np(x):
 def _assign(layer, weights):
   """Assigns float32 numpy weights, cast to each variable's dtype."""
   for name, value in weights.items():
+    if name == "w_noise" and layer.gating != "noisy_top_k":
+      continue  # only noisy top-k gating has W_noise
     var = getattr(layer, name)
     var.assign(ops.cast(value, var.dtype))
 

@@ -235,6 +235,15 @@ def test_gating_top_k_has_no_noise_and_no_load_loss(rng):
   np.testing.assert_array_equal(y_noise, y)
 
 
+@pytest.mark.parametrize("gating", ["top_k", "softmax", "batchwise"])
+def test_gatings_without_noise_have_no_w_noise(gating):
+  layer = SparseMoE(num_experts=4, k=2, expert_hidden_dim=H, gating=gating)
+  layer.build((None, D))
+  names = sorted(v.path.split("/")[-1] for v in layer.trainable_variables)
+  assert "w_noise" not in names, names
+  assert "w_gate" in names, names
+
+
 def test_gating_softmax_dense_eq2(rng):
   n, N = 5, 24
   w = ref.random_flat_weights(rng, D, n, H, D)
