@@ -170,16 +170,23 @@ def _tf_split_rows(rows, group_sizes, num_groups):
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  total = tf.reduce_sum(group_sizes)
-  pieces = tf.split(rows[:total], group_sizes, num=num_groups, axis=0)
-  return pieces, tf.shape(rows)[0] - total
+  padding = tf.shape(rows)[0] - tf.reduce_sum(group_sizes)
+  # One Split with the unrouted rows as a last piece (dropped): no copy of
+  # the routed rows by a slice first.
+  sizes = tf.concat([group_sizes, padding[None]], axis=0)
+  pieces = tf.split(rows, sizes, num=num_groups + 1, axis=0)
+  return pieces[:num_groups], padding
 
 
 def _tf_concat_rows(pieces, padding):
   """TF: inverse of `_tf_split_rows`; unrouted rows come back as zeros."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  return tf.pad(tf.concat(pieces, axis=0), [[0, padding], [0, 0]])
+  # The zero rows as a last piece of the one Concat (not a Pad after it).
+  zeros = tf.zeros(
+      tf.stack([padding, tf.shape(pieces[0])[1]]), dtype=pieces[0].dtype
+  )
+  return tf.concat(list(pieces) + [zeros], axis=0)
 
 
 def _grouped_matmul_tf(rows, weights, group_sizes):
