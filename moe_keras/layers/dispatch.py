@@ -19,8 +19,12 @@ to it (paper section 2: "E_i not evaluated when G(x)_i == 0") is done here:
      2-core CPU it lost in the PTB training step even at 64 rows per
      expert (benchmarks/lm_training.py, README), so "grouped" is the
      default and "padded" an option for accelerators.
-  4. `combine`: multiply each row by its gate and segment-sum the rows back
-     into their tokens, y = sum_i G(x)_i E_i(x).
+  4. `combine`: multiply each row by its gate and sum the rows back into
+     their tokens, y = sum_i G(x)_i E_i(x): dropless, by gathering each
+     assignment's row through the inverse of the sorting permutation and
+     summing a token's K slots (on TensorFlow the gradients of that gather
+     and of the dispatch gather are gathers too, not scatter-adds); with a
+     capacity, by a segment sum over the rows.
 
 Unrouted assignments (padding tokens, or gates that are exactly zero) carry
 the sentinel expert id n: they sort last and are never computed. In capacity
