@@ -46,6 +46,93 @@ def stable_argsort(x):
   )
 
 
+def invert_permutation(perm):
+  """inverse[perm[i]] = i for a permutation `perm` (int32 [L]) of 0..L-1."""
+  if backend_name() == "tensorflow":
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    return tf.math.invert_permutation(perm)
+  length = ops.shape(perm)[0]
+  return ops.scatter(
+      perm[:, None], ops.arange(length, dtype="int32"), (length,)
+  )
+
+
+def permute_rows(x, perm, inverse):
+  """x[perm] for a permutation `perm` of the rows of `x`.
+
+  TensorFlow: the gradient is d[inverse], one gather, where autodiff of a
+  gather scatter-adds (an UnsortedSegmentSum, ~3x the cost of the gather on
+  a 2-core CPU). Other backends: `ops.take` and autodiff.
+
+  Args:
+    x: [L, ...].
+    perm: int32 [L], a permutation of 0..L-1.
+    inverse: int32 [L], `invert_permutation(perm)`.
+
+  Returns:
+    [L, ...].
+  """
+  if backend_name() != "tensorflow":
+    return ops.take(x, perm, axis=0)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  @tf.custom_gradient
+  def permute(x):
+    def grad(d_out):
+      return tf.gather(d_out, inverse)
+
+    return tf.gather(x, perm), grad
+
+  return permute(x)
+
+
+def gather_repeated_rows(tokens, row_token, inverse, routed, slots):
+  """Rows tokens[row_token[r]] of a dropless expert-major layout.
+
+  Row r is assignment perm[r] (token perm[r] // slots), perm being the sorted
+  order of the N*slots assignments and `inverse` its inverse. Rows with
+  row_token == N (unrouted) are zeros. Same values as gathering from tokens
+  with a zero row appended; on TensorFlow the gradient is, per token, the
+  sum over its `slots` assignments of d_rows[inverse[...]] masked by
+  `routed` (one gather and a reduce over slots) instead of autodiff's
+  UnsortedSegmentSum of the N*slots rows.
+
+  Args:
+    tokens: [N, d].
+    row_token: int32 [N*slots], token of each row, N for unrouted rows.
+    inverse: int32 [N*slots], row of each assignment.
+    routed: [N, slots] in {0, 1}, tokens.dtype: whether each assignment has
+      a row (row_token != N).
+    slots: python int K.
+
+  Returns:
+    [N*slots, d].
+  """
+
+  def forward(tokens):
+    padded = ops.concatenate(
+        [tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], axis=0
+    )
+    return ops.take(padded, row_token, axis=0)
+
+  if backend_name() != "tensorflow":
+    return forward(tokens)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  @tf.custom_gradient
+  def gather(tokens):
+    def grad(d_rows):
+      picked = tf.reshape(
+          tf.gather(d_rows, inverse), [-1, slots, d_rows.shape[-1]]
+      )
+      return tf.reduce_sum(picked * routed[:, :, None], axis=1)
+
+    return forward(tokens), grad
+
+  return gather(tokens)
+
+
 def grouped_matmul(rows, weights, group_sizes):
   """Per-group matmul over rows sorted by group (dropless dispatch).
 
@@ -83,16 +170,23 @@ def _tf_split_rows(rows, group_sizes, num_groups):
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  total = tf.reduce_sum(group_sizes)
-  pieces = tf.split(rows[:total], group_sizes, num=num_groups, axis=0)
-  return pieces, tf.shape(rows)[0] - total
+  padding = tf.shape(rows)[0] - tf.reduce_sum(group_sizes)
+  # One Split with the unrouted rows as a last piece (dropped): no copy of
+  # the routed rows by a slice first.
+  sizes = tf.concat([group_sizes, padding[None]], axis=0)
+  pieces = tf.split(rows, sizes, num=num_groups + 1, axis=0)
+  return pieces[:num_groups], padding
 
 
 def _tf_concat_rows(pieces, padding):
   """TF: inverse of `_tf_split_rows`; unrouted rows come back as zeros."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  return tf.pad(tf.concat(pieces, axis=0), [[0, padding], [0, 0]])
+  # The zero rows as a last piece of the one Concat (not a Pad after it).
+  zeros = tf.zeros(
+      tf.stack([padding, tf.shape(pieces[0])[1]]), dtype=pieces[0].dtype
+  )
+  return tf.concat(list(pieces) + [zeros], axis=0)
 
 
 def _grouped_matmul_tf(rows, weights, group_sizes):
@@ -156,10 +250,10 @@ def _grouped_ffn_tf(
   """TensorFlow: split the rows once, one MatMul pair per group, concat.
 
   Without biases a hand-written gradient is used: the same math as
-  autodiff, arranged for TF's CPU MatMul: the input gradients multiply by
-  kernels transposed once for all experts (one Transpose op of [n, h, d])
-  instead of a per-expert transpose (measured: 256 small Transposes took as
-  long as all the expert MatMuls of a step).
+  autodiff, arranged for TF's CPU MatMul: the input gradients are
+  MatMul(transpose_b=True) on the per-expert kernel slices, with no
+  Transpose op (autodiff's per-expert Transposes, or one batched Transpose
+  of each [n, ., .] kernel, cost more; measured).
   With biases and `recompute`, autodiff runs inside `remat`.
   """
   if bias_1 is None and bias_2 is None:
@@ -235,30 +329,23 @@ def _grouped_ffn_tf_no_bias(
         hiddens = [None] * num_groups
       else:
         pieces, hiddens = saved
-      # The transposed kernels, one batched Transpose each and then
-      # unstacked: per expert, x @ w^T (MatMul transpose_b) or a small
-      # Transpose per expert both cost more than the MatMul itself.
-      w1_t = tf.unstack(
-          tf.transpose(kernel_1, [0, 2, 1]), num=num_groups, axis=0
-      )
-      w2_t = tf.unstack(
-          tf.transpose(kernel_2, [0, 2, 1]), num=num_groups, axis=0
-      )
+      # dy @ w^T as MatMul(transpose_b=True) on the unstacked (aliased)
+      # kernels: cheaper than one batched Transpose of each [n, ., .] kernel
+      # (measured: the Transposes cost ~15 ms per step at n=256, d=128,
+      # h=256 on a 2-core CPU, more than oneDNN's transposed-B MatMuls).
       d_rows, d_hiddens, d_w2 = [], [], []
-      for g, (hid, dy, w1t_g, w2t_g) in enumerate(
-          zip(hiddens, d_pieces, w1_t, w2_t)
-      ):
+      for g, (hid, dy, w1_g, w2_g) in enumerate(zip(hiddens, d_pieces, w1, w2)):
         if hid is None:
           # Recompute expert g only after expert g-1's backward ran, so
           # that about one [rows_g, h] hidden is alive at a time.
           after = d_w2[-1:] if d_w2 else []
           with tf.control_dependencies(after):
-            hid = tf.nn.relu(tf.matmul(pieces[g], w1[g]))
+            hid = tf.nn.relu(tf.matmul(pieces[g], w1_g))
         d_hidden = tf.raw_ops.ReluGrad(
-            gradients=tf.matmul(dy, w2t_g), features=hid
+            gradients=tf.matmul(dy, w2_g, transpose_b=True), features=hid
         )
         d_hiddens.append(d_hidden)
-        d_rows.append(tf.matmul(d_hidden, w1t_g))
+        d_rows.append(tf.matmul(d_hidden, w1_g, transpose_b=True))
         d_w2.append(tf.matmul(hid, dy, transpose_a=True))
       d_w2 = tf.stack(d_w2)
       # The kernel_1 gradients start once the kernel_2 pieces are stacked

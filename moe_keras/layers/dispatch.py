@@ -19,8 +19,12 @@ to it (paper section 2: "E_i not evaluated when G(x)_i == 0") is done here:
      2-core CPU it lost in the PTB training step even at 64 rows per
      expert (benchmarks/lm_training.py, README), so "grouped" is the
      default and "padded" an option for accelerators.
-  4. `combine`: multiply each row by its gate and segment-sum the rows back
-     into their tokens, y = sum_i G(x)_i E_i(x).
+  4. `combine`: multiply each row by its gate and sum the rows back into
+     their tokens, y = sum_i G(x)_i E_i(x): dropless, by gathering each
+     assignment's row through the inverse of the sorting permutation and
+     summing a token's K slots (on TensorFlow the gradients of that gather
+     and of the dispatch gather are gathers too, not scatter-adds); with a
+     capacity, by a segment sum over the rows.
 
 Unrouted assignments (padding tokens, or gates that are exactly zero) carry
 the sentinel expert id n: they sort last and are never computed. In capacity
@@ -98,6 +102,12 @@ class RoutingPlan:
     self.num_assignments = num_assignments
     self.slots = slots
     self._assignment_rows_cache = None
+    # Dropless grouped layout only: the sorting permutation (row r holds
+    # assignment order[r]), its inverse (lazy) and which assignments are
+    # routed, [N, K] bool; None otherwise.
+    self._order = None
+    self._inverse_cache = None
+    self._routed = None
 
     order = backend_ops.stable_argsort(flat)  # [A], expert-major.
     sorted_experts = ops.take(flat, order)
@@ -117,6 +127,10 @@ class RoutingPlan:
       # unrouted assignments (sentinel id) are at the end and are skipped by
       # the grouped matmul (group_sizes excludes them).
       self.capacity = None
+      self._order = order
+      self._routed = ops.reshape(
+          ops.less(expert_ids, num_experts), (num_tokens, slots)
+      )
       routed = ops.less(sorted_experts, num_experts)
       self.row_token = ops.where(
           routed, ops.floor_divide(order, slots), num_tokens
@@ -185,10 +199,24 @@ class RoutingPlan:
       [R, d]; dropless rows are expert-sorted, capacity rows are [n*C, d]
       (reshape to [n, C, d]); empty rows are zeros.
     """
+    if self._order is not None:
+      return backend_ops.gather_repeated_rows(
+          tokens,
+          self.row_token,
+          self._inverse(),
+          ops.cast(self._routed, tokens.dtype),
+          self.slots,
+      )
     padded = ops.concatenate(
         [tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], axis=0
     )
     return ops.take(padded, self.row_token, axis=0)
+
+  def _inverse(self):
+    """Dropless: row of each assignment, int32 [N*K] (built once)."""
+    if self._inverse_cache is None:
+      self._inverse_cache = backend_ops.invert_permutation(self._order)
+    return self._inverse_cache
 
   def combine(self, rows, gates):
     """Weights expert outputs by their gates and sums them per token, eq. (1).
@@ -201,6 +229,19 @@ class RoutingPlan:
       [N, d_out] in rows.dtype promoted with gates.dtype:
       y_t = sum over assignments a of token t of gates_a * rows[row(a)].
     """
+    if self._order is not None:
+      # Dropless: the layout is a permutation of the N*K assignments, so
+      # each assignment's row is gathered back (gradient: the inverse
+      # gather) and the K slots of a token are summed, instead of a
+      # segment sum over the rows (and its scatter in the gradient).
+      picked = backend_ops.permute_rows(
+          ops.cast(rows, gates.dtype), self._inverse(), self._order
+      )
+      picked = ops.reshape(
+          picked, (self.num_tokens, self.slots, rows.shape[-1])
+      )
+      routed_gates = ops.where(self._routed, gates, ops.zeros_like(gates))
+      return ops.sum(picked * routed_gates[:, :, None], axis=1)
     flat_gates = ops.concatenate(
         [ops.reshape(gates, [-1]), ops.zeros((1,), gates.dtype)]
     )
@@ -217,6 +258,12 @@ class RoutingPlan:
     The inverse of `row_assignment`, built once per plan and shared by every
     `gather_back` call (the hierarchical layer gathers twice per step).
     """
+    if self._assignment_rows_cache is None and self._order is not None:
+      self._assignment_rows_cache = ops.where(
+          ops.reshape(self._routed, [-1]),
+          self._inverse(),
+          ops.shape(self.row_assignment)[0],
+      )
     if self._assignment_rows_cache is None:
       inverse = ops.scatter(
           self.row_assignment[:, None],

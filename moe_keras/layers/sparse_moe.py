@@ -585,9 +585,11 @@ class SparseMoE(MoEBase):
     valid_f = None if valid is None else ops.cast(valid, "float32")[:, None]
     result = {}
     if self.gating == "noisy_top_k" and training:
-      # x . W_g and x . W_noise as one matmul (eq. 4).
-      both = ops.matmul(x, ops.concatenate([self.w_gate, self.w_noise], axis=1))
-      clean, raw = both[:, :n], both[:, n:]
+      # x . W_g and x . W_noise (eq. 4) as two matmuls: one matmul on
+      # [W_g | W_noise] split in two costs more in the backward pass (the
+      # gradient of the slices pads each half back to [N, 2n]; measured).
+      clean = ops.matmul(x, self.w_gate)
+      raw = ops.matmul(x, self.w_noise)
     else:
       clean = ops.matmul(x, self.w_gate)  # [N, n]
     if self.gating in ("noisy_top_k", "top_k"):
