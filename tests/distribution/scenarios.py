@@ -398,10 +398,12 @@ def scenario_sharded_options():
     print(f"ok {name}: expert blocks are {want_dtype}")
 
 
-def tiny_model(num_experts=8, hierarchical=False, seed=0):
+def tiny_model(num_experts=8, hierarchical=False, seed=0, **moe_kwargs):
   """Dense -> residual MoE -> Dense on [B, T, D] (the MoE sees B*T tokens).
 
   hierarchical: a HierarchicalSparseMoE of num_experts / 2 groups of 2.
+  moe_kwargs: override the MoE's keyword arguments (capacity_factor, the
+    balancing-loss weights, which default to 0).
   """
   import keras  # pylint: disable=g-import-not-at-top
 
@@ -411,16 +413,14 @@ def tiny_model(num_experts=8, hierarchical=False, seed=0):
   keras.utils.set_random_seed(seed)
   inputs = keras.Input((T, D))
   hidden = keras.layers.Dense(D, activation="tanh")(inputs)
+  # No balancing losses by default: replicas compute them on their slice of
+  # the batch, so they are not the global batch's.
+  moe_kwargs = dict(dict(w_importance=0.0, w_load=0.0), **moe_kwargs)
   if hierarchical:
-    # Noisy gates at both levels. No balancing losses: replicas compute
-    # them on their slice of the batch, so they are not the global batch's.
-    moe = HierarchicalSparseMoE(
-        num_experts // 2, 2, H, w_importance=0.0, w_load=0.0
-    )
+    # Noisy gates at both levels.
+    moe = HierarchicalSparseMoE(num_experts // 2, 2, H, **moe_kwargs)
   else:
-    moe = SparseMoE(
-        num_experts, 2, H, gating="top_k", w_importance=0.0, w_load=0.0
-    )
+    moe = SparseMoE(num_experts, 2, H, gating="top_k", **moe_kwargs)
   hidden = keras.layers.Add()([hidden, moe(hidden)])
   outputs = keras.layers.Dense(V)(hidden)
   return keras.Model(inputs, outputs)
@@ -811,15 +811,22 @@ def scenario_worker(mesh_shape, local_devices, out_path, kind="tiny"):
 
 
 def _jax_single_and_sharded(build, mesh_shape="batch:2,expert:4"):
-  """Builds `build()` on one device and on `mesh_shape`, same weights."""
+  """Compiles `build()` on one device and on `mesh_shape`, same weights."""
+  import keras  # pylint: disable=g-import-not-at-top
+
   from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
 
-  single = build()
+  def compiled():
+    model = build()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    return model
+
+  single = compiled()
   path = os.path.join(tempfile.mkdtemp(), "init.weights.h5")
   single.save_weights(path)
   dist = make_distribution(mesh_shape)
   with dist.scope():
-    sharded = build()
+    sharded = compiled()
   sharded.load_weights(path)
   return single, sharded, dist
 
@@ -842,32 +849,15 @@ def _jax_fit_equal(single, sharded, dist, x, y, label):
 def scenario_jax_mesh():
   """JAX: experts sharded on 'expert', batch on 'batch'; == one device."""
   import jax  # pylint: disable=g-import-not-at-top
-  import keras  # pylint: disable=g-import-not-at-top
 
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
 
   assert len(jax.devices()) == NUM_DEVICES, jax.devices()
   x, y = tiny_data()
 
-  def build():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((T, D))
-    hidden = keras.layers.Dense(D, activation="tanh")(inputs)
-    moe = SparseMoE(
-        8,
-        2,
-        H,
-        gating="top_k",
-        w_importance=0.0,
-        w_load=0.0,
-        capacity_factor=2.0,
-    )
-    hidden = keras.layers.Add()([hidden, moe(hidden)])
-    model = keras.Model(inputs, keras.layers.Dense(V)(hidden))
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    return model
-
-  single, sharded, dist = _jax_single_and_sharded(build)
+  single, sharded, dist = _jax_single_and_sharded(
+      lambda: tiny_model(capacity_factor=2.0)
+  )
   moe = [l for l in sharded.layers if isinstance(l, SparseMoE)][0]
   kernel = moe.expert_kernel_1.value
   spec = kernel.sharding.spec
@@ -898,22 +888,16 @@ def scenario_jax_hier_mesh():
   )
   x, y = tiny_data()
 
-  def build():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((T, D))
-    hidden = keras.layers.Dense(D, activation="tanh")(inputs)
-    moe = HierarchicalSparseMoE(
-        num_groups=4,
-        experts_per_group=2,
-        expert_hidden_dim=H,
-        capacity_factor=4.0,
-    )
-    hidden = keras.layers.Add()([hidden, moe(hidden)])
-    model = keras.Model(inputs, keras.layers.Dense(V)(hidden))
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    return model
-
-  single, sharded, dist = _jax_single_and_sharded(build)
+  # With the layer's default balancing losses (GSPMD computes them over the
+  # global batch, as one device does).
+  single, sharded, dist = _jax_single_and_sharded(
+      lambda: tiny_model(
+          hierarchical=True,
+          capacity_factor=4.0,
+          w_importance=0.1,
+          w_load=0.1,
+      )
+  )
   moe = [l for l in sharded.layers if isinstance(l, HierarchicalSparseMoE)][0]
   want_shards = {
       "expert_kernel_1": (2, D, H),
