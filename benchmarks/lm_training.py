@@ -121,9 +121,22 @@ class Runner:
 
 def main(argv):
   del argv
-  runners = {name: Runner(name) for name in FLAGS.configs}
+  for name in FLAGS.configs:  # flags are checked before any model is built
+    if not os.path.exists(os.path.join(REPO, "gin/lm/ptb", f"{name}.gin")):
+      raise app.UsageError(f"--configs: no gin/lm/ptb/{name}.gin")
+  if PAIR_BASELINE not in FLAGS.configs:
+    raise app.UsageError(f"--configs must include the baseline {PAIR_BASELINE}")
+  variants = []
   for variant in FLAGS.variants:
-    name, binding = variant.split("=", 1)
+    name, sep, binding = variant.partition("=")
+    if not sep or name not in FLAGS.configs:
+      raise app.UsageError(
+          f"--variants entry {variant!r}: expected NAME=BINDING with NAME one"
+          f" of --configs ({', '.join(FLAGS.configs)})"
+      )
+    variants.append((name, binding))
+  runners = {name: Runner(name) for name in FLAGS.configs}
+  for name, binding in variants:
     runners[f"{name} + {binding}"] = Runner(name, [binding])
   rates = {name: [] for name in runners}
   updates = {name: [] for name in runners}

@@ -372,6 +372,7 @@ class ShardedExperts:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from keras.src.backend.common.stateless_scope import in_stateless_scope  # pylint: disable=g-import-not-at-top
 
+    from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
     from moe_keras.layers import dispatch  # pylint: disable=g-import-not-at-top
     from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
     from moe_keras.layers import sparse_moe  # pylint: disable=g-import-not-at-top
@@ -403,12 +404,8 @@ class ShardedExperts:
           ops.minimum(groups, a - 1)[:, :, None],
           axis=1,
       )  # [N, kp, b]
-      row_noise = ops.take(
-          ops.concatenate(
-              [ops.reshape(picked, (-1, b)), ops.zeros((1, b))], axis=0
-          ),
-          group_plan.row_assignment,
-          axis=0,
+      row_noise = backend_ops.take_rows_or_zeros(
+          ops.reshape(picked, (-1, b)), group_plan.row_assignment
       )
     capacity = max_rows = None
     if layer.capacity_factor is not None:

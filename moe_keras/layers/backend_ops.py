@@ -87,6 +87,22 @@ def permute_rows(x, perm, inverse):
   return permute(x)
 
 
+def take_rows_or_zeros(tokens, row_token):
+  """tokens[row_token], with row_token == N giving a zero row.
+
+  Args:
+    tokens: [N, d].
+    row_token: int32 [R] in 0..N.
+
+  Returns:
+    [R, d].
+  """
+  padded = ops.concatenate(
+      [tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], axis=0
+  )
+  return ops.take(padded, row_token, axis=0)
+
+
 def gather_repeated_rows(tokens, row_token, inverse, routed, slots):
   """Rows tokens[row_token[r]] of a dropless expert-major layout.
 
@@ -109,15 +125,8 @@ def gather_repeated_rows(tokens, row_token, inverse, routed, slots):
   Returns:
     [N*slots, d].
   """
-
-  def forward(tokens):
-    padded = ops.concatenate(
-        [tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], axis=0
-    )
-    return ops.take(padded, row_token, axis=0)
-
   if backend_name() != "tensorflow":
-    return forward(tokens)
+    return take_rows_or_zeros(tokens, row_token)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   @tf.custom_gradient
@@ -128,7 +137,7 @@ def gather_repeated_rows(tokens, row_token, inverse, routed, slots):
       )
       return tf.reduce_sum(picked * routed[:, :, None], axis=1)
 
-    return forward(tokens), grad
+    return take_rows_or_zeros(tokens, row_token), grad
 
   return gather(tokens)
 

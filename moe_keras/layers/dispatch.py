@@ -207,10 +207,7 @@ class RoutingPlan:
           ops.cast(self._routed, tokens.dtype),
           self.slots,
       )
-    padded = ops.concatenate(
-        [tokens, ops.zeros((1, tokens.shape[-1]), tokens.dtype)], axis=0
-    )
-    return ops.take(padded, self.row_token, axis=0)
+    return backend_ops.take_rows_or_zeros(tokens, self.row_token)
 
   def _inverse(self):
     """Dropless: row of each assignment, int32 [N*K] (built once)."""

@@ -138,12 +138,13 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     a, kp = self.num_groups, self.k_primary
     valid_f = None if valid is None else ops.cast(valid, "float32")
     load_primary = None
+    clean_p = ops.matmul(x, self.w_gate)  # [N, a]
     if training:
-      both = ops.matmul(x, ops.concatenate([self.w_gate, self.w_noise], axis=1))
-      clean_p, raw_p = both[:, :a], both[:, a:]
+      # x . W_noise as its own matmul, as in SparseMoE (slicing one
+      # [W_g | W_noise] product pads both halves in the backward pass).
       gates_p, groups, probs_p = gating_lib.noisy_top_k(
           clean_p,
-          raw_p,
+          ops.matmul(x, self.w_noise),
           self._noise(ops.shape(clean_p), primary_noise),
           kp,
           self.noise_epsilon,
@@ -152,9 +153,7 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
         probs_p = probs_p * valid_f[:, None]
       load_primary = gating_lib.load(probs_p)  # [a], eq. (10)
     else:
-      gates_p, groups = gating_lib.top_k_gates(
-          ops.matmul(x, self.w_gate), kp
-      )  # [N, kp]
+      gates_p, groups = gating_lib.top_k_gates(clean_p, kp)  # [N, kp]
     if valid is not None:
       groups = ops.where(valid[:, None], groups, a)
       gates_p = gates_p * valid_f[:, None]

@@ -584,20 +584,16 @@ class SparseMoE(MoEBase):
     x = ops.cast(tokens, "float32")
     valid_f = None if valid is None else ops.cast(valid, "float32")[:, None]
     result = {}
-    if self.gating == "noisy_top_k" and training:
-      # x . W_g and x . W_noise (eq. 4) as two matmuls: one matmul on
-      # [W_g | W_noise] split in two costs more in the backward pass (the
-      # gradient of the slices pads each half back to [N, 2n]; measured).
-      clean = ops.matmul(x, self.w_gate)
-      raw = ops.matmul(x, self.w_noise)
-    else:
-      clean = ops.matmul(x, self.w_gate)  # [N, n]
+    clean = ops.matmul(x, self.w_gate)  # [N, n]
     if self.gating in ("noisy_top_k", "top_k"):
       smooth_load = None
       if self.gating == "noisy_top_k" and training:
+        # x . W_noise as its own matmul: one matmul on [W_g | W_noise] split
+        # in two costs more in the backward pass (the gradient of the slices
+        # pads each half back to [N, 2n]; measured).
         gates, indices, probs = gating_lib.noisy_top_k(
             clean,
-            raw,
+            ops.matmul(x, self.w_noise),
             self._noise(ops.shape(clean), noise),
             self.k,
             self.noise_epsilon,

@@ -208,6 +208,11 @@ def build_moe(spec, name="moe", seed=None):
   )
 
 
+def _flat_gate_matrices(spec):
+  """[d, n] gating matrices of a flat MoE: W_g, and W_noise if noisy top-k."""
+  return 2 if spec["gating"] == "noisy_top_k" else 1
+
+
 def moe_params(spec, model_dim):
   """Parameters of the MoE layer (gating included, no biases).
 
@@ -227,8 +232,7 @@ def moe_params(spec, model_dim):
   h = spec["expert_hidden_dim"]
   if spec["kind"] == "flat":
     n = spec["num_experts"]
-    gate_matrices = 2 if spec["gating"] == "noisy_top_k" else 1
-    return n * 2 * d * h + gate_matrices * d * n
+    return n * 2 * d * h + _flat_gate_matrices(spec) * d * n
   a, b = spec["num_groups"], spec["experts_per_group"]
   return a * b * 2 * d * h + 2 * d * a + a * 2 * d * b
 
@@ -256,8 +260,7 @@ def moe_ops_per_timestep(spec, model_dim):
     n = spec["num_experts"]
     # softmax (eq. 2) runs every expert; batchwise gives k on average.
     active = n if spec["gating"] == "softmax" else spec["k"]
-    gate_matrices = 2 if spec["gating"] == "noisy_top_k" else 1
-    return active * 2 * d * h + gate_matrices * d * n
+    return active * 2 * d * h + _flat_gate_matrices(spec) * d * n
   a, b = spec["num_groups"], spec["experts_per_group"]
   kp, ks = spec["k_primary"], spec["k_secondary"]
   return kp * ks * 2 * d * h + 2 * d * a + kp * 2 * d * b
