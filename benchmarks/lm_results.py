@@ -1,142 +1,196 @@
-r"""PTB results table: dense vs MoE LMs at equal ops/timestep and steps.
+r"""Language-model results: dense vs MoE at equal ops/timestep, several seeds.
 
-Trains every listed config for the same number of steps with
-`python -m moe_keras.train` (one fresh process each; an interrupted table
-resumes where it stopped), evaluates the test split with the exact softmax
-(`python -m moe_keras.evaluate --split=test`), and prints a markdown table:
-test perplexity, parameters and ops/timestep as the paper counts them, and
-the expert-utilization statistics on the test split (CV of importance and
-load, max/mean load; averaged over batches, as Table 6 reports them).
+The methodology is `benchmarks/results_lib.py`'s (read its docstring): a
+dev-set learning-rate sweep applied equally to every config, then every
+config at its chosen rate with every seed, the same steps and batches;
+mean, spread and budget per row, time-to-quality, learning-curve PNGs.
 
-  python benchmarks/lm_results.py --output_dir=runs/ptb_table
+  # everything (sweep, then the table's seeds), resumable:
+  python benchmarks/lm_results.py --corpus=ptb
+  # only print the tables and plots of what has finished:
+  python benchmarks/lm_results.py --corpus=ptb --mode=table
 
-Rows named NAME@nobalance train NAME with w_importance = w_load = 0 (the
-first row of the paper's Table 6).
+Rows NAME@nobalance train NAME with w_importance = w_load = 0 (Table 6's
+first row); they use NAME's chosen rate. Summaries (one JSON per run) go to
+--results_dir (committed with the repository); model directories to
+--output_dir.
 """
 
-import json
 import os
-import subprocess
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags
-import gin
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_keras import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from moe_keras.models import lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CORPORA = {
+    "ptb": results_lib.Corpus(
+        name="ptb", gin_dir="gin/lm/ptb", data_seed_binding="ptb_lm_data.seed"
+    ),
+    "debian_docs": results_lib.Corpus(
+        name="debian_docs",
+        gin_dir="gin/lm/debian_docs",
+        data_seed_binding="debian_docs_lm_data.seed",
+    ),
+}
+BASELINE = {"ptb": "4xlstm_128", "debian_docs": "4xlstm_128"}
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("corpus", "ptb", sorted(CORPORA), "Which corpus's configs.")
 flags.DEFINE_list(
     "configs",
-    [
-        "4xlstm_128",
-        "moe_4",
-        "moe_32",
-        "moe_256",
-        "moe_256_h",
-        "moe_256@nobalance",
-    ],
-    "gin/lm/ptb/<name>.gin rows; NAME@nobalance trains without the"
-    " balancing losses.",
+    ["4xlstm_128", "moe_4", "moe_32", "moe_256", "moe_256_h", "moe_1024_h"],
+    "Table rows (gin/lm/<corpus>/<name>.gin; NAME@nobalance for no"
+    " balancing losses). The first is the baseline.",
 )
-flags.DEFINE_integer("train_steps", 1000, "Steps for every row.")
-flags.DEFINE_string("output_dir", "runs/ptb_table", "One model_dir per row.")
-flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every row.")
-flags.DEFINE_bool("train", True, "Train missing rows (else table only).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the table.")
+flags.DEFINE_integer("train_steps", 1000, "Steps of every run.")
+flags.DEFINE_integer(
+    "steps_per_eval", 200, "Checkpoint + dev evaluation period (the curve)."
+)
+flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Swept peak rates.")
+flags.DEFINE_list(
+    "sweep_configs",
+    None,
+    "Configs swept (default: --configs without @variants). A config not"
+    " swept uses the rate chosen for --lr_from.",
+)
+flags.DEFINE_string(
+    "lr_from",
+    None,
+    "For configs not swept: use this swept config's rate (e.g. moe_256).",
+)
+flags.DEFINE_enum(
+    "mode",
+    "all",
+    ["all", "sweep", "grid", "table"],
+    "sweep: the rate sweep; grid: the table's runs; all: both; table: print.",
+)
+flags.DEFINE_string("output_dir", None, "Model dirs (default ~/moe_keras_runs/lm_<corpus>).")
+flags.DEFINE_string("results_dir", None, "Summaries (default results/lm_<corpus>).")
+flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
 
-NO_BALANCE = ("moe_spec.w_importance = 0.0", "moe_spec.w_load = 0.0")
+
+def _rates_for(configs, choice):
+  """{config: rate} for the table's rows, from the sweep's choice."""
+  rates = {}
+  for config in configs:
+    base = config.partition("@")[0]
+    if config in choice:
+      rates[config] = choice[config]
+    elif base in choice:
+      rates[config] = choice[base]
+    elif FLAGS.lr_from and FLAGS.lr_from in choice:
+      rates[config] = choice[FLAGS.lr_from]
+  return rates
 
 
-def _row_setup(row):
-  name, _, variant = row.partition("@")
-  bindings = [f"training.train_steps = {FLAGS.train_steps}"]
-  bindings += list(FLAGS.gin_bindings)
-  if variant == "nobalance":
-    bindings += list(NO_BALANCE)
-  elif variant:
-    raise ValueError(f"unknown row variant {variant!r} in {row!r}")
-  return os.path.join(REPO, "gin", "lm", "ptb", f"{name}.gin"), bindings
+def _counts(corpus, configs):
+  """{config: (params excl. embedding/softmax, ops/timestep)} as the paper."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+  from moe_keras.models import lm  # pylint: disable=g-import-not-at-top
 
-
-def _run(args, log_path):
-  with open(log_path, "a") as log:
-    subprocess.run(
-        [sys.executable, "-m"] + args,
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        check=True,
+  counts = {}
+  for config in configs:
+    gin.clear_config()
+    base = config.partition("@")[0]
+    experiment.parse_gin(
+        [os.path.join(results_lib.REPO, corpus.gin_dir, f"{base}.gin")], []
     )
+    c = lm.count_lm(lm.lm_config())
+    counts[config] = (c["params_excl"], c["ops_per_timestep"])
+  gin.clear_config()
+  return counts
 
 
 def main(argv):
   del argv
-  rows = []
-  for row in FLAGS.configs:
-    gin_file, bindings = _row_setup(row)
-    model_dir = os.path.join(FLAGS.output_dir, row.replace("@", "_"))
-    os.makedirs(model_dir, exist_ok=True)
-    log_path = os.path.join(model_dir, "run.log")
-    result_path = os.path.join(model_dir, "eval_test.json")
-    if FLAGS.train and not os.path.exists(result_path):
-      binding_args = [f"--gin_bindings={b}" for b in bindings]
-      _run(
-          [
-              "moe_keras.train",
-              f"--gin_file={gin_file}",
-              f"--model_dir={model_dir}",
-              "--verbose=2",
-          ]
-          + binding_args,
-          log_path,
-      )
-      _run(
-          [
-              "moe_keras.evaluate",
-              f"--model_dir={model_dir}",
-              "--split=test",
-              "--plot",
-          ],
-          log_path,
-      )
-    if not os.path.exists(result_path):
-      continue
-    with open(result_path) as f:
-      result = json.load(f)
-    gin.clear_config()
-    experiment.parse_gin([gin_file], bindings)
-    counts = lm.count_lm(lm.lm_config())
-    experts = next(iter(result.get("experts", {}).values()), None)
-    rows.append((row, counts, result, experts))
-    print(f"{row}: test perplexity {result['perplexity']:.2f}", flush=True)
-  print()
-  print(
-      "| model | params excl. emb/softmax | ops/timestep | steps | test ppl |"
-      " CV(importance) | CV(load) | max/mean load |"
+  corpus = CORPORA[FLAGS.corpus]
+  configs = list(FLAGS.configs)
+  results_lib.check_configs(corpus, configs)
+  seeds = [int(s) for s in FLAGS.seeds]
+  lrs = [float(x) for x in FLAGS.lrs]
+  sweep_configs = FLAGS.sweep_configs or [c for c in configs if "@" not in c]
+  results_lib.check_configs(corpus, sweep_configs)
+  output_dir = os.path.expanduser(
+      FLAGS.output_dir or f"~/moe_keras_runs/lm_{corpus.name}"
   )
-  print("|---|---:|---:|---:|---:|---:|---:|---:|")
-  for row, counts, result, experts in rows:
-    stats = (
-        " | ".join(
-            f"{experts[k]:.2f}"
-            for k in (
-                "batch_mean_cv_importance",
-                "batch_mean_cv_load",
-                "batch_mean_max_over_mean_load",
-            )
-        )
-        if experts
-        else "- | - | -"
+  results_dir = FLAGS.results_dir or os.path.join(
+      results_lib.REPO, "results", f"lm_{corpus.name}"
+  )
+  steps = FLAGS.train_steps
+
+  def execute(run):
+    summary = results_lib.execute(
+        corpus,
+        run,
+        output_dir=output_dir,
+        results_dir=results_dir,
+        steps_per_eval=FLAGS.steps_per_eval,
+        eval_flags=["--plot"],
+        summarize=lambda r: {
+            "perplexity": r["perplexity"],
+            "tokens": r["tokens"],
+            "experts": next(iter(r.get("experts", {}).values()), None),
+        },
+        extra_bindings=FLAGS.gin_bindings,
     )
     print(
-        f"| {row} | {counts['params_excl'] / 1e6:.2f}M |"
-        f" {counts['ops_per_timestep'] / 1e3:.0f}k | {result['step']} |"
-        f" {result['perplexity']:.2f} | {stats} |"
+        f"{run.run_id}: test perplexity {summary['test']['perplexity']:.2f},"
+        f" final dev {summary['final_dev_perplexity']:.2f},"
+        f" {summary['train_seconds'] / 60:.1f} min",
+        flush=True,
     )
+
+  if FLAGS.mode in ("all", "sweep"):
+    for run in results_lib.sweep_runs(sweep_configs, lrs, steps):
+      execute(run)
+    choice = results_lib.choose_lrs(results_dir, sweep_configs, lrs, steps)
+    results_lib.write_lr_choice(results_dir, choice, lrs, steps)
+  choice = results_lib.read_lr_choice(results_dir)
+  rates = _rates_for(configs, choice)
+  if FLAGS.mode in ("all", "grid"):
+    missing = [c for c in configs if c not in rates]
+    if missing:
+      raise results_lib.GridError(
+          f"no chosen rate for {missing}: run --mode=sweep first (or set"
+          " --lr_from)"
+      )
+    for seed in seeds:  # all configs at seed 0 first: partial tables compare
+      for config in configs:
+        execute(results_lib.Run(config, rates[config], seed, steps))
+
+  print()
+  print(f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps} steps,"
+        " final dev perplexity)")
+  print(results_lib.sweep_table(results_dir, sweep_configs, lrs, steps))
+  rows = results_lib.collect_rows(results_dir, configs, seeds, steps, rates)
+  counts = _counts(corpus, configs)
+  print()
+  print("| config | params excl. emb/softmax | ops/timestep |")
+  print("|---|---:|---:|")
+  for config in configs:
+    params, ops = counts[config]
+    print(f"| {config} | {params / 1e6:.2f}M | {ops / 1e3:.0f}k |")
+  print()
+  print(f"## Test perplexity, {FLAGS.corpus}, seeds {seeds}")
+  print(results_lib.results_table(rows, "perplexity", lower_is_better=True))
+  print()
+  print("## Time to the baseline's quality")
+  print(results_lib.time_to_quality_table(rows))
+  plots = results_lib.plot_curves(
+      rows,
+      os.path.join(results_dir, "curves"),
+      f"{FLAGS.corpus}: dev perplexity, mean over seeds (range shaded)",
+  )
+  print()
+  print("plots: " + ", ".join(os.path.relpath(p, results_lib.REPO) for p in plots))
 
 
 if __name__ == "__main__":

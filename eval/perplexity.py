@@ -89,8 +89,10 @@ class TokenCount(keras.metrics.Metric):
     self.count.assign_add(keras.ops.sum(self.weights(y_true)))
 
   def result(self):
-    # A tensor, not the variable (JAX's abstract evaluation rejects those).
-    return keras.ops.convert_to_tensor(self.count)
+    # A copy, not the variable: JAX's abstract evaluation rejects variables,
+    # and on TensorFlow convert_to_tensor hands back the variable itself, so
+    # fit's epoch-end "tokens" read the validation count after validating.
+    return keras.ops.copy(keras.ops.convert_to_tensor(self.count))
 
 
 class PerplexityAccumulator:

@@ -8,6 +8,9 @@ model_dir layout:
   DIR/checkpoints/state.json        {"step", "latest", "checkpoints",
                                      "architecture": [[path, shape], ...]}
   DIR/logs/                         TensorBoard summaries
+  DIR/curve.jsonl                   learning curve: step, tokens, training
+                                    wall clock, train/validation logs per
+                                    checkpoint period (`learning_curve`)
   DIR/eval_<split>.json             results of moe_keras.evaluate
 
 Every file is written to a temporary name in its directory and renamed into
@@ -36,6 +39,7 @@ import contextlib
 import data_pipelines
 from eval import expert_stats
 from moe_keras import distribution as distribution_lib
+from moe_keras import learning_curve
 from moe_keras.optimizers import factory as optimizer_factory
 from moe_keras.tasks import base as task_base
 from moe_keras.tasks import lm_task  # pylint: disable=unused-import
@@ -352,6 +356,12 @@ class StepCallback(keras.callbacks.Callback):
     self._time_at_log = None
     self._writer = None
     self.words_per_sec = []
+    # Learning-curve totals, continued from the record at the resumed step.
+    resumed = learning_curve.truncate_curve(checkpoints.model_dir, initial_step)
+    self.tokens_total = float(resumed.get("tokens") or 0.0)
+    self.train_seconds = float(resumed.get("train_seconds") or 0.0)
+    self._epoch_start = None
+    self._epoch_train_end = None
 
   def _summary_writer(self):
     if self._writer is None and keras.backend.backend() == "tensorflow":
@@ -365,6 +375,13 @@ class StepCallback(keras.callbacks.Callback):
   def on_epoch_begin(self, epoch, logs=None):
     self._tokens_at_log = 0.0
     self._time_at_log = time.time()
+    self._epoch_start = self._time_at_log
+    self._epoch_train_end = None
+
+  def on_test_begin(self, logs=None):
+    # Validation inside fit: the period's training time ends here.
+    if self._epoch_start is not None and self._epoch_train_end is None:
+      self._epoch_train_end = time.time()
 
   def on_train_batch_end(self, batch, logs=None):
     self.step += 1
@@ -397,6 +414,19 @@ class StepCallback(keras.callbacks.Callback):
       self.last_saved = self.step
 
   def on_epoch_end(self, epoch, logs=None):
+    if self._epoch_start is not None:
+      end = self._epoch_train_end or time.time()
+      self.train_seconds += end - self._epoch_start
+      self._epoch_start = None
+    logs = dict(logs or {})
+    self.tokens_total += float(logs.pop("tokens", 0.0))
+    if self.step != self.last_saved:
+      record = {"step": self.step, "tokens": self.tokens_total}
+      record["train_seconds"] = self.train_seconds
+      for key, value in logs.items():
+        if key != "step" and isinstance(value, (int, float, np.number)):
+          record[key] = float(value)
+      learning_curve.append_record(self.checkpoints.model_dir, record)
     self._save_if_new()
     self._write_expert_histograms()
 

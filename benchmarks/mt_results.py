@@ -1,0 +1,138 @@
+r"""Translation results: dense GNMT vs MoE at equal ops/timestep, seeds.
+
+The MT counterpart of `benchmarks/lm_results.py`, with the same methodology
+(`benchmarks/results_lib.py`): a dev-set learning-rate sweep applied
+equally to every config, then every config at its chosen rate with every
+seed; test sacreBLEU (beam search, the config's beam and alpha), tokenized
+BLEU and test perplexity with mean, spread and budget; time-to-quality on
+dev perplexity; learning-curve PNGs.
+
+  python benchmarks/mt_results.py --corpus=debian_en_fr
+  python benchmarks/mt_results.py --corpus=debian_en_fr --mode=table
+
+Rows NAME@top_k / NAME@noisy_top_k / NAME@batchwise train NAME with that
+gating (appendix F's strictly balanced gating is the configs' default).
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CORPORA = {
+    name: results_lib.Corpus(
+        name=name,
+        gin_dir=f"gin/mt/{name}",
+        data_seed_binding="debian_mt_data.seed",
+    )
+    for name in ("debian_en_fr", "debian_en_de")
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("corpus", "debian_en_fr", sorted(CORPORA), "Which corpus.")
+flags.DEFINE_list(
+    "configs",
+    ["gnmt_dense", "moe_32", "moe_32@noisy_top_k", "moe_32@top_k"],
+    "Rows (gin/mt/<corpus>/<name>.gin, NAME@<gating>); the first is the"
+    " baseline.",
+)
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the table.")
+flags.DEFINE_integer("train_steps", 2000, "Steps of every run.")
+flags.DEFINE_integer("steps_per_eval", 250, "Checkpoint + dev period.")
+flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Swept peak rates.")
+flags.DEFINE_list(
+    "sweep_configs", None, "Configs swept (default: --configs)."
+)
+flags.DEFINE_enum("mode", "all", ["all", "sweep", "grid", "table"], "What to do.")
+flags.DEFINE_string("output_dir", None, "Model dirs (default ~/moe_keras_runs/mt_<corpus>).")
+flags.DEFINE_string("results_dir", None, "Summaries (default results/mt_<corpus>).")
+flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
+
+
+def _summarize(result):
+  return {
+      "bleu": result["bleu"],
+      "tokenized_bleu": result["tokenized_bleu"],
+      "perplexity": result["perplexity"],
+      "bleu_signature": result["bleu_signature"],
+      "experts": next(iter(result.get("experts", {}).values()), None),
+  }
+
+
+def main(argv):
+  del argv
+  corpus = CORPORA[FLAGS.corpus]
+  configs = list(FLAGS.configs)
+  results_lib.check_configs(corpus, configs)
+  sweep_configs = FLAGS.sweep_configs or configs
+  results_lib.check_configs(corpus, sweep_configs)
+  seeds = [int(s) for s in FLAGS.seeds]
+  lrs = [float(x) for x in FLAGS.lrs]
+  steps = FLAGS.train_steps
+  output_dir = os.path.expanduser(
+      FLAGS.output_dir or f"~/moe_keras_runs/mt_{corpus.name}"
+  )
+  results_dir = FLAGS.results_dir or os.path.join(
+      results_lib.REPO, "results", f"mt_{corpus.name}"
+  )
+
+  def execute(run):
+    summary = results_lib.execute(
+        corpus,
+        run,
+        output_dir=output_dir,
+        results_dir=results_dir,
+        steps_per_eval=FLAGS.steps_per_eval,
+        eval_flags=[],
+        summarize=_summarize,
+        extra_bindings=FLAGS.gin_bindings,
+    )
+    print(
+        f"{run.run_id}: test BLEU {summary['test']['bleu']:.2f}, perplexity"
+        f" {summary['test']['perplexity']:.2f}",
+        flush=True,
+    )
+
+  if FLAGS.mode in ("all", "sweep"):
+    for run in results_lib.sweep_runs(sweep_configs, lrs, steps):
+      execute(run)
+    choice = results_lib.choose_lrs(results_dir, sweep_configs, lrs, steps)
+    results_lib.write_lr_choice(results_dir, choice, lrs, steps)
+  choice = results_lib.read_lr_choice(results_dir)
+  if FLAGS.mode in ("all", "grid"):
+    missing = [c for c in configs if c not in choice]
+    if missing:
+      raise results_lib.GridError(
+          f"no chosen rate for {missing}: run --mode=sweep first"
+      )
+    for seed in seeds:
+      for config in configs:
+        execute(results_lib.Run(config, choice[config], seed, steps))
+
+  print(f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps} steps)")
+  print(results_lib.sweep_table(results_dir, sweep_configs, lrs, steps))
+  rows = results_lib.collect_rows(results_dir, configs, seeds, steps, choice)
+  for metric in ("bleu", "tokenized_bleu", "perplexity"):
+    print()
+    print(f"## Test {metric}, {FLAGS.corpus}, seeds {seeds}")
+    print(results_lib.results_table(rows, metric, lower_is_better=metric == "perplexity"))
+  print()
+  print("## Time to the baseline's dev perplexity")
+  print(results_lib.time_to_quality_table(rows))
+  plots = results_lib.plot_curves(
+      rows,
+      os.path.join(results_dir, "curves"),
+      f"{FLAGS.corpus}: dev perplexity, mean over seeds (range shaded)",
+  )
+  print("plots: " + ", ".join(os.path.relpath(p, results_lib.REPO) for p in plots))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,553 @@
+"""Results methodology, once: grids of configs x learning rates x seeds.
+
+`benchmarks/lm_results.py` and `benchmarks/mt_results.py` are thin front
+ends over this module. A grid is a list of `Run`s; each trains with
+`python -m moe_keras.train` in a fresh process (one at a time: this is what
+wall clock is measured on), validates every checkpoint period (the learning
+curve, `moe_keras.learning_curve`), evaluates the test split, and writes one
+summary JSON per run into the results directory. Rerunning the same command
+skips finished runs and resumes interrupted ones from their last checkpoint
+(the model directories live in --output_dir, outside the repository).
+
+The procedure the tables follow:
+
+1. Learning rates: a dev-set sweep (`--mode=sweep`) trains every config at
+   every rate of `--lrs` with seed `SWEEP_SEED` (not one of the table's
+   seeds, so the chosen rate's table rows are not the sweep's lucky draw)
+   for the table's step budget, and picks per config the rate of lowest
+   final dev perplexity; dense and MoE get the same rates and the same rule.
+   The choice is written to `lr_choice.json`.
+2. The table (`--mode=grid`): every config at its chosen rate with every
+   seed of `--seeds`, the same steps, batches and data for all.
+3. Statistics (`--mode=table`, also printed after 1 and 2): per config the
+   mean, sample standard deviation and range over seeds; the difference to
+   the baseline in percent and whether it exceeds twice the larger of the
+   two standard deviations; the budget (steps, training tokens, training
+   wall clock); tokens and wall clock to reach the baseline's final dev
+   perplexity; PNG learning curves (dev perplexity vs tokens and vs wall
+   clock, mean over seeds with the seeds' range shaded).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from moe_keras import learning_curve  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SWEEP_SEED = 100
+SUMMARY_DIR = "runs"
+LR_CHOICE_FILE = "lr_choice.json"
+# Named variants: NAME@VARIANT trains NAME with these extra bindings.
+VARIANTS = {
+    "nobalance": ("moe_spec.w_importance = 0.0", "moe_spec.w_load = 0.0"),
+    "top_k": ("moe_spec.gating = 'top_k'",),
+    "noisy_top_k": ("moe_spec.gating = 'noisy_top_k'",),
+    "batchwise": ("moe_spec.gating = 'batchwise'",),
+}
+
+
+class GridError(ValueError):
+  """A bad grid specification (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """Where a task's configs live and how a run is bound to it.
+
+  Attributes:
+    name: short name (results go to results/<task>_<name> by default).
+    gin_dir: directory of the configs, relative to the repository.
+    data_seed_binding: gin parameter of the data order seed, bound to the
+      run's seed (None: the data order is the config's).
+    extra_bindings: bindings every run of this corpus gets.
+  """
+
+  name: str
+  gin_dir: str
+  data_seed_binding: Optional[str] = None
+  extra_bindings: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of a grid."""
+
+  config: str  # NAME or NAME@VARIANT
+  lr: Optional[float]  # None: the config's own PEAK_LEARNING_RATE
+  seed: int
+  steps: int
+
+  @property
+  def run_id(self) -> str:
+    lr = "default" if self.lr is None else f"{self.lr:g}"
+    return f"{self.config.replace('@', '-')}_lr{lr}_s{self.seed}_{self.steps}"
+
+  @property
+  def base_config(self) -> str:
+    return self.config.partition("@")[0]
+
+  @property
+  def variant(self) -> str:
+    return self.config.partition("@")[2]
+
+
+def check_configs(corpus: Corpus, configs: Sequence[str]) -> None:
+  """Raises GridError for a config file that does not exist or a variant."""
+  for config in configs:
+    name, _, variant = config.partition("@")
+    path = os.path.join(REPO, corpus.gin_dir, f"{name}.gin")
+    if not os.path.exists(path):
+      raise GridError(f"no config {path} for {config!r}")
+    if variant and variant not in VARIANTS:
+      raise GridError(
+          f"unknown variant {variant!r} in {config!r} (one of"
+          f" {sorted(VARIANTS)})"
+      )
+
+
+def run_bindings(corpus: Corpus, run: Run, steps_per_eval: int) -> List[str]:
+  """The gin bindings that make `run` (steps, seed, rate, variant, evals)."""
+  bindings = [
+      f"TRAIN_STEPS = {run.steps}",
+      f"SEED = {run.seed}",
+      f"training.steps_per_checkpoint = {steps_per_eval}",
+      f"training.steps_per_eval = {steps_per_eval}",
+  ]
+  if run.lr is not None:
+    bindings.append(f"PEAK_LEARNING_RATE = {run.lr!r}")
+  if corpus.data_seed_binding:
+    bindings.append(f"{corpus.data_seed_binding} = {run.seed}")
+  bindings += list(corpus.extra_bindings)
+  if run.variant:
+    bindings += list(VARIANTS[run.variant])
+  return bindings
+
+
+def _subprocess(args, log_path):
+  env = dict(os.environ)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  with open(log_path, "a") as log:
+    log.write(f"\n$ python -m {' '.join(args)}\n")
+    log.flush()
+    result = subprocess.run(
+        [sys.executable, "-m"] + list(args),
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        check=False,
+    )
+  if result.returncode:
+    raise RuntimeError(
+        f"python -m {args[0]} exited {result.returncode}; see {log_path}"
+    )
+
+
+def summary_path(results_dir: str, run: Run) -> str:
+  return os.path.join(results_dir, SUMMARY_DIR, f"{run.run_id}.json")
+
+
+def load_summary(results_dir: str, run: Run) -> Optional[dict]:
+  path = summary_path(results_dir, run)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def execute(
+    corpus: Corpus,
+    run: Run,
+    output_dir: str,
+    results_dir: str,
+    steps_per_eval: int,
+    eval_flags: Sequence[str],
+    summarize: Callable[[dict], dict],
+    extra_bindings: Sequence[str] = (),
+) -> dict:
+  """Trains (or resumes), evaluates the test split and writes the summary.
+
+  Args:
+    corpus: the corpus the configs belong to.
+    run: what to train.
+    output_dir: parent of the run's model_dir.
+    results_dir: where the summary JSON goes (`runs/<run_id>.json`).
+    steps_per_eval: checkpoint and validation period (the curve's points).
+    eval_flags: extra `moe_keras.evaluate` flags.
+    summarize: eval_test.json -> the metrics to keep (task-specific).
+    extra_bindings: bindings given to every run of the grid (--gin_bindings).
+
+  Returns:
+    The summary dict (also written to results_dir).
+  """
+  existing = load_summary(results_dir, run)
+  if existing is not None:
+    return existing
+  model_dir = os.path.join(output_dir, run.run_id)
+  os.makedirs(model_dir, exist_ok=True)
+  log_path = os.path.join(model_dir, "run.log")
+  gin_file = os.path.join(REPO, corpus.gin_dir, f"{run.base_config}.gin")
+  bindings = run_bindings(corpus, run, steps_per_eval) + list(extra_bindings)
+  started = time.time()
+  _subprocess(
+      [
+          "moe_keras.train",
+          f"--gin_file={gin_file}",
+          f"--model_dir={model_dir}",
+          "--verbose=2",
+      ]
+      + [f"--gin_bindings={b}" for b in bindings],
+      log_path,
+  )
+  _subprocess(
+      ["moe_keras.evaluate", f"--model_dir={model_dir}", "--split=test"]
+      + list(eval_flags),
+      log_path,
+  )
+  with open(os.path.join(model_dir, "eval_test.json")) as f:
+    test = json.load(f)
+  curve = learning_curve.read_curve(model_dir)
+  if not curve or curve[-1]["step"] != run.steps:
+    raise RuntimeError(f"{model_dir}: the curve does not reach {run.steps}")
+  summary = {
+      "run_id": run.run_id,
+      "config": run.config,
+      "lr": run.lr,
+      "seed": run.seed,
+      "steps": run.steps,
+      "gin_file": os.path.relpath(gin_file, REPO),
+      "bindings": bindings,
+      "tokens": curve[-1]["tokens"],
+      "train_seconds": curve[-1]["train_seconds"],
+      "final_dev_perplexity": curve[-1].get("val_perplexity"),
+      "test": summarize(test),
+      "curve": [
+          {
+              "step": r["step"],
+              "tokens": r["tokens"],
+              "train_seconds": r["train_seconds"],
+              "dev_perplexity": r.get("val_perplexity"),
+              "train_loss": r.get("loss"),
+          }
+          for r in curve
+      ],
+      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "process_seconds": time.time() - started,
+  }
+  path = summary_path(results_dir, run)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(summary, f, indent=1)
+    f.write("\n")
+  os.replace(tmp, path)
+  return summary
+
+
+# -- learning-rate choice ----------------------------------------------------
+
+
+def sweep_runs(configs, lrs, steps) -> List[Run]:
+  """Rate-major order: a partial sweep has every config at the first rates."""
+  return [Run(c, lr, SWEEP_SEED, steps) for lr in lrs for c in configs]
+
+
+def choose_lrs(results_dir, configs, lrs, steps) -> Dict[str, float]:
+  """Per config the swept rate of lowest final dev perplexity (all present).
+
+  Returns:
+    {config: lr} for every config whose sweep runs are all finished.
+  """
+  choice = {}
+  for config in configs:
+    scores = {}
+    for lr in lrs:
+      summary = load_summary(results_dir, Run(config, lr, SWEEP_SEED, steps))
+      if summary is None or summary["final_dev_perplexity"] is None:
+        break
+      scores[lr] = summary["final_dev_perplexity"]
+    else:
+      choice[config] = min(scores, key=scores.get)
+  return choice
+
+
+def write_lr_choice(results_dir, choice, lrs, steps):
+  path = os.path.join(results_dir, LR_CHOICE_FILE)
+  os.makedirs(results_dir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(
+        {
+            "rule": "lowest final dev perplexity",
+            "seed": SWEEP_SEED,
+            "steps": steps,
+            "lrs": list(lrs),
+            "choice": choice,
+        },
+        f,
+        indent=1,
+    )
+    f.write("\n")
+
+
+def read_lr_choice(results_dir) -> Dict[str, float]:
+  path = os.path.join(results_dir, LR_CHOICE_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)["choice"]
+
+
+def sweep_table(results_dir, configs, lrs, steps) -> str:
+  """Markdown: final dev perplexity per config (rows) and rate (columns)."""
+  lines = [
+      "| config | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+      "|---|" + "---:|" * (len(lrs) + 1),
+  ]
+  choice = choose_lrs(results_dir, configs, lrs, steps)
+  for config in configs:
+    cells = []
+    for lr in lrs:
+      s = load_summary(results_dir, Run(config, lr, SWEEP_SEED, steps))
+      ppl = None if s is None else s["final_dev_perplexity"]
+      cells.append("-" if ppl is None else f"{ppl:.2f}")
+    chosen = choice.get(config)
+    lines.append(
+        f"| {config} | "
+        + " | ".join(cells)
+        + f" | {'-' if chosen is None else f'{chosen:g}'} |"
+    )
+  return "\n".join(lines)
+
+
+# -- statistics ------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]):
+  """(mean, sample standard deviation; 0 for one value)."""
+  values = [float(v) for v in values]
+  if not values:
+    return float("nan"), float("nan")
+  return (
+      statistics.fmean(values),
+      statistics.stdev(values) if len(values) > 1 else 0.0,
+  )
+
+
+def first_crossing(curve, target, key):
+  """`key` (tokens or train_seconds) where dev perplexity first <= target.
+
+  Linear interpolation between the two curve points around the crossing;
+  None when the curve never reaches the target.
+  """
+  previous = None
+  for point in curve:
+    ppl = point.get("dev_perplexity")
+    if ppl is None:
+      continue
+    if ppl <= target:
+      if previous is None or previous[1] == ppl:
+        return point[key]
+      x0, y0 = previous
+      frac = (y0 - target) / (y0 - ppl)
+      return x0 + frac * (point[key] - x0)
+    previous = (point[key], ppl)
+  return None
+
+
+@dataclasses.dataclass
+class Row:
+  """One config's runs at its table rate, and the numbers the table shows."""
+
+  config: str
+  lr: Optional[float]
+  summaries: List[dict]
+
+  def metric(self, name):
+    return [s["test"][name] for s in self.summaries]
+
+  def field(self, name):
+    return [s[name] for s in self.summaries]
+
+
+def collect_rows(results_dir, configs, seeds, steps, lrs) -> List[Row]:
+  rows = []
+  for config in configs:
+    lr = lrs.get(config)
+    summaries = [
+        s
+        for s in (
+            load_summary(results_dir, Run(config, lr, seed, steps))
+            for seed in seeds
+        )
+        if s is not None
+    ]
+    rows.append(Row(config, lr, summaries))
+  return rows
+
+
+def results_table(rows: List[Row], metric: str, lower_is_better: bool) -> str:
+  """Markdown table: metric over seeds, the difference to rows[0], budget."""
+  base = rows[0]
+  base_mean, base_std = mean_std(base.metric(metric))
+  lines = [
+      f"| config | lr | seeds | test {metric} mean | std | min-max |"
+      " vs baseline | > 2x std | dev ppl | steps | tokens | train wall"
+      " clock |",
+      "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+  ]
+  for row in rows:
+    if not row.summaries:
+      lines.append(f"| {row.config} | - | 0 |" + " - |" * 9)
+      continue
+    values = row.metric(metric)
+    mean, std = mean_std(values)
+    if row is base or not base.summaries:
+      versus, significant = "-", "-"
+    else:
+      change = 100.0 * (mean - base_mean) / base_mean
+      versus = f"{change:+.1f}%"
+      significant = (
+          "yes" if abs(mean - base_mean) > 2 * max(std, base_std) else "no"
+      )
+    dev, _ = mean_std(
+        [v for v in row.field("final_dev_perplexity") if v is not None]
+    )
+    tokens, _ = mean_std(row.field("tokens"))
+    seconds, seconds_std = mean_std(row.field("train_seconds"))
+    lr = "default" if row.lr is None else f"{row.lr:g}"
+    lines.append(
+        f"| {row.config} | {lr} | {len(values)} | {mean:.2f} | {std:.2f} |"
+        f" {min(values):.2f}-{max(values):.2f} | {versus} | {significant} |"
+        f" {dev:.2f} | {row.summaries[0]['steps']} | {tokens / 1e6:.2f}M |"
+        f" {seconds / 60:.1f} +- {seconds_std / 60:.1f} min |"
+    )
+  del lower_is_better
+  return "\n".join(lines)
+
+
+def mean_curve(summaries: List[dict]) -> List[dict]:
+  """The seeds' curves averaged point by point (steps all seeds validated)."""
+  if not summaries:
+    return []
+  steps = sorted(
+      set.intersection(
+          *[
+              {p["step"] for p in s["curve"] if p.get("dev_perplexity")}
+              for s in summaries
+          ]
+      )
+  )
+  curve = []
+  for step in steps:
+    points = [
+        next(p for p in s["curve"] if p["step"] == step) for s in summaries
+    ]
+    curve.append(
+        {
+            "step": step,
+            "tokens": statistics.fmean(p["tokens"] for p in points),
+            "train_seconds": statistics.fmean(
+                p["train_seconds"] for p in points
+            ),
+            "dev_perplexity": statistics.fmean(
+                p["dev_perplexity"] for p in points
+            ),
+            "dev_min": min(p["dev_perplexity"] for p in points),
+            "dev_max": max(p["dev_perplexity"] for p in points),
+        }
+    )
+  return curve
+
+
+def time_to_quality_table(rows: List[Row]) -> str:
+  """Tokens and wall clock for each config to reach rows[0]'s final dev ppl.
+
+  On the mean-over-seeds curves: the target is the baseline's mean final
+  dev perplexity (its own mean curve reaches it at its last point).
+  """
+  base = rows[0]
+  base_curve = mean_curve(base.summaries)
+  if not base_curve:
+    return "(no baseline runs yet)"
+  target = base_curve[-1]["dev_perplexity"]
+  lines = [
+      f"Target: the baseline's ({base.config}) final dev perplexity, mean"
+      f" over its {len(base.summaries)} seeds: {target:.2f}. Crossings on"
+      " the mean-over-seeds dev curves, linearly interpolated.",
+      "",
+      "| config | seeds | tokens to target | vs baseline |"
+      " wall clock to target | vs baseline |",
+      "|---|---:|---:|---:|---:|---:|",
+  ]
+  base_tokens = base_curve[-1]["tokens"]
+  base_seconds = base_curve[-1]["train_seconds"]
+  for row in rows:
+    curve = mean_curve(row.summaries)
+    if not curve:
+      continue
+    tokens = first_crossing(curve, target, "tokens")
+    seconds = first_crossing(curve, target, "train_seconds")
+    if tokens is None:
+      lines.append(
+          f"| {row.config} | {len(row.summaries)} | not reached in"
+          f" {curve[-1]['tokens'] / 1e6:.2f}M | - | - | - |"
+      )
+      continue
+    lines.append(
+        f"| {row.config} | {len(row.summaries)} | {tokens / 1e6:.2f}M |"
+        f" {tokens / base_tokens:.2f}x | {seconds / 60:.1f} min |"
+        f" {seconds / base_seconds:.2f}x |"
+    )
+  return "\n".join(lines)
+
+
+def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
+  """Writes <prefix>_tokens.png and <prefix>_wallclock.png; returns paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  written = []
+  for key, label, scale in (
+      ("tokens", "training tokens (millions)", 1e6),
+      ("train_seconds", "training wall clock (minutes)", 60.0),
+  ):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+      curve = mean_curve(row.summaries)
+      if not curve:
+        continue
+      xs = [p[key] / scale for p in curve]
+      mean = [p["dev_perplexity"] for p in curve]
+      low = [p["dev_min"] for p in curve]
+      high = [p["dev_max"] for p in curve]
+      (line,) = ax.plot(
+          xs, mean, marker="o", ms=3, label=f"{row.config} (n={len(row.summaries)})"
+      )
+      ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(label)
+    ax.set_ylabel("dev perplexity (exact softmax)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = f"{path_prefix}_{'tokens' if key == 'tokens' else 'wallclock'}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def isfinite(value) -> bool:
+  return value is not None and math.isfinite(value)

@@ -1,0 +1,149 @@
+"""results_lib: statistics, rate choice and time-to-quality, hand-checked."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _curve(points):
+  return [
+      {"step": s, "tokens": t, "train_seconds": w, "dev_perplexity": p}
+      for s, t, w, p in points
+  ]
+
+
+def _write(results_dir, run, final_dev, test_ppl, curve=None, seconds=60.0):
+  path = results_lib.summary_path(results_dir, run)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(
+        {
+            "run_id": run.run_id,
+            "config": run.config,
+            "lr": run.lr,
+            "seed": run.seed,
+            "steps": run.steps,
+            "tokens": 1e6,
+            "train_seconds": seconds,
+            "final_dev_perplexity": final_dev,
+            "test": {"perplexity": test_ppl},
+            "curve": curve or [],
+        },
+        f,
+    )
+
+
+def test_mean_std_is_the_sample_std():
+  values = [170.0, 172.5, 168.25]
+  mean, std = results_lib.mean_std(values)
+  assert mean == pytest.approx(np.mean(values))
+  assert std == pytest.approx(np.std(values, ddof=1))
+  assert results_lib.mean_std([3.0]) == (3.0, 0.0)
+
+
+def test_first_crossing_interpolates_linearly():
+  curve = _curve([(1, 100.0, 10.0, 300.0), (2, 200.0, 20.0, 200.0),
+                  (3, 300.0, 30.0, 100.0)])
+  # 150 lies halfway between 200 (x=200) and 100 (x=300): x = 250.
+  assert results_lib.first_crossing(curve, 150.0, "tokens") == 250.0
+  assert results_lib.first_crossing(curve, 150.0, "train_seconds") == 25.0
+  # Reached at the first point: that point's x, no extrapolation.
+  assert results_lib.first_crossing(curve, 400.0, "tokens") == 100.0
+  assert results_lib.first_crossing(curve, 50.0, "tokens") is None
+
+
+def test_lr_choice_needs_every_rate_and_picks_the_lowest_dev(tmp_path):
+  lrs = [1e-3, 2e-3, 4e-3]
+  seed = results_lib.SWEEP_SEED
+  for lr, dev in zip(lrs, [180.0, 170.0, 175.0]):
+    _write(tmp_path, results_lib.Run("dense", lr, seed, 100), dev, dev)
+  for lr, dev in zip(lrs[:2], [150.0, 160.0]):  # one rate missing
+    _write(tmp_path, results_lib.Run("moe", lr, seed, 100), dev, dev)
+  choice = results_lib.choose_lrs(tmp_path, ["dense", "moe"], lrs, 100)
+  assert choice == {"dense": 2e-3}
+  table = results_lib.sweep_table(tmp_path, ["dense", "moe"], lrs, 100)
+  assert "| dense | 180.00 | 170.00 | 175.00 | 0.002 |" in table
+  assert "| moe | 150.00 | 160.00 | - | - |" in table
+
+
+def test_results_table_mean_spread_and_significance(tmp_path):
+  lrs = {"dense": 2e-3, "moe": 2e-3, "close": 2e-3}
+  values = {
+      "dense": [170.0, 172.0, 174.0],  # mean 172, std 2
+      "moe": [150.0, 151.0, 152.0],  # -12.8%, |22| > 2 * 2
+      "close": [168.0, 169.0, 170.0],  # -1.7%, |3| < 2 * 2
+  }
+  for config, ppls in values.items():
+    for seed, ppl in enumerate(ppls):
+      _write(tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl)
+  rows = results_lib.collect_rows(tmp_path, list(values), [0, 1, 2], 100, lrs)
+  table = results_lib.results_table(rows, "perplexity", lower_is_better=True)
+  lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
+  assert "| 172.00 | 2.00 | 170.00-174.00 | - | - |" in lines["dense"]
+  change = 100 * (151.0 - 172.0) / 172.0
+  assert f"| {change:+.1f}% | yes |" in lines["moe"]
+  assert f"| {100 * (169.0 - 172.0) / 172.0:+.1f}% | no |" in lines["close"]
+
+
+def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
+  lrs = {"dense": 1e-3, "moe": 1e-3}
+  dense = _curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)])
+  moe = _curve([(1, 1e6, 90.0, 150.0), (2, 2e6, 180.0, 80.0)])
+  _write(tmp_path, results_lib.Run("dense", 1e-3, 0, 2), 100.0, 1.0, dense)
+  _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 2), 80.0, 1.0, moe)
+  rows = results_lib.collect_rows(tmp_path, ["dense", "moe"], [0], 2, lrs)
+  table = results_lib.time_to_quality_table(rows)
+  # MoE crosses 100 at 1e6 + (150 - 100) / (150 - 80) * 1e6 tokens.
+  tokens = 1e6 + 50.0 / 70.0 * 1e6
+  seconds = 90.0 + 50.0 / 70.0 * 90.0
+  assert "| dense | 1 | 2.00M | 1.00x | 2.0 min | 1.00x |" in table
+  assert (
+      f"| moe | 1 | {tokens / 1e6:.2f}M | {tokens / 2e6:.2f}x |"
+      f" {seconds / 60:.1f} min | {seconds / 120.0:.2f}x |"
+  ) in table
+
+
+def test_mean_curve_averages_the_seeds_at_common_steps():
+  a = {"curve": _curve([(1, 10.0, 1.0, 300.0), (2, 20.0, 2.0, 200.0)])}
+  b = {"curve": _curve([(1, 12.0, 3.0, 100.0), (2, 22.0, 4.0, 100.0),
+                        (3, 30.0, 5.0, 90.0)])}
+  curve = results_lib.mean_curve([a, b])
+  assert [p["step"] for p in curve] == [1, 2]
+  assert curve[0] == {"step": 1, "tokens": 11.0, "train_seconds": 2.0,
+                      "dev_perplexity": 200.0, "dev_min": 100.0,
+                      "dev_max": 300.0}
+
+
+def test_bad_grid_is_one_line(tmp_path):
+  corpus = results_lib.Corpus(name="ptb", gin_dir="gin/lm/ptb")
+  with pytest.raises(results_lib.GridError, match="no config .*nope.gin"):
+    results_lib.check_configs(corpus, ["nope"])
+  with pytest.raises(results_lib.GridError, match="unknown variant 'x'"):
+    results_lib.check_configs(corpus, ["moe_32@x"])
+
+
+def test_run_bindings_set_steps_seed_rate_and_variant():
+  corpus = results_lib.Corpus(
+      name="ptb", gin_dir="gin/lm/ptb", data_seed_binding="ptb_lm_data.seed"
+  )
+  run = results_lib.Run("moe_256@nobalance", 4e-3, 2, 1000)
+  bindings = results_lib.run_bindings(corpus, run, steps_per_eval=200)
+  assert bindings == [
+      "TRAIN_STEPS = 1000",
+      "SEED = 2",
+      "training.steps_per_checkpoint = 200",
+      "training.steps_per_eval = 200",
+      "PEAK_LEARNING_RATE = 0.004",
+      "ptb_lm_data.seed = 2",
+      "moe_spec.w_importance = 0.0",
+      "moe_spec.w_load = 0.0",
+  ]
+  assert run.run_id == "moe_256-nobalance_lr0.004_s2_1000"
