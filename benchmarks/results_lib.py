@@ -152,6 +152,23 @@ def _subprocess(args, log_path):
     )
 
 
+def code_version() -> str:
+  """`git describe`-like id of the code a run trained with (+dirty)."""
+  try:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--",
+         "moe_keras", "data_pipelines", "eval", "gin"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return commit + ("+dirty" if dirty else "")
+
+
 def summary_path(results_dir: str, run: Run) -> str:
   return os.path.join(results_dir, SUMMARY_DIR, f"{run.run_id}.json")
 
@@ -198,6 +215,7 @@ def execute(
   gin_file = os.path.join(REPO, corpus.gin_dir, f"{run.base_config}.gin")
   bindings = run_bindings(corpus, run, steps_per_eval) + list(extra_bindings)
   started = time.time()
+  code = code_version()
   _subprocess(
       [
           "moe_keras.train",
@@ -240,6 +258,7 @@ def execute(
           }
           for r in curve
       ],
+      "code": code,
       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "process_seconds": time.time() - started,
   }
