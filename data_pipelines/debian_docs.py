@@ -195,7 +195,7 @@ DEFAULT_PACKAGES: Tuple[DocPackage, ...] = (
     DocPackage(
         "developers-reference",
         r"\.html$",
-        exclude=r"/(genindex|search)\.html$",
+        exclude=r"/(genindex|search|developers-reference)\.html$",
         what="Debian Developer's Reference (HTML)",
     ),
     DocPackage(
@@ -340,6 +340,54 @@ DEFAULT_PACKAGES: Tuple[DocPackage, ...] = (
         "gnuplot-doc",
         r"/htmldocs/.*\.html$",
         what="gnuplot manual (HTML)",
+    ),
+    DocPackage(
+        "cmake-doc",
+        r"/html/_sources/.*\.rst\.txt$",
+        exclude=r"/_sources/release/",
+        what="CMake documentation (reST sources)",
+    ),
+    DocPackage(
+        "ffmpeg-doc",
+        r"/ffmpeg/manual/.*\.html$",
+        what="FFmpeg manuals (HTML)",
+    ),
+    DocPackage(
+        "sqlite3-doc",
+        r"/doc/sqlite3/[^/]*\.html$",
+        exclude=r"/(releaselog|changes|chronology|sitemap|keyword_index|toc)",
+        what="SQLite documentation (HTML)",
+    ),
+    DocPackage(
+        "exim4-doc-html",
+        r"/spec_html/.*\.html$",
+        what="Exim 4 specification (HTML)",
+    ),
+    DocPackage(
+        "gnutls-doc",
+        r"/gnutls-doc/html/.*\.html$",
+        what="GnuTLS manual (HTML)",
+    ),
+    DocPackage(
+        "postfix-doc",
+        r"/postfix/html/[^/]*\.html$",
+        what="Postfix documentation (HTML)",
+    ),
+    DocPackage(
+        "bind9-doc",
+        r"/bind9-doc/arm/[^/]*\.html$",
+        exclude=r"/(genindex|search|notes)\.html$",
+        what="BIND 9 administrator reference manual (HTML)",
+    ),
+    DocPackage(
+        "docutils-doc",
+        r"/docutils-doc/.*\.html$",
+        what="Docutils documentation (HTML)",
+    ),
+    DocPackage(
+        "kicad-doc-en",
+        r"/help/en/.*\.html$",
+        what="KiCad manuals (HTML, English)",
     ),
     DocPackage(
         "debian-history",
@@ -593,7 +641,7 @@ class _HtmlText(html.parser.HTMLParser):
       if tag == self._skip_tag:
         self._skip_depth += 1
       return
-    attributes = dict(attrs)
+    attributes = dict(attrs) if tag not in ("html", "body") else {}
     if (
         tag in SKIP_TAGS
         or SKIP_CLASS_RE.search(attributes.get("class") or "")

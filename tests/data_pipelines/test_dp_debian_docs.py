@@ -277,6 +277,33 @@ def test_duplicate_sentences_dropped(tmp_path):
   assert result.manifest["packages"][1]["words"] == 0
 
 
+def test_package_descriptions_added_one_document_per_package(tmp_path):
+  result = _build(
+      tmp_path,
+      include_descriptions=True,
+      lists_dir=str(testlib.DEBIAN_HANDMADE_LISTS),
+  )
+  all_lines = sum((_lines(p) for p in result.files.values()), [])
+  # Hand-derived from fixtures/debian_handmade (Translation-en): sentences
+  # without an English function word ('foo frobnicates widgets .') or with
+  # fewer than 3 words ('bar tool .') are dropped, repeats kept once.
+  descriptions = [
+      "frobnicate the widgets .",
+      "it is fast .",
+      "documentation for foo .",
+      "this package contains the documentation .",
+      "qux is a utility .",
+      "it has options .",
+      "not translated at all .",
+      "nobody translated this .",
+  ]
+  assert sorted(all_lines) == sorted(
+      sum(ALPHA_SENTENCES.values(), []) + descriptions
+  )
+  assert result.manifest["descriptions"]["descriptions"] == 6
+  assert result.manifest["packages"][-1]["name"] == "Translation-en"
+
+
 def test_rebuild_skipped_when_manifest_exists(tmp_path, monkeypatch):
   _build(tmp_path)
 
