@@ -31,7 +31,8 @@ builder (`build_debian_docs`):
    punctuation split into its own tokens, clitics split (`don't` -> `do
    n't`), numbers -> `N`, URLs -> `<url>`, e-mail addresses -> `<email>`;
    words joined by `.`, `-`, `_` or `'` stay one token (`os.path`,
-   `x86-64`), and so do command-line options (`--input`) and `c++`. A sentence is kept if it has `MIN_SENTENCE_TOKENS` to
+   `x86-64`), and so do command-line options (`--input`) and `c++`. A
+   sentence is kept if it has `MIN_SENTENCE_TOKENS` to
    `MAX_SENTENCE_TOKENS` tokens (so it fits `max_length=128` with `</S>`),
    at least half of its tokens are alphabetic words, and it contains an
    English function word (`ENGLISH_MARKERS`), which drops code, option
@@ -39,8 +40,9 @@ builder (`build_debian_docs`):
    seen before anywhere in the corpus is dropped (global deduplication, so
    no sentence is in two splits);
 4. splits by document (file): a document goes to test / valid / train by a
-   SHA-256 hash of `package:path` (`split_of`), about 1% each for test and
-   valid, deterministic and independent of the other documents;
+   SHA-256 hash of `package:path` (`split_of`), 1.25% of the documents
+   each for test and valid by default (about 120k words each on the default
+   packages), deterministic and independent of the other documents;
 5. writes `CACHE/{train,valid,test}.txt` (one sentence per line, tokens
    separated by spaces), `CACHE/vocab.txt` (`WordVocab`: `<S>`, `</S>`,
    `<UNK>` and the most frequent training words, `DEFAULT_VOCAB_SIZE`
@@ -94,8 +96,8 @@ SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
 VOCAB_FILE = "vocab.txt"
 MANIFEST_FORMAT = 1
-DEFAULT_VALID_FRACTION = 0.01
-DEFAULT_TEST_FRACTION = 0.01
+DEFAULT_VALID_FRACTION = 0.0125
+DEFAULT_TEST_FRACTION = 0.0125
 # Vocabulary entries, <S> </S> <UNK> included: what a small LSTM with a
 # (sampled) softmax over words can afford; OOV rates are in the manifest.
 DEFAULT_VOCAB_SIZE = 32000
@@ -355,7 +357,10 @@ DEFAULT_PACKAGES: Tuple[DocPackage, ...] = (
     DocPackage(
         "sqlite3-doc",
         r"/doc/sqlite3/[^/]*\.html$",
-        exclude=r"/(releaselog|changes|chronology|sitemap|keyword_index|toc)",
+        # requirements.html restates the other pages' sentences as numbered
+        # requirements (near-duplicates across splits).
+        exclude=r"/(releaselog|changes|chronology|sitemap|keyword_index|toc"
+        r"|requirements)",
         what="SQLite documentation (HTML)",
     ),
     DocPackage(
@@ -707,6 +712,13 @@ PROSE_DIRECTIVES = frozenset(
     " coroutinefunction coroutinemethod glossary topic sidebar rubric only"
     " container compound centered hlist".split()
 )
+# Directives whose argument on the directive line is text
+# ('.. note:: Text.'); the version directives' argument starts with a version.
+VERSION_DIRECTIVES = frozenset(("versionadded", "versionchanged", "deprecated"))
+INLINE_TEXT_DIRECTIVES = VERSION_DIRECTIVES | frozenset(
+    "note warning tip important attention caution danger hint"
+    " seealso".split()
+)
 _DIRECTIVE_RE = re.compile(r"^(\s*)\.\.\s+([\w:.-]+)::(.*)$")
 _COMMENT_RE = re.compile(r"^(\s*)\.\.(\s|$)")
 _ADORNMENT_RE = re.compile(r"^\s*([=\-`:'\"~^_*+#<>.])\1{2,}\s*$")
@@ -798,13 +810,9 @@ def rst_paragraphs(text: str) -> List[str]:
         # Options (':opt: value') directly after the directive line.
         while i < len(lines) and _FIELD_RE.match(lines[i]):
           i += 1
-        if name in ("versionadded", "versionchanged", "deprecated"):
-          rest = " ".join(rest.split()[1:])
-        if rest and name in (
-            "note", "warning", "tip", "important", "versionadded",
-            "versionchanged", "deprecated", "attention", "caution",
-            "danger", "hint", "seealso",
-        ):
+        if name in VERSION_DIRECTIVES:
+          rest = " ".join(rest.split()[1:])  # drop the version number
+        if rest and name in INLINE_TEXT_DIRECTIVES:
           current.append(rest)
         continue
       i = skip_block(i + 1, indent)
