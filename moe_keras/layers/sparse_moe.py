@@ -500,10 +500,13 @@ class SparseMoE(MoEBase):
     "softmax": the dense gate of eq. (2); every expert runs on every token
       (a baseline, cost proportional to n).
     "batchwise": strictly balanced gating, appendix F, eqs. (15)-(20): in
-      training every expert takes exactly m = k|X|/n tokens (eq. 18); learned
-      per-expert thresholds T (eq. 19) trained with L_batchwise (eq. 20,
-      weight `w_batchwise`, gradient to T only) select experts per example
-      at inference, so decoding one token at a time is safe.
+      training every expert takes exactly m = k|X|/n tokens (eq. 18; ties,
+      e.g. at initialization, spread over the experts: see
+      `gating.batchwise_mask`); learned per-expert thresholds T (eq. 19,
+      initialized to 1/n) trained with L_batchwise (eq. 20 as a mean over
+      tokens and experts, weight `w_batchwise`, gradient to T only) select
+      experts per example at inference, so decoding one token at a time is
+      safe.
 
   Losses (training only, via add_loss; over non-padding tokens):
   w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (+ L_batchwise).
@@ -558,10 +561,15 @@ class SparseMoE(MoEBase):
     if self.gating == "noisy_top_k":
       self.w_noise = self._gate_weight("w_noise", (input_dim, self.num_experts))
     if self.gating == "batchwise":
+      # T starts at 1/n, the mean of every gate row (the paper does not give
+      # an initial value). T = 0 would admit every expert for every token at
+      # inference (all softmax probabilities are > 0); at 1/n a fresh model,
+      # whose probabilities all equal 1/n (W_g = 0), admits none: the MoE
+      # adds nothing until L_batchwise has fitted T.
       self.thresholds = self.add_weight(
           name="thresholds",
           shape=(self.num_experts,),
-          initializer="zeros",
+          initializer=keras.initializers.Constant(1.0 / self.num_experts),
           dtype="float32",
           autocast=False,
       )
