@@ -36,6 +36,12 @@ CV_EPSILON = 1e-10
 # `noise_epsilon`. Pass 0.0 for the paper's equations verbatim.
 DEFAULT_NOISE_EPSILON = 1e-2
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
+# Names of the weighted auxiliary (training-only) losses in the training logs
+# (`MoEBase.add_aux_losses`, `moe_keras.models.task_model`).
+IMPORTANCE_LOSS = "moe_importance_loss"  # w_importance CV(Importance)^2
+LOAD_LOSS = "moe_load_loss"  # w_load CV(Load)^2
+BATCHWISE_LOSS = "moe_batchwise_loss"  # w_batchwise L_batchwise, eq. (20)
+AUX_LOSS_NAMES = (IMPORTANCE_LOSS, LOAD_LOSS, BATCHWISE_LOSS)
 
 
 def cv_squared(x):
