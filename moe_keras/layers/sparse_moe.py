@@ -556,9 +556,10 @@ class SparseMoE(MoEBase):
       experts per example at inference, so decoding one token at a time is
       safe.
 
-  Losses (training only, via add_loss; over non-padding tokens):
-  w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (+ L_batchwise).
-  CV is the population std over the mean.
+  Losses (training only, one add_loss per call; over non-padding tokens):
+  w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (+ w_batchwise
+  L_batchwise). CV is the population std over the mean. The models of
+  `moe_keras.models` log each term under its own name (`aux_loss_names`).
 
   Dispatch is sparse (see `moe_keras.layers.dispatch`): compute grows with
   k * tokens. `capacity_factor=None` is dropless (the paper); a number c
