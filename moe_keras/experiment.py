@@ -392,11 +392,19 @@ class StepCallback(keras.callbacks.Callback):
       rate = (tokens - self._tokens_at_log) / max(now - self._time_at_log, 1e-9)
       self._tokens_at_log, self._time_at_log = tokens, now
       self.words_per_sec.append(rate)
+      # `loss` is the task loss; the auxiliary losses and the minimized
+      # total have their own names (moe_keras.models.task_model).
+      aux = "".join(
+          f", {name} {float(value):.4g}"
+          for name, value in logs.items()
+          if name != "loss" and name.endswith("_loss")
+      )
       logging.info(
-          "step %d: loss %.4f, perplexity %.2f, %.0f words/s",
+          "step %d: loss %.4f, perplexity %.2f%s, %.0f words/s",
           self.step,
           float(logs.get("loss", float("nan"))),
           float(logs.get("perplexity", float("nan"))),
+          aux,
           rate,
       )
       writer = self._summary_writer()

@@ -499,8 +499,15 @@ class ShardedExperts:
     )
     stats = layer._statistics(routing, expert_counts, training)  # pylint: disable=protected-access
     if training:
-      layer.add_loss(
-          scale_replica_loss(stats["importance_loss"] + stats["load_loss"])
+      layer.add_aux_losses(
+          {
+              name: stats[key]
+              for name, key in (
+                  (gating_lib.IMPORTANCE_LOSS, "importance_loss"),
+                  (gating_lib.LOAD_LOSS, "load_loss"),
+              )
+              if name in layer.aux_loss_names
+          }
       )
     if not in_stateless_scope():
       for name, tracker in layer._stat_trackers.items():  # pylint: disable=protected-access

@@ -36,6 +36,7 @@ import keras
 from moe_keras.distribution import mesh as mesh_lib
 from moe_keras.distribution import optimizer as optimizer_lib
 from moe_keras.distribution import sharded_experts
+from moe_keras.models import task_model
 
 # Expert variables sharded along their experts axis (axis 0) on JAX.
 EXPERT_VARIABLE_PATTERNS = (
@@ -114,8 +115,12 @@ def _tf_config_workers():
   return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-class MeshDataParallel(keras.Model):
+class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
   """Runs `inner` once per mesh device on a slice of the batch (TF).
+
+  Logs like the models it wraps: `loss` is the task loss, the MoE losses
+  (summed over the replicas' calls) have their own names
+  (`moe_keras.models.task_model`).
 
   Replica r = b*E + e (device (b, e)) gets the r-th of B*E near-equal slices
   of every input along axis 0; outputs are concatenated back in order, so

@@ -36,6 +36,12 @@ CV_EPSILON = 1e-10
 # `noise_epsilon`. Pass 0.0 for the paper's equations verbatim.
 DEFAULT_NOISE_EPSILON = 1e-2
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
+# Names of the weighted auxiliary (training-only) losses in the training logs
+# (`MoEBase.add_aux_losses`, `moe_keras.models.task_model`).
+IMPORTANCE_LOSS = "moe_importance_loss"  # w_importance CV(Importance)^2
+LOAD_LOSS = "moe_load_loss"  # w_load CV(Load)^2
+BATCHWISE_LOSS = "moe_batchwise_loss"  # w_batchwise L_batchwise, eq. (20)
+AUX_LOSS_NAMES = (IMPORTANCE_LOSS, LOAD_LOSS, BATCHWISE_LOSS)
 
 
 def cv_squared(x):
@@ -277,8 +283,19 @@ def batchwise_capacity(num_tokens, k, num_experts):
 def batchwise_mask(probabilities, m, valid=None):
   """M_batchwise(X, m) of eq. (18): the top m entries of every column.
 
-  Ties at the m-th value are broken by token order (lower token index wins),
-  so every column has exactly min(m, number of valid rows) ones.
+  Ties are broken per expert by a rotation of the token order (the paper does
+  not say how to break them): with the valid tokens numbered 0..N-1 in batch
+  order, column i ranks equal values by (position - o_i) mod N, o_i =
+  floor(i N / n). Breaking ties by plain token order would hand every expert
+  the same first m tokens when the gates tie (W_g = 0 at initialization makes
+  every probability 1/n), leaving the other tokens without an expert; the
+  rotation gives expert i the m tokens from position o_i on instead.
+  Guarantee: where all probabilities tie, every valid token gets
+  floor(n m' / N) or ceil(n m' / N) experts, m' = min(m, N); exactly k when
+  m = kN/n is an integer, and at least one whenever n m' >= N. Only the
+  order of equal values changes, not which values are used as gates.
+
+  Every column has exactly min(m, number of valid rows) ones.
 
   Args:
     probabilities: float32 [N, n], rows G_sigma(x) of eq. (15).
@@ -288,13 +305,32 @@ def batchwise_mask(probabilities, m, valid=None):
   Returns:
     float32 [N, n] mask.
   """
+  num_rows, num_experts = ops.shape(probabilities)[0], probabilities.shape[-1]
   scores = probabilities
-  if valid is not None:
+  if valid is None:
+    position = ops.arange(num_rows, dtype="int32")
+    num_valid = ops.cast(num_rows, "int32")
+  else:
+    valid_int = ops.cast(valid, "int32")
+    position = ops.cumsum(valid_int) - 1
+    num_valid = ops.maximum(ops.sum(valid_int), 1)
     scores = ops.where(valid[:, None], scores, -ops.ones_like(scores))
-  # Rank of each entry within its column (0 = largest), stable on ties: the
-  # inverse of a stable sorting permutation is the rank.
-  order = backend_ops.stable_argsort(-ops.transpose(scores))  # [n, N]
-  ranks = ops.argsort(order, axis=-1)  # a permutation: no ties.
+  offsets = ops.floor_divide(
+      ops.arange(num_experts, dtype="int32") * num_valid, num_experts
+  )
+  # Tie-break key of (expert i, token j): its rotated position, distinct
+  # within a column among valid rows (padding rows score -1 and come last).
+  tie_key = ops.mod(
+      position[None, :] - offsets[:, None] + num_valid, num_valid
+  )  # [n, N]
+  by_key = ops.cast(ops.argsort(tie_key, axis=-1), "int32")
+  # Stable sort by decreasing score of the key-ordered columns: equal scores
+  # keep key order. `order` lists token indices, best first.
+  scores_by_key = ops.take_along_axis(ops.transpose(scores), by_key, axis=-1)
+  order = ops.take_along_axis(
+      by_key, backend_ops.stable_argsort(-scores_by_key), axis=-1
+  )  # [n, N]
+  ranks = ops.argsort(order, axis=-1)  # the inverse permutation: the rank.
   mask = ops.transpose(ops.less(ranks, ops.cast(m, "int32")))
   if valid is not None:
     mask = ops.logical_and(mask, valid[:, None])
@@ -315,26 +351,41 @@ def threshold_mask(probabilities, thresholds):
 
 
 def batchwise_threshold_loss(probabilities, thresholds, batch_mask, valid=None):
-  """L_batchwise(X, T, m) of eq. (20).
+  """L_batchwise(X, T, m) of eq. (20), as a mean over its |X| n terms.
 
-  sum_j sum_i (M_threshold(X_j, T)_i - M_batchwise(X, m)_{j,i}) (X_{j,i} - T_i).
-  Every term is >= 0 and vanishes where the two masks agree; the gradient
-  raises T_i on false admits and lowers it on false rejects.
+  (1 / (|X| n)) sum_j sum_i (M_threshold(X_j, T)_i - M_batchwise(X, m)_{j,i})
+  (X_{j,i} - T_i), |X| the number of valid rows. Every term is >= 0 and
+  vanishes where the two masks agree; the gradient raises T_i on false
+  admits and lowers it on false rejects.
+
+  The paper writes a sum; its weight is not stated. The sum grows with the
+  batch and its gradient (-(false admits - false rejects) of each expert)
+  reaches hundreds, which a clipped global gradient norm would then spend on
+  T alone. The mean does not depend on the batch size, and its gradient,
+  dL/dT_i = -(M_threshold - M_batchwise summed over rows)_i / (|X| n), has
+  components in [-1/n, 1/n] and a norm <= 1/sqrt(n). Adam's update of T does
+  not depend on that scale.
 
   Args:
     probabilities: float32 [N, n], G_sigma rows.
     thresholds: float32 [n].
     batch_mask: float32 [N, n], eq. (18).
-    valid: optional bool [N]; padding rows contribute nothing.
+    valid: optional bool [N]; padding rows contribute nothing and do not
+      count in |X|.
 
   Returns:
-    float32 scalar.
+    float32 scalar (0 when no row is valid).
   """
   t_mask = threshold_mask(probabilities, thresholds)
   terms = (t_mask - batch_mask) * (probabilities - thresholds[None, :])
-  if valid is not None:
-    terms = terms * ops.cast(valid, "float32")[:, None]
-  return ops.sum(terms)
+  if valid is None:
+    num_rows = ops.cast(ops.shape(terms)[0], "float32")
+  else:
+    valid_f = ops.cast(valid, "float32")
+    terms = terms * valid_f[:, None]
+    num_rows = ops.sum(valid_f)
+  num_terms = ops.maximum(num_rows, 1.0) * float(terms.shape[-1])
+  return ops.sum(terms) / num_terms
 
 
 def noisy_top_k(clean_logits, raw_noise_stddev, noise, k, noise_epsilon):

@@ -29,6 +29,13 @@ STAT_METRICS = (
 )
 
 
+class _AuxLossRecords:
+  """(added loss, {name: part}) pairs of a layer's calls (not tracked)."""
+
+  def __init__(self):
+    self.items = []
+
+
 @keras.saving.register_keras_serializable(package="moe_keras")
 class ExpertKernelInitializer(keras.initializers.Initializer):
   """Variance scaling per expert for stacked [n, fan_in, fan_out] kernels.
@@ -225,6 +232,7 @@ class MoEBase(keras.layers.Layer):
     )
     self._expert_shards = None
     self.supports_masking = True
+    self._aux_loss_records = _AuxLossRecords()
     self._stat_trackers = {}
     # Keras metrics owned by a layer are updated inside call(), which a
     # jitted JAX train step runs statelessly: they would stay at 0 there, so
@@ -350,16 +358,56 @@ class MoEBase(keras.layers.Layer):
 
     stats = self._statistics(routing, plan, training)
     if training:
-      total = stats["importance_loss"] + stats["load_loss"]
-      for extra in routing.get("extra_losses", ()):
-        total = total + extra
-      self.add_loss(sharded_experts.scale_replica_loss(total))
+      parts = {
+          gating_lib.IMPORTANCE_LOSS: stats["importance_loss"],
+          gating_lib.LOAD_LOSS: stats["load_loss"],
+      }
+      parts.update(routing.get("extra_losses", {}))
+      self.add_aux_losses({name: parts[name] for name in self.aux_loss_names})
     if not in_stateless_scope():
       for name, tracker in self._stat_trackers.items():
         tracker.update_state(stats[name])
     if return_stats:
       return outputs, stats
     return outputs
+
+  @property
+  def aux_loss_names(self):
+    """Names (gating.AUX_LOSS_NAMES) of the losses it adds in training."""
+    return (gating_lib.IMPORTANCE_LOSS, gating_lib.LOAD_LOSS)
+
+  def add_aux_losses(self, parts):
+    """`add_loss` of the sum of `parts`, remembered by name for the logs.
+
+    One loss is added per call, as before; `aux_loss_parts` lets a model
+    (`moe_keras.models.task_model`) find that tensor among `model.losses`
+    and log each part under its own name. Under an in-graph replica scope
+    (moe_keras.distribution) every part is divided by the replicas.
+
+    Args:
+      parts: dict {name from `aux_loss_names`: float32 scalar tensor}.
+    """
+    parts = {
+        name: sharded_experts.scale_replica_loss(value)
+        for name, value in parts.items()
+    }
+    total = None
+    for value in parts.values():
+      total = value if total is None else total + value
+    self.add_loss(total)
+    # Keep the records of the losses Keras still holds for this layer (those
+    # of the current model call); older ones are gone from `losses`.
+    current = self._get_own_losses()
+    records = self._aux_loss_records
+    records.items = [
+        record
+        for record in records.items
+        if any(record[0] is loss for loss in current)
+    ] + [(total, parts)]
+
+  def aux_loss_parts(self):
+    """[(loss added by `add_aux_losses`, {name: part})], latest calls."""
+    return list(self._aux_loss_records.items)
 
   def _padded_dispatch(self):
     """Whether the dropless plan uses the padded layout (dispatch_mode).
@@ -500,14 +548,18 @@ class SparseMoE(MoEBase):
     "softmax": the dense gate of eq. (2); every expert runs on every token
       (a baseline, cost proportional to n).
     "batchwise": strictly balanced gating, appendix F, eqs. (15)-(20): in
-      training every expert takes exactly m = k|X|/n tokens (eq. 18); learned
-      per-expert thresholds T (eq. 19) trained with L_batchwise (eq. 20,
-      weight `w_batchwise`, gradient to T only) select experts per example
-      at inference, so decoding one token at a time is safe.
+      training every expert takes exactly m = k|X|/n tokens (eq. 18; ties,
+      e.g. at initialization, spread over the experts: see
+      `gating.batchwise_mask`); learned per-expert thresholds T (eq. 19,
+      initialized to 1/n) trained with L_batchwise (eq. 20 as a mean over
+      tokens and experts, weight `w_batchwise`, gradient to T only) select
+      experts per example at inference, so decoding one token at a time is
+      safe.
 
-  Losses (training only, via add_loss; over non-padding tokens):
-  w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (+ L_batchwise).
-  CV is the population std over the mean.
+  Losses (training only, one add_loss per call; over non-padding tokens):
+  w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (+ w_batchwise
+  L_batchwise). CV is the population std over the mean. The models of
+  `moe_keras.models` log each term under its own name (`aux_loss_names`).
 
   Dispatch is sparse (see `moe_keras.layers.dispatch`): compute grows with
   k * tokens. `capacity_factor=None` is dropless (the paper); a number c
@@ -558,10 +610,15 @@ class SparseMoE(MoEBase):
     if self.gating == "noisy_top_k":
       self.w_noise = self._gate_weight("w_noise", (input_dim, self.num_experts))
     if self.gating == "batchwise":
+      # T starts at 1/n, the mean of every gate row (the paper does not give
+      # an initial value). T = 0 would admit every expert for every token at
+      # inference (all softmax probabilities are > 0); at 1/n a fresh model,
+      # whose probabilities all equal 1/n (W_g = 0), admits none: the MoE
+      # adds nothing until L_batchwise has fitted T.
       self.thresholds = self.add_weight(
           name="thresholds",
           shape=(self.num_experts,),
-          initializer="zeros",
+          initializer=keras.initializers.Constant(1.0 / self.num_experts),
           dtype="float32",
           autocast=False,
       )
@@ -578,7 +635,8 @@ class SparseMoE(MoEBase):
 
     Returns:
       dict with expert_ids int32 [N, K] (n = unrouted), gates float32 [N, K],
-      importance [n], load [n] or None, load_is_smooth, extra losses/stats.
+      importance [n], load [n] or None, load_is_smooth, extra_losses
+      ({name: weighted loss}) and extra_stats.
     """
     n = self.num_experts
     x = ops.cast(tokens, "float32")
@@ -625,7 +683,7 @@ class SparseMoE(MoEBase):
             ops.stop_gradient(probs), thresholds, mask, valid
         )  # eq. (20)
         weighted = self.w_batchwise * bw_loss
-        result["extra_losses"] = (weighted,)
+        result["extra_losses"] = {gating_lib.BATCHWISE_LOSS: weighted}
         result["extra_stats"] = {"batchwise_loss": weighted}
       else:
         mask = gating_lib.threshold_mask(probs, thresholds)  # eq. (19)
@@ -638,6 +696,16 @@ class SparseMoE(MoEBase):
     result["gates"] = gates
     result["importance"] = gating_lib.importance(gates, result["expert_ids"], n)
     return result
+
+  @property
+  def aux_loss_names(self):
+    """Importance; load for noisy_top_k; L_batchwise for batchwise."""
+    names = [gating_lib.IMPORTANCE_LOSS]
+    if self.gating == "noisy_top_k":
+      names.append(gating_lib.LOAD_LOSS)
+    if self.gating == "batchwise":
+      names.append(gating_lib.BATCHWISE_LOSS)
+    return tuple(names)
 
   def get_config(self):
     config = super().get_config()

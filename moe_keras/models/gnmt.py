@@ -57,6 +57,7 @@ from keras import ops
 from moe_keras.models import attention as attention_lib
 from moe_keras.models import blocks
 from moe_keras.models import lstm as lstm_lib
+from moe_keras.models import task_model
 
 PAD_ID = 0
 
@@ -348,7 +349,9 @@ def gnmt_model(
   Returns:
     functional keras.Model {'source': int32 [B, S], 'target_in': int32
     [B, T]} -> logits float32 [B, T, V], with the attribute `gnmt_layers`
-    (a `GnmtLayers`: encode / initial_state / decode_step for inference).
+    (a `GnmtLayers`: encode / initial_state / decode_step for inference);
+    a `task_model.TaskLossModel`: training logs `loss` = the compiled loss
+    and each MoE loss under its own name.
   """
   layers = GnmtLayers(
       vocab_size,
@@ -368,7 +371,7 @@ def gnmt_model(
   source = keras.Input((None,), dtype="int32", name="source")
   target_in = keras.Input((None,), dtype="int32", name="target_in")
   logits = layers.forward(source, target_in)
-  model = keras.Model(
+  model = task_model.TaskLossModel(
       {"source": source, "target_in": target_in}, logits, name=name
   )
   model.gnmt_layers = layers

@@ -35,6 +35,7 @@ from keras import ops
 from moe_keras.models import blocks
 from moe_keras.models import lstm as lstm_lib
 from moe_keras.models import softmax as softmax_lib
+from moe_keras.models import task_model
 
 LAYER_TYPES = ("lstm", "moe")
 
@@ -126,8 +127,10 @@ def build_lm(vocab_size, config=None, name="lm"):
     name: model name.
 
   Returns:
-    keras.Model: {'inputs' int32 [B,T], 'targets' int32 [B,T], 'weights'
-    float32 [B,T]} -> per-token NLL float32 [B,T].
+    keras.Model (a `task_model.TaskLossModel`: training logs `loss` = the
+    compiled loss, each MoE loss under its own name): {'inputs' int32 [B,T],
+    'targets' int32 [B,T], 'weights' float32 [B,T]} -> per-token NLL float32
+    [B,T].
   """
   config = config or lm_config()
   d = config["model_dim"]
@@ -154,7 +157,7 @@ def build_lm(vocab_size, config=None, name="lm"):
       seed=config["seed"],
       name="softmax",
   )([x, targets])
-  return keras.Model(
+  return task_model.TaskLossModel(
       {"inputs": token_ids, "targets": targets, "weights": weights},
       nll,
       name=name,

@@ -5,9 +5,12 @@ feeds them to the LM of `moe_keras.models.lm` as
 
   x = {'inputs', 'targets', 'weights'},  y = weights
 
-so the loss is the per-token mean NLL over real tokens
-(`eval.perplexity.masked_mean_nll`) plus the MoE balancing losses the layers
-add, and the `perplexity` metric is exp of the mean NLL over everything seen.
+so the compiled loss is the per-token mean NLL over real tokens
+(`eval.perplexity.masked_mean_nll`). The optimizer minimizes it plus the MoE
+balancing losses the layers add; the logs show it alone as `loss`, each
+balancing loss under its own name and the sum as `total_loss`
+(`moe_keras.models.task_model`). The `perplexity` metric is exp of the mean
+NLL over everything seen.
 """
 
 import time

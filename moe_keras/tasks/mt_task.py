@@ -5,11 +5,14 @@ target_out, weights)`; the task feeds them to `gnmt_model` as
 
   x = {'source', 'target_in'},  y = stack([target_out, weights], -1)
 
-so the loss (`masked_token_nll`) is the mean negative log-likelihood per real
-target token (sum over tokens / number of tokens, not over padded
-positions) plus the MoE balancing losses the layers add; the `perplexity`
-metric is exp of the mean NLL over everything seen and `tokens` counts target
-tokens (words/s logging of `moe_keras.train`).
+so the compiled loss (`masked_token_nll`) is the mean negative
+log-likelihood per real target token (sum over tokens / number of tokens,
+not over padded positions). The optimizer minimizes it plus the MoE
+balancing losses the layers add; the logs show it alone as `loss`, each
+balancing loss under its own name and the sum as `total_loss`
+(`moe_keras.models.task_model`). The `perplexity` metric is exp of the mean
+NLL over everything seen and `tokens` counts target tokens (words/s logging
+of `moe_keras.train`).
 
 `evaluate` reports, for the data's evaluation split:
   * perplexity per target wordpiece (teacher forced, [END] included),

@@ -181,15 +181,21 @@ def monte_carlo_in_top_k(clean, noise_stddev, noise, i, k, draws, rng):
 
 
 def batchwise_mask(probs, m, valid=None):
-  """Eq 18: per column, 1 on the m largest entries among valid rows."""
+  """Eq 18: per column, 1 on the m largest entries among valid rows.
+
+  Equal entries of column i are ranked by their rotated position among the
+  valid rows, (position - floor(i * N / n)) mod N (N valid rows).
+  """
   probs = np.asarray(probs, np.float64)
   n_rows, n = probs.shape
   valid = np.ones(n_rows, bool) if valid is None else np.asarray(valid, bool)
   rows = np.nonzero(valid)[0]
+  n_valid = len(rows)
   out = np.zeros_like(probs)
   for i in range(n):
-    col = probs[rows, i]
-    best = rows[np.argsort(-col, kind="stable")[:m]]
+    key = (np.arange(n_valid) - (i * n_valid) // n) % max(n_valid, 1)
+    # np.lexsort sorts by the last key first: value descending, then key.
+    best = rows[np.lexsort((key, -probs[rows, i]))[:m]]
     out[best, i] = 1.0
   return out
 
@@ -203,7 +209,7 @@ def threshold_mask(probs, thresholds):
 
 
 def batchwise_threshold_loss(probs, thresholds, batch_mask, valid=None):
-  """Eq 20 summed over valid rows."""
+  """Eq 20 as the mean over its (valid row, expert) terms."""
   probs = np.asarray(probs, np.float64)
   t = np.asarray(thresholds, np.float64)
   valid = (
@@ -212,13 +218,14 @@ def batchwise_threshold_loss(probs, thresholds, batch_mask, valid=None):
       else np.asarray(valid, bool)
   )
   term = (threshold_mask(probs, t) - batch_mask) * (probs - t[None, :])
-  return float(np.sum(term[valid]))
+  return float(np.sum(term[valid])) / (max(int(valid.sum()), 1) * t.size)
 
 
 def batchwise_threshold_grad(probs, thresholds, batch_mask, valid=None):
   """d L_batchwise / d T_i, holding the (piecewise constant) masks fixed.
 
-  d/dT_i of (Mt - Mb)(X - T) = -(Mt - Mb), summed over valid rows.
+  d/dT_i of (Mt - Mb)(X - T) = -(Mt - Mb), summed over valid rows and
+  divided by (valid rows * n) like the loss.
   """
   probs = np.asarray(probs, np.float64)
   valid = (
@@ -227,7 +234,8 @@ def batchwise_threshold_grad(probs, thresholds, batch_mask, valid=None):
       else np.asarray(valid, bool)
   )
   diff = threshold_mask(probs, thresholds) - batch_mask
-  return -np.sum(diff[valid], axis=0)
+  n = diff.shape[1]
+  return -np.sum(diff[valid], axis=0) / (max(int(valid.sum()), 1) * n)
 
 
 def masked_gates(probs, mask):

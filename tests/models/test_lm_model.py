@@ -111,10 +111,12 @@ def test_jax_backend_trains_the_lm():
       rng = np.random.default_rng(0)
       ids = rng.integers(0, 20, (8, 6)).astype("int32")
       x = {"inputs": ids, "targets": ids, "weights": np.ones((8, 6), "float32")}
-      first = model.evaluate(x, x["weights"], verbose=0)
-      model.fit(x, x["weights"], epochs=30, batch_size=8, verbose=0)
-      last = model.evaluate(x, x["weights"], verbose=0)
-      print("LOSS", keras.backend.backend(), first, last)
+      first = model.evaluate(x, x["weights"], verbose=0, return_dict=True)
+      history = model.fit(x, x["weights"], epochs=30, batch_size=8, verbose=0)
+      last = model.evaluate(x, x["weights"], verbose=0, return_dict=True)
+      print("LOSS", keras.backend.backend(), first["loss"], last["loss"])
+      print("NAMES", *sorted(name for name in history.history
+                             if name.endswith("loss")))
   """)
   env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=REPO)
   proc = subprocess.run(
@@ -130,6 +132,14 @@ def test_jax_backend_trains_the_lm():
   _, backend, first, last = line.split()
   assert backend == "jax"
   assert float(last) < float(first) - 0.5
+  # `loss` is the masked mean NLL; the MoE losses have their own names.
+  names = [l for l in proc.stdout.splitlines() if l.startswith("NAMES")][-1]
+  assert names.split()[1:] == [
+      "loss",
+      "moe_importance_loss",
+      "moe_load_loss",
+      "total_loss",
+  ]
 
 
 def test_moe_spec_passes_appendix_d_options():

@@ -8,6 +8,16 @@ FR = ["un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit"]
 REPO = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
+# Training pairs and peak Adam learning rate at which both tiny models (dense
+# and MoE, gin/mt/tiny) learn the task in 300 steps on every seed tried.
+# Dev BLEU (24 pairs, greedy) measured after 300 steps, seeds 0 / 1 / 2 (-:
+# not run); at lr 0.02 runs fail at random:
+#   400 pairs, lr 0.02:   MoE 13.6 / 3.8 / -      dense 47.9 / - / -
+#   400 pairs, lr 0.006:  MoE 78.6 / 50.4 / 9.2   dense 74.1 / 51.8 / 4.6
+#   400 pairs, lr 0.003:  MoE 41.8 / 14.9 / 15.1  dense 30.8 / 9.5 / 12.1
+#   2000 pairs, lr 0.006: MoE 84.1 / 100.0 / 96.4 dense 94.1 / 75.8 / 71.0
+TRAIN_PAIRS = 2000
+LEARNING_RATE = 0.006
 
 
 def write_corpus(directory, train=400, dev=24, seed=0):
@@ -30,7 +40,10 @@ def write_corpus(directory, train=400, dev=24, seed=0):
   return tuple(paths)
 
 
-def bindings(directory, train_path, dev_path, steps=60):
+def bindings(
+    directory, train_path, dev_path, steps=60, learning_rate=LEARNING_RATE
+):
+  """Gin bindings of the tiny translation models on the corpus."""
   return [
       f"TRAIN_FILES = {train_path!r}",
       f"EVAL_FILES = {dev_path!r}",
@@ -41,5 +54,5 @@ def bindings(directory, train_path, dev_path, steps=60):
       "MODEL_DIM = 32",
       "LSTM_UNITS = 64",
       "LSTM_PROJECTION = 32",
-      "PEAK_LEARNING_RATE = 0.02",
+      f"PEAK_LEARNING_RATE = {learning_rate}",
   ]

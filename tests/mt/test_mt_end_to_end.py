@@ -1,7 +1,8 @@
 """Tiny end to end: train -> evaluate (BLEU) -> decode -> export round trip.
 
 The corpus is mt_testlib's number-word translation task (word by word, so a
-tiny GNMT learns it in a few hundred steps on a CPU).
+tiny GNMT learns it in a few hundred steps on a CPU, at mt_testlib's learning
+rate).
 """
 
 import os
@@ -29,7 +30,9 @@ REPO = mt_testlib.REPO
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("mt"))
-  train_path, dev_path = mt_testlib.write_corpus(directory)
+  train_path, dev_path = mt_testlib.write_corpus(
+      directory, train=mt_testlib.TRAIN_PAIRS
+  )
   model_dir = os.path.join(directory, "model")
   gin.clear_config()
   experiment.parse_gin(
@@ -60,12 +63,13 @@ def test_evaluate_bleu_and_decode_agree(trained):
   result = task.evaluate(
       translator.model, "dev", trained["model_dir"], beam_size=1
   )
-  # The toy task is being learned (measured: BLEU 34 after 400 steps; an
-  # untrained model scores about 0).
-  assert result["bleu"] > 15.0, result["bleu"]
+  # The toy task is learned (measured with this corpus and learning rate,
+  # 300 steps: MoE BLEU 84.1 / 100.0 / 96.4 on seeds 0 / 1 / 2, the dense
+  # model 94.1 / 75.8 / 71.0; see mt_testlib; untrained: about 0).
+  assert result["bleu"] > 50.0, result["bleu"]
   assert result["bleu_signature"].startswith("nrefs:1|case:mixed")
   assert result["tokenized_bleu_signature"].startswith("pretok:13a|")
-  assert result["perplexity"] < 2.5
+  assert result["perplexity"] < 1.5  # measured: 1.085
   assert set(result["experts"]) == {"encoder_moe", "decoder_moe"}
   # decode's functions give the same translations and the same BLEU.
   sources, refs = _dev(trained)
