@@ -26,19 +26,39 @@ def define_gin_flags():
   )
 
 
-def fail(program, error):
-  """Prints `program: error: <one line>` to stderr and exits with status 1.
+def fail(program, error, status=1):
+  """Prints `program: error: <one line>` to stderr and exits with `status`.
 
-  With MOE_KERAS_DEBUG=1 in the environment the exception is re-raised
+  Args:
+    program: the CLI's name.
+    error: an exception, or the message itself (a str).
+    status: the exit status.
+
+  With MOE_KERAS_DEBUG=1 in the environment an exception is re-raised
   (full traceback) instead.
   """
   from moe_keras import experiment  # pylint: disable=g-import-not-at-top
 
-  if os.environ.get("MOE_KERAS_DEBUG"):
+  if os.environ.get("MOE_KERAS_DEBUG") and isinstance(error, BaseException):
     raise error
   sys.stderr.write(f"{program}: error: {experiment.one_line(error)}\n")
   sys.stderr.flush()
-  sys.exit(1)
+  sys.exit(status)
+
+
+def fit_verbosity(flag_value):
+  """model.fit's `verbose` for a --verbose flag value.
+
+  Args:
+    flag_value: 'auto', or an int as a string.
+
+  Returns:
+    The int; 'auto' is 1 (a progress bar) when stdout is a terminal and 0
+    otherwise, so a redirected log holds no '\\r' progress frames.
+  """
+  if flag_value != "auto":
+    return int(flag_value)
+  return 1 if sys.stdout.isatty() else 0
 
 
 def define_translation_flags():
