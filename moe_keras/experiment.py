@@ -308,16 +308,18 @@ class CheckpointManager:
         the previous checkpoint is left intact.
     """
     reliability.check_finite(model, step)
+    os.makedirs(self.directory, exist_ok=True)
     try:
+      reliability.check_free_space(self.directory, model)
       return self._save(model, step)
     except (OSError, RuntimeError) as e:
       raise ExperimentError(
           f"cannot write the checkpoint of step {step} in {self.directory}:"
-          f" {one_line(e)}; {self.describe_latest()} is intact"
+          f" {reliability.os_error_cause(e)}; {self.describe_latest()} is"
+          " intact"
       ) from e
 
   def _save(self, model, step):
-    os.makedirs(self.directory, exist_ok=True)
     name = f"ckpt-{step}.weights.h5"
     path = os.path.join(self.directory, name)
     _write_atomic(path, model.save_weights)

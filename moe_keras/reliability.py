@@ -11,9 +11,12 @@
 * `ResumableTensorBoard`: Keras' TensorBoard callback whose `batch_*`
   scalars continue at the resumed step instead of restarting at 0 (and
   whose step-0 model summary is written by the first run only).
+* `check_free_space`: a checkpoint that cannot fit is refused before a
+  byte of it is written.
 * `name_bad_binding`: names the gin binding behind a bad-value error.
 """
 
+import errno
 import fcntl
 import math
 import os
@@ -206,6 +209,49 @@ class GuardCallback(keras.callbacks.Callback):
           f"stopped by {name} at step {step}; {self.describe_latest()};"
           " rerun the same command to resume",
       )
+
+
+# -- disk space -------------------------------------------------------------------
+
+# Room kept free beyond a checkpoint's variables (HDF5 metadata, state.json).
+CHECKPOINT_MARGIN_BYTES = 1 << 20
+
+
+def check_free_space(directory, model):
+  """Raises OSError(ENOSPC) unless `directory` has room for a checkpoint.
+
+  A write that fails half-way inside HDF5 leaves the library in a state
+  that can crash the process at exit; refusing before writing does not.
+
+  Args:
+    directory: where the checkpoint goes.
+    model: the model (its weights and optimizer variables are saved).
+  """
+  variables = list(model.weights)
+  if model.optimizer is not None:
+    variables += list(model.optimizer.variables)
+  needed = CHECKPOINT_MARGIN_BYTES + sum(
+      int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables
+  )
+  stat = os.statvfs(directory)
+  free = stat.f_bavail * stat.f_frsize
+  if free < needed:
+    raise OSError(
+        errno.ENOSPC,
+        f"No space left on device ({free / 2**20:.1f} MiB free, a checkpoint"
+        f" needs {needed / 2**20:.1f} MiB)",
+    )
+
+
+def os_error_cause(error):
+  """A one-line cause of an I/O error ('No space left on device', ...)."""
+  if isinstance(error, OSError) and error.errno:
+    plain = os.strerror(error.errno)
+    if error.strerror and error.strerror.startswith(plain):
+      return error.strerror
+    return plain
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 # -- TensorBoard ----------------------------------------------------------------
