@@ -8,9 +8,69 @@ import sys
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib  # pylint: disable=g-import-not-at-top
+import re  # pylint: disable=g-import-not-at-top
+import tempfile  # pylint: disable=g-import-not-at-top
+
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
+
+# Lines TensorFlow's C++ libraries print while they load (no CUDA driver,
+# CPU features, oneDNN) whatever TF_CPP_MIN_LOG_LEVEL says.
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|[IWE]\d{4} [\d:. ]+\d+ (cudart_stub|cuda_platform|cuda_dnn|cuda_fft"
+    r"|cuda_blas|cuda_executor|cpu_feature_guard|port)\.cc:\d+\]"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+    r"|.*oneDNN custom operations are on)"
+)
+
+
+@contextlib.contextmanager
+def quiet_startup():
+  """Drops TensorFlow's start-up noise from stderr inside the block.
+
+  Everything the block writes to file descriptor 2 (C++ and Python) is
+  held back and replayed afterwards, less the lines of `_STARTUP_NOISE`.
+  absl's --verbosity=1 (or higher) keeps them all.
+
+  Yields:
+    None.
+  """
+  if FLAGS.is_parsed() and FLAGS.verbosity >= 1:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      text = capture.read().decode("utf-8", errors="replace")
+      sys.stderr.write(
+          "".join(
+              line
+              for line in text.splitlines(keepends=True)
+              if not _STARTUP_NOISE.match(line)
+          )
+      )
+      sys.stderr.flush()
+
+
+def import_tensorflow_quietly():
+  """Imports moe_keras.experiment (TF, Keras) and finds devices, quietly."""
+  with quiet_startup():
+    from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    tf.config.list_physical_devices()
+  return experiment
 
 
 def define_gin_flags():

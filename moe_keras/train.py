@@ -44,7 +44,7 @@ PROGRAM = "moe_keras.train"
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+  experiment = cli_common.import_tensorflow_quietly()
   from moe_keras import reliability  # pylint: disable=g-import-not-at-top
   import data_pipelines  # pylint: disable=g-import-not-at-top
 

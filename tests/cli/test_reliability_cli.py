@@ -63,6 +63,21 @@ def test_empty_train_file_is_one_line_and_writes_nothing(corpus, tmp_path):
   assert not model_dir.exists()
 
 
+def test_no_tensorflow_startup_noise(corpus, tmp_path):
+  proc = lib.run(
+      "moe_keras.train",
+      *lib.train_args(corpus, tmp_path / "run", "--gin_file=nope.gin"),
+      check=False,
+  )
+  assert lib.last_line(proc.stderr).startswith(
+      "moe_keras.train: error: gin file not found: nope.gin"
+  )
+  for noise in (
+      "InitializeLog", "cuInit", "cudart_stub", "cpu_feature_guard", "oneDNN"
+  ):
+    assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_bad_macro_value_names_the_binding(corpus, tmp_path):
   model_dir = tmp_path / "run"
   last = _fail(
