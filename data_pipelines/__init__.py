@@ -1,15 +1,18 @@
 """tf.data input pipelines for the Sparsely-Gated Mixture-of-Experts models.
 
 Language modelling (word level): `ptb_lm_data` (embedded default corpus),
-`lm1b_lm_data` (1B Word benchmark), `news_lm_data` (sharded news text), all
-returning `LmData`. Translation (shared wordpieces): `wmt14_mt_data`,
-`debian_mt_data` (+ `build_debian_translations`), `multilingual_mt_data`,
-returning `MtData`. `get_data()` calls whichever gin selected. See README.md.
+`lm1b_lm_data` (1B Word benchmark), `news_lm_data` (sharded news text),
+`debian_docs_lm_data` (Debian's English documentation, built with
+`build_debian_docs`), all returning `LmData`. Translation (shared
+wordpieces): `wmt14_mt_data`, `debian_mt_data` (+ `build_debian_translations`),
+`multilingual_mt_data`, returning `MtData`. `get_data()` calls whichever gin selected. See README.md.
 """
 
 from data_pipelines.batching import PipelineStats
 from data_pipelines.batching import STAT_NAMES
 from data_pipelines.config import get_data
+from data_pipelines.debian_docs import build_debian_docs
+from data_pipelines.debian_docs import debian_docs_lm_data
 from data_pipelines.debian_translations import build_debian_translations
 from data_pipelines.debian_translations import debian_mt_data
 from data_pipelines.errors import DataError

@@ -18,6 +18,8 @@ WMT_DIR = FIXTURES / "wmt14"
 TSV_DIR = FIXTURES / "tsv"
 DEBIAN_LISTS = FIXTURES / "debian" / "lists"
 DEBIAN_HANDMADE_LISTS = FIXTURES / "debian_handmade" / "lists"
+DEBIAN_DOCS_PKG = FIXTURES / "debian_docs_pkg"
+DEBIAN_DOCS_CORPUS = FIXTURES / "debian_docs"
 GIN_DIR = REPO_ROOT / "gin" / "data"
 
 

@@ -71,6 +71,13 @@ def _cases(tmp):
           ],
           mt.MtData,
       ),
+      "debian_docs.gin": (
+          [
+              f"DEBIAN_DOCS_CACHE_DIR = '{testlib.DEBIAN_DOCS_CORPUS}'",
+              "debian_docs_lm_data.batch_tokens = 256",
+          ],
+          lm.LmData,
+      ),
       "debian_en_fr.gin": (debian, mt.MtData),
       "debian_en_de.gin": (debian, mt.MtData),
       "multilingual.gin": (
