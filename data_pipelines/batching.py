@@ -120,9 +120,15 @@ class PipelineStats:
     )
     if len(self.epochs) == 1:
       warning = bad_data_warning(self.name, rates)
-      if warning:
+      # Once per split and content (evaluate builds a split twice).
+      key = (self.name, tuple(values))
+      if warning and key not in _WARNED:
+        _WARNED.add(key)
         logging.warning("%s", warning)
     return True
+
+
+_WARNED = set()
 
 
 # A split is suspicious above this fraction of invalid lines / <UNK> tokens.
