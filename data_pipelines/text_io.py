@@ -336,6 +336,17 @@ def line_dataset(
   return lines
 
 
+def read_raw_lines(path: str) -> Iterable[bytes]:
+  """Yields the lines of a (possibly compressed) file as bytes, without '\\n'.
+
+  Invalid UTF-8 is kept, so a tf.data pipeline that replaces it can count
+  the lines it replaced (`invalid_utf8_replaced`).
+  """
+  with open_binary(path) as f:
+    for raw in f:
+      yield raw.rstrip(b"\n")
+
+
 def read_text_lines(path: str) -> Iterable[str]:
   """Yields the lines of a (possibly compressed) file as str, without '\\n'.
 

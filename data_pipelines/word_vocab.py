@@ -19,7 +19,7 @@ as `tf.strings.split`; other Unicode spaces stay inside tokens.
 
 import collections
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import AnyStr, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import tensorflow as tf
 
@@ -253,10 +253,16 @@ class WordVocab:
     return cls(tokens, counts if have_counts else None, source=repr(path))
 
 
-def count_words_in_lines(lines: Iterable[str]) -> collections.Counter:
-  """Counts words of in-memory lines (Python, ASCII-whitespace split)."""
+def count_words_in_lines(lines: Iterable[AnyStr]) -> collections.Counter:
+  """Counts words of in-memory lines (Python, ASCII-whitespace split).
+
+  Bytes lines are decoded with invalid UTF-8 replaced by U+FFFD, as the
+  tf.data pipelines do.
+  """
   counter = collections.Counter()
   for line in lines:
+    if isinstance(line, bytes):
+      line = line.decode("utf-8", errors="replace")
     counter.update(split_words(line))
   return counter
 

@@ -302,10 +302,13 @@ class WordpieceVocab:
         `wordpiece_tokenizer_learner_lib.learn`.
 
     Returns:
-      The learned vocabulary.
+      The learned vocabulary: at most `vocab_size` tokens (when the text
+      has more distinct characters than fit, only the most frequent are
+      kept, with a warning).
 
     Raises:
-      DataError: if there is no text.
+      DataError: if there is no text, or no vocabulary of `vocab_size`
+        tokens exists (the message gives the smallest size that does).
     """
     counts = (
         texts if isinstance(texts, collections.Counter) else count_words(texts)
@@ -360,11 +363,36 @@ class WordpieceVocab:
     )
     progress.done(extra=f"{len(vocab)} tokens")
     if len(vocab) > vocab_size:
+      # Every allowed character is a token twice (c and ##c): keep only the
+      # most frequent characters (the others become [UNK]) so the size fits.
+      fitting_chars = (vocab_size - len(reserved)) // 3
+      if fitting_chars < 1 or fitting_chars >= min(
+          len(allowed), max_unique_chars
+      ):
+        raise DataError(
+            f"cannot learn a {vocab_size}-token wordpiece vocabulary: the"
+            f" smallest one learned has {len(vocab)} tokens ({len(allowed)}"
+            f" distinct characters, {len(reserved)} reserved tokens); ask"
+            f" for vocab_size >= {len(vocab)}"
+        )
       logging.warning(
-          "wordpiece vocabulary has %d tokens, above the target %d (the"
-          " alphabet alone is that large)",
-          len(vocab),
+          "wordpiece vocabulary: %d distinct characters do not fit %d"
+          " tokens; keeping the %d most frequent (the others become [UNK])",
+          len(allowed),
           vocab_size,
+          fitting_chars,
+      )
+      return cls.learn(
+          counts,
+          vocab_size=vocab_size,
+          extra_reserved_tokens=extra_reserved_tokens,
+          lower_thresh=lower_thresh,
+          upper_thresh=upper_thresh,
+          num_iterations=num_iterations,
+          max_input_tokens=max_input_tokens,
+          max_token_length=max_token_length,
+          max_unique_chars=fitting_chars,
+          slack_ratio=slack_ratio,
       )
     return cls(vocab, num_reserved=len(reserved))
 

@@ -163,29 +163,68 @@ def plot_expert_stats(stats, output_dir, prefix="experts"):
 
   paths = []
   for name, layer_stats in stats.items():
-    importance = np.asarray(layer_stats["importance"])
-    load = np.asarray(layer_stats["load"])
-    n = importance.shape[0]
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, min(n / 8, 24)), 6))
-    for ax, values, label, cv in (
-        (axes[0], importance, "importance (sum of gates)", "cv_importance"),
-        (axes[1], load, "load (tokens routed)", "cv_load"),
-    ):
-      mean = values.mean() if n else 0.0
-      ax.bar(np.arange(n), values, width=1.0, color="tab:blue")
-      ax.axhline(mean, color="tab:red", linewidth=1, label="mean")
-      ax.set_ylabel(label)
-      ax.set_title(f"{name}: {label}, CV={layer_stats[cv]:.3f}")
-      ax.legend(loc="upper right")
-    axes[1].set_xlabel(
-        f"expert (max/mean load =" f" {layer_stats['max_over_mean_load']:.2f})"
-    )
-    fig.tight_layout()
+    fig = expert_figure(name, layer_stats)
     path = os.path.join(output_dir, f"{prefix}_{name}.png")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
     paths.append(path)
   return paths
+
+
+PLOT_DPI = 100
+# Horizontal pixels per expert: wide bars for a few experts, at least a
+# 2-pixel bar and a 1-pixel gap for thousands (the PNG grows with them).
+MAX_PIXELS_PER_EXPERT = 60
+MIN_PIXELS_PER_EXPERT = 3
+BAR_WIDTH = 2.0 / 3.0
+
+
+def expert_figure(name, layer_stats):
+  """The figure of one layer: importance and load bars, one per expert.
+
+  Args:
+    name: the layer's name (titles).
+    layer_stats: one layer's dict of `collect_expert_stats`.
+
+  Returns:
+    A matplotlib Figure: integer expert ticks, a visible gap between bars
+    for 4 to 4096+ experts.
+  """
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
+  importance = np.asarray(layer_stats["importance"])
+  load = np.asarray(layer_stats["load"])
+  n = importance.shape[0]
+  per_expert = min(
+      MAX_PIXELS_PER_EXPERT, max(MIN_PIXELS_PER_EXPERT, 1200 // max(n, 1))
+  )
+  width_inches = max(6.0, (n * per_expert + 200) / PLOT_DPI)
+  fig, axes = plt.subplots(2, 1, figsize=(width_inches, 6))
+  for ax, values, label, cv in (
+      (axes[0], importance, "importance (sum of gates)", "cv_importance"),
+      (axes[1], load, "load (tokens routed)", "cv_load"),
+  ):
+    mean = values.mean() if n else 0.0
+    ax.bar(
+        np.arange(n),
+        values,
+        width=BAR_WIDTH,
+        color="tab:blue",
+        linewidth=0,
+        antialiased=n <= 256,
+    )
+    ax.axhline(mean, color="tab:red", linewidth=1, label="mean")
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_ylabel(label)
+    ax.set_title(f"{name}: {label}, CV={layer_stats[cv]:.3f}")
+    ax.legend(loc="upper right")
+  axes[1].set_xlabel(
+      f"expert (max/mean load = {layer_stats['max_over_mean_load']:.2f})"
+  )
+  fig.tight_layout()
+  return fig
 
 
 def write_json_atomic(path, payload):

@@ -8,9 +8,69 @@ import sys
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib  # pylint: disable=g-import-not-at-top
+import re  # pylint: disable=g-import-not-at-top
+import tempfile  # pylint: disable=g-import-not-at-top
+
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
+
+# Lines TensorFlow's C++ libraries print while they load (no CUDA driver,
+# CPU features, oneDNN) whatever TF_CPP_MIN_LOG_LEVEL says.
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|[IWE]\d{4} [\d:. ]+\d+ (cudart_stub|cuda_platform|cuda_dnn|cuda_fft"
+    r"|cuda_blas|cuda_executor|cpu_feature_guard|port)\.cc:\d+\]"
+    r"|To enable the following instructions: .* rebuild TensorFlow"
+    r"|.*oneDNN custom operations are on)"
+)
+
+
+@contextlib.contextmanager
+def quiet_startup():
+  """Drops TensorFlow's start-up noise from stderr inside the block.
+
+  Everything the block writes to file descriptor 2 (C++ and Python) is
+  held back and replayed afterwards, less the lines of `_STARTUP_NOISE`.
+  absl's --verbosity=1 (or higher) keeps them all.
+
+  Yields:
+    None.
+  """
+  if FLAGS.is_parsed() and FLAGS.verbosity >= 1:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      text = capture.read().decode("utf-8", errors="replace")
+      sys.stderr.write(
+          "".join(
+              line
+              for line in text.splitlines(keepends=True)
+              if not _STARTUP_NOISE.match(line)
+          )
+      )
+      sys.stderr.flush()
+
+
+def import_tensorflow_quietly():
+  """Imports moe_keras.experiment (TF, Keras) and finds devices, quietly."""
+  with quiet_startup():
+    from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    tf.config.list_physical_devices()
+  return experiment
 
 
 def define_gin_flags():
@@ -26,19 +86,39 @@ def define_gin_flags():
   )
 
 
-def fail(program, error):
-  """Prints `program: error: <one line>` to stderr and exits with status 1.
+def fail(program, error, status=1):
+  """Prints `program: error: <one line>` to stderr and exits with `status`.
 
-  With MOE_KERAS_DEBUG=1 in the environment the exception is re-raised
+  Args:
+    program: the CLI's name.
+    error: an exception, or the message itself (a str).
+    status: the exit status.
+
+  With MOE_KERAS_DEBUG=1 in the environment an exception is re-raised
   (full traceback) instead.
   """
   from moe_keras import experiment  # pylint: disable=g-import-not-at-top
 
-  if os.environ.get("MOE_KERAS_DEBUG"):
+  if os.environ.get("MOE_KERAS_DEBUG") and isinstance(error, BaseException):
     raise error
   sys.stderr.write(f"{program}: error: {experiment.one_line(error)}\n")
   sys.stderr.flush()
-  sys.exit(1)
+  sys.exit(status)
+
+
+def fit_verbosity(flag_value):
+  """model.fit's `verbose` for a --verbose flag value.
+
+  Args:
+    flag_value: 'auto', or an int as a string.
+
+  Returns:
+    The int; 'auto' is 1 (a progress bar) when stdout is a terminal and 0
+    otherwise, so a redirected log holds no '\\r' progress frames.
+  """
+  if flag_value != "auto":
+    return int(flag_value)
+  return 1 if sys.stdout.isatty() else 0
 
 
 def define_translation_flags():

@@ -90,8 +90,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import os  # pylint: disable=g-import-not-at-top
 
+  experiment = cli_common.import_tensorflow_quietly()
   from eval import expert_stats  # pylint: disable=g-import-not-at-top
-  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
   import data_pipelines  # pylint: disable=g-import-not-at-top
 
   model_dir = FLAGS.model_dir

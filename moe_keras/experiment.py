@@ -40,6 +40,7 @@ import data_pipelines
 from eval import expert_stats
 from moe_keras import distribution as distribution_lib
 from moe_keras import learning_curve
+from moe_keras import reliability
 from moe_keras.optimizers import factory as optimizer_factory
 from moe_keras.tasks import base as task_base
 from moe_keras.tasks import lm_task  # pylint: disable=unused-import
@@ -287,9 +288,38 @@ class CheckpointManager:
     logging.info("restored %s (step %d)", weights_path, state["step"])
     return int(state["step"])
 
+  def describe_latest(self):
+    """'latest checkpoint <path> (step N)', or that there is none."""
+    try:
+      state = self.state()
+    except ExperimentError as e:
+      return one_line(e)
+    if state is None:
+      return "no checkpoint written yet"
+    path = os.path.join(self.directory, state["latest"])
+    return f"latest checkpoint {path} (step {state['step']})"
+
   def save(self, model, step):
-    """Writes ckpt-<step> and then state.json; prunes old checkpoints."""
+    """Writes ckpt-<step> and then state.json; prunes old checkpoints.
+
+    Raises:
+      reliability.Diverged: a weight is NaN/Inf (nothing is written).
+      ExperimentError: a write failed (disk full, read-only directory);
+        the previous checkpoint is left intact.
+    """
+    reliability.check_finite(model, step)
     os.makedirs(self.directory, exist_ok=True)
+    try:
+      reliability.check_free_space(self.directory, model)
+      return self._save(model, step)
+    except (OSError, RuntimeError) as e:
+      raise ExperimentError(
+          f"cannot write the checkpoint of step {step} in {self.directory}:"
+          f" {reliability.os_error_cause(e)}; {self.describe_latest()} is"
+          " intact"
+      ) from e
+
+  def _save(self, model, step):
     name = f"ckpt-{step}.weights.h5"
     path = os.path.join(self.directory, name)
     _write_atomic(path, model.save_weights)
@@ -513,17 +543,54 @@ def train(model_dir, verbose="auto", distribution=None):
 
   Raises:
     ExperimentError: a model_dir of another architecture, unreadable
-      checkpoints.
+      checkpoints, empty training data, a failed checkpoint write.
+    reliability.ModelDirBusy: another live process trains model_dir.
+    reliability.Diverged: a NaN/Inf loss or weight (the latest checkpoint
+      stays the last good one).
+    reliability.Preempted: SIGTERM/SIGINT; the current step was saved.
   """
   config = training()
   keras.utils.set_random_seed(config.seed)
+  created = not os.path.isdir(model_dir)
   os.makedirs(model_dir, exist_ok=True)
+  lock = reliability.RunLock(model_dir)
+  try:
+    lock.acquire()
+  except BaseException:
+    _remove_if_unstarted(model_dir, created, lock)
+    raise
+  try:
+    return _train_locked(model_dir, config, verbose, distribution)
+  except BaseException:
+    _remove_if_unstarted(model_dir, created, lock)
+    raise
+  finally:
+    lock.release()
+
+
+def _remove_if_unstarted(model_dir, created, lock):
+  """After a failed start: unlocks and removes the model_dir we created."""
+  if os.path.isdir(model_dir) and set(os.listdir(model_dir)) <= {
+      reliability.LOCK_FILE
+  }:
+    lock.release()
+    if created:
+      os.rmdir(model_dir)
+
+
+def _train_locked(model_dir, config, verbose, distribution):
+  """`train` once model_dir is locked."""
   task, model = build_task_and_model(distribution=distribution)
   checkpoints = CheckpointManager(model_dir, keep=config.keep_checkpoints)
   model.optimizer.build(model.trainable_variables)
   # Build the model's weights before comparing architectures.
   train_ds = task.train_dataset()
-  probe_x = next(iter(train_ds.take(1)))[0]
+  first = next(iter(train_ds.take(1)), None)
+  if first is None:
+    raise ExperimentError(
+        "the training split is empty: no target tokens (check TRAIN_FILES)"
+    )
+  probe_x = first[0]
   model(probe_x, training=False)
   checkpoints.check_architecture(model)
   step = checkpoints.restore(model)
@@ -555,16 +622,20 @@ def train(model_dir, verbose="auto", distribution=None):
   step_callback = StepCallback(
       checkpoints, config, step, log_dir, probe_batch=probe_x
   )
+  signals = reliability.StopSignals()
   callbacks = [
       step_callback,
-      keras.callbacks.TensorBoard(
-          log_dir=log_dir, update_freq=config.log_every_steps
+      reliability.GuardCallback(
+          step_callback, signals, checkpoints.describe_latest
+      ),
+      reliability.ResumableTensorBoard(
+          initial_step=step, log_dir=log_dir, update_freq=config.log_every_steps
       ),
   ]
   scope = (
       contextlib.nullcontext() if distribution is None else distribution.scope()
   )
-  with scope:
+  with scope, signals:
     history = model.fit(
         dataset,
         epochs=math.ceil(config.train_steps / spc),

@@ -24,7 +24,11 @@ flags.DEFINE_bool(
     "Enable TensorFlow op determinism (bit-identical reruns and resumes).",
 )
 flags.DEFINE_string(
-    "verbose", "auto", "model.fit verbosity: auto, 0, 1 (progress bar), 2."
+    "verbose",
+    "auto",
+    "model.fit verbosity: auto (a progress bar on a terminal, else none:"
+    " the log has a line every training.log_every_steps), 0, 1 (progress"
+    " bar), 2.",
 )
 flags.DEFINE_string(
     "mesh_shape",
@@ -40,7 +44,8 @@ PROGRAM = "moe_keras.train"
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+  experiment = cli_common.import_tensorflow_quietly()
+  from moe_keras import reliability  # pylint: disable=g-import-not-at-top
   import data_pipelines  # pylint: disable=g-import-not-at-top
 
   if not FLAGS.gin_file:
@@ -49,7 +54,7 @@ def main(argv):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     tf.config.experimental.enable_op_determinism()
-  verbose = FLAGS.verbose if FLAGS.verbose == "auto" else int(FLAGS.verbose)
+  verbose = cli_common.fit_verbosity(FLAGS.verbose)
   try:
     experiment.parse_gin(
         FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
@@ -61,11 +66,19 @@ def main(argv):
         verbose=verbose,
         distribution=distribution.make_distribution(FLAGS.mesh_shape),
     )
-  except (experiment.ExperimentError, data_pipelines.DataError) as e:
+  except reliability.Preempted as e:
+    # 128 + signal number, as a shell reports a process killed by it.
+    cli_common.fail(PROGRAM, e, status=128 + e.signum)
+  except (
+      experiment.ExperimentError,
+      data_pipelines.DataError,
+      reliability.ModelDirBusy,
+      reliability.Diverged,
+  ) as e:
     cli_common.fail(PROGRAM, e)
   except (ValueError, TypeError) as e:
     # Errors raised while gin calls a configurable (bad values).
-    cli_common.fail(PROGRAM, e)
+    cli_common.fail(PROGRAM, reliability.name_bad_binding(e))
   logging.info("trained %s to step %d", FLAGS.model_dir, result["step"])
   print(f"trained {FLAGS.model_dir} to step {result['step']}")
 

@@ -20,6 +20,7 @@ import keras
 from absl import logging
 import numpy as np
 
+from data_pipelines import batching
 from eval import expert_stats
 from eval import perplexity as perplexity_lib
 from moe_keras.models import lm
@@ -108,14 +109,33 @@ class LmTask(base.Task):
         "words_per_sec": accumulator.tokens / max(elapsed, 1e-9),
         "experts": stats,
     }
+    result.update(self._data_quality())
     if plot and stats:
       result["plots"] = expert_stats.plot_expert_stats(
           stats, model_dir, prefix=f"experts_{split}"
       )
     logging.info(
-        "%s: perplexity %.3f over %d tokens",
+        "%s: perplexity %.3f over %d tokens, unk_rate %.4f",
         split,
         result["perplexity"],
         result["tokens"],
+        result.get("unk_rate", float("nan")),
     )
     return result
+
+  def _data_quality(self):
+    """unk_rate / invalid_utf8_rate (+ counts) of the eval split's first pass.
+
+    (The pipeline's own log line warns when either is above
+    `batching.BAD_DATA_RATE`.)
+    """
+    pipeline = self.data.stats.get(f"{self.data.name}/eval")
+    if pipeline is None or not pipeline.epochs:
+      return {}
+    record = pipeline.epochs[0]
+    rates = batching.quality_rates(record)
+    return dict(
+        rates,
+        unk_tokens=record[batching.STAT_UNK],
+        invalid_utf8_lines=record[batching.STAT_INVALID_UTF8],
+    )

@@ -16,46 +16,16 @@ import h5py
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "ran", "big", "red"]
+import cli_testlib as lib
+
+REPO = lib.REPO
+_run = lib.run
+_train_args = lib.train_args
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  for split, lines in (("train", 300), ("valid", 40)):
-    with open(root / f"{split}.txt", "w") as f:
-      for _ in range(lines):
-        f.write(" ".join(rng.choice(WORDS, rng.integers(3, 10))) + "\n")
-  return root
-
-
-def _run(module, *args, check=True, timeout=300):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-  env.pop("MOE_KERAS_DEBUG", None)
-  proc = subprocess.run(
-      [sys.executable, "-m", module] + list(args),
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-  )
-  if check and proc.returncode != 0:
-    raise AssertionError(f"{module} failed:\n{proc.stderr[-3000:]}")
-  return proc
-
-
-def _train_args(corpus, model_dir, *extra, gin_file="gin/lm/tiny/moe_flat.gin"):
-  return [
-      f"--gin_file={gin_file}",
-      f"--gin_bindings=TRAIN_FILES='{corpus / 'train.txt'}'",
-      f"--gin_bindings=EVAL_FILES='{corpus / 'valid.txt'}'",
-      f"--model_dir={model_dir}",
-      "--verbose=0",
-      "--deterministic",
-  ] + list(extra)
+  return lib.write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _weights(model_dir):
@@ -229,7 +199,7 @@ def test_bad_input_is_one_line(args, message, tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert lines[-1].startswith("moe_keras.train: error: ")
   assert message in lines[-1]
-  assert not (tmp_path / "run" / "checkpoints").exists()
+  assert not (tmp_path / "run").exists()  # a failed start writes nothing
 
 
 def test_evaluate_bad_inputs(tmp_path, trained):
@@ -249,7 +219,7 @@ def test_evaluate_bad_inputs(tmp_path, trained):
 def test_evaluate_any_text_file(trained, tmp_path):
   text = tmp_path / "mine.txt"
   text.write_text("the cat sat\nzebra ran\n")
-  _run(
+  proc = _run(
       "moe_keras.evaluate",
       f"--model_dir={trained}",
       "--split=mine",
@@ -258,6 +228,13 @@ def test_evaluate_any_text_file(trained, tmp_path):
   with open(trained / "eval_mine.json") as f:
     result = json.load(f)
   assert result["tokens"] == 4 + 3  # 5 words + 2 </S>
+  # 'zebra' is not in the vocabulary: 1 of 7 targets, warned in one line.
+  assert result["unk_rate"] == pytest.approx(1 / 7)
+  assert result["invalid_utf8_rate"] == 0.0
+  assert (
+      "data ptb/eval: 14.3% of the target tokens are <UNK>; is this the"
+      " right text?" in proc.stderr
+  )
   assert result["eval_file"] == str(text)
 
 

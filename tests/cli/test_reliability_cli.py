@@ -1,0 +1,287 @@
+"""Failures a user can cause or suffer end in one line; no run is lost.
+
+Real `moe_keras.train` subprocesses, real signals, real file systems (issue
+14): failed starts, preemption, divergence, two writers, a full disk, logs
+without a terminal, TensorBoard steps across a resume.
+"""
+
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+import cli_testlib as lib
+
+STEPS = "--gin_bindings=training.steps_per_checkpoint=5"
+LONG = "--gin_bindings=training.train_steps=2000"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return lib.write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _latest_weights(model_dir):
+  with open(os.path.join(model_dir, "checkpoints", "state.json")) as f:
+    state = json.load(f)
+  values = []
+  with h5py.File(
+      os.path.join(model_dir, "checkpoints", state["latest"]), "r"
+  ) as f:
+    f.visititems(
+        lambda name, obj: values.append(obj[()])
+        if isinstance(obj, h5py.Dataset)
+        else None
+    )
+  return state, values
+
+
+def _fail(args):
+  proc = lib.run("moe_keras.train", *args, check=False)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  return lib.last_line(proc.stderr)
+
+
+def test_empty_train_file_is_one_line_and_writes_nothing(corpus, tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  model_dir = tmp_path / "run"
+  last = _fail(
+      lib.train_args(corpus, model_dir, f"--gin_bindings=TRAIN_FILES='{empty}'")
+  )
+  assert last == (
+      "moe_keras.train: error: the training split is empty: no target tokens"
+      " (check TRAIN_FILES)"
+  )
+  assert not model_dir.exists()
+
+
+def test_no_tensorflow_startup_noise(corpus, tmp_path):
+  proc = lib.run(
+      "moe_keras.train",
+      *lib.train_args(corpus, tmp_path / "run", "--gin_file=nope.gin"),
+      check=False,
+  )
+  assert lib.last_line(proc.stderr).startswith(
+      "moe_keras.train: error: gin file not found: nope.gin"
+  )
+  for noise in (
+      "InitializeLog", "cuInit", "cudart_stub", "cpu_feature_guard", "oneDNN"
+  ):
+    assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bad_macro_value_names_the_binding(corpus, tmp_path):
+  model_dir = tmp_path / "run"
+  last = _fail(
+      lib.train_args(corpus, model_dir, "--gin_bindings=MODEL_DIM='sixteen'")
+  )
+  assert last.startswith(
+      "moe_keras.train: error: bad value for MODEL_DIM = 'sixteen': "
+  )
+  assert not model_dir.exists()
+
+
+def _event_steps(log_dir):
+  """{events file: {tag: [steps]}} of every events file under log_dir."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  found = {}
+  for path in sorted(glob.glob(os.path.join(log_dir, "**", "events.*"),
+                               recursive=True)):
+    tags = {}
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(event.step)
+    found[path] = tags
+  return found
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"]
+)
+def test_signal_checkpoints_the_current_step_and_resumes(
+    signum, corpus, tmp_path
+):
+  model_dir = tmp_path / "preempted"
+  every_step = "--gin_bindings=training.log_every_steps=1"
+  out, err = tmp_path / "stdout", tmp_path / "stderr"
+  with open(out, "w") as stdout, open(err, "w") as stderr:
+    proc = lib.start_train(
+        [  # --verbose=auto, and not a terminal: no progress bar
+            a
+            for a in lib.train_args(corpus, model_dir, STEPS, LONG, every_step)
+            if a != "--verbose=0"
+        ],
+        stdout=stdout,
+        stderr=stderr,
+    )
+    try:
+      lib.wait_for_checkpoint(proc, model_dir, 5)
+      proc.send_signal(signum)
+      assert proc.wait(timeout=120) == 128 + signum
+    finally:
+      proc.kill()
+      proc.wait()
+  name = signal.Signals(signum).name
+  last = lib.last_line(err.read_text())
+  match = re.fullmatch(
+      rf"moe_keras\.train: error: stopped by {name} at step (\d+); latest"
+      rf" checkpoint (\S+) \(step (\d+)\); rerun the same command to resume",
+      last,
+  )
+  assert match, last
+  step = int(match.group(1))
+  assert int(match.group(3)) == step == lib.checkpoint_step(model_dir)
+  assert match.group(2).endswith(f"ckpt-{step}.weights.h5")
+  assert 5 <= step < 2000
+  # Logs without a terminal: a line per log_every_steps, no '\r' frames.
+  log = out.read_text() + err.read_text()
+  assert "\r" not in log and "\x1b[" not in log
+  assert re.search(r"step 3: loss \S+, perplexity \S+, \d+ words/s", log)
+  if signum != signal.SIGTERM:
+    return
+  # Rerun: resumes at `step`; every TensorBoard tag continues after it.
+  first_run = _event_steps(model_dir / "logs")
+  proc = lib.run(
+      "moe_keras.train",
+      *lib.train_args(
+          corpus,
+          model_dir,
+          STEPS,
+          every_step,
+          f"--gin_bindings=training.train_steps={step + 3}",
+      ),
+  )
+  assert f"to step {step + 3}" in proc.stdout
+  second_run = {
+      path: tags
+      for path, tags in _event_steps(model_dir / "logs").items()
+      if path not in first_run
+  }
+  assert second_run
+  batch_tags = 0
+  for tags in second_run.values():
+    for tag, steps in tags.items():
+      if tag.startswith("batch_") or tag == "words_per_sec":
+        batch_tags += 1
+        assert min(steps) == step + 1, (tag, steps)
+      if not tag.startswith("epoch_"):
+        assert min(steps) > step, (tag, steps)
+  assert batch_tags >= 2
+
+
+def test_two_writers_refused_and_stale_lock_ignored(corpus, tmp_path):
+  model_dir = tmp_path / "shared"
+  first = lib.start_train(lib.train_args(corpus, model_dir, STEPS, LONG))
+  try:
+    lib.wait_for_checkpoint(first, model_dir, 5)
+    last = _fail(lib.train_args(corpus, model_dir, STEPS, LONG))
+    assert last.startswith(
+        f"moe_keras.train: error: {model_dir} is being trained by another"
+        f" process (pid {first.pid} on {socket.gethostname()} since "
+    ), last
+    assert last.endswith("); wait for it to finish or stop it")
+    assert first.poll() is None  # the first run goes on
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  # The killed run's lock file is left behind; it does not block.
+  assert f"pid {first.pid} " in (model_dir / ".lock").read_text()
+  step = lib.checkpoint_step(model_dir)
+  lib.run(
+      "moe_keras.train",
+      *lib.train_args(
+          corpus, model_dir, STEPS, f"--gin_bindings=training.train_steps={step + 2}"
+      ),
+  )
+  assert lib.checkpoint_step(model_dir) == step + 2
+  assert not (model_dir / ".lock").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(corpus, tmp_path):
+  model_dir = tmp_path / "diverged"
+  lib.run(
+      "moe_keras.train",
+      *lib.train_args(
+          corpus, model_dir, "--gin_bindings=training.train_steps=10"
+      ),
+  )
+  # A real cause: a learning rate that sends the weights to Inf.
+  last = _fail(
+      lib.train_args(
+          corpus,
+          model_dir,
+          "--gin_bindings=training.train_steps=30",
+          "--gin_bindings=PEAK_LEARNING_RATE=1e30",
+      )
+  )
+  assert re.fullmatch(
+      r"moe_keras\.train: error: training diverged at step (1\d|2\d): (\w*loss"
+      r" is (nan|inf|-inf)|weight \S+ is NaN/Inf); latest checkpoint \S+"
+      r"ckpt-10\.weights\.h5 \(step 10\)",
+      last,
+  ), last
+  state, weights = _latest_weights(model_dir)
+  assert state["step"] == 10 and state["latest"] == "ckpt-10.weights.h5"
+  assert all(np.all(np.isfinite(w)) for w in weights if w.dtype.kind == "f")
+
+
+def _mount_tmpfs(path, size_bytes):
+  os.makedirs(path, exist_ok=True)
+  return subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+      capture_output=True,
+  ).returncode == 0
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="mounting a tiny tmpfs needs root"
+)
+def test_full_disk_keeps_the_previous_checkpoint(corpus, tmp_path):
+  model_dir = tmp_path / "full"
+  lib.run(
+      "moe_keras.train",
+      *lib.train_args(
+          corpus, model_dir, "--gin_bindings=training.train_steps=10"
+      ),
+  )
+  checkpoints = model_dir / "checkpoints"
+  used = sum(p.stat().st_size for p in checkpoints.iterdir())
+  # Room for what is there and half of one more checkpoint.
+  mount = tmp_path / "tmpfs"
+  if not _mount_tmpfs(mount, (used * 3 // 2 // 4096 + 2) * 4096):
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    for path in checkpoints.iterdir():
+      (mount / path.name).write_bytes(path.read_bytes())
+      path.unlink()
+    checkpoints.rmdir()
+    checkpoints.symlink_to(mount)
+    last = _fail(
+        lib.train_args(
+            corpus, model_dir, "--gin_bindings=training.train_steps=20"
+        )
+    )
+    assert re.fullmatch(
+        r"moe_keras\.train: error: cannot write the checkpoint of step 20 in"
+        r" \S+: .+; latest checkpoint \S+ckpt-10\.weights\.h5 \(step 10\) is"
+        r" intact",
+        last,
+    ), last
+    state, weights = _latest_weights(model_dir)
+    assert state["step"] == 10 and weights
+    assert sorted(os.listdir(mount)) == [
+        "ckpt-10.seeds.npz",
+        "ckpt-10.weights.h5",
+        "state.json",
+    ]
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
