@@ -76,20 +76,6 @@ flags.DEFINE_string("results_dir", None, "Summaries (default results/lm_<corpus>
 flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
 
 
-def _rates_for(configs, choice):
-  """{config: rate} for the table's rows, from the sweep's choice."""
-  rates = {}
-  for config in configs:
-    base = config.partition("@")[0]
-    if config in choice:
-      rates[config] = choice[config]
-    elif base in choice:
-      rates[config] = choice[base]
-    elif FLAGS.lr_from and FLAGS.lr_from in choice:
-      rates[config] = choice[FLAGS.lr_from]
-  return rates
-
-
 def _counts(corpus, configs):
   """{config: (params excl. embedding/softmax, ops/timestep)} as the paper."""
   import gin  # pylint: disable=g-import-not-at-top
@@ -148,23 +134,10 @@ def main(argv):
         flush=True,
     )
 
-  if FLAGS.mode in ("all", "sweep"):
-    for run in results_lib.sweep_runs(sweep_configs, lrs, steps):
-      execute(run)
-    choice = results_lib.choose_lrs(results_dir, sweep_configs, lrs, steps)
-    results_lib.write_lr_choice(results_dir, choice, lrs, steps)
-  choice = results_lib.read_lr_choice(results_dir)
-  rates = _rates_for(configs, choice)
-  if FLAGS.mode in ("all", "grid"):
-    missing = [c for c in configs if c not in rates]
-    if missing:
-      raise results_lib.GridError(
-          f"no chosen rate for {missing}: run --mode=sweep first (or set"
-          " --lr_from)"
-      )
-    for seed in seeds:  # all configs at seed 0 first: partial tables compare
-      for config in configs:
-        execute(results_lib.Run(config, rates[config], seed, steps))
+  rates = results_lib.run_procedure(
+      FLAGS.mode, configs, sweep_configs, seeds, lrs, steps, results_dir,
+      execute, lr_from=FLAGS.lr_from,
+  )
 
   print()
   print(f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps} steps,"
@@ -185,6 +158,12 @@ def main(argv):
   print("## Time to the baseline's quality")
   print(results_lib.time_to_quality_table(rows))
   plots = results_lib.plot_curves(
+      results_lib.sweep_rows(results_dir, sweep_configs, lrs, steps),
+      os.path.join(results_dir, "curves_sweep"),
+      f"{FLAGS.corpus}: dev perplexity of the rate sweep (seed"
+      f" {results_lib.SWEEP_SEED})",
+  )
+  plots += results_lib.plot_curves(
       rows,
       os.path.join(results_dir, "curves"),
       f"{FLAGS.corpus}: dev perplexity, mean over seeds (range shaded)",

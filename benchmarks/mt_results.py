@@ -100,25 +100,14 @@ def main(argv):
         flush=True,
     )
 
-  if FLAGS.mode in ("all", "sweep"):
-    for run in results_lib.sweep_runs(sweep_configs, lrs, steps):
-      execute(run)
-    choice = results_lib.choose_lrs(results_dir, sweep_configs, lrs, steps)
-    results_lib.write_lr_choice(results_dir, choice, lrs, steps)
-  choice = results_lib.read_lr_choice(results_dir)
-  if FLAGS.mode in ("all", "grid"):
-    missing = [c for c in configs if c not in choice]
-    if missing:
-      raise results_lib.GridError(
-          f"no chosen rate for {missing}: run --mode=sweep first"
-      )
-    for seed in seeds:
-      for config in configs:
-        execute(results_lib.Run(config, choice[config], seed, steps))
+  rates = results_lib.run_procedure(
+      FLAGS.mode, configs, sweep_configs, seeds, lrs, steps, results_dir,
+      execute,
+  )
 
   print(f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps} steps)")
   print(results_lib.sweep_table(results_dir, sweep_configs, lrs, steps))
-  rows = results_lib.collect_rows(results_dir, configs, seeds, steps, choice)
+  rows = results_lib.collect_rows(results_dir, configs, seeds, steps, rates)
   for metric in ("bleu", "tokenized_bleu", "perplexity"):
     print()
     print(f"## Test {metric}, {FLAGS.corpus}, seeds {seeds}")
@@ -127,6 +116,12 @@ def main(argv):
   print("## Time to the baseline's dev perplexity")
   print(results_lib.time_to_quality_table(rows))
   plots = results_lib.plot_curves(
+      results_lib.sweep_rows(results_dir, sweep_configs, lrs, steps),
+      os.path.join(results_dir, "curves_sweep"),
+      f"{FLAGS.corpus}: dev perplexity of the rate sweep (seed"
+      f" {results_lib.SWEEP_SEED})",
+  )
+  plots += results_lib.plot_curves(
       rows,
       os.path.join(results_dir, "curves"),
       f"{FLAGS.corpus}: dev perplexity, mean over seeds (range shaded)",

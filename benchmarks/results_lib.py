@@ -325,6 +325,65 @@ def read_lr_choice(results_dir) -> Dict[str, float]:
     return json.load(f)["choice"]
 
 
+def rates_for(configs, choice, lr_from=None) -> Dict[str, float]:
+  """{config: rate} for the table's rows from the sweep's `choice`.
+
+  NAME@VARIANT takes NAME's rate; a config not swept takes `lr_from`'s.
+  """
+  rates = {}
+  for config in configs:
+    base = config.partition("@")[0]
+    for source in (config, base, lr_from):
+      if source in choice:
+        rates[config] = choice[source]
+        break
+  return rates
+
+
+def run_procedure(
+    mode, configs, sweep_configs, seeds, lrs, steps, results_dir, execute,
+    lr_from=None,
+) -> Dict[str, float]:
+  """Steps 1 and 2 of the module docstring; returns the table's rates.
+
+  Args:
+    mode: "sweep", "grid", "all" (both) or "table" (neither).
+    configs: the table's rows.
+    sweep_configs: the configs whose rate is swept.
+    seeds: the table's seeds.
+    lrs: the swept rates.
+    steps: every run's steps.
+    results_dir: where summaries and lr_choice.json are.
+    execute: Run -> None, trains/evaluates (or skips) one run.
+    lr_from: the swept config whose rate unswept configs take.
+
+  Returns:
+    {config: rate} for the configs that have one.
+
+  Raises:
+    GridError: a grid run of a config without a chosen rate.
+  """
+  if mode in ("all", "sweep"):
+    for run in sweep_runs(sweep_configs, lrs, steps):
+      execute(run)
+    write_lr_choice(
+        results_dir, choose_lrs(results_dir, sweep_configs, lrs, steps),
+        lrs, steps,
+    )
+  rates = rates_for(configs, read_lr_choice(results_dir), lr_from)
+  if mode in ("all", "grid"):
+    missing = [c for c in configs if c not in rates]
+    if missing:
+      raise GridError(
+          f"no chosen rate for {missing}: run --mode=sweep first (or set"
+          " --lr_from)"
+      )
+    for seed in seeds:  # all configs at seed 0 first: partial tables compare
+      for config in configs:
+        execute(Run(config, rates[config], seed, steps))
+  return rates
+
+
 def sweep_table(results_dir, configs, lrs, steps) -> str:
   """Markdown: final dev perplexity per config (rows) and rate (columns)."""
   lines = [
@@ -410,6 +469,17 @@ def collect_rows(results_dir, configs, seeds, steps, lrs) -> List[Row]:
         if s is not None
     ]
     rows.append(Row(config, lr, summaries))
+  return rows
+
+
+def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
+  """One Row per swept (config, rate) that finished, for the sweep's plot."""
+  rows = []
+  for lr in lrs:
+    for config in configs:
+      summary = load_summary(results_dir, Run(config, lr, SWEEP_SEED, steps))
+      if summary is not None:
+        rows.append(Row(f"{config} lr {lr:g}", lr, [summary]))
   return rows
 
 
@@ -537,6 +607,8 @@ def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   written = []
+  if not any(row.summaries for row in rows):
+    return written
   for key, label, scale in (
       ("tokens", "training tokens (millions)", 1e6),
       ("train_seconds", "training wall clock (minutes)", 60.0),
@@ -559,7 +631,8 @@ def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
     fig.tight_layout()
     path = f"{path_prefix}_{'tokens' if key == 'tokens' else 'wallclock'}.png"
     fig.savefig(path, dpi=110)

@@ -551,21 +551,22 @@ def train(model_dir, verbose="auto", distribution=None):
   """
   config = training()
   keras.utils.set_random_seed(config.seed)
-  created = not os.path.isdir(model_dir)
-  os.makedirs(model_dir, exist_ok=True)
-  lock = reliability.RunLock(model_dir)
-  try:
-    lock.acquire()
-  except BaseException:
-    _remove_if_unstarted(model_dir, created, lock)
-    raise
-  try:
-    return _train_locked(model_dir, config, verbose, distribution)
-  except BaseException:
-    _remove_if_unstarted(model_dir, created, lock)
-    raise
-  finally:
-    lock.release()
+  with reliability.signals_during_startup():
+    created = not os.path.isdir(model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    lock = reliability.RunLock(model_dir)
+    try:
+      lock.acquire()
+    except BaseException:
+      _remove_if_unstarted(model_dir, created, lock)
+      raise
+    try:
+      return _train_locked(model_dir, config, verbose, distribution)
+    except BaseException:
+      _remove_if_unstarted(model_dir, created, lock)
+      raise
+    finally:
+      lock.release()
 
 
 def _remove_if_unstarted(model_dir, created, lock):

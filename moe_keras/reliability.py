@@ -6,6 +6,9 @@
   included), so a lock file left by a killed run never blocks.
 * `StopSignals`: SIGTERM / SIGINT during `fit` ask for a stop; the
   `GuardCallback` then checkpoints the current step and raises `Preempted`.
+* `signals_during_startup`: SIGTERM / SIGINT before `fit` starts raise
+  `Preempted` (step None), so a failed start removes what it made and
+  says so in one line instead of dying with a half-made model_dir.
 * `GuardCallback`: a NaN / Inf loss raises `Diverged` before anything of
   the step is saved; `check_finite` keeps NaN weights out of checkpoints.
 * `ResumableTensorBoard`: Keras' TensorBoard callback whose `batch_*`
@@ -16,6 +19,7 @@
 * `name_bad_binding`: names the gin binding behind a bad-value error.
 """
 
+import contextlib
 import errno
 import fcntl
 import math
@@ -23,6 +27,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 
 from absl import logging
@@ -46,7 +51,8 @@ class Preempted(Exception):
 
   Attributes:
     signum: the signal number.
-    step: the step of the checkpoint written.
+    step: the step of the checkpoint written (None: stopped during
+      start-up, before any step).
   """
 
   def __init__(self, signum, step, message):
@@ -110,6 +116,40 @@ class RunLock:
 
 
 # -- preemption -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def signals_during_startup():
+  """Within: SIGTERM / SIGINT raise `Preempted` (no checkpoint, step None).
+
+  Only in the main thread (elsewhere signal handlers cannot be set); the
+  previous handlers come back on exit. `StopSignals` replaces these while
+  `fit` runs.
+
+  Yields:
+    None.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    raise Preempted(
+        signum,
+        None,
+        f"stopped by {name} outside the training loop (start-up or"
+        " shut-down), no checkpoint written for it; rerun the same command"
+        " to start or resume",
+    )
+
+  previous = {s: signal.signal(s, handle) for s in StopSignals.SIGNALS}
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 class StopSignals:

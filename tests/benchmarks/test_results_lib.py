@@ -147,3 +147,23 @@ def test_run_bindings_set_steps_seed_rate_and_variant():
       "moe_spec.w_load = 0.0",
   ]
   assert run.run_id == "moe_256-nobalance_lr0.004_s2_1000"
+
+
+def test_rates_for_variants_and_unswept_configs():
+  choice = {"dense": 1e-3, "moe_256": 4e-3}
+  rates = results_lib.rates_for(
+      ["dense", "moe_256@nobalance", "moe_1024_h", "other"], choice,
+      lr_from="moe_256",
+  )
+  assert rates == {
+      "dense": 1e-3, "moe_256@nobalance": 4e-3, "moe_1024_h": 4e-3,
+      "other": 4e-3,
+  }
+  assert results_lib.rates_for(["x"], choice) == {}
+
+
+def test_grid_without_a_chosen_rate_is_one_line(tmp_path):
+  with pytest.raises(results_lib.GridError, match=r"no chosen rate for \['a'\]"):
+    results_lib.run_procedure(
+        "grid", ["a"], ["a"], [0], [1e-3], 10, tmp_path, execute=print
+    )

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 
 import h5py
 import numpy as np
@@ -285,3 +286,31 @@ def test_full_disk_keeps_the_previous_checkpoint(corpus, tmp_path):
     ]
   finally:
     subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_signal_during_startup_is_one_line_and_writes_nothing(
+    corpus, tmp_path
+):
+  """SIGTERM after the model_dir is locked but before fit: nothing is left."""
+  model_dir = tmp_path / "startup"
+  err = tmp_path / "stderr"
+  with open(err, "w") as stderr:
+    proc = lib.start_train(
+        lib.train_args(corpus, model_dir, STEPS), stderr=stderr
+    )
+    try:
+      deadline = time.time() + 240
+      while not (model_dir / ".lock").exists() and time.time() < deadline:
+        assert proc.poll() is None, err.read_text()[-2000:]
+        time.sleep(0.01)
+      proc.send_signal(signal.SIGTERM)
+      assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+      proc.kill()
+      proc.wait()
+  assert lib.last_line(err.read_text()) == (
+      "moe_keras.train: error: stopped by SIGTERM outside the training loop"
+      " (start-up or shut-down), no checkpoint written for it; rerun the same"
+      " command to start or resume"
+  )
+  assert not model_dir.exists()
