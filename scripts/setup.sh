@@ -14,6 +14,9 @@ want="$(sha256sum setup.py | cut -d' ' -f1)"
 if [[ ! -f "${stamp}" || "$(cat "${stamp}")" != "${want}" ]]; then
   echo "[setup] installing moe_keras[test,jax] and its pinned dependencies"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test,jax]"
+  # The build backend warns on every editable install that a folder named
+  # like the package may shadow it: that folder is this checkout, on purpose.
+  PYTHONWARNINGS="ignore::UserWarning" \
+    .venv/bin/python -m pip install -q -e ".[test,jax]"
   echo "${want}" > "${stamp}"
 fi
