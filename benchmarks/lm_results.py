@@ -95,8 +95,7 @@ def _counts(corpus, configs):
   return counts
 
 
-def main(argv):
-  del argv
+def _main():
   corpus = CORPORA[FLAGS.corpus]
   configs = list(FLAGS.configs)
   results_lib.check_configs(corpus, configs)
@@ -153,23 +152,23 @@ def main(argv):
     print(f"| {config} | {params / 1e6:.2f}M | {ops / 1e3:.0f}k |")
   print()
   print(f"## Test perplexity, {FLAGS.corpus}, seeds {seeds}")
-  print(results_lib.results_table(rows, "perplexity", lower_is_better=True))
+  print(results_lib.results_table(rows, "perplexity"))
   print()
   print("## Time to the baseline's quality")
   print(results_lib.time_to_quality_table(rows))
-  plots = results_lib.plot_curves(
-      results_lib.sweep_rows(results_dir, sweep_configs, lrs, steps),
-      os.path.join(results_dir, "curves_sweep"),
-      f"{FLAGS.corpus}: dev perplexity of the rate sweep (seed"
-      f" {results_lib.SWEEP_SEED})",
-  )
-  plots += results_lib.plot_curves(
-      rows,
-      os.path.join(results_dir, "curves"),
-      f"{FLAGS.corpus}: dev perplexity, mean over seeds (range shaded)",
+  plots = results_lib.write_plots(
+      rows, results_dir, FLAGS.corpus, sweep_configs, lrs, steps
   )
   print()
-  print("plots: " + ", ".join(os.path.relpath(p, results_lib.REPO) for p in plots))
+  print("plots: " + ", ".join(plots))
+
+
+def main(argv):
+  del argv
+  try:
+    _main()
+  except results_lib.GridError as e:
+    sys.exit(f"lm_results.py: error: {e}")
 
 
 if __name__ == "__main__":

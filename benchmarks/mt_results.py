@@ -66,8 +66,7 @@ def _summarize(result):
   }
 
 
-def main(argv):
-  del argv
+def _main():
   corpus = CORPORA[FLAGS.corpus]
   configs = list(FLAGS.configs)
   results_lib.check_configs(corpus, configs)
@@ -111,22 +110,22 @@ def main(argv):
   for metric in ("bleu", "tokenized_bleu", "perplexity"):
     print()
     print(f"## Test {metric}, {FLAGS.corpus}, seeds {seeds}")
-    print(results_lib.results_table(rows, metric, lower_is_better=metric == "perplexity"))
+    print(results_lib.results_table(rows, metric))
   print()
   print("## Time to the baseline's dev perplexity")
   print(results_lib.time_to_quality_table(rows))
-  plots = results_lib.plot_curves(
-      results_lib.sweep_rows(results_dir, sweep_configs, lrs, steps),
-      os.path.join(results_dir, "curves_sweep"),
-      f"{FLAGS.corpus}: dev perplexity of the rate sweep (seed"
-      f" {results_lib.SWEEP_SEED})",
+  plots = results_lib.write_plots(
+      rows, results_dir, FLAGS.corpus, sweep_configs, lrs, steps
   )
-  plots += results_lib.plot_curves(
-      rows,
-      os.path.join(results_dir, "curves"),
-      f"{FLAGS.corpus}: dev perplexity, mean over seeds (range shaded)",
-  )
-  print("plots: " + ", ".join(os.path.relpath(p, results_lib.REPO) for p in plots))
+  print("plots: " + ", ".join(plots))
+
+
+def main(argv):
+  del argv
+  try:
+    _main()
+  except results_lib.GridError as e:
+    sys.exit(f"mt_results.py: error: {e}")
 
 
 if __name__ == "__main__":

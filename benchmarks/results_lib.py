@@ -483,7 +483,7 @@ def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
   return rows
 
 
-def results_table(rows: List[Row], metric: str, lower_is_better: bool) -> str:
+def results_table(rows: List[Row], metric: str) -> str:
   """Markdown table: metric over seeds, the difference to rows[0], budget."""
   base = rows[0]
   base_mean, base_std = mean_std(base.metric(metric))
@@ -519,7 +519,6 @@ def results_table(rows: List[Row], metric: str, lower_is_better: bool) -> str:
         f" {dev:.2f} | {row.summaries[0]['steps']} | {tokens / 1e6:.2f}M |"
         f" {seconds / 60:.1f} +- {seconds_std / 60:.1f} min |"
     )
-  del lower_is_better
   return "\n".join(lines)
 
 
@@ -639,6 +638,21 @@ def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
     plt.close(fig)
     written.append(path)
   return written
+
+
+def write_plots(rows, results_dir, corpus_name, sweep_configs, lrs, steps):
+  """The sweep's and the table's curve PNGs; returns their repo paths."""
+  plots = plot_curves(
+      sweep_rows(results_dir, sweep_configs, lrs, steps),
+      os.path.join(results_dir, "curves_sweep"),
+      f"{corpus_name}: dev perplexity of the rate sweep (seed {SWEEP_SEED})",
+  )
+  plots += plot_curves(
+      rows,
+      os.path.join(results_dir, "curves"),
+      f"{corpus_name}: dev perplexity, mean over seeds (range shaded)",
+  )
+  return [os.path.relpath(p, REPO) for p in plots]
 
 
 def isfinite(value) -> bool:

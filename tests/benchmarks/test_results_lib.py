@@ -85,7 +85,7 @@ def test_results_table_mean_spread_and_significance(tmp_path):
     for seed, ppl in enumerate(ppls):
       _write(tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl)
   rows = results_lib.collect_rows(tmp_path, list(values), [0, 1, 2], 100, lrs)
-  table = results_lib.results_table(rows, "perplexity", lower_is_better=True)
+  table = results_lib.results_table(rows, "perplexity")
   lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
   assert "| 172.00 | 2.00 | 170.00-174.00 | - | - |" in lines["dense"]
   change = 100 * (151.0 - 172.0) / 172.0
