@@ -483,30 +483,57 @@ def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
   return rows
 
 
-def results_table(rows: List[Row], metric: str) -> str:
-  """Markdown table: metric over seeds, the difference to rows[0], budget."""
+def _versus(row: Row, reference: Row, metric: str):
+  """(change of row's mean vs reference's in %, |diff| > 2x the larger std)."""
+  if row is reference or not reference.summaries:
+    return "-", "-"
+  mean, std = mean_std(row.metric(metric))
+  ref_mean, ref_std = mean_std(reference.metric(metric))
+  change = 100.0 * (mean - ref_mean) / ref_mean
+  significant = "yes" if abs(mean - ref_mean) > 2 * max(std, ref_std) else "no"
+  return f"{change:+.1f}%", significant
+
+
+def results_table(
+    rows: List[Row], metric: str, second_reference: Optional[str] = None
+) -> str:
+  """Markdown table: metric over seeds, the difference to rows[0], budget.
+
+  Args:
+    rows: the table's rows; rows[0] is the baseline.
+    metric: the summaries' test metric to tabulate.
+    second_reference: a config among rows (e.g. the LM's moe_4, which has
+      the MoE models' architecture with every expert always used) that gets
+      its own difference and significance columns; None for none.
+
+  Returns:
+    The markdown table.
+  """
   base = rows[0]
-  base_mean, base_std = mean_std(base.metric(metric))
+  second = next((r for r in rows if r.config == second_reference), None)
+  extra_head = extra_rule = ""
+  if second is not None:
+    extra_head = f" vs {second.config} | > 2x std |"
+    extra_rule = "---:|---|"
   lines = [
       f"| config | lr | seeds | test {metric} mean | std | min-max |"
-      " vs baseline | > 2x std | dev ppl | steps | tokens | train wall"
-      " clock |",
-      "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+      " vs baseline | > 2x std |" + extra_head + " dev ppl | steps | tokens |"
+      " train wall clock |",
+      "|---|---:|---:|---:|---:|---:|---:|---|" + extra_rule
+      + "---:|---:|---:|---:|",
   ]
   for row in rows:
     if not row.summaries:
-      lines.append(f"| {row.config} | - | 0 |" + " - |" * 9)
+      lines.append(
+          f"| {row.config} | - | 0 |" + " - |" * (9 + 2 * (second is not None))
+      )
       continue
     values = row.metric(metric)
     mean, std = mean_std(values)
-    if row is base or not base.summaries:
-      versus, significant = "-", "-"
-    else:
-      change = 100.0 * (mean - base_mean) / base_mean
-      versus = f"{change:+.1f}%"
-      significant = (
-          "yes" if abs(mean - base_mean) > 2 * max(std, base_std) else "no"
-      )
+    versus, significant = _versus(row, base, metric)
+    extra = ""
+    if second is not None:
+      extra = " {} | {} |".format(*_versus(row, second, metric))
     dev, _ = mean_std(
         [v for v in row.field("final_dev_perplexity") if v is not None]
     )
@@ -516,8 +543,9 @@ def results_table(rows: List[Row], metric: str) -> str:
     lines.append(
         f"| {row.config} | {lr} | {len(values)} | {mean:.2f} | {std:.2f} |"
         f" {min(values):.2f}-{max(values):.2f} | {versus} | {significant} |"
-        f" {dev:.2f} | {row.summaries[0]['steps']} | {tokens / 1e6:.2f}M |"
-        f" {seconds / 60:.1f} +- {seconds_std / 60:.1f} min |"
+        f"{extra} {dev:.2f} | {row.summaries[0]['steps']} |"
+        f" {tokens / 1e6:.2f}M | {seconds / 60:.1f} +- {seconds_std / 60:.1f}"
+        " min |"
     )
   return "\n".join(lines)
 

@@ -93,6 +93,40 @@ def test_results_table_mean_spread_and_significance(tmp_path):
   assert f"| {100 * (169.0 - 172.0) / 172.0:+.1f}% | no |" in lines["close"]
 
 
+def test_results_table_second_reference_columns(tmp_path):
+  values = {
+      "dense": [170.0, 172.0, 174.0],  # mean 172, std 2
+      "moe_4": [160.0, 161.0, 162.0],  # mean 161, std 1
+      "moe_32": [150.0, 151.0, 152.0],  # mean 151, std 1
+  }
+  for config, ppls in values.items():
+    for seed, ppl in enumerate(ppls):
+      _write(tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl)
+  lrs = {c: 2e-3 for c in values}
+  rows = results_lib.collect_rows(tmp_path, list(values), [0, 1, 2], 100, lrs)
+  table = results_lib.results_table(
+      rows, "perplexity", second_reference="moe_4"
+  )
+  header = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
+  assert header[6:10] == ["vs baseline", "> 2x std", "vs moe_4", "> 2x std"]
+  lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
+  cells = [c.strip() for c in lines["moe_32"].split("|")[1:-1]]
+  # vs dense: (151 - 172) / 172; vs moe_4: (151 - 161) / 161, |10| > 2 * 1.
+  assert cells[6:10] == [
+      f"{100 * (151.0 - 172.0) / 172.0:+.1f}%", "yes",
+      f"{100 * (151.0 - 161.0) / 161.0:+.1f}%", "yes",
+  ]
+  cells = [c.strip() for c in lines["moe_4"].split("|")[1:-1]]
+  assert cells[8:10] == ["-", "-"]
+  head, rule = table.splitlines()[:2]
+  assert len(rule.split("|")) == len(head.split("|"))
+  # Without the reference present the table keeps its usual columns.
+  plain = results_lib.results_table(
+      rows[:1] + rows[2:], "perplexity", second_reference="moe_4"
+  )
+  assert "vs moe_4" not in plain
+
+
 def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
   lrs = {"dense": 1e-3, "moe": 1e-3}
   dense = _curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)])
