@@ -25,7 +25,7 @@ as it goes down.
 
   python benchmarks/giant_moe.py --mode=train --steps=300
 
-Both set TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts (BUILD.md:
+Both set TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts (README.md:
 the BFC allocator reuses the big gradient buffers instead of page-faulting
 them in every step).
 """
