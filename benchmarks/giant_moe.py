@@ -108,7 +108,7 @@ def _build(setting, gin_files, bindings, batch_tokens, expert_dtype):
 
   recompute = setting == "factored_recompute"
   bindings = list(bindings) + [
-      f"ptb_lm_data.batch_tokens = {batch_tokens}",
+      f"lm_batching.batch_tokens = {batch_tokens}",
       f"moe_spec.recompute_expert_activations = {recompute}",
   ]
   experiment.parse_gin(list(gin_files), bindings)
