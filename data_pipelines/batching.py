@@ -452,6 +452,15 @@ class BatchSpec:
   max_batch_size: Optional[int] = None
   length_multiple: int = 1
 
+  def batch_bounds(self, sorted_lengths: tf.Tensor) -> tf.Tensor:
+    """`greedy_batch_bounds` of a window's sorted lengths under this spec."""
+    return greedy_batch_bounds(
+        sorted_lengths,
+        self.batch_tokens,
+        max_batch_size=self.max_batch_size,
+        length_multiple=self.length_multiple,
+    )
+
   @classmethod
   def create(
       cls,

@@ -185,12 +185,7 @@ def _window_sentences(
       "inputs": batching.sorted_padded(inputs, order, width, PAD_ID),
       "targets": batching.sorted_padded(targets, order, width, PAD_ID),
       "lengths": sorted_lengths,
-      "bounds": batching.greedy_batch_bounds(
-          sorted_lengths,
-          spec.batch_tokens,
-          max_batch_size=spec.max_batch_size,
-          length_multiple=spec.length_multiple,
-      ),
+      "bounds": spec.batch_bounds(sorted_lengths),
   }
   return payload, counts
 

@@ -349,12 +349,7 @@ def _window_pairs(
       "source_lengths": src_len,
       "target_lengths": tgt_len,
       "lengths": sorted_lengths,
-      "bounds": batching.greedy_batch_bounds(
-          sorted_lengths,
-          spec.batch_tokens,
-          max_batch_size=spec.max_batch_size,
-          length_multiple=spec.length_multiple,
-      ),
+      "bounds": spec.batch_bounds(sorted_lengths),
   }
   return payload, counts
 
