@@ -189,13 +189,15 @@ def bench_train_step(gin_file, args):
 
 def bench_model_dir(args):
   """Rows for a trained model_dir on real input lines."""
-  from moe_keras.tasks import mt_task  # pylint: disable=g-import-not-at-top
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
 
   with open(args.input_file, encoding="utf-8", errors="replace") as f:
     texts = [line.rstrip("\n") for line in f][: args.sentences]
   rows = []
   for beam in (1, 4):
-    _, _, translator = mt_task.load_translator(args.model_dir, beam, None, None)
+    _, _, translator = experiment.load_translator(
+        args.model_dir, beam, None, None
+    )
     translator.translate(tf.constant(texts[: args.batch_size]))  # trace
     start = time.perf_counter()
     pieces = 0

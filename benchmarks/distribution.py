@@ -117,6 +117,8 @@ def layer_step_ms(devices, args, expert_devices, hierarchical=False):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  import moe_keras.distribution  # pylint: disable=g-import-not-at-top,unused-import  # places expert_devices
+
   from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
 

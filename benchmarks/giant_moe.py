@@ -25,7 +25,7 @@ as it goes down.
 
   python benchmarks/giant_moe.py --mode=train --steps=300
 
-Both set TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts (BUILD.md:
+Both set TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts (README.md:
 the BFC allocator reuses the big gradient buffers instead of page-faulting
 them in every step).
 """
@@ -108,7 +108,7 @@ def _build(setting, gin_files, bindings, batch_tokens, expert_dtype):
 
   recompute = setting == "factored_recompute"
   bindings = list(bindings) + [
-      f"ptb_lm_data.batch_tokens = {batch_tokens}",
+      f"lm_batching.batch_tokens = {batch_tokens}",
       f"moe_spec.recompute_expert_activations = {recompute}",
   ]
   experiment.parse_gin(list(gin_files), bindings)

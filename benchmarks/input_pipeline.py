@@ -36,6 +36,8 @@ import keras
 import tensorflow as tf
 
 from data_pipelines import debian_translations
+from data_pipelines import lm
+from data_pipelines import mt
 from data_pipelines import ptb
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -137,14 +139,20 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   rows = []
-  ptb_data = ptb.ptb_lm_data(batch_tokens=FLAGS.lm_batch_tokens)
+  ptb_data = ptb.ptb_lm_data(
+      batching=lm.LmBatching(batch_tokens=FLAGS.lm_batch_tokens),
+  )
   ptb_packed = ptb.ptb_lm_data(
-      batch_tokens=FLAGS.lm_batch_tokens, mode="packed", pack_length=64
+      batching=lm.LmBatching(
+          batch_tokens=FLAGS.lm_batch_tokens,
+          mode="packed",
+          pack_length=64,
+      ),
   )
   debian_data = debian_translations.debian_mt_data(
       cache_dir=FLAGS.debian_cache,
       lists_dir=FLAGS.debian_lists,
-      batch_tokens=FLAGS.mt_batch_tokens,
+      batching=mt.MtBatching(batch_tokens=FLAGS.mt_batch_tokens),
   )
   pipelines = [
       (

@@ -30,12 +30,12 @@ from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-
 
 CORPORA = {
     "ptb": results_lib.Corpus(
-        name="ptb", gin_dir="gin/lm/ptb", data_seed_binding="ptb_lm_data.seed"
+        name="ptb", gin_dir="gin/lm/ptb", data_seed_binding="lm_batching.seed"
     ),
     "debian_docs": results_lib.Corpus(
         name="debian_docs",
         gin_dir="gin/lm/debian_docs",
-        data_seed_binding="debian_docs_lm_data.seed",
+        data_seed_binding="lm_batching.seed",
     ),
 }
 BASELINE = {"ptb": "4xlstm_128", "debian_docs": "4xlstm_128"}

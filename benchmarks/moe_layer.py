@@ -170,7 +170,7 @@ def _spawn(model, num_experts):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   # TensorFlow's caching (BFC) CPU allocator, for the MoE and the dense
   # worker alike: without it every step page-faults its gradient buffers
-  # afresh (see BUILD.md).
+  # afresh (see README.md).
   env.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
   proc = subprocess.run(
       argv, capture_output=True, text=True, env=env, check=False

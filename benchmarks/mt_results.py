@@ -30,7 +30,7 @@ CORPORA = {
     name: results_lib.Corpus(
         name=name,
         gin_dir=f"gin/mt/{name}",
-        data_seed_binding="debian_mt_data.seed",
+        data_seed_binding="mt_batching.seed",
     )
     for name in ("debian_en_fr", "debian_en_de")
 }

@@ -26,6 +26,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from data_pipelines.errors import DataError
+
 # Statistics counted by every pipeline (int64 vector, in this order).
 STAT_LINES = "lines"
 STAT_EMPTY = "empty_skipped"
@@ -242,6 +244,27 @@ def check_length_policy(
     )
 
 
+def length_policy_masks(
+    valid: tf.Tensor, too_long: tf.Tensor, length_policy: str
+):
+  """(keep, truncated) bool masks of a window's examples under the policy.
+
+  Args:
+    valid: bool [n], examples that are not skipped for other reasons.
+    too_long: bool [n], valid examples longer than max_length.
+    length_policy: 'drop' (too-long examples are not kept) or 'truncate'
+      (they are kept, and counted as truncated).
+
+  Returns:
+    (keep, truncated), bool [n] each.
+  """
+  if length_policy == LENGTH_POLICY_DROP:
+    return tf.logical_and(valid, tf.logical_not(too_long)), tf.zeros_like(
+        too_long
+    )
+  return valid, too_long
+
+
 def per_replica_tokens(
     batch_tokens: int, input_context: Optional[tf.distribute.InputContext]
 ) -> int:
@@ -324,6 +347,20 @@ def round_up(length: tf.Tensor, multiple: int) -> tf.Tensor:
   if multiple == 1:
     return length
   return (length + multiple - 1) // multiple * multiple
+
+
+def padded_width(lengths: tf.Tensor, multiple: int) -> tf.Tensor:
+  """The longest of `lengths` (0 when empty), rounded up to `multiple`."""
+  return round_up(tf.reduce_max(tf.concat([lengths, [0]], 0)), multiple)
+
+
+def sorted_padded(
+    rows: tf.RaggedTensor, order: tf.Tensor, width: tf.Tensor, pad_id: int
+) -> tf.Tensor:
+  """rows[order] as a dense [len(order), width] tensor padded with pad_id."""
+  return tf.gather(rows, order).to_tensor(
+      default_value=pad_id, shape=tf.stack([tf.size(order), width])
+  )
 
 
 def emit_batches(
@@ -415,6 +452,15 @@ class BatchSpec:
   max_batch_size: Optional[int] = None
   length_multiple: int = 1
 
+  def batch_bounds(self, sorted_lengths: tf.Tensor) -> tf.Tensor:
+    """`greedy_batch_bounds` of a window's sorted lengths under this spec."""
+    return greedy_batch_bounds(
+        sorted_lengths,
+        self.batch_tokens,
+        max_batch_size=self.max_batch_size,
+        length_multiple=self.length_multiple,
+    )
+
   @classmethod
   def create(
       cls,
@@ -452,4 +498,227 @@ class BatchSpec:
         window_lines=window_lines,
         max_batch_size=max_batch_size,
         length_multiple=length_multiple,
+    )
+
+
+# Structures of a batch: a (x, y, weights) tuple for `model.fit`, or a dict.
+OUTPUT_KERAS = "keras"
+OUTPUT_DICT = "dict"
+OUTPUT_FORMATS = (OUTPUT_KERAS, OUTPUT_DICT)
+DEFAULT_LINE_SHUFFLE_BUFFER = 1 << 16
+# max_length of a corpus that does not name its own.
+DEFAULT_MAX_LENGTH = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+  """How a task's examples become batches: what every corpus shares.
+
+  A corpus function says only what is its own (where its lines come from,
+  its vocabulary, its splits, and its default budget); these options say how
+  its examples are batched, as seqio separates a task from its feature
+  conversion. The task kinds are `data_pipelines.lm.LmBatching` (gin
+  `lm_batching`) and `data_pipelines.mt.MtBatching` (gin `mt_batching`),
+  bound once in gin and passed as one value (`batching=`).
+
+  Attributes:
+    batch_tokens: global token budget per training step (B * T summed over
+      replicas, divided among them); None: the corpus's default.
+    eval_batch_tokens: the same for evaluation; None: batch_tokens.
+    max_length: maximum example length in tokens (see the task kind for what
+      counts); None: the corpus's default (DEFAULT_MAX_LENGTH unless it
+      names one).
+    length_policy: 'drop' or 'truncate' longer training examples.
+    eval_length_policy: the same for evaluation.
+    seed: seed of every shuffle and of corpus mixing; same seed, same
+      batches.
+    line_shuffle_buffer: lines in the line shuffle buffer (training).
+    batch_shuffle_buffer: batches in the batch shuffle buffer (training).
+    window_lines: lines per length-sorting window (None: ~16 batches).
+    max_batch_size: optional cap on B.
+    length_multiple: round padded lengths up to a multiple of this (fewer
+      shapes).
+    repeat: repeat the training data forever (stats still per epoch).
+    deterministic: deterministic element order (tf.data option).
+    output_format: 'keras' -> a tuple for `model.fit`; 'dict' -> a dict (see
+      the task kind's module docstring).
+  """
+
+  GIN_NAME = "batching"  # the task kind's gin name
+
+  batch_tokens: Optional[int] = None
+  eval_batch_tokens: Optional[int] = None
+  max_length: Optional[int] = None
+  length_policy: str = LENGTH_POLICY_DROP
+  eval_length_policy: str = LENGTH_POLICY_TRUNCATE
+  seed: int = 0
+  line_shuffle_buffer: int = DEFAULT_LINE_SHUFFLE_BUFFER
+  batch_shuffle_buffer: int = DEFAULT_BATCH_SHUFFLE_BUFFER
+  window_lines: Optional[int] = None
+  max_batch_size: Optional[int] = None
+  length_multiple: int = 1
+  repeat: bool = False
+  deterministic: bool = True
+  output_format: str = OUTPUT_KERAS
+
+  def __post_init__(self):
+    for name in ("length_policy", "eval_length_policy"):
+      if getattr(self, name) not in LENGTH_POLICIES:
+        raise ValueError(
+            f"{name}={getattr(self, name)!r}; expected one of"
+            f" {LENGTH_POLICIES}"
+        )
+    if self.output_format not in OUTPUT_FORMATS:
+      raise ValueError(
+          f"output_format={self.output_format!r}; expected one of"
+          f" {OUTPUT_FORMATS}"
+      )
+
+  @classmethod
+  def resolve(
+      cls,
+      options,
+      legacy: Dict[str, object],
+      *,
+      owner: str,
+      batch_tokens: int,
+      max_length: int = DEFAULT_MAX_LENGTH,
+  ):
+    """The options a corpus function batches with, its defaults filled in.
+
+    Args:
+      options: the corpus function's `batching` argument: None (then
+        `cls()`, which takes the gin bindings of `cls`) or a `cls`.
+      legacy: batching options passed to the corpus function by name, the
+        way before they were one value (e.g. `ptb_lm_data.batch_tokens =
+        4096` in the config.gin of an older run); they win over `options`.
+      owner: the corpus function's name, for messages.
+      batch_tokens: the corpus's default budget, where the options say None.
+      max_length: the corpus's default max_length, where they say None.
+
+    Returns:
+      A `cls` whose batch_tokens and max_length are set.
+
+    Raises:
+      DataError: an argument that is not a batching option of `cls`, or
+        `options` of another kind.
+    """
+    if options is None:
+      options = cls()
+    if not isinstance(options, cls):
+      raise DataError(
+          f"{owner}: batching must be a {cls.__name__}, got"
+          f" {type(options).__name__}"
+      )
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(legacy) - names)
+    if unknown:
+      raise DataError(
+          f"{owner}: unknown argument(s) {', '.join(unknown)}; batching"
+          f" options are {', '.join(sorted(names))}"
+      )
+    if legacy:
+      logging.info(
+          "%s: batching option(s) %s given to the corpus function (an older"
+          " config); they are bound as %s.<name> now",
+          owner,
+          ", ".join(sorted(legacy)),
+          cls.GIN_NAME,
+      )
+      options = dataclasses.replace(options, **legacy)
+    return dataclasses.replace(
+        options,
+        batch_tokens=(
+            batch_tokens
+            if options.batch_tokens is None
+            else options.batch_tokens
+        ),
+        max_length=(
+            max_length if options.max_length is None else options.max_length
+        ),
+    )
+
+  def for_split(self, training: bool):
+    """The options of one split: evaluation takes eval_* and never repeats.
+
+    Args:
+      training: the training split (else evaluation).
+
+    Returns:
+      The same kind of options.
+
+    Raises:
+      ValueError: the options were not resolved (batch_tokens is None).
+    """
+    if self.batch_tokens is None or self.max_length is None:
+      raise ValueError(
+          "batch_tokens and max_length must be set (the corpus function"
+          " resolves them)"
+      )
+    if training:
+      return self
+    return dataclasses.replace(
+        self,
+        batch_tokens=self.eval_batch_tokens or self.batch_tokens,
+        length_policy=self.eval_length_policy,
+        repeat=False,
+    )
+
+  def spec(
+      self,
+      input_context: Optional[tf.distribute.InputContext],
+      max_length: Optional[int] = None,
+  ) -> BatchSpec:
+    """The per-replica BatchSpec of these (split) options.
+
+    Args:
+      input_context: tf.distribute.InputContext for the budget split.
+      max_length: overrides max_length (e.g. an LM's pack_length).
+
+    Returns:
+      BatchSpec.
+    """
+    return BatchSpec.create(
+        batch_tokens=self.batch_tokens,
+        max_length=self.max_length if max_length is None else max_length,
+        length_policy=self.length_policy,
+        window_lines=self.window_lines,
+        input_context=input_context,
+        max_batch_size=self.max_batch_size,
+        length_multiple=self.length_multiple,
+    )
+
+  def shuffle_lines(self, lines: tf.data.Dataset, training: bool):
+    """Lines shuffled (seeded) in training when the buffer holds > 1."""
+    if training and self.line_shuffle_buffer > 1:
+      return lines.shuffle(
+          self.line_shuffle_buffer,
+          seed=self.seed,
+          reshuffle_each_iteration=True,
+      )
+    return lines
+
+  def finish(
+      self, batches: tf.data.Dataset, training: bool, repeat: bool
+  ) -> tf.data.Dataset:
+    """Shuffles batches in training, repeats, prefetches, sets options.
+
+    Args:
+      batches: the batches of one pipeline.
+      training: shuffle them (seeded with seed + 1).
+      repeat: repeat forever.
+
+    Returns:
+      The dataset to hand to `model.fit`.
+    """
+    if training and self.batch_shuffle_buffer > 1:
+      batches = batches.shuffle(
+          self.batch_shuffle_buffer,
+          seed=self.seed + 1,
+          reshuffle_each_iteration=True,
+      )
+    if repeat:
+      batches = batches.repeat()
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(
+        dataset_options(self.deterministic)
     )

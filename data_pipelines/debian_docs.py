@@ -81,7 +81,6 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from absl import logging
 import gin
 
-from data_pipelines import batching
 from data_pipelines import debian_translations
 from data_pipelines import lm
 from data_pipelines import text_io
@@ -89,6 +88,8 @@ from data_pipelines import word_vocab as word_vocab_lib
 from data_pipelines.errors import DataError
 
 DEFAULT_CACHE_DIR = "~/.cache/moe_keras/debian_docs"
+# Default global token budget per step.
+LM_BATCH_TOKENS = 4096
 BUILD_COMMAND = "python -m data_pipelines.build_debian_docs_corpus"
 APT_GET = "apt-get"
 DPKG_DEB = "dpkg-deb"
@@ -1426,22 +1427,8 @@ def debian_docs_lm_data(
     vocab_file: Optional[str] = None,
     expected_vocab_size: Optional[int] = None,
     cycle_length: int = text_io.DEFAULT_CYCLE_LENGTH,
-    batch_tokens: int = 4096,
-    eval_batch_tokens: Optional[int] = None,
-    max_length: int = 128,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
-    eval_length_policy: str = batching.LENGTH_POLICY_TRUNCATE,
-    mode: str = lm.MODE_SENTENCES,
-    pack_length: int = 64,
-    seed: int = 0,
-    line_shuffle_buffer: int = lm.DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = lm.OUTPUT_KERAS,
+    batching: Optional[lm.LmBatching] = None,
+    **legacy_batching,
 ) -> lm.LmData:
   """LM data from the built Debian documentation corpus.
 
@@ -1454,7 +1441,9 @@ def debian_docs_lm_data(
     vocab_file: word vocabulary; default cache_dir/vocab.txt.
     expected_vocab_size: fail unless the vocabulary has this size.
     cycle_length: files read concurrently.
-    batch_tokens ... output_format: see `data_pipelines.lm.lm_dataset`.
+    batching: LmBatching; None takes the gin-bound `lm_batching` (default
+      budget LM_BATCH_TOKENS).
+    **legacy_batching: LmBatching fields by name (older configs).
 
   Returns:
     LmData named 'debian_docs'.
@@ -1465,6 +1454,12 @@ def debian_docs_lm_data(
   """
   if eval_split not in ("valid", "test"):
     raise DataError(f"eval_split={eval_split!r}; expected 'valid' or 'test'")
+  options = lm.LmBatching.resolve(
+      batching,
+      legacy_batching,
+      owner="debian_docs_lm_data",
+      batch_tokens=LM_BATCH_TOKENS,
+  )
   if train_files is None or eval_files is None or vocab_file is None:
     built = require_corpus(cache_dir)
     train_files = train_files or built.files["train"]
@@ -1482,22 +1477,5 @@ def debian_docs_lm_data(
       expected_vocab_size=expected_vocab_size,
       vocab_max_files=None,
       cycle_length=cycle_length,
-      batching_kwargs=dict(
-          batch_tokens=batch_tokens,
-          eval_batch_tokens=eval_batch_tokens,
-          max_length=max_length,
-          length_policy=length_policy,
-          eval_length_policy=eval_length_policy,
-          mode=mode,
-          pack_length=pack_length,
-          seed=seed,
-          line_shuffle_buffer=line_shuffle_buffer,
-          batch_shuffle_buffer=batch_shuffle_buffer,
-          window_lines=window_lines,
-          max_batch_size=max_batch_size,
-          length_multiple=length_multiple,
-          repeat=repeat,
-          deterministic=deterministic,
-          output_format=output_format,
-      ),
+      options=options,
   )

@@ -49,7 +49,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import logging
 import gin
 
-from data_pipelines import batching
 from data_pipelines import mt
 from data_pipelines import text_io
 from data_pipelines import wmt14
@@ -68,6 +67,9 @@ MAX_HELDOUT_GROUP_PAIRS = 40
 MAX_UNIT_CHARS = 600
 DEFAULT_CACHE_DIR = "~/.cache/moe_keras/debian_translations"
 DEBIAN_VOCAB_SIZE = 8192
+# Default global token budget per step and max_length (pieces).
+BATCH_TOKENS = 4096
+MAX_LENGTH = 96
 _BULLET_RE = re.compile(
     r"^\s*(?:[*+\-\u2022\u00b7\u2013\u2014\u2212o]|\d{1,2}[.)])\s+"
 )
@@ -600,20 +602,8 @@ def debian_mt_data(
     vocab_size: int = DEBIAN_VOCAB_SIZE,
     expected_vocab_size: Optional[int] = None,
     learn_kwargs: Optional[Dict[str, object]] = None,
-    batch_tokens: int = 4096,
-    eval_batch_tokens: Optional[int] = None,
-    max_length: int = 96,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
-    eval_length_policy: str = batching.LENGTH_POLICY_TRUNCATE,
-    seed: int = 0,
-    line_shuffle_buffer: int = mt.DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = mt.OUTPUT_KERAS,
+    batching: Optional[mt.MtBatching] = None,
+    **legacy_batching,
 ) -> mt.MtData:
   """Translation data from the Debian description translations.
 
@@ -634,11 +624,20 @@ def debian_mt_data(
     vocab_size: wordpiece vocabulary size (small corpus: 8k).
     expected_vocab_size: fail unless the vocabulary has this size.
     learn_kwargs: extra `WordpieceVocab.learn` arguments.
-    batch_tokens ... output_format: see `data_pipelines.mt.mt_dataset`.
+    batching: MtBatching; None takes the gin-bound `mt_batching` (default
+      budget BATCH_TOKENS and max_length MAX_LENGTH).
+    **legacy_batching: MtBatching fields by name (older configs).
 
   Returns:
     MtData named 'debian_{src}_{tgt}'.
   """
+  options = mt.MtBatching.resolve(
+      batching,
+      legacy_batching,
+      owner="debian_mt_data",
+      batch_tokens=BATCH_TOKENS,
+      max_length=MAX_LENGTH,
+  )
   pair_langs = sorted({source_lang, target_lang} - {"en"})
   foreign = pair_langs[0] if pair_langs else target_lang
   if train_files is None or eval_files is None:
@@ -668,20 +667,5 @@ def debian_mt_data(
       expected_vocab_size=expected_vocab_size,
       vocab_sample_pairs=None,
       learn_kwargs=learn_kwargs,
-      batching_kwargs=dict(
-          batch_tokens=batch_tokens,
-          eval_batch_tokens=eval_batch_tokens,
-          max_length=max_length,
-          length_policy=length_policy,
-          eval_length_policy=eval_length_policy,
-          seed=seed,
-          line_shuffle_buffer=line_shuffle_buffer,
-          batch_shuffle_buffer=batch_shuffle_buffer,
-          window_lines=window_lines,
-          max_batch_size=max_batch_size,
-          length_multiple=length_multiple,
-          repeat=repeat,
-          deterministic=deterministic,
-          output_format=output_format,
-      ),
+      options=options,
   )

@@ -30,11 +30,16 @@ Modes:
 Per-epoch counts (lines, empty lines skipped, invalid UTF-8 lines replaced
 with U+FFFD, too-long sentences dropped / truncated, <UNK> tokens, target
 tokens) are logged once per epoch and kept in `LmData.stats`.
+
+Every batching option is a field of `LmBatching` (gin `lm_batching`), one
+value for every LM corpus; a corpus function (`ptb_lm_data`, ...) says where
+its lines come from and what its vocabulary is, and passes that value on.
 """
 
 import dataclasses
 from typing import Callable, Dict, Optional
 
+import gin
 import tensorflow as tf
 
 from data_pipelines import batching
@@ -46,16 +51,40 @@ PAD_ID = 0
 MODE_SENTENCES = "sentences"
 MODE_PACKED = "packed"
 MODES = (MODE_SENTENCES, MODE_PACKED)
-OUTPUT_KERAS = "keras"
-OUTPUT_DICT = "dict"
-OUTPUT_FORMATS = (OUTPUT_KERAS, OUTPUT_DICT)
-DEFAULT_LINE_SHUFFLE_BUFFER = 1 << 16
+OUTPUT_KERAS = batching.OUTPUT_KERAS
+OUTPUT_DICT = batching.OUTPUT_DICT
+OUTPUT_FORMATS = batching.OUTPUT_FORMATS
+DEFAULT_LINE_SHUFFLE_BUFFER = batching.DEFAULT_LINE_SHUFFLE_BUFFER
 
 # (input_context, training, seed) -> dataset of scalar tf.string lines for one
 # input pipeline (already sharded, files shuffled when training).
 LineSource = Callable[
     [Optional[tf.distribute.InputContext], bool, int], tf.data.Dataset
 ]
+
+
+@gin.configurable("lm_batching")
+@dataclasses.dataclass(frozen=True)
+class LmBatching(batching.Batching):
+  """Batching options of every LM corpus (gin: `lm_batching.<field>`).
+
+  The fields of `data_pipelines.batching.Batching`, where max_length is the
+  maximum T (= words + 1) in 'sentences' mode, and:
+
+  Attributes:
+    mode: 'sentences' or 'packed' (see the module docstring).
+    pack_length: T in 'packed' mode.
+  """
+
+  GIN_NAME = "lm_batching"
+
+  mode: str = MODE_SENTENCES
+  pack_length: int = 64
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r}; expected one of {MODES}")
 
 
 @dataclasses.dataclass
@@ -118,12 +147,10 @@ def _window_sentences(
     truncated = tf.zeros_like(nonempty)
   else:
     too_long = tf.logical_and(nonempty, lengths > spec.max_length)
-    if spec.length_policy == batching.LENGTH_POLICY_DROP:
-      keep = tf.logical_and(nonempty, tf.logical_not(too_long))
-      truncated = tf.zeros_like(too_long)
-    else:
-      keep = nonempty
-      truncated = too_long
+    keep, truncated = batching.length_policy_masks(
+        nonempty, too_long, spec.length_policy
+    )
+    if spec.length_policy == batching.LENGTH_POLICY_TRUNCATE:
       ids = ids[:, : spec.max_length - 1]
   ids = tf.ragged.boolean_mask(ids, keep)
   m = ids.nrows(out_type=tf.int32)
@@ -153,27 +180,12 @@ def _window_sentences(
     }, counts
   order = batching.sort_order(kept_lengths)
   sorted_lengths = tf.gather(kept_lengths, order)
-  width = batching.round_up(
-      tf.reduce_max(tf.concat([sorted_lengths, [0]], 0)), spec.length_multiple
-  )
+  width = batching.padded_width(sorted_lengths, spec.length_multiple)
   payload = {
-      "inputs": (
-          tf.gather(inputs, order).to_tensor(
-              default_value=PAD_ID, shape=tf.stack([m, width])
-          )
-      ),
-      "targets": (
-          tf.gather(targets, order).to_tensor(
-              default_value=PAD_ID, shape=tf.stack([m, width])
-          )
-      ),
+      "inputs": batching.sorted_padded(inputs, order, width, PAD_ID),
+      "targets": batching.sorted_padded(targets, order, width, PAD_ID),
       "lengths": sorted_lengths,
-      "bounds": batching.greedy_batch_bounds(
-          sorted_lengths,
-          spec.batch_tokens,
-          max_batch_size=spec.max_batch_size,
-          length_multiple=spec.length_multiple,
-      ),
+      "bounds": spec.batch_bounds(sorted_lengths),
   }
   return payload, counts
 
@@ -187,22 +199,9 @@ def _format(inputs, targets, weights, output_format):
 def lm_dataset(
     lines: tf.data.Dataset,
     vocab: word_vocab_lib.WordVocab,
+    options: LmBatching,
     *,
-    batch_tokens: int,
-    max_length: int = 128,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
-    mode: str = MODE_SENTENCES,
-    pack_length: int = 64,
     training: bool = True,
-    seed: int = 0,
-    line_shuffle_buffer: int = DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = OUTPUT_KERAS,
     input_context: Optional[tf.distribute.InputContext] = None,
     stats: Optional[batching.PipelineStats] = None,
 ) -> tf.data.Dataset:
@@ -212,57 +211,36 @@ def lm_dataset(
     lines: dataset of scalar tf.string lines (already sharded for this input
       pipeline).
     vocab: word vocabulary with <S>, </S>, <UNK>.
-    batch_tokens: global token budget per step (B * T summed over replicas);
-      divided by `input_context.num_replicas_in_sync`.
-    max_length: maximum T (= words + 1) in 'sentences' mode.
-    length_policy: 'drop' or 'truncate' sentences longer than max_length.
-    mode: 'sentences' or 'packed' (see module docstring).
-    pack_length: T in 'packed' mode.
-    training: shuffle lines and batches (seeded) if True.
-    seed: seed of every shuffle; same seed, same batches.
-    line_shuffle_buffer: lines in the line shuffle buffer.
-    batch_shuffle_buffer: batches in the batch shuffle buffer.
-    window_lines: lines per length-sorting window (default: ~16 batches).
-    max_batch_size: optional cap on B.
-    length_multiple: round T up to a multiple of this (fewer shapes).
-    repeat: repeat forever (stats are still logged per epoch).
-    deterministic: deterministic element order (tf.data option).
-    output_format: 'keras' -> (inputs, targets, weights); 'dict' ->
-      {'inputs', 'targets', 'weights'}.
+    options: the batching options, resolved (`LmBatching.resolve`); the
+      budget is divided by `input_context.num_replicas_in_sync`.
+    training: shuffle lines and batches (seeded) and use the training
+      budget, length policy and `repeat`; else the eval_* ones, once.
     input_context: tf.distribute.InputContext for the budget split.
     stats: receives per-epoch counts (a new one is made if None).
 
   Returns:
     Dataset of batches: inputs int32 [B, T], targets int32 [B, T], weights
-    float32 [B, T] (1.0 on real tokens, 0.0 on padding).
+    float32 [B, T] (1.0 on real tokens, 0.0 on padding); a dict
+    {'inputs', 'targets', 'weights'} with output_format='dict'.
   """
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r}; expected one of {MODES}")
-  if output_format not in OUTPUT_FORMATS:
-    raise ValueError(
-        f"output_format={output_format!r}; expected one of {OUTPUT_FORMATS}"
-    )
-  spec = batching.BatchSpec.create(
-      batch_tokens=batch_tokens,
-      max_length=max_length if mode == MODE_SENTENCES else pack_length,
-      length_policy=length_policy,
-      window_lines=window_lines,
-      input_context=input_context,
-      max_batch_size=max_batch_size,
-      length_multiple=length_multiple,
+  options = options.for_split(training)
+  mode, pack_length, output_format = (
+      options.mode,
+      options.pack_length,
+      options.output_format,
+  )
+  spec = options.spec(
+      input_context, max_length=None if mode == MODE_SENTENCES else pack_length
   )
   stats = stats or batching.PipelineStats("lm")
   table = vocab.lookup_table()
-  if training and line_shuffle_buffer > 1:
-    lines = lines.shuffle(
-        line_shuffle_buffer, seed=seed, reshuffle_each_iteration=True
-    )
+  lines = options.shuffle_lines(lines, training)
   windows = lines.batch(spec.window_lines).map(
       lambda window: _window_sentences(
           window, table=table, vocab=vocab, spec=spec, mode=mode
       ),
       num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=deterministic,
+      deterministic=options.deterministic,
   )
   windows = batching.count_and_log(windows, stats)
 
@@ -295,15 +273,7 @@ def lm_dataset(
       return _format(inputs, targets, weights, output_format)
 
     batches = windows.rebatch(size).map(_pack)
-  if training and batch_shuffle_buffer > 1:
-    batches = batches.shuffle(
-        batch_shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True
-    )
-  if repeat:
-    batches = batches.repeat()
-  return batches.prefetch(tf.data.AUTOTUNE).with_options(
-      batching.dataset_options(deterministic)
-  )
+  return options.finish(batches, training, repeat=options.repeat)
 
 
 def resolve_word_vocab(
@@ -361,51 +331,21 @@ def make_lm_data(
     vocab: word_vocab_lib.WordVocab,
     train_lines: LineSource,
     eval_lines: Optional[LineSource],
-    batch_tokens: int,
-    eval_batch_tokens: Optional[int],
-    max_length: int,
-    length_policy: str,
-    eval_length_policy: str,
-    mode: str,
-    pack_length: int,
-    seed: int,
-    line_shuffle_buffer: int,
-    batch_shuffle_buffer: int,
-    window_lines: Optional[int],
-    max_batch_size: Optional[int],
-    length_multiple: int,
-    repeat: bool,
-    deterministic: bool,
-    output_format: str,
+    options: LmBatching,
 ) -> LmData:
-  """Wires line sources and batching options into an `LmData`."""
+  """Wires line sources and the (resolved) batching options into an LmData."""
   data = LmData(name=name, vocab=vocab, train_dataset=None, eval_dataset=None)
 
   def _builder(split, source, training):
     def _build(input_context: Optional[tf.distribute.InputContext] = None):
       stats = batching.PipelineStats(f"{name}/{split}")
       data.stats[stats.name] = stats
-      lines = source(input_context, training, seed)
+      lines = source(input_context, training, options.seed)
       return lm_dataset(
           lines,
           vocab,
-          batch_tokens=batch_tokens
-          if training
-          else (eval_batch_tokens or batch_tokens),
-          max_length=max_length,
-          length_policy=length_policy if training else eval_length_policy,
-          mode=mode,
-          pack_length=pack_length,
+          options,
           training=training,
-          seed=seed,
-          line_shuffle_buffer=line_shuffle_buffer,
-          batch_shuffle_buffer=batch_shuffle_buffer,
-          window_lines=window_lines,
-          max_batch_size=max_batch_size,
-          length_multiple=length_multiple,
-          repeat=repeat and training,
-          deterministic=deterministic,
-          output_format=output_format,
           input_context=input_context,
           stats=stats,
       )
@@ -468,7 +408,7 @@ def files_lm_data(
     expected_vocab_size: Optional[int],
     vocab_max_files: Optional[int],
     cycle_length: int,
-    batching_kwargs: Dict[str, object],
+    options: LmBatching,
 ) -> LmData:
   """LmData over text files: resolves globs, gets the vocab, wires sources.
 
@@ -482,7 +422,7 @@ def files_lm_data(
     vocab_max_files: count words on only the first N training files (sorted)
       when building the vocabulary; None counts all.
     cycle_length: files read concurrently.
-    batching_kwargs: the remaining `make_lm_data` arguments.
+    options: the resolved batching options.
 
   Returns:
     LmData.
@@ -507,7 +447,7 @@ def files_lm_data(
       max_size=max_vocab_size,
       expected_size=expected_vocab_size,
   )
-  deterministic = batching_kwargs.get("deterministic", True)
+  deterministic = options.deterministic
   return make_lm_data(
       name=name,
       vocab=vocab,
@@ -519,5 +459,5 @@ def files_lm_data(
       )
       if evals
       else None,
-      **batching_kwargs,
+      options=options,
   )

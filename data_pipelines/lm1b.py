@@ -24,7 +24,6 @@ from typing import Dict, List, Optional
 
 import gin
 
-from data_pipelines import batching
 from data_pipelines import lm
 from data_pipelines import text_io
 from data_pipelines import word_vocab as word_vocab_lib
@@ -38,6 +37,8 @@ HELDOUT_PATTERN = os.path.join(HELDOUT_SUBDIR, "news.en.heldout-000??-of-00050")
 TEST_SHARD = os.path.join(HELDOUT_SUBDIR, "news.en.heldout-00000-of-00050")
 VALID_SHARD = os.path.join(HELDOUT_SUBDIR, "news.en.heldout-00001-of-00050")
 LM1B_MIN_COUNT = 3
+# Default global token budget per step (paper: ~300k words).
+BATCH_TOKENS = 300000
 LM1B_VOCAB_SIZE = 793471
 LM1B_LAYOUT = (
     f"{RELEASE_DIR}/{TRAIN_PATTERN} for training and"
@@ -135,22 +136,8 @@ def lm1b_lm_data(
     expected_vocab_size: Optional[int] = None,
     use_tfds: bool = False,
     tfds_data_dir: Optional[str] = None,
-    batch_tokens: int = 300000,
-    eval_batch_tokens: Optional[int] = None,
-    max_length: int = 128,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
-    eval_length_policy: str = batching.LENGTH_POLICY_TRUNCATE,
-    mode: str = lm.MODE_SENTENCES,
-    pack_length: int = 64,
-    seed: int = 0,
-    line_shuffle_buffer: int = lm.DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = lm.OUTPUT_KERAS,
+    batching: Optional[lm.LmBatching] = None,
+    **legacy_batching,
 ) -> lm.LmData:
   """1B Word benchmark LM data.
 
@@ -168,29 +155,15 @@ def lm1b_lm_data(
       the full release with min_count=3).
     use_tfds: read TFDS `lm1b` instead of raw files.
     tfds_data_dir: TFDS data_dir.
-    batch_tokens: global token budget per step (paper: ~300k words).
-    eval_batch_tokens ... output_format: see `data_pipelines.lm.lm_dataset`.
+    batching: LmBatching; None takes the gin-bound `lm_batching` (default
+      budget BATCH_TOKENS, the paper's ~300k words per step).
+    **legacy_batching: LmBatching fields by name (older configs).
 
   Returns:
     LmData named 'lm1b'.
   """
-  batching_kwargs = dict(
-      batch_tokens=batch_tokens,
-      eval_batch_tokens=eval_batch_tokens,
-      max_length=max_length,
-      length_policy=length_policy,
-      eval_length_policy=eval_length_policy,
-      mode=mode,
-      pack_length=pack_length,
-      seed=seed,
-      line_shuffle_buffer=line_shuffle_buffer,
-      batch_shuffle_buffer=batch_shuffle_buffer,
-      window_lines=window_lines,
-      max_batch_size=max_batch_size,
-      length_multiple=length_multiple,
-      repeat=repeat,
-      deterministic=deterministic,
-      output_format=output_format,
+  options = lm.LmBatching.resolve(
+      batching, legacy_batching, owner="lm1b_lm_data", batch_tokens=BATCH_TOKENS
   )
   if use_tfds:
     train_source = tfds_line_source("train", tfds_data_dir)
@@ -217,7 +190,7 @@ def lm1b_lm_data(
         vocab=vocab,
         train_lines=train_source,
         eval_lines=eval_source,
-        **batching_kwargs,
+        options=options,
     )
   if train_files is None or eval_files is None:
     if data_dir is None:
@@ -240,5 +213,5 @@ def lm1b_lm_data(
       expected_vocab_size=expected_vocab_size,
       vocab_max_files=None,
       cycle_length=text_io.DEFAULT_CYCLE_LENGTH,
-      batching_kwargs=batching_kwargs,
+      options=options,
   )

@@ -31,6 +31,10 @@ Counts per epoch: lines (pairs) read, empty pairs skipped (either side
 empty), pairs with invalid UTF-8 (replaced by U+FFFD), malformed TSV lines
 skipped (not exactly one tab), too-long pairs dropped / truncated, source
 and target tokens, [UNK] pieces.
+
+Every batching option is a field of `MtBatching` (gin `mt_batching`), one
+value for every MT corpus; a corpus function (`wmt14_mt_data`, ...) says
+where its pairs come from and what its vocabulary is, and passes it on.
 """
 
 import dataclasses
@@ -47,6 +51,7 @@ from typing import (
 )
 
 from absl import logging
+import gin
 import tensorflow as tf
 
 from data_pipelines import batching
@@ -55,10 +60,10 @@ from data_pipelines import wordpiece
 from data_pipelines.errors import DataError
 
 PAD_ID = wordpiece.PAD_ID
-OUTPUT_KERAS = "keras"
-OUTPUT_DICT = "dict"
-OUTPUT_FORMATS = (OUTPUT_KERAS, OUTPUT_DICT)
-DEFAULT_LINE_SHUFFLE_BUFFER = 1 << 16
+OUTPUT_KERAS = batching.OUTPUT_KERAS
+OUTPUT_DICT = batching.OUTPUT_DICT
+OUTPUT_FORMATS = batching.OUTPUT_FORMATS
+DEFAULT_LINE_SHUFFLE_BUFFER = batching.DEFAULT_LINE_SHUFFLE_BUFFER
 # Lines per vectorized TSV-splitting step.
 TSV_SPLIT_LINES = 512
 NO_LANGUAGE = -1
@@ -290,12 +295,10 @@ def _window_pairs(
       valid,
       tf.logical_or(src_len > spec.max_length, tgt_len > spec.max_length),
   )
-  if spec.length_policy == batching.LENGTH_POLICY_DROP:
-    keep = tf.logical_and(valid, tf.logical_not(too_long))
-    truncated = tf.zeros_like(too_long)
-  else:
-    keep = valid
-    truncated = too_long
+  keep, truncated = batching.length_policy_masks(
+      valid, too_long, spec.length_policy
+  )
+  if spec.length_policy == batching.LENGTH_POLICY_TRUNCATE:
     src_ids = src_ids[:, : spec.max_length]
     tgt_ids = tgt_ids[:, : spec.max_length - 1]
   src_ids = tf.ragged.boolean_mask(src_ids, keep)
@@ -333,62 +336,46 @@ def _window_pairs(
   sorted_lengths = tf.gather(lengths, order)
   src_len = tf.gather(src_len, order)
   tgt_len = tf.gather(tgt_len, order)
-  multiple = spec.length_multiple
-  src_width = batching.round_up(
-      tf.reduce_max(tf.concat([src_len, [0]], 0)), multiple
-  )
-  tgt_width = batching.round_up(
-      tf.reduce_max(tf.concat([tgt_len, [0]], 0)), multiple
-  )
+  src_width = batching.padded_width(src_len, spec.length_multiple)
+  tgt_width = batching.padded_width(tgt_len, spec.length_multiple)
   payload = {
-      "source": (
-          tf.gather(src_ids, order).to_tensor(
-              default_value=PAD_ID, shape=tf.stack([m, src_width])
-          )
+      "source": batching.sorted_padded(src_ids, order, src_width, PAD_ID),
+      "target_in": batching.sorted_padded(
+          target_in, order, tgt_width, PAD_ID
       ),
-      "target_in": (
-          tf.gather(target_in, order).to_tensor(
-              default_value=PAD_ID, shape=tf.stack([m, tgt_width])
-          )
-      ),
-      "target_out": (
-          tf.gather(target_out, order).to_tensor(
-              default_value=PAD_ID, shape=tf.stack([m, tgt_width])
-          )
+      "target_out": batching.sorted_padded(
+          target_out, order, tgt_width, PAD_ID
       ),
       "source_lengths": src_len,
       "target_lengths": tgt_len,
       "lengths": sorted_lengths,
-      "bounds": batching.greedy_batch_bounds(
-          sorted_lengths,
-          spec.batch_tokens,
-          max_batch_size=spec.max_batch_size,
-          length_multiple=multiple,
-      ),
+      "bounds": spec.batch_bounds(sorted_lengths),
   }
   return payload, counts
+
+
+@gin.configurable("mt_batching")
+@dataclasses.dataclass(frozen=True)
+class MtBatching(batching.Batching):
+  """Batching options of every MT corpus (gin: `mt_batching.<field>`).
+
+  The fields of `data_pipelines.batching.Batching`; max_length bounds S and
+  T in pieces (S includes any <2xx> token, T the [START] / [END]), and
+  `repeat` applies to unweighted mixing (weighted mixing never ends).
+  """
+
+  GIN_NAME = "mt_batching"
 
 
 def mt_dataset(
     corpora: Sequence[ParallelCorpus],
     tokenizer: wordpiece.WordpieceTokenizer,
+    options: MtBatching,
     *,
-    batch_tokens: int,
-    max_length: int = 128,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
     weights: Optional[Sequence[float]] = None,
     language_ids: Optional[Sequence[int]] = None,
     language_tokens: Sequence[str] = (),
     training: bool = True,
-    seed: int = 0,
-    line_shuffle_buffer: int = DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = OUTPUT_KERAS,
     input_context: Optional[tf.distribute.InputContext] = None,
     stats: Optional[batching.PipelineStats] = None,
 ) -> tf.data.Dataset:
@@ -397,43 +384,23 @@ def mt_dataset(
   Args:
     corpora: the parallel corpora.
     tokenizer: shared source/target wordpiece tokenizer.
-    batch_tokens: global token budget per step, split across replicas.
-    max_length: maximum S and T in pieces (S includes any <2xx> token, T the
-      [START] / [END]).
-    length_policy: 'drop' or 'truncate' longer pairs.
+    options: the batching options, resolved (`MtBatching.resolve`); the
+      budget is split across replicas.
     weights: per-corpus sampling weights (infinite stream) or None.
     language_ids: per-corpus index into `language_tokens` (multilingual), or
       None for no target-language token.
     language_tokens: the '<2xx>' tokens indexed by language_ids.
-    training: shuffle (seeded); otherwise corpora are read in order.
-    seed: seed of every shuffle and of the corpus mixing.
-    line_shuffle_buffer, batch_shuffle_buffer: shuffle buffer sizes (lines,
-      batches).
-    window_lines: lines per length-sorting window (default ~16 batches).
-    max_batch_size: optional cap on B.
-    length_multiple: round S and T up to a multiple of this.
-    repeat: repeat the (finite) stream forever.
-    deterministic: deterministic element order.
-    output_format: 'keras' or 'dict' (see module docstring).
+    training: shuffle and mix (seeded) and use the training budget, length
+      policy and `repeat`; otherwise the eval_* ones, corpora in order.
     input_context: tf.distribute.InputContext (sharding and budget split).
     stats: receives the per-epoch counts.
 
   Returns:
     Dataset of batches (see module docstring for the structure).
   """
-  if output_format not in OUTPUT_FORMATS:
-    raise ValueError(
-        f"output_format={output_format!r}; expected one of {OUTPUT_FORMATS}"
-    )
-  spec = batching.BatchSpec.create(
-      batch_tokens=batch_tokens,
-      max_length=max_length,
-      length_policy=length_policy,
-      window_lines=window_lines,
-      input_context=input_context,
-      max_batch_size=max_batch_size,
-      length_multiple=length_multiple,
-  )
+  options = options.for_split(training)
+  seed, deterministic = options.seed, options.deterministic
+  spec = options.spec(input_context)
   stats = stats or batching.PipelineStats("mt")
   tokenizer.vocab.require(language_tokens)
   language_token_ids = tf.constant(
@@ -453,10 +420,7 @@ def mt_dataset(
   if weights is not None:
     pipelines = input_context.num_input_pipelines if input_context else 1
     epoch_lines = max(sum(c.num_lines for c in corpora) // pipelines, 1)
-  if training and line_shuffle_buffer > 1:
-    lines = lines.shuffle(
-        line_shuffle_buffer, seed=seed, reshuffle_each_iteration=True
-    )
+  lines = options.shuffle_lines(lines, training)
 
   def _window(line, langs):
     sources, targets, malformed = line
@@ -488,7 +452,7 @@ def mt_dataset(
     weights_ = tf.sequence_mask(
         window["target_lengths"][start:end], tgt_width, dtype=tf.float32
     )
-    if output_format == OUTPUT_KERAS:
+    if options.output_format == OUTPUT_KERAS:
       return {"source": source, "target_in": target_in}, target_out, weights_
     return {
         "source": source,
@@ -501,14 +465,8 @@ def mt_dataset(
     }
 
   batches = batching.emit_batches(windows, _make_batch)
-  if training and batch_shuffle_buffer > 1:
-    batches = batches.shuffle(
-        batch_shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True
-    )
-  if repeat:
-    batches = batches.repeat()
-  return batches.prefetch(tf.data.AUTOTUNE).with_options(
-      batching.dataset_options(deterministic)
+  return options.finish(
+      batches, training, repeat=options.repeat and weights is None
   )
 
 
@@ -638,23 +596,10 @@ def make_mt_data(
     eval_language_ids: Optional[Sequence[int]] = None,
     language_tokens: Sequence[str] = (),
     eval_languages: Optional[Sequence[Optional[str]]] = None,
-    batch_tokens: int,
-    eval_batch_tokens: Optional[int],
-    max_length: int,
-    length_policy: str,
-    eval_length_policy: str,
-    seed: int,
-    line_shuffle_buffer: int,
-    batch_shuffle_buffer: int,
-    window_lines: Optional[int],
-    max_batch_size: Optional[int],
-    length_multiple: int,
-    repeat: bool,
-    deterministic: bool,
-    output_format: str,
+    options: MtBatching,
     max_bytes_per_word: int = wordpiece.DEFAULT_MAX_BYTES_PER_WORD,
 ) -> MtData:
-  """Wires corpora, vocabulary and batching options into an `MtData`."""
+  """Wires corpora, vocabulary and the (resolved) batching options."""
   tokenizer = wordpiece.WordpieceTokenizer(
       vocab, max_bytes_per_word=max_bytes_per_word
   )
@@ -684,24 +629,11 @@ def make_mt_data(
       return mt_dataset(
           corpora,
           tokenizer,
-          batch_tokens=batch_tokens
-          if training
-          else (eval_batch_tokens or batch_tokens),
-          max_length=max_length,
-          length_policy=length_policy if training else eval_length_policy,
+          options,
           weights=weights,
           language_ids=language_ids,
           language_tokens=language_tokens,
           training=training,
-          seed=seed,
-          line_shuffle_buffer=line_shuffle_buffer,
-          batch_shuffle_buffer=batch_shuffle_buffer,
-          window_lines=window_lines,
-          max_batch_size=max_batch_size,
-          length_multiple=length_multiple,
-          repeat=repeat and training and weights is None,
-          deterministic=deterministic,
-          output_format=output_format,
           input_context=input_context,
           stats=stats,
       )

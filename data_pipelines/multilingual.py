@@ -26,7 +26,6 @@ from typing import Dict, List, Optional, Tuple
 
 import gin
 
-from data_pipelines import batching
 from data_pipelines import mt
 from data_pipelines import wmt14
 from data_pipelines import wordpiece
@@ -128,21 +127,9 @@ def multilingual_mt_data(
     expected_vocab_size: Optional[int] = None,
     vocab_sample_pairs: Optional[int] = wmt14.DEFAULT_VOCAB_SAMPLE_PAIRS,
     learn_kwargs: Optional[Dict[str, object]] = None,
-    batch_tokens: int = 16384,
-    eval_batch_tokens: Optional[int] = None,
-    max_length: int = 128,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
-    eval_length_policy: str = batching.LENGTH_POLICY_TRUNCATE,
-    seed: int = 0,
-    line_shuffle_buffer: int = mt.DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = mt.OUTPUT_KERAS,
     name: str = "multilingual",
+    batching: Optional[mt.MtBatching] = None,
+    **legacy_batching,
 ) -> mt.MtData:
   """Multilingual translation data with `<2xx>` target-language tokens.
 
@@ -156,13 +143,21 @@ def multilingual_mt_data(
     expected_vocab_size: fail unless the loaded vocabulary has this size.
     vocab_sample_pairs: learn from the first N pairs (split across corpora).
     learn_kwargs: extra `WordpieceVocab.learn` arguments.
-    batch_tokens ... output_format: see `data_pipelines.mt.mt_dataset`.
     name: label used in logs.
+    batching: MtBatching; None takes the gin-bound `mt_batching` (default
+      budget wmt14.BATCH_TOKENS).
+    **legacy_batching: MtBatching fields by name (older configs).
 
   Returns:
     MtData with language_tokens set; `eval_pairs()` gives the target
     language of each pair and `encode_sources(texts, 'fr')` adds `<2fr>`.
   """
+  options = mt.MtBatching.resolve(
+      batching,
+      legacy_batching,
+      owner="multilingual_mt_data",
+      batch_tokens=wmt14.BATCH_TOKENS,
+  )
   train = _corpora_per_direction(train_files, f"{name} training files")
   evals = (
       _corpora_per_direction(eval_files, f"{name} evaluation files")
@@ -195,18 +190,5 @@ def multilingual_mt_data(
       eval_language_ids=eval_langs,
       language_tokens=language_tokens,
       eval_languages=[targets[i] for i in eval_langs],
-      batch_tokens=batch_tokens,
-      eval_batch_tokens=eval_batch_tokens,
-      max_length=max_length,
-      length_policy=length_policy,
-      eval_length_policy=eval_length_policy,
-      seed=seed,
-      line_shuffle_buffer=line_shuffle_buffer,
-      batch_shuffle_buffer=batch_shuffle_buffer,
-      window_lines=window_lines,
-      max_batch_size=max_batch_size,
-      length_multiple=length_multiple,
-      repeat=repeat,
-      deterministic=deterministic,
-      output_format=output_format,
+      options=options,
   )

@@ -16,10 +16,11 @@ from typing import Optional
 
 import gin
 
-from data_pipelines import batching
 from data_pipelines import lm
 from data_pipelines import text_io
 
+# Default global token budget per step (the gin file binds the paper's).
+BATCH_TOKENS = 8192
 NEWS_LAYOUT = (
     "a glob of UTF-8 text shards (optionally .gz), one tokenized sentence per"
     " line, e.g. /data/news/news.en-*-of-01000"
@@ -38,23 +39,9 @@ def news_lm_data(
     expected_vocab_size: Optional[int] = None,
     vocab_max_files: Optional[int] = None,
     cycle_length: int = text_io.DEFAULT_CYCLE_LENGTH,
-    batch_tokens: int = 8192,
-    eval_batch_tokens: Optional[int] = None,
-    max_length: int = 128,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
-    eval_length_policy: str = batching.LENGTH_POLICY_TRUNCATE,
-    mode: str = lm.MODE_SENTENCES,
-    pack_length: int = 64,
-    seed: int = 0,
-    line_shuffle_buffer: int = lm.DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = lm.OUTPUT_KERAS,
     name: str = "news",
+    batching: Optional[lm.LmBatching] = None,
+    **legacy_batching,
 ) -> lm.LmData:
   """LM data streamed from sharded one-sentence-per-line text.
 
@@ -69,8 +56,10 @@ def news_lm_data(
     expected_vocab_size: fail unless the vocabulary has exactly this size.
     vocab_max_files: count words on only the first N shards.
     cycle_length: shards read concurrently.
-    batch_tokens ... output_format: see `data_pipelines.lm.lm_dataset`.
     name: label used in logs.
+    batching: LmBatching; None takes the gin-bound `lm_batching` (default
+      budget BATCH_TOKENS).
+    **legacy_batching: LmBatching fields by name (older configs).
 
   Returns:
     LmData.
@@ -87,22 +76,10 @@ def news_lm_data(
       expected_vocab_size=expected_vocab_size,
       vocab_max_files=vocab_max_files,
       cycle_length=cycle_length,
-      batching_kwargs=dict(
-          batch_tokens=batch_tokens,
-          eval_batch_tokens=eval_batch_tokens,
-          max_length=max_length,
-          length_policy=length_policy,
-          eval_length_policy=eval_length_policy,
-          mode=mode,
-          pack_length=pack_length,
-          seed=seed,
-          line_shuffle_buffer=line_shuffle_buffer,
-          batch_shuffle_buffer=batch_shuffle_buffer,
-          window_lines=window_lines,
-          max_batch_size=max_batch_size,
-          length_multiple=length_multiple,
-          repeat=repeat,
-          deterministic=deterministic,
-          output_format=output_format,
+      options=lm.LmBatching.resolve(
+          batching,
+          legacy_batching,
+          owner="news_lm_data",
+          batch_tokens=BATCH_TOKENS,
       ),
   )

@@ -19,7 +19,6 @@ from typing import AnyStr, List, Optional
 
 import gin
 
-from data_pipelines import batching
 from data_pipelines import lm
 from data_pipelines import text_io
 from data_pipelines import word_vocab as word_vocab_lib
@@ -28,6 +27,8 @@ from data_pipelines.errors import DataError
 SPLITS = ("train", "valid", "test")
 PTB_UNK = "<unk>"
 PTB_VOCAB_SIZE = 10001
+# Default global token budget per step.
+BATCH_TOKENS = 4096
 PTB_LAYOUT = (
     "ptb.{train,valid,test}.txt: one sentence per line, space-separated words"
 )
@@ -80,22 +81,8 @@ def ptb_lm_data(
     eval_split: str = "valid",
     vocab_file: Optional[str] = None,
     create_vocab_if_missing: bool = False,
-    batch_tokens: int = 4096,
-    eval_batch_tokens: Optional[int] = None,
-    max_length: int = 128,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
-    eval_length_policy: str = batching.LENGTH_POLICY_TRUNCATE,
-    mode: str = lm.MODE_SENTENCES,
-    pack_length: int = 64,
-    seed: int = 0,
-    line_shuffle_buffer: int = lm.DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = lm.OUTPUT_KERAS,
+    batching: Optional[lm.LmBatching] = None,
+    **legacy_batching,
 ) -> lm.LmData:
   """Penn Treebank LM data (embedded by default).
 
@@ -107,12 +94,17 @@ def ptb_lm_data(
     vocab_file: optional vocabulary file to load (or create, see below);
       None builds the 10,001-entry vocabulary from the training text.
     create_vocab_if_missing: save the built vocabulary to vocab_file.
-    batch_tokens ... output_format: see `data_pipelines.lm.lm_dataset`.
+    batching: LmBatching; None takes the gin-bound `lm_batching` (default
+      budget BATCH_TOKENS).
+    **legacy_batching: LmBatching fields by name (older configs).
 
   Returns:
     LmData named 'ptb'. Sentences are at most 83 tokens, so the default
     max_length drops nothing.
   """
+  options = lm.LmBatching.resolve(
+      batching, legacy_batching, owner="ptb_lm_data", batch_tokens=BATCH_TOKENS
+  )
   if train_files is not None:
     train_files = text_io.resolve_files(
         train_files, what="PTB training files", expected_layout=PTB_LAYOUT
@@ -137,20 +129,5 @@ def ptb_lm_data(
       vocab=vocab,
       train_lines=lm.memory_line_source(train_lines),
       eval_lines=lm.memory_line_source(eval_lines),
-      batch_tokens=batch_tokens,
-      eval_batch_tokens=eval_batch_tokens,
-      max_length=max_length,
-      length_policy=length_policy,
-      eval_length_policy=eval_length_policy,
-      mode=mode,
-      pack_length=pack_length,
-      seed=seed,
-      line_shuffle_buffer=line_shuffle_buffer,
-      batch_shuffle_buffer=batch_shuffle_buffer,
-      window_lines=window_lines,
-      max_batch_size=max_batch_size,
-      length_multiple=length_multiple,
-      repeat=repeat,
-      deterministic=deterministic,
-      output_format=output_format,
+      options=options,
   )

@@ -355,3 +355,20 @@ def read_text_lines(path: str) -> Iterable[str]:
   with open_binary(path) as f:
     for raw in f:
       yield raw.rstrip(b"\n").decode("utf-8", errors="replace")
+
+
+def write_lines(path: str, lines: Iterable[str]) -> None:
+  """Writes `lines` (no newlines) to `path` atomically; creates parents.
+
+  Args:
+    path: the file (any tf.io.gfile path).
+    lines: the lines.
+  """
+  parent = os.path.dirname(path)
+  if parent:
+    tf.io.gfile.makedirs(parent)
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    for line in lines:
+      f.write(line + "\n")
+  tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -30,7 +30,6 @@ from typing import Dict, List, Optional, Tuple
 
 import gin
 
-from data_pipelines import batching
 from data_pipelines import mt
 from data_pipelines import text_io
 from data_pipelines import wordpiece
@@ -48,6 +47,8 @@ WMT_LAYOUT = (
     " TSV files source<TAB>target"
 )
 DEFAULT_VOCAB_SAMPLE_PAIRS = 1000000
+# Default global token budget per step (paper: ~16k words per GPU).
+BATCH_TOKENS = 16384
 
 
 def _layout(source_lang: str, target_lang: str) -> str:
@@ -225,7 +226,7 @@ def files_mt_data(
     expected_vocab_size: Optional[int],
     vocab_sample_pairs: Optional[int],
     learn_kwargs: Optional[Dict[str, object]],
-    batching_kwargs: Dict[str, object],
+    options: mt.MtBatching,
 ) -> mt.MtData:
   """MtData over parallel files (see module docstring for the file kinds)."""
   train = discover_corpora(
@@ -256,7 +257,7 @@ def files_mt_data(
       train_corpora=train,
       eval_corpora=evals,
       train_weights=mt.corpus_weights_for(train, corpus_weights),
-      **batching_kwargs,
+      options=options,
   )
 
 
@@ -274,21 +275,9 @@ def wmt14_mt_data(
     expected_vocab_size: Optional[int] = None,
     vocab_sample_pairs: Optional[int] = DEFAULT_VOCAB_SAMPLE_PAIRS,
     learn_kwargs: Optional[Dict[str, object]] = None,
-    batch_tokens: int = 16384,
-    eval_batch_tokens: Optional[int] = None,
-    max_length: int = 128,
-    length_policy: str = batching.LENGTH_POLICY_DROP,
-    eval_length_policy: str = batching.LENGTH_POLICY_TRUNCATE,
-    seed: int = 0,
-    line_shuffle_buffer: int = mt.DEFAULT_LINE_SHUFFLE_BUFFER,
-    batch_shuffle_buffer: int = batching.DEFAULT_BATCH_SHUFFLE_BUFFER,
-    window_lines: Optional[int] = None,
-    max_batch_size: Optional[int] = None,
-    length_multiple: int = 1,
-    repeat: bool = False,
-    deterministic: bool = True,
-    output_format: str = mt.OUTPUT_KERAS,
     name: str = "wmt14",
+    batching: Optional[mt.MtBatching] = None,
+    **legacy_batching,
 ) -> mt.MtData:
   """WMT'14 (or any parallel files) translation data.
 
@@ -306,9 +295,10 @@ def wmt14_mt_data(
     vocab_sample_pairs: learn from the first N pairs (split across corpora);
       None uses everything (slow: the learner is pure Python).
     learn_kwargs: extra `WordpieceVocab.learn` arguments.
-    batch_tokens: global token budget per step (paper: ~16k per GPU).
-    eval_batch_tokens ... output_format: see `data_pipelines.mt.mt_dataset`.
     name: label used in logs.
+    batching: MtBatching; None takes the gin-bound `mt_batching` (default
+      budget BATCH_TOKENS; paper: ~16k per GPU).
+    **legacy_batching: MtBatching fields by name (older configs).
 
   Returns:
     MtData.
@@ -326,20 +316,10 @@ def wmt14_mt_data(
       expected_vocab_size=expected_vocab_size,
       vocab_sample_pairs=vocab_sample_pairs,
       learn_kwargs=learn_kwargs,
-      batching_kwargs=dict(
-          batch_tokens=batch_tokens,
-          eval_batch_tokens=eval_batch_tokens,
-          max_length=max_length,
-          length_policy=length_policy,
-          eval_length_policy=eval_length_policy,
-          seed=seed,
-          line_shuffle_buffer=line_shuffle_buffer,
-          batch_shuffle_buffer=batch_shuffle_buffer,
-          window_lines=window_lines,
-          max_batch_size=max_batch_size,
-          length_multiple=length_multiple,
-          repeat=repeat,
-          deterministic=deterministic,
-          output_format=output_format,
+      options=mt.MtBatching.resolve(
+          batching,
+          legacy_batching,
+          owner="wmt14_mt_data",
+          batch_tokens=BATCH_TOKENS,
       ),
   )

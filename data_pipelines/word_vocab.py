@@ -18,7 +18,6 @@ as `tf.strings.split`; other Unicode spaces stay inside tokens.
 """
 
 import collections
-import os
 from typing import AnyStr, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import tensorflow as tf
@@ -44,7 +43,49 @@ def split_words(line: str) -> List[str]:
   return [w for w in line.translate(_WHITESPACE_TO_SPACE).split(" ") if w]
 
 
-class WordVocab:
+class TokenList:
+  """An ordered token list (ids are positions); base of the vocabularies.
+
+  Subclasses set `self._tokens` (list of str) and `self._index` (token ->
+  id) in their constructor.
+  """
+
+  _tokens: List[str]
+  _index: Dict[str, int]
+
+  def __len__(self) -> int:
+    return len(self._tokens)
+
+  @property
+  def size(self) -> int:
+    return len(self._tokens)
+
+  @property
+  def tokens(self) -> List[str]:
+    return list(self._tokens)
+
+  @staticmethod
+  def check_loaded(
+      what: str, path: str, tokens: List[str], expected_size: Optional[int]
+  ) -> None:
+    """Raises DataError if a loaded token list is empty or of the wrong size.
+
+    Args:
+      what: e.g. "word vocabulary", for the message.
+      path: the file read.
+      tokens: its tokens.
+      expected_size: None, or the exact number of entries required.
+    """
+    if not tokens:
+      raise DataError(f"{what} file {path!r} is empty")
+    if expected_size is not None and len(tokens) != expected_size:
+      raise DataError(
+          f"{what} {path!r} has {len(tokens)} entries but"
+          f" {expected_size} were expected (mismatched vocabulary file)"
+      )
+
+
+class WordVocab(TokenList):
   """Word <-> id mapping with `<S>`, `</S>`, `<UNK>` and optional counts."""
 
   def __init__(
@@ -135,17 +176,6 @@ class WordVocab:
     )
 
   # ------------------------------------------------------------------ access
-  def __len__(self) -> int:
-    return len(self._tokens)
-
-  @property
-  def size(self) -> int:
-    return len(self._tokens)
-
-  @property
-  def tokens(self) -> List[str]:
-    return list(self._tokens)
-
   @property
   def counts(self) -> Optional[List[int]]:
     return list(self._counts) if self._counts is not None else None
@@ -191,17 +221,12 @@ class WordVocab:
   # ------------------------------------------------------------------ files
   def save(self, path: str) -> None:
     """Writes the vocabulary (token[\\tcount] per line); creates parents."""
-    parent = os.path.dirname(path)
-    if parent:
-      tf.io.gfile.makedirs(parent)
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      for i, token in enumerate(self._tokens):
-        if self._counts is None:
-          f.write(token + "\n")
-        else:
-          f.write(f"{token}\t{self._counts[i]}\n")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    if self._counts is None:
+      text_io.write_lines(path, self._tokens)
+    else:
+      text_io.write_lines(
+          path, (f"{t}\t{c}" for t, c in zip(self._tokens, self._counts))
+      )
 
   @classmethod
   def load(
@@ -242,13 +267,7 @@ class WordVocab:
               f"word vocabulary {path!r} line {line_no} is {line!r}; expected"
               ' "token" or "token<TAB>count"'
           )
-    if not tokens:
-      raise DataError(f"word vocabulary file {path!r} is empty")
-    if expected_size is not None and len(tokens) != expected_size:
-      raise DataError(
-          f"word vocabulary {path!r} has {len(tokens)} entries but"
-          f" {expected_size} were expected (mismatched vocabulary file)"
-      )
+    cls.check_loaded("word vocabulary", path, tokens, expected_size)
     have_counts = all(c is not None for c in counts)
     return cls(tokens, counts if have_counts else None, source=repr(path))
 

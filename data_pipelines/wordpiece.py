@@ -27,7 +27,6 @@ File format: UTF-8, one token per line, line i is id i (BERT vocab format).
 
 import collections
 import math
-import os
 import re
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -39,6 +38,7 @@ from tensorflow_text.tools.wordpiece_vocab import (
 )
 
 from data_pipelines import text_io
+from data_pipelines import word_vocab
 from data_pipelines.errors import DataError
 
 PAD = "[PAD]"
@@ -190,7 +190,7 @@ def _search_threshold(probe, *, target, slack, lower, upper, first_guess):
     thresh = int(round(min(max(guess, left), right)))
 
 
-class WordpieceVocab:
+class WordpieceVocab(word_vocab.TokenList):
   """An ordered wordpiece vocabulary with the reserved tokens first."""
 
   def __init__(
@@ -237,17 +237,6 @@ class WordpieceVocab:
     self._index = seen
     self.num_reserved = num_reserved
     self.source = source
-
-  def __len__(self) -> int:
-    return len(self._tokens)
-
-  @property
-  def size(self) -> int:
-    return len(self._tokens)
-
-  @property
-  def tokens(self) -> List[str]:
-    return list(self._tokens)
 
   def token_to_id(self, token: str) -> int:
     """Id of a token; raises DataError if it is not in the vocabulary."""
@@ -398,14 +387,7 @@ class WordpieceVocab:
 
   def save(self, path: str) -> None:
     """Writes one token per line (creates parent directories)."""
-    parent = os.path.dirname(path)
-    if parent:
-      tf.io.gfile.makedirs(parent)
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      for token in self._tokens:
-        f.write(token + "\n")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    text_io.write_lines(path, self._tokens)
 
   @classmethod
   def load(
@@ -437,13 +419,7 @@ class WordpieceVocab:
       )
     with tf.io.gfile.GFile(path, "rb") as f:
       tokens = [raw.decode("utf-8").rstrip("\n").rstrip("\r") for raw in f]
-    if not tokens:
-      raise DataError(f"wordpiece vocabulary file {path!r} is empty")
-    if expected_size is not None and len(tokens) != expected_size:
-      raise DataError(
-          f"wordpiece vocabulary {path!r} has {len(tokens)} entries but"
-          f" {expected_size} were expected (mismatched vocabulary file)"
-      )
+    cls.check_loaded("wordpiece vocabulary", path, tokens, expected_size)
     num_reserved = len(RESERVED_TOKENS)
     while num_reserved < len(tokens) and LANGUAGE_TOKEN_REGEX.match(
         tokens[num_reserved]

@@ -10,25 +10,37 @@ averaged over batches ("per batch", how the paper's Table 6 reports them).
 In evaluation (`training=False`) there is no noise, so the load of an expert
 is the number of tokens it receives; with `training=True` the noisy gates and
 the smooth load estimator of eq. (10) are used, as in a training step.
+
+This module imports no moe_keras code: an MoE layer is any Keras layer with
+`num_experts` whose `call` takes `return_stats` and then returns
+(outputs, stats) with the per-expert STAT_KEYS and "dropped_fraction"
+(what `moe_keras.layers.SparseMoE` and `HierarchicalSparseMoE` do).
 """
 
+import inspect
 import json
 import os
 
 import keras
 import numpy as np
 
-from moe_keras.distribution import Distribution
-from moe_keras.layers.sparse_moe import MoEBase
-
 STAT_KEYS = ("importance", "load", "token_counts")
+
+
+def is_moe_layer(layer):
+  """Whether `layer` reports routing statistics (`return_stats=True`)."""
+  if not isinstance(layer, keras.layers.Layer) or not hasattr(
+      layer, "num_experts"
+  ):
+    return False
+  return "return_stats" in inspect.signature(layer.call).parameters
 
 
 def moe_layers(model):
   """All MoE layers of `model` (recursively), in model order."""
   found = []
   for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
-    if isinstance(layer, MoEBase):
+    if is_moe_layer(layer):
       found.append(layer)
   return found
 
@@ -65,9 +77,10 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
   """Runs every MoE layer of `model` over `dataset` and summarizes routing.
 
   Args:
-    model: a functional keras.Model containing MoE layers, or a mesh's
-      wrapped one (its inner model runs the whole batch; MoE layers keep
-      their experts on the mesh's devices).
+    model: a functional keras.Model containing MoE layers; on a mesh, the
+      inner model (`moe_keras.distribution.Distribution.unwrap`), which runs
+      the whole batch while its MoE layers keep their experts on the mesh's
+      devices.
     dataset: iterable of (x, ...) batches in the model's input format.
     max_batches: stop after this many batches (None: all).
     training: use the training-time gates (noise, smooth load).
@@ -79,7 +92,6 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
     batches ('batch_mean_cv_importance', ...), 'dropped_fraction', and
     'num_batches'. Empty when the model has no MoE layer.
   """
-  model = Distribution.unwrap(model)
   layers = moe_layers(model)
   if not layers:
     return {}

@@ -4,7 +4,8 @@ import os
 import sys
 
 # TF reads these when it starts: the BFC allocator reuses the experts'
-# gradient buffers instead of page-faulting them every step (BUILD.md).
+# gradient buffers instead of page-faulting them every step
+# (benchmarks/README.md, `moe_layer.py`).
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

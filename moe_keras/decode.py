@@ -113,7 +113,7 @@ def main(argv):
 
   try:
     texts, bad = read_source_lines(FLAGS.input_file)
-    task, step, translator = mt_task.load_translator(
+    task, step, translator = experiment.load_translator(
         FLAGS.model_dir,
         FLAGS.beam_size,
         FLAGS.alpha,

@@ -722,3 +722,39 @@ def list_checkpoints(model_dir) -> List[str]:
       (f for f in os.listdir(directory) if CHECKPOINT_PATTERN.match(f)),
       key=lambda f: int(CHECKPOINT_PATTERN.match(f).group(1)),
   )
+
+
+def load_translator(model_dir, beam_size, alpha, target_lang, gin_bindings=()):
+  """(task, step, Translator) of a trained MT model_dir.
+
+  Args:
+    model_dir: a directory written by `moe_keras.train` for an MtTask.
+    beam_size: None (the task's) or an int >= 1.
+    alpha: None (the task's) or the length-penalty alpha.
+    target_lang: None or a language of a multilingual model ("fr").
+    gin_bindings: bindings applied on top of the saved config.
+
+  Returns:
+    (task, step, `moe_keras.tasks.mt_task.Translator`).
+
+  Raises:
+    ExperimentError: no config or checkpoint.
+    mt_task.TranslationError: not a translation experiment, a bad beam size
+      or target language.
+  """
+  from moe_keras.tasks import mt_task  # pylint: disable=g-import-not-at-top
+
+  task, model, step = load_experiment(model_dir, gin_bindings)
+  if not isinstance(task, mt_task.MtTask):
+    raise mt_task.TranslationError(
+        f"{model_dir} is a {type(task).__name__} experiment, not translation"
+    )
+  if beam_size is not None and beam_size < 1:
+    raise mt_task.TranslationError(
+        f"--beam_size must be >= 1, got {beam_size}"
+    )
+  mt_task.check_target_language(task, target_lang)
+  translator = task.translator(
+      model, beam_size=beam_size, alpha=alpha, target_language=target_lang
+  )
+  return task, step, translator

@@ -114,7 +114,7 @@ def main(argv):
           f"export_dir {export_dir} already exists; pass --overwrite to"
           " replace it"
       )
-    _, step, translator = mt_task.load_translator(
+    _, step, translator = experiment.load_translator(
         FLAGS.model_dir,
         FLAGS.beam_size,
         FLAGS.alpha,

@@ -1,8 +1,10 @@
 """Expert weights sharded over devices, tokens sent to them (TensorFlow).
 
 Paper section 3: each expert exists once, on one device, and receives the
-tokens routed to it. `MoEBase` calls `maybe_build` when it creates its
-experts. With `expert_devices=[d_0, ..., d_{E-1}]` on the layer, or inside a
+tokens routed to it. Importing this module installs `TensorFlowPlacement` as
+the layers' expert placement (`moe_keras.layers.expert_placement`), so
+`MoEBase` calls `maybe_build` when it creates its experts. With
+`expert_devices=[d_0, ..., d_{E-1}]` on the layer, or inside a
 `placement_scope` (what `moe_keras.distribution.make_distribution` opens),
 the stacked kernels [n, ...] are split into E contiguous blocks of n / E
 experts, block e a separate variable created on d_e. Otherwise the layer
@@ -36,6 +38,13 @@ from absl import logging
 import keras
 import numpy as np
 from keras import ops
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+from moe_keras.layers import backend_ops
+from moe_keras.layers import dispatch
+from moe_keras.layers import expert_placement
+from moe_keras.layers import gating as gating_lib
+from moe_keras.layers import sparse_moe
 
 _STATE = threading.local()
 # id(block variable) -> (variable, ShardedExperts, group name, block index),
@@ -197,6 +206,27 @@ def maybe_build(layer, input_dim):
         " keras.distribution LayoutMap)"
     )
   return ShardedExperts(layer, input_dim, placement)
+
+
+class TensorFlowPlacement(expert_placement.ExpertPlacement):
+  """The layers' expert placement: blocks on devices (installed on import).
+
+  Shards a layer that names `expert_devices` or is built inside a
+  `placement_scope`; other layers keep their single-device experts. Every
+  MoE balancing loss is divided by the replicas of a `replica_scope`.
+  """
+
+  def will_shard(self, layer):
+    return will_shard(layer)
+
+  def build_experts(self, layer, input_dim):
+    return maybe_build(layer, input_dim)
+
+  def scale_loss(self, loss):
+    return scale_replica_loss(loss)
+
+
+expert_placement.install(TensorFlowPlacement())
 
 
 class ShardedExperts:
@@ -370,12 +400,6 @@ class ShardedExperts:
         dynamic number of tokens.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from keras.src.backend.common.stateless_scope import in_stateless_scope  # pylint: disable=g-import-not-at-top
-
-    from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
-    from moe_keras.layers import dispatch  # pylint: disable=g-import-not-at-top
-    from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
-    from moe_keras.layers import sparse_moe  # pylint: disable=g-import-not-at-top
 
     layer = self.layer
     training = bool(training)
@@ -654,8 +678,6 @@ def _on_device(device, fn, *args):
 def _block_ffn(
     block_plan, rows, kernel_1, kernel_2, bias_1, bias_2, recompute=False
 ):
-  from moe_keras.layers import dispatch  # pylint: disable=g-import-not-at-top
-
   return dispatch.expert_ffn(
       block_plan, rows, kernel_1, kernel_2, bias_1, bias_2, recompute
   )
@@ -699,9 +721,6 @@ def _secondary_moe(
      float32 [g*b], num_dropped float32 scalar].
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  from moe_keras.layers import dispatch  # pylint: disable=g-import-not-at-top
-  from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
 
   num_groups, _, b = w_gate.shape
   ks = layer.k_secondary

@@ -359,7 +359,7 @@ def _grouped_ffn_tf_no_bias(
       d_w2 = tf.stack(d_w2)
       # The kernel_1 gradients start once the kernel_2 pieces are stacked
       # and freed: at most one set of n per-expert pieces is alive beside
-      # its stacked copy (peak memory, see BUILD.md).
+      # its stacked copy (peak memory, see benchmarks/README.md).
       with tf.control_dependencies([d_w2]):
         d_w1 = [
             tf.matmul(piece, d_hidden, transpose_a=True)

@@ -18,8 +18,8 @@ the paper places each secondary MoE.
 import keras
 from keras import ops
 
-from moe_keras.distribution import sharded_experts
 from moe_keras.layers import dispatch
+from moe_keras.layers import expert_placement
 from moe_keras.layers import gating as gating_lib
 from moe_keras.layers import sparse_moe
 
@@ -96,7 +96,7 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     a, b = self.num_groups, self.experts_per_group
     self.w_gate = self._gate_weight("w_gate", (input_dim, a))
     self.w_noise = self._gate_weight("w_noise", (input_dim, a))
-    if not sharded_experts.will_shard(self):
+    if not expert_placement.current().will_shard(self):
       # Sharded: each group's secondary gates live with its experts.
       self.w_gate_secondary = self._gate_weight(
           "w_gate_secondary", (a, input_dim, b)

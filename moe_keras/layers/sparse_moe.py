@@ -15,9 +15,9 @@ import keras
 from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from moe_keras.distribution import sharded_experts
 from moe_keras.layers import backend_ops
 from moe_keras.layers import dispatch
+from moe_keras.layers import expert_placement
 from moe_keras.layers import gating as gating_lib
 
 GATINGS = ("noisy_top_k", "top_k", "softmax", "batchwise")
@@ -226,7 +226,7 @@ class MoEBase(keras.layers.Layer):
         else keras.dtype_policies.get(expert_dtype).name
     )
     # Placement, not architecture: not in get_config, and checkpoints store
-    # the unsharded [n, ...] arrays (moe_keras.distribution.sharded_experts).
+    # the unsharded [n, ...] arrays (see moe_keras.layers.expert_placement).
     self.expert_devices = (
         None if expert_devices is None else list(expert_devices)
     )
@@ -259,9 +259,9 @@ class MoEBase(keras.layers.Layer):
     return {"dtype": policy.variable_dtype, "autocast": False}
 
   def _build_experts(self, input_dim):
-    # Sharding hook: expert blocks on several devices (TensorFlow), when
-    # `expert_devices` is set or a moe_keras.distribution scope is active.
-    shards = sharded_experts.maybe_build(self, input_dim)
+    # Placement hook (moe_keras.layers.expert_placement): an installed
+    # placement may create the experts elsewhere (e.g. blocks on devices).
+    shards = expert_placement.current().build_experts(self, input_dim)
     if shards is not None:
       self._expert_shards = shards
       return
@@ -381,14 +381,14 @@ class MoEBase(keras.layers.Layer):
 
     One loss is added per call, as before; `aux_loss_parts` lets a model
     (`moe_keras.models.task_model`) find that tensor among `model.losses`
-    and log each part under its own name. Under an in-graph replica scope
-    (moe_keras.distribution) every part is divided by the replicas.
+    and log each part under its own name. The installed expert placement
+    scales every part (e.g. divides it by the in-graph replicas).
 
     Args:
       parts: dict {name from `aux_loss_names`: float32 scalar tensor}.
     """
     parts = {
-        name: sharded_experts.scale_replica_loss(value)
+        name: expert_placement.current().scale_loss(value)
         for name, value in parts.items()
     }
     total = None

@@ -23,6 +23,7 @@ import numpy as np
 from data_pipelines import batching
 from eval import expert_stats
 from eval import perplexity as perplexity_lib
+from moe_keras import distribution as distribution_lib
 from moe_keras.models import lm
 from moe_keras.tasks import base
 
@@ -97,7 +98,9 @@ class LmTask(base.Task):
     if accumulator.tokens == 0:
       raise ValueError(f"the {split} split is empty: no target tokens")
     stats = expert_stats.collect_expert_stats(
-        model, dataset, max_batches=self.stats_batches
+        distribution_lib.Distribution.unwrap(model),
+        dataset,
+        max_batches=self.stats_batches,
     )
     result = {
         "split": split,

@@ -382,7 +382,9 @@ class MtTask(base.Task):
     with open(output_file, "w", encoding="utf-8") as f:
       f.writelines(h.replace("\n", " ") + "\n" for h in hyps)
     stats = expert_stats.collect_expert_stats(
-        model, dataset, max_batches=self.stats_batches
+        distribution_lib.Distribution.unwrap(model),
+        dataset,
+        max_batches=self.stats_batches,
     )
     result = {
         "split": split,
@@ -431,21 +433,3 @@ def check_target_language(task, target_lang):
         f"--target_lang={language} is not one of the model's languages"
         f" ({', '.join(t[2:-1] for t in tokens)})"
     )
-
-
-def load_translator(model_dir, beam_size, alpha, target_lang, gin_bindings=()):
-  """(task, step, Translator) of a trained MT model_dir."""
-  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
-
-  task, model, step = experiment.load_experiment(model_dir, gin_bindings)
-  if not isinstance(task, MtTask):
-    raise TranslationError(
-        f"{model_dir} is a {type(task).__name__} experiment, not translation"
-    )
-  if beam_size is not None and beam_size < 1:
-    raise TranslationError(f"--beam_size must be >= 1, got {beam_size}")
-  check_target_language(task, target_lang)
-  translator = task.translator(
-      model, beam_size=beam_size, alpha=alpha, target_language=target_lang
-  )
-  return task, step, translator

@@ -5,6 +5,7 @@ collide with other test helpers); conftest.py puts this directory and the
 repository root on sys.path.
 """
 
+import dataclasses
 import pathlib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -21,6 +22,26 @@ DEBIAN_HANDMADE_LISTS = FIXTURES / "debian_handmade" / "lists"
 DEBIAN_DOCS_PKG = FIXTURES / "debian_docs_pkg"
 DEBIAN_DOCS_CORPUS = FIXTURES / "debian_docs"
 GIN_DIR = REPO_ROOT / "gin" / "data"
+
+
+def pop_batching(options_cls, kwargs, **defaults):
+  """Moves the `options_cls` fields out of `kwargs` into one options value.
+
+  Args:
+    options_cls: data_pipelines.lm.LmBatching or mt.MtBatching.
+    kwargs: keyword arguments of a corpus call; its batching fields are
+      removed.
+    **defaults: field values used unless `kwargs` names them.
+
+  Returns:
+    An `options_cls`.
+  """
+  names = {field.name for field in dataclasses.fields(options_cls)}
+  fields = dict(defaults)
+  fields.update(
+      {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+  )
+  return options_cls(**fields)
 
 
 def read_lines(path) -> list:

@@ -6,6 +6,7 @@ import dp_testlib as testlib
 import pytest
 
 from data_pipelines import debian_translations as debian
+from data_pipelines import mt
 from data_pipelines.errors import DataError
 
 NETWORK_ENV = "MOE_KERAS_NETWORK_TESTS"
@@ -171,8 +172,7 @@ def test_debian_mt_data_pipeline(tmp_path):
       fetch=False,
       vocab_size=600,
       learn_kwargs={"lower_thresh": 2},
-      batch_tokens=512,
-      max_length=96,
+      batching=mt.MtBatching(batch_tokens=512, max_length=96),
   )
   rows = 0
   for x, target_out, weights in data.train_dataset().as_numpy_iterator():

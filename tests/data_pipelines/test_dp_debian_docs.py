@@ -400,7 +400,9 @@ def test_missing_corpus_error_names_the_build_command(tmp_path):
 @pytest.mark.parametrize("split", ["valid", "test"])
 def test_lm_data_reads_the_eval_split(split):
   data = dd.debian_docs_lm_data(
-      cache_dir=str(CORPUS_FIXTURE), eval_split=split, batch_tokens=256
+      cache_dir=str(CORPUS_FIXTURE),
+      eval_split=split,
+      batching=lm.LmBatching(batch_tokens=256),
   )
   assert isinstance(data, lm.LmData)
   vocab = data.vocab

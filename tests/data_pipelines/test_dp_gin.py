@@ -4,6 +4,8 @@ This is exactly what a user does to point an experiment at their own files:
   --gin_bindings="TRAIN_FILES='/path/*.txt'"
 """
 
+import dataclasses
+
 import dp_testlib as testlib
 import gin
 import pytest
@@ -11,6 +13,7 @@ import pytest
 import data_pipelines
 from data_pipelines import lm
 from data_pipelines import mt
+from data_pipelines.errors import DataError
 
 WMT = testlib.WMT_DIR
 LM1B_TRAIN = str(testlib.LM1B_TRAIN_DIR / "news.en-000??-of-00100")
@@ -27,7 +30,7 @@ def _cases(tmp):
       "debian_mt_data.fetch = False",
       "debian_mt_data.vocab_size = 500",
       "debian_mt_data.learn_kwargs = {'lower_thresh': 2}",
-      "debian_mt_data.batch_tokens = 512",
+      "mt_batching.batch_tokens = 512",
   ]
   return {
       "ptb.gin": ([], lm.LmData),
@@ -36,7 +39,7 @@ def _cases(tmp):
               f"TRAIN_FILES = '{LM1B_TRAIN}'",
               f"EVAL_FILES = '{LM1B_TEST}'",
               f"LM1B_VOCAB_FILE = '{tmp}/lm1b_vocab.txt'",
-              "lm1b_lm_data.batch_tokens = 256",
+              "lm_batching.batch_tokens = 256",
           ],
           lm.LmData,
       ),
@@ -45,7 +48,7 @@ def _cases(tmp):
               f"TRAIN_FILES = ['{LM1B_TRAIN}']",
               f"EVAL_FILES = '{LM1B_TEST}'",
               f"NEWS_VOCAB_FILE = '{tmp}/news_vocab.txt'",
-              "news_lm_data.batch_tokens = 256",
+              "lm_batching.batch_tokens = 256",
           ],
           lm.LmData,
       ),
@@ -56,7 +59,7 @@ def _cases(tmp):
               f"WMT_VOCAB_FILE = '{tmp}/wmt_fr.txt'",
               "wmt14_mt_data.vocab_size = 300",
               "wmt14_mt_data.learn_kwargs = {'lower_thresh': 1}",
-              "wmt14_mt_data.batch_tokens = 256",
+              "mt_batching.batch_tokens = 256",
           ],
           mt.MtData,
       ),
@@ -67,14 +70,14 @@ def _cases(tmp):
               f"WMT_VOCAB_FILE = '{tmp}/wmt_de.txt'",
               "wmt14_mt_data.vocab_size = 300",
               "wmt14_mt_data.learn_kwargs = {'lower_thresh': 1}",
-              "wmt14_mt_data.batch_tokens = 256",
+              "mt_batching.batch_tokens = 256",
           ],
           mt.MtData,
       ),
       "debian_docs.gin": (
           [
               f"DEBIAN_DOCS_CACHE_DIR = '{testlib.DEBIAN_DOCS_CORPUS}'",
-              "debian_docs_lm_data.batch_tokens = 256",
+              "lm_batching.batch_tokens = 256",
           ],
           lm.LmData,
       ),
@@ -88,7 +91,7 @@ def _cases(tmp):
               f"MULTILINGUAL_VOCAB_FILE = '{tmp}/multi.txt'",
               "multilingual_mt_data.vocab_size = 300",
               "multilingual_mt_data.learn_kwargs = {'lower_thresh': 1}",
-              "multilingual_mt_data.batch_tokens = 256",
+              "mt_batching.batch_tokens = 256",
           ],
           mt.MtData,
       ),
@@ -118,3 +121,61 @@ def test_gin_config_builds_batches(tmp_path, name):
     x, target_out, weights = batch
     assert x["target_in"].shape == target_out.shape == weights.shape
     assert int(x["source"].shape[0]) >= 1
+
+
+def _ptb_options(monkeypatch, bindings):
+  """The resolved LmBatching that gin/data/ptb.gin + `bindings` builds."""
+  seen = []
+  make_lm_data = lm.make_lm_data
+
+  def spy(**wiring):
+    seen.append(wiring["options"])
+    return make_lm_data(**wiring)
+
+  monkeypatch.setattr(lm, "make_lm_data", spy)
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings(
+        [str(testlib.GIN_DIR / "ptb.gin")], bindings
+    )
+    data_pipelines.get_data()
+  finally:
+    gin.clear_config()
+  return seen[0]
+
+
+def test_batching_is_one_gin_value_with_the_corpus_defaults(monkeypatch):
+  options = _ptb_options(monkeypatch, [])
+  assert options == lm.LmBatching(batch_tokens=4096, max_length=128)
+  assert lm.LmBatching.resolve(
+      None, {}, owner="ptb_lm_data", batch_tokens=4096
+  ) == options  # the gin file binds the defaults
+  bound = _ptb_options(monkeypatch, ["lm_batching.batch_tokens = 512"])
+  assert bound == dataclasses.replace(options, batch_tokens=512)
+
+
+def test_older_run_configs_with_batching_on_the_corpus_still_load(
+    monkeypatch,
+):
+  # The config.gin of a run trained before LmBatching names every option
+  # on the corpus function; it must still build the same batching.
+  legacy = _ptb_options(
+      monkeypatch,
+      ["ptb_lm_data.batch_tokens = 512", "ptb_lm_data.mode = 'packed'"],
+  )
+  assert legacy == lm.LmBatching(
+      batch_tokens=512, max_length=128, mode="packed"
+  )
+
+
+def test_batching_errors_are_one_line(monkeypatch):
+  with pytest.raises(DataError, match="unknown argument.*batch_tokenz"):
+    _ptb_options(monkeypatch, ["ptb_lm_data.batch_tokenz = 512"])
+  with pytest.raises(ValueError, match="mode='pack'"):
+    lm.LmBatching(mode="pack")
+  with pytest.raises(ValueError, match="length_policy='cut'"):
+    mt.MtBatching(length_policy="cut")
+  with pytest.raises(DataError, match="batching must be a MtBatching"):
+    mt.MtBatching.resolve(
+        lm.LmBatching(), {}, owner="wmt14_mt_data", batch_tokens=1
+    )

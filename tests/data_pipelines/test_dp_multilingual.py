@@ -6,6 +6,7 @@ import dp_testlib as testlib
 import pytest
 import tensorflow as tf
 
+from data_pipelines import mt
 from data_pipelines import multilingual
 from data_pipelines import wordpiece
 from data_pipelines.errors import DataError
@@ -42,8 +43,7 @@ def data_fixture():
       {"en-fr": FILES["en-fr"]},
       vocab_size=400,
       learn_kwargs={"lower_thresh": 1},
-      batch_tokens=128,
-      max_length=64,
+      batching=mt.MtBatching(batch_tokens=128, max_length=64),
   )
 
 
@@ -101,8 +101,7 @@ def test_pair_weights_set_direction_rates():
       pair_weights={"en-fr": 2.0, "fr-en": 1.0, "en-de": 1.0},
       vocab_size=400,
       learn_kwargs={"lower_thresh": 1},
-      batch_tokens=512,
-      max_length=64,
+      batching=mt.MtBatching(batch_tokens=512, max_length=64),
   )
   counts = collections.Counter()
   for x, _, _ in data.train_dataset().take(120):

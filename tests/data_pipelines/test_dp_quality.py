@@ -5,8 +5,9 @@ import logging
 import numpy as np
 import pytest
 
-from data_pipelines import ptb
+from data_pipelines import lm
 from data_pipelines import news_shards
+from data_pipelines import ptb
 
 
 def _random_bytes(path, size=2000):
@@ -27,10 +28,15 @@ def test_invalid_utf8_is_counted_and_warned(reader, tmp_path, caplog):
   clean.write_text("the cat sat\nthe dog ran\n")
   if reader == "ptb":
     data = ptb.ptb_lm_data(
-        train_files=str(garbage), eval_files=str(clean), batch_tokens=256
+        train_files=str(garbage),
+        eval_files=str(clean),
+        batching=lm.LmBatching(batch_tokens=256),
     )
   else:
-    data = news_shards.news_lm_data(str(garbage), batch_tokens=256)
+    data = news_shards.news_lm_data(
+        str(garbage),
+        batching=lm.LmBatching(batch_tokens=256),
+    )
   caplog.set_level(logging.INFO)
   _one_pass(data.train_dataset())
   stats = data.stats[f"{reader}/train"].last
@@ -50,7 +56,9 @@ def test_unknown_words_are_warned(tmp_path, caplog):
   other = tmp_path / "other.txt"
   other.write_text("zebra ran far\nthe cat sat\n")
   data = ptb.ptb_lm_data(
-      train_files=str(train), eval_files=str(other), batch_tokens=256
+      train_files=str(train),
+      eval_files=str(other),
+      batching=lm.LmBatching(batch_tokens=256),
   )
   caplog.set_level(logging.INFO)
   _one_pass(data.eval_dataset())

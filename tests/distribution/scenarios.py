@@ -329,6 +329,7 @@ def scenario_sharded_layer():
 def scenario_sharded_options():
   """recompute_expert_activations and expert_dtype: sharded == one device."""
   devices = setup_tf_devices()
+  import moe_keras.distribution  # pylint: disable=g-import-not-at-top,unused-import  # expert_devices
   from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
 

@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
   result = experiment.train(model_dir, verbose=0)
   gin.clear_config()
   assert result["step"] == STEPS
-  task, step, translator = mt_task.load_translator(model_dir, 1, None, None)
+  task, step, translator = experiment.load_translator(model_dir, 1, None, None)
   assert step == STEPS
   return {
       "dir": directory,
@@ -192,10 +192,10 @@ def test_multilingual_tiny(tmp_path):
   experiment.train(model_dir, verbose=0)
   gin.clear_config()
   with pytest.raises(mt_task.TranslationError, match="multilingual"):
-    mt_task.load_translator(model_dir, 1, None, None)
+    experiment.load_translator(model_dir, 1, None, None)
   with pytest.raises(mt_task.TranslationError, match="not one of"):
-    mt_task.load_translator(model_dir, 1, None, "de")
-  task, _, translator = mt_task.load_translator(model_dir, 1, None, "fr")
+    experiment.load_translator(model_dir, 1, None, "de")
+  task, _, translator = experiment.load_translator(model_dir, 1, None, "fr")
   assert translator.language_token_id == task.data.vocab.token_to_id("<2fr>")
   result = task.evaluate(translator.model, "dev", model_dir, beam_size=1)
   assert result["sentences"] == 12  # 6 pairs in each direction
