@@ -1,26 +1,36 @@
 r"""Benchmark: SparseMoE training step vs a dense FFN of the same active FLOPs.
 
 Forward + backward of SparseMoE's training path (noisy top-k gating, balancing
-losses, sparse dispatch and combine) at tokens=8192, d=512, h=1024, k=4 for
-several numbers of experts, against a dense ReLU FFN with hidden size k*h (the
-same expert FLOPs per token). Every measurement runs in its own subprocess so
-that its peak resident memory can be read; the dense FFN is re-measured next
-to every MoE row so that drifting machine load affects both sides alike.
+losses, sparse dispatch and combine) at d=512, h=1024, k=4, at 4096 and 8192
+tokens and 1024, 256, 128 and 32 tokens per expert (n = tokens*k / that),
+against a dense ReLU FFN with hidden size k*h (the same expert FLOPs per
+token). Every measurement runs in its own subprocess so that its peak resident
+memory can be read; the dense FFN and the MoE alternate, `--rounds` times per
+row, so that drifting machine load affects both sides alike.
+
+The library path is measured: each worker imports `moe_keras` first, as a
+user's script would (`from moe_keras.layers import SparseMoE`), and the script
+sets no environment; whatever `import moe_keras` arranges (the TF CPU
+allocator) applies to the MoE and the dense worker alike. `--tf_cpu_allocator`
+forces one allocator for comparisons.
 
 Columns:
-  experts, tokens/expert: n and 8192*k/n.
-  moe ms, dense ms: median step time of --repeats runs after a warm-up.
-  GFLOP/s: useful FLOPs of the MoE step / MoE time, where useful FLOPs are
-    3 x forward (= forward + backward) matmul FLOPs of the k active experts,
-    2 * tokens * k * (d*h + h*d) * 3 (gating excluded).
-  ratio: dense ms / moe ms (1.0 = the MoE costs what its active FLOPs cost).
-  moe MB, dense MB: peak resident memory of the process (variables, gradients,
-    activations and the framework runtime).
+  tokens, experts, tok/exp: N, n and N*k/n.
+  moe ms, dense ms: median over rounds of the median step time of --repeats
+    runs after a warm-up.
+  ratio: dense ms / moe ms per round, min-max over rounds (1.0 = the MoE
+    costs what its active FLOPs cost); target from issue 15.
+  GFLOP/s: useful FLOPs of the MoE step / median MoE time, where useful FLOPs
+    are 3 x forward (= forward + backward) matmul FLOPs of the k active
+    experts, 2 * tokens * k * (d*h + h*d) * 3 (gating excluded).
+  moe MB, dense MB: largest peak resident memory of the process over rounds
+    (variables, gradients, activations and the framework runtime).
   bound MB: (dense MB + 2 x expert parameter bytes) x 1.3, the memory target.
 
 Usage:
   python benchmarks/moe_layer.py                       # the issue's table
-  python benchmarks/moe_layer.py --num_experts=16,64 --repeats=3
+  python benchmarks/moe_layer.py --tokens=4096 --tokens_per_expert=32 --rounds=1
+  python benchmarks/moe_layer.py --tf_cpu_allocator=default   # TF's default
   KERAS_BACKEND=jax python benchmarks/moe_layer.py --capacity_factor=1.25
 """
 
@@ -35,16 +45,37 @@ import time
 from absl import app
 from absl import flags
 
-DEFAULT_EXPERTS = "16,64,256,1024"
+# Ratio targets (dense ms / MoE ms) by tokens per expert, issue 15.
+RATIO_TARGETS = {1024: 0.9, 256: 0.85, 128: 0.7, 32: 0.45}
+ALLOCATOR_ENV = {"default": "false", "bfc": "true"}
 
-_NUM_EXPERTS = flags.DEFINE_string(
-    "num_experts", DEFAULT_EXPERTS, "Comma-separated numbers of experts."
+_TOKENS = flags.DEFINE_list(
+    "tokens", ["4096", "8192"], "Tokens per step (one table block each)."
 )
-_TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per step.")
+_TOKENS_PER_EXPERT = flags.DEFINE_list(
+    "tokens_per_expert",
+    [str(t) for t in RATIO_TARGETS],
+    "Rows: tokens*k / num_experts.",
+)
+_NUM_EXPERTS = flags.DEFINE_list(
+    "num_experts",
+    None,
+    "Rows by number of experts instead of --tokens_per_expert.",
+)
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "Alternating dense/MoE measurements per row."
+)
+_TF_CPU_ALLOCATOR = flags.DEFINE_enum(
+    "tf_cpu_allocator",
+    "library",
+    ["library", "default", "bfc"],
+    "library: no environment set (what `import moe_keras` arranges);"
+    " default / bfc: TF_CPU_ALLOCATOR_USE_BFC=false / true for both workers.",
+)
 _DIM = flags.DEFINE_integer("dim", 512, "Input and output dimension d.")
 _HIDDEN = flags.DEFINE_integer("hidden", 1024, "Expert hidden size h.")
 _K = flags.DEFINE_integer("k", 4, "Experts per token.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per measurement.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per measurement.")
 _CAPACITY_FACTOR = flags.DEFINE_float(
     "capacity_factor", None, "None = dropless (the paper)."
 )
@@ -60,15 +91,17 @@ def _peak_rss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _measure(model, num_experts):
+def _measure(model, num_experts, tokens):
   """Runs one measurement in this process; returns a dict."""
+  # As a user's script: moe_keras first (it may set up TF's allocator).
+  import moe_keras  # pylint: disable=g-import-not-at-top,unused-import
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
 
   keras.config.set_dtype_policy(_DTYPE.value)
-  tokens, d, h, k = _TOKENS.value, _DIM.value, _HIDDEN.value, _K.value
+  d, h, k = _DIM.value, _HIDDEN.value, _K.value
   rng = np.random.default_rng(0)
   x = keras.ops.convert_to_tensor(
       rng.standard_normal((tokens, d), dtype=np.float32)
@@ -151,14 +184,14 @@ def _make_step(layer):
   raise ValueError(f"unsupported backend {backend!r}")
 
 
-def _spawn(model, num_experts):
+def _spawn(model, num_experts, tokens):
   """Runs one measurement in a fresh subprocess and parses its JSON line."""
   argv = [
       sys.executable,
       os.path.abspath(__file__),
       f"--worker={model}",
       f"--num_experts={num_experts}",
-      f"--tokens={_TOKENS.value}",
+      f"--tokens={tokens}",
       f"--dim={_DIM.value}",
       f"--hidden={_HIDDEN.value}",
       f"--k={_K.value}",
@@ -168,10 +201,8 @@ def _spawn(model, num_experts):
   if _CAPACITY_FACTOR.value is not None:
     argv.append(f"--capacity_factor={_CAPACITY_FACTOR.value}")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  # TensorFlow's caching (BFC) CPU allocator, for the MoE and the dense
-  # worker alike: without it every step page-faults its gradient buffers
-  # afresh (see README.md).
-  env.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+  if _TF_CPU_ALLOCATOR.value in ALLOCATOR_ENV:
+    env["TF_CPU_ALLOCATOR_USE_BFC"] = ALLOCATOR_ENV[_TF_CPU_ALLOCATOR.value]
   proc = subprocess.run(
       argv, capture_output=True, text=True, env=env, check=False
   )
@@ -183,41 +214,69 @@ def _spawn(model, num_experts):
   )
 
 
+def _rows(tokens, k):
+  """[(num_experts, tokens per expert)] of the flags for `tokens`."""
+  if _NUM_EXPERTS.value:
+    return [(int(n), tokens * k // int(n)) for n in _NUM_EXPERTS.value]
+  rows = []
+  for per_expert in (int(t) for t in _TOKENS_PER_EXPERT.value):
+    if (tokens * k) % per_expert:
+      raise app.UsageError(
+          f"--tokens_per_expert={per_expert} does not divide tokens*k ="
+          f" {tokens * k}"
+      )
+    rows.append((tokens * k // per_expert, per_expert))
+  return rows
+
+
 def main(argv):
   del argv
   if _WORKER.value:
-    result = _measure(_WORKER.value, int(_NUM_EXPERTS.value))
+    result = _measure(
+        _WORKER.value, int(_NUM_EXPERTS.value[0]), int(_TOKENS.value[0])
+    )
     print("RESULT " + json.dumps(result), flush=True)
     return
   import keras  # pylint: disable=g-import-not-at-top
 
-  tokens, d, h, k = _TOKENS.value, _DIM.value, _HIDDEN.value, _K.value
-  useful_flops = 2.0 * tokens * k * (d * h + h * d) * 3.0
+  d, h, k = _DIM.value, _HIDDEN.value, _K.value
   print(
       f"SparseMoE training step (fwd+bwd), backend={keras.backend.backend()},"
-      f" dtype={_DTYPE.value}, tokens={tokens}, d={d}, h={h}, k={k},"
-      f" capacity_factor={_CAPACITY_FACTOR.value}, cpus={os.cpu_count()}"
+      f" dtype={_DTYPE.value}, d={d}, h={h}, k={k},"
+      f" capacity_factor={_CAPACITY_FACTOR.value},"
+      f" tf_cpu_allocator={_TF_CPU_ALLOCATOR.value} (env"
+      f" TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC')}),"
+      f" rounds={_ROUNDS.value}, repeats={_REPEATS.value},"
+      f" cpus={os.cpu_count()}"
   )
-  header = (
-      f"{'experts':>7} {'tok/exp':>7} {'moe ms':>8} {'dense ms':>8}"
-      f" {'GFLOP/s':>8} {'ratio':>6} {'moe MB':>7} {'dense MB':>8}"
-      f" {'bound MB':>8}"
+  print(
+      "| tokens | experts | tok/exp | moe ms | dense ms | ratio (min-max)"
+      " | target | GFLOP/s | moe MB | dense MB | bound MB |"
   )
-  print(header)
-  print("-" * len(header))
-  for num_experts in [int(n) for n in _NUM_EXPERTS.value.split(",")]:
-    dense = _spawn("dense", num_experts)
-    moe = _spawn("moe", num_experts)
-    param_mb = num_experts * 2 * d * h * 4 / 2**20
-    bound = 1.3 * (dense["peak_mb"] + 2 * param_mb)
-    print(
-        f"{num_experts:>7} {tokens * k // num_experts:>7}"
-        f" {moe['ms']:>8.0f} {dense['ms']:>8.0f}"
-        f" {useful_flops / moe['ms'] / 1e6:>8.1f}"
-        f" {dense['ms'] / moe['ms']:>6.2f} {moe['peak_mb']:>7.0f}"
-        f" {dense['peak_mb']:>8.0f} {bound:>8.0f}",
-        flush=True,
-    )
+  print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+  for tokens in (int(t) for t in _TOKENS.value):
+    useful_flops = 2.0 * tokens * k * (d * h + h * d) * 3.0
+    for num_experts, per_expert in _rows(tokens, k):
+      dense, moe = [], []
+      for _ in range(_ROUNDS.value):
+        dense.append(_spawn("dense", num_experts, tokens))
+        moe.append(_spawn("moe", num_experts, tokens))
+      ratios = [a["ms"] / b["ms"] for a, b in zip(dense, moe)]
+      moe_ms = statistics.median(m["ms"] for m in moe)
+      dense_ms = statistics.median(m["ms"] for m in dense)
+      moe_mb = max(m["peak_mb"] for m in moe)
+      dense_mb = max(m["peak_mb"] for m in dense)
+      param_mb = num_experts * 2 * d * h * 4 / 2**20
+      bound = 1.3 * (dense_mb + 2 * param_mb)
+      target = RATIO_TARGETS.get(per_expert)
+      print(
+          f"| {tokens} | {num_experts} | {per_expert} | {moe_ms:.0f} |"
+          f" {dense_ms:.0f} | {min(ratios):.2f}-{max(ratios):.2f} |"
+          f" {'' if target is None else f'>= {target}'} |"
+          f" {useful_flops / moe_ms / 1e6:.1f} | {moe_mb:.0f} |"
+          f" {dense_mb:.0f} | {bound:.0f} |",
+          flush=True,
+      )
 
 
 if __name__ == "__main__":

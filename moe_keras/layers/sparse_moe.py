@@ -19,6 +19,7 @@ from moe_keras.layers import backend_ops
 from moe_keras.layers import dispatch
 from moe_keras.layers import expert_placement
 from moe_keras.layers import gating as gating_lib
+from moe_keras.layers import small_batch
 
 GATINGS = ("noisy_top_k", "top_k", "softmax", "batchwise")
 STAT_METRICS = (
@@ -231,6 +232,10 @@ class MoEBase(keras.layers.Layer):
         None if expert_devices is None else list(expert_devices)
     )
     self._expert_shards = None
+    # Experts per token and largest tokens*k for moe_keras.layers.
+    # small_batch (SparseMoE sets them); None: never.
+    self._small_batch_k = None
+    self._small_batch_limit = 0
     self.supports_masking = True
     self._aux_loss_records = _AuxLossRecords()
     self._stat_trackers = {}
@@ -342,15 +347,7 @@ class MoEBase(keras.layers.Layer):
     tokens, valid, leading = flatten_tokens(self.name, inputs, mask)
     tokens = ops.cast(tokens, self.compute_dtype)
     routing = self._route(tokens, valid, training, noise)
-    plan = dispatch.RoutingPlan(
-        routing["expert_ids"],
-        num_experts=self.num_experts,
-        capacity_factor=self.capacity_factor,
-        padded=self._padded_dispatch(),
-    )
-    rows = plan.dispatch(ops.cast(tokens, self.expert_compute_dtype))
-    expert_out = self._run_experts(plan, rows)
-    combined = plan.combine(expert_out, routing["gates"])
+    combined, plan = self._combined_output(tokens, routing, training)
     outputs = ops.reshape(
         ops.cast(combined, self.compute_dtype),
         tuple(leading) + (combined.shape[-1],),
@@ -370,6 +367,68 @@ class MoEBase(keras.layers.Layer):
     if return_stats:
       return outputs, stats
     return outputs
+
+  def _combined_output(self, tokens, routing, training):
+    """Eq. (1) for the routed tokens: the routing plan, or small_batch.
+
+    Returns:
+      ([N, d_out] float32 combined output, an object with `token_counts`
+      [n] and `num_dropped` for the statistics: the RoutingPlan, or
+      small_batch.StepCounts when the step is small; see
+      moe_keras.layers.small_batch).
+    """
+    gates = routing["gates"]
+    ids = routing["expert_ids"]
+    rows_in = ops.cast(tokens, self.expert_compute_dtype)
+
+    def planned():
+      plan = dispatch.RoutingPlan(
+          ids,
+          num_experts=self.num_experts,
+          capacity_factor=self.capacity_factor,
+          padded=self._padded_dispatch(),
+      )
+      expert_out = self._run_experts(plan, plan.dispatch(rows_in))
+      return plan.combine(expert_out, gates), plan
+
+    small = (
+        self._small_batch_k is not None
+        and self.capacity_factor is None
+        and self._expert_shards is None
+        and small_batch.use_small_batch(
+            ids.shape[0] if ids.shape[0] is not None else ops.shape(ids)[0],
+            self._small_batch_k,
+            self._small_batch_limit,
+            training,
+        )
+    )
+    if small is False:
+      return planned()
+
+    def gathered():
+      cast = lambda v: (
+          None if v is None else ops.cast(v, self.expert_compute_dtype)
+      )
+      out = small_batch.moe_output(
+          rows_in,
+          ids,
+          gates,
+          cast(self.expert_kernel_1),
+          cast(self.expert_kernel_2),
+          cast(self.expert_bias_1),
+          cast(self.expert_bias_2),
+      )
+      return out, small_batch.StepCounts(
+          small_batch.token_counts(ids, self.num_experts),
+          ops.zeros((), "int32"),
+      )
+
+    if small is True:
+      return gathered()
+    # Dynamic batch at inference (decoding): chosen per step.
+    pair = lambda fn: (lambda: (lambda o, c: (o, c.token_counts))(*fn()))
+    out, counts = ops.cond(small, pair(gathered), pair(planned))
+    return out, small_batch.StepCounts(counts, ops.zeros((), "int32"))
 
   @property
   def aux_loss_names(self):
@@ -567,6 +626,12 @@ class SparseMoE(MoEBase):
   XLA/JAX); overflow assignments are dropped in token order and reported as
   `dropped_fraction`.
 
+  Small steps (tokens*k <= `small_batch_limit`, e.g. one step of decoding;
+  None: the backend's default, 0: never) skip the routing plan: each token's
+  experts run through per-token gathers and one batched matmul per layer
+  (`moe_keras.layers.small_batch`); same values and gradients. Dropless,
+  unsharded experts, gatings other than "softmax" only.
+
   At k = 1 the single kept gate is softmax of one logit = 1.0: the task loss
   gives W_g no gradient, and only the balancing losses train the gate.
   """
@@ -582,6 +647,7 @@ class SparseMoE(MoEBase):
       w_load=0.1,
       capacity_factor=None,
       w_batchwise=1.0,
+      small_batch_limit=None,
       **kwargs,
   ):
     if gating not in GATINGS:
@@ -589,6 +655,13 @@ class SparseMoE(MoEBase):
           f"unknown gating {gating!r}; expected one of {', '.join(GATINGS)}"
       )
     _validate_common(num_experts, k, capacity_factor, w_importance, w_load)
+    if small_batch_limit is not None and (
+        not isinstance(small_batch_limit, int) or small_batch_limit < 0
+    ):
+      raise ValueError(
+          "small_batch_limit must be None (the backend's default) or an int"
+          f" >= 0 (0: never), got {small_batch_limit!r}"
+      )
     super().__init__(
         num_experts=num_experts,
         expert_hidden_dim=expert_hidden_dim,
@@ -601,6 +674,14 @@ class SparseMoE(MoEBase):
     self.k = k
     self.gating = gating
     self.w_batchwise = float(w_batchwise)
+    self.small_batch_limit = small_batch_limit
+    # The softmax gating routes every token to all n experts: never small.
+    self._small_batch_k = None if gating == "softmax" else k
+    self._small_batch_limit = (
+        small_batch.default_limit(num_experts)
+        if small_batch_limit is None
+        else small_batch_limit
+    )
 
   def build(self, input_shape):
     input_dim = input_shape[-1]
@@ -715,6 +796,7 @@ class SparseMoE(MoEBase):
             "k": self.k,
             "gating": self.gating,
             "w_batchwise": self.w_batchwise,
+            "small_batch_limit": self.small_batch_limit,
         }
     )
     return config
