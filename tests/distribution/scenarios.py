@@ -373,7 +373,11 @@ def scenario_sharded_options():
     else:
       weights = ref.random_flat_weights(rng, D, n, H, out)
       noise = rng.normal(size=(num_tokens, n)).astype("float32")
-      make = lambda **kw: SparseMoE(n, k, H, output_dim=out, **kw)
+      # 12 tokens would take the small-batch path on one device only; the
+      # sharded layer has none: compare the routing-plan paths.
+      make = lambda **kw: SparseMoE(
+          n, k, H, output_dim=out, small_batch_limit=0, **kw
+      )
     single = make(**kwargs)
     sharded = make(expert_devices=devices[:4], **kwargs)
     for layer in (single, sharded):

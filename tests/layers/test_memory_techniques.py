@@ -40,6 +40,7 @@ def make_layer(kind, capacity_factor, use_bias, **kwargs):
         expert_hidden_dim=H,
         capacity_factor=capacity_factor,
         use_bias=use_bias,
+        small_batch_limit=0,  # these few tokens: pin the routing-plan path
         **kwargs,
     )
   return HierarchicalSparseMoE(
