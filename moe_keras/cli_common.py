@@ -3,10 +3,8 @@
 import os
 import sys
 
-# TF reads these when it starts: the BFC allocator reuses the experts'
-# gradient buffers instead of page-faulting them every step
-# (benchmarks/README.md, `moe_layer.py`).
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+# TF reads this when it starts. (Its BFC CPU allocator is already chosen by
+# the package's __init__, moe_keras.tf_allocator, which runs first.)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import contextlib  # pylint: disable=g-import-not-at-top

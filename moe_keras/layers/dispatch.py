@@ -57,6 +57,28 @@ def capacity_for(num_assignments, num_experts, capacity_factor):
   return max(1, int(math.ceil(capacity_factor * num_assignments / num_experts)))
 
 
+def assignment_counts(flat_expert_ids, num_experts):
+  """Assignments per expert id, int32 [n + 1] (index n: unrouted sentinels).
+
+  segment_sum keeps the length static under jax.jit, where bincount cannot.
+
+  Args:
+    flat_expert_ids: [A] int expert ids in [0, n], n marking unrouted slots.
+    num_experts: python int n.
+
+  Returns:
+    int32 [n + 1].
+  """
+  return ops.cast(
+      ops.segment_sum(
+          ops.ones_like(flat_expert_ids),
+          flat_expert_ids,
+          num_segments=num_experts + 1,
+      ),
+      "int32",
+  )
+
+
 class RoutingPlan:
   """Expert-major layout of N*K token->expert assignments.
 
@@ -111,14 +133,7 @@ class RoutingPlan:
 
     order = backend_ops.stable_argsort(flat)  # [A], expert-major.
     sorted_experts = ops.take(flat, order)
-    # Assignments per expert (+ the sentinel); segment_sum keeps the length
-    # static under jax.jit, where bincount cannot.
-    counts = ops.cast(
-        ops.segment_sum(
-            ops.ones_like(flat), flat, num_segments=num_experts + 1
-        ),
-        "int32",
-    )
+    counts = assignment_counts(flat, num_experts)
     self.token_counts = counts[:num_experts]
     order = ops.cast(order, "int32")
 

@@ -26,6 +26,7 @@ tokens on TensorFlow (decoding) at inference the choice is made per step.
 from keras import ops
 
 from moe_keras.layers import backend_ops
+from moe_keras.layers import dispatch
 
 # Most assignments (tokens x routed slots) a step may have to take the small
 # path on TensorFlow; above it the routing plan's per-expert matmuls win
@@ -64,10 +65,7 @@ def compact_slots(expert_ids, gates, num_experts):
 def token_counts(expert_ids, num_experts):
   """Assignments per expert, int32 [n]; unrouted slots are not counted."""
   flat = ops.reshape(expert_ids, [-1])
-  counts = ops.segment_sum(
-      ops.ones_like(flat), flat, num_segments=num_experts + 1
-  )
-  return ops.cast(counts[:num_experts], "int32")
+  return dispatch.assignment_counts(flat, num_experts)[:num_experts]
 
 
 def _ffn(x, kernel_1, kernel_2, bias_1, bias_2, equation_1, equation_2):

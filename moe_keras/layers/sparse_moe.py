@@ -425,9 +425,17 @@ class MoEBase(keras.layers.Layer):
 
     if small is True:
       return gathered()
-    # Dynamic batch at inference (decoding): chosen per step.
-    pair = lambda fn: (lambda: (lambda o, c: (o, c.token_counts))(*fn()))
-    out, counts = ops.cond(small, pair(gathered), pair(planned))
+    # Dynamic batch at inference (decoding): chosen per step. Both branches
+    # return (output, token counts): cond cannot return the plan object.
+    def output_and_counts(branch):
+      out, counts = branch()
+      return out, counts.token_counts
+
+    out, counts = ops.cond(
+        small,
+        lambda: output_and_counts(gathered),
+        lambda: output_and_counts(planned),
+    )
     return out, small_batch.StepCounts(counts, ops.zeros((), "int32"))
 
   @property
