@@ -166,15 +166,14 @@ def _main():
   baseline = configs[0]
   if baseline in sweep_configs:
     for lr in lrs:
-      swept = [
-          results_lib.Row(c, lr, [s])
-          for c in sweep_configs
-          for s in [results_lib.load_summary(
-              results_dir,
-              results_lib.Run(c, lr, results_lib.SWEEP_SEED, steps),
-          )]
-          if s is not None
-      ]
+      swept = []
+      for config in sweep_configs:
+        summary = results_lib.load_summary(
+            results_dir,
+            results_lib.Run(config, lr, results_lib.SWEEP_SEED, steps),
+        )
+        if summary is not None:
+          swept.append(results_lib.Row(config, lr, [summary]))
       if len(swept) > 1 and swept[0].config == baseline:
         print()
         print(f"Sweep, lr {lr:g}, seed {results_lib.SWEEP_SEED}:")
