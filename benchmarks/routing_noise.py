@@ -16,6 +16,13 @@ checkpoints on dev-set tokens:
   `k/k+1 gap` (median gap between the clean k-th and (k+1)-th logit).
 - `max/mean load` of clean (inference) and noisy (training) top-k routing.
 
+With `--perplexity_batches=B > 0` it also evaluates the dev perplexity of
+each checkpoint on B dev batches twice: with the inference routing (clean
+top-k, as every reported perplexity) and with the training routing (noisy
+top-k, one noise draw per token, everything else in inference mode: no
+dropout, exact softmax). If the experts were trained for the noisy routing
+rather than for the gate's choice, the second is the lower one.
+
   python benchmarks/routing_noise.py DIR[:STEP] [DIR[:STEP] ...]
 
 DIR is a `moe_keras.train` model_dir (LM); `:STEP` picks a kept checkpoint
@@ -37,6 +44,12 @@ sys.path.insert(0, REPO)
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batches", 4, "Dev batches whose tokens are measured.")
 flags.DEFINE_integer("noise_seed", 0, "Seed of the noise draws.")
+flags.DEFINE_integer(
+    "perplexity_batches",
+    0,
+    "Dev batches for the perplexity with inference vs training routing"
+    " (0: not measured).",
+)
 
 
 def _softplus(x):
@@ -85,9 +98,8 @@ def routing_noise_stats(x, w_gate, w_noise, k, noise_epsilon, rng):
   }
 
 
-def measure(model_dir, step, batches, rng):
-  """{moe layer name: routing_noise_stats} on `batches` dev batches."""
-  import keras  # pylint: disable=g-import-not-at-top
+def _load(model_dir, step):
+  """(task, compiled model at `step` or the latest, step, noisy MoE layers)."""
   from moe_keras import experiment  # pylint: disable=g-import-not-at-top
 
   task, model, latest = experiment.load_experiment(model_dir)
@@ -105,6 +117,50 @@ def measure(model_dir, step, batches, rng):
   ]
   if not moes:
     raise ValueError(f"{model_dir} has no noisy top-k MoE layer")
+  return task, model, (latest if step is None else step), moes
+
+
+def routing_perplexities(task, model, moes, batches, seed):
+  """Dev perplexity with inference routing and with training routing.
+
+  Args:
+    task: the experiment's task (its eval dataset).
+    model: the compiled model.
+    moes: its noisy top-k MoE layers.
+    batches: dev batches evaluated (the same ones both times).
+    seed: seed of the training routing's noise draws.
+
+  Returns:
+    (perplexity with clean top-k routing, with noisy top-k routing).
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  dataset = task.eval_dataset().take(batches)
+  clean = model.evaluate(dataset, verbose=0, return_dict=True)["perplexity"]
+  keras.utils.set_random_seed(seed)
+  for layer in moes:  # the gate of training (eqs. 3-5); the rest inference
+    route = layer._route  # pylint: disable=protected-access
+
+    def training_route(tokens, valid, training, noise, _route=route):
+      del training
+      return _route(tokens, valid, True, noise)
+
+    layer._route = training_route  # pylint: disable=protected-access
+  model.test_function = None  # retrace with the patched routing
+  try:
+    noisy = model.evaluate(dataset, verbose=0, return_dict=True)["perplexity"]
+  finally:
+    for layer in moes:
+      del layer._route  # pylint: disable=protected-access
+    model.test_function = None
+  return float(clean), float(noisy)
+
+
+def measure(model_dir, step, batches, rng):
+  """(step, {moe layer name: routing_noise_stats} on `batches` dev batches)."""
+  import keras  # pylint: disable=g-import-not-at-top
+
+  task, model, step, moes = _load(model_dir, step)
   inputs = {layer.name: [] for layer in moes}
   for layer in moes:  # record each MoE layer's inputs on the forward pass
     call = layer.call
@@ -131,7 +187,15 @@ def measure(model_dir, step, batches, rng):
         rng,
     )
     result[layer.name].update(tokens=len(x), n=layer.num_experts)
-  return (latest if step is None else step), result
+  if FLAGS.perplexity_batches > 0:
+    for layer in moes:
+      del layer.call  # stop recording (the instance attribute set above)
+    clean, noisy = routing_perplexities(
+        task, model, moes, FLAGS.perplexity_batches, FLAGS.noise_seed
+    )
+    for layer in moes:
+      result[layer.name].update(ppl_clean=clean, ppl_noisy=noisy)
+  return step, result
 
 
 def main(argv):
@@ -140,8 +204,12 @@ def main(argv):
   print(
       "| run | step | layer | n | tokens | overlap | noise std | logit"
       " spread | k/k+1 gap | max/mean load clean | noisy |"
+      + (" dev ppl clean routing | noisy |" if FLAGS.perplexity_batches else "")
   )
-  print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print(
+      "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+      + ("---:|---:|" if FLAGS.perplexity_batches else "")
+  )
   for arg in argv[1:]:
     model_dir, _, step = arg.partition(":")
     try:
@@ -158,7 +226,12 @@ def main(argv):
           f"| {os.path.basename(model_dir.rstrip('/'))} | {step} | {name} |"
           f" {s['n']} | {s['tokens']} | {s['overlap']:.3f} |"
           f" {s['noise_std']:.3f} | {s['logit_spread']:.3f} | {s['gap']:.3f} |"
-          f" {s['load_clean']:.2f} | {s['load_noisy']:.2f} |",
+          f" {s['load_clean']:.2f} | {s['load_noisy']:.2f} |"
+          + (
+              f" {s['ppl_clean']:.2f} | {s['ppl_noisy']:.2f} |"
+              if "ppl_clean" in s
+              else ""
+          ),
           flush=True,
       )
 

@@ -49,3 +49,53 @@ def test_noise_decides_at_the_papers_initialization():
   # Clean ties all go to experts 0 and 1: max/mean = n / k = 4.
   assert math.isclose(s["load_clean"], 4.0)
   assert s["load_noisy"] < 1.1
+
+
+def test_training_routing_perplexity(tmp_path):
+  # The tiny MoE LM, untrained, on a small random corpus. W_noise = 0: noise
+  # std softplus(0) = 0.69 for every token. With clean logits scaled so that
+  # their gaps are ~1e4 times the noise, the training routing is the clean
+  # top-k and both perplexities must be equal. With clean logits ~1e-3 the
+  # noise picks other experts and the perplexity must change; the layers
+  # must be restored afterwards (clean again).
+  import gin  # pylint: disable=g-import-not-at-top
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  words = [f"w{i}" for i in range(50)]
+  for split, lines in (("train", 40), ("valid", 40)):
+    with open(tmp_path / f"{split}.txt", "w") as f:
+      for _ in range(lines):
+        f.write(" ".join(rng.choice(words, rng.integers(3, 10))) + "\n")
+  gin.clear_config()
+  try:
+    experiment.parse_gin(
+        [os.path.join(REPO, "gin/lm/tiny/moe_flat.gin")],
+        [
+            f"TRAIN_FILES = '{tmp_path / 'train.txt'}'",
+            f"EVAL_FILES = '{tmp_path / 'valid.txt'}'",
+        ],
+    )
+    task, model = experiment.build_task_and_model()
+    model(next(iter(task.eval_dataset()))[0], training=False)
+    moes = [
+        layer
+        for layer in model._flatten_layers()  # pylint: disable=protected-access
+        if getattr(layer, "gating", None) == "noisy_top_k"
+    ]
+    assert len(moes) == 1
+    moe = moes[0]
+    gate = rng.standard_normal(moe.w_gate.shape)
+    moe.w_noise.assign(np.zeros(moe.w_noise.shape))
+    moe.w_gate.assign(1e5 * gate)
+    clean, noisy = routing_noise.routing_perplexities(task, model, moes, 3, 0)
+    assert math.isclose(clean, noisy, rel_tol=1e-6), (clean, noisy)
+    moe.w_gate.assign(1e-3 * gate)
+    clean2, noisy2 = routing_noise.routing_perplexities(task, model, moes, 3, 0)
+    assert not math.isclose(noisy2, clean2, rel_tol=1e-4), (clean2, noisy2)
+    assert "_route" not in vars(moe)  # restored
+    moe.w_gate.assign(1e5 * gate)
+    clean3, _ = routing_noise.routing_perplexities(task, model, moes, 3, 0)
+    assert clean3 == clean
+  finally:
+    gin.clear_config()
