@@ -605,9 +605,6 @@ def _train_locked(model_dir, config, verbose, distribution):
     )
     return {"step": step, "resumed_from": step, "history": {}}
   spc = config.steps_per_checkpoint
-  # The data stream is a pure function of (seed, step): skipping the steps
-  # already taken makes a resumed run see exactly the batches it would have.
-  dataset = train_ds.repeat().skip(step)
   eval_ds = None
   fit_kwargs = {}
   if config.steps_per_eval:
@@ -629,30 +626,71 @@ def _train_locked(model_dir, config, verbose, distribution):
       reliability.GuardCallback(
           step_callback, signals, checkpoints.describe_latest
       ),
-      reliability.ResumableTensorBoard(
-          initial_step=step, log_dir=log_dir, update_freq=config.log_every_steps
-      ),
   ]
+  tensorboard = reliability.ResumableTensorBoard(
+      initial_step=step, log_dir=log_dir, update_freq=config.log_every_steps
+  )
+  callbacks.append(tensorboard)
   scope = (
       contextlib.nullcontext() if distribution is None else distribution.scope()
   )
+  history = {}
   with scope, signals:
-    history = model.fit(
-        dataset,
-        epochs=math.ceil(config.train_steps / spc),
-        initial_epoch=step // spc,
-        steps_per_epoch=spc,
-        callbacks=callbacks,
-        verbose=verbose,
-        shuffle=False,  # the pipeline shuffles (seeded)
-        **fit_kwargs,
-    )
+    for start, first_epoch, end_epoch, period in fit_segments(
+        step, config.train_steps, spc
+    ):
+      tensorboard.initial_step = start
+      # The data stream is a pure function of (seed, step): skipping the
+      # steps already taken makes a resumed run see exactly the batches it
+      # would have.
+      segment = model.fit(
+          train_ds.repeat().skip(start),
+          epochs=end_epoch,
+          initial_epoch=first_epoch,
+          steps_per_epoch=period,
+          callbacks=callbacks,
+          verbose=verbose,
+          shuffle=False,  # the pipeline shuffles (seeded)
+          **fit_kwargs,
+      )
+      for key, values in segment.history.items():
+        history.setdefault(key, []).extend(values)
   return {
       "step": step_callback.step,
       "resumed_from": step,
-      "history": history.history,
+      "history": history,
       "words_per_sec": step_callback.words_per_sec,
   }
+
+
+def fit_segments(step, train_steps, steps_per_checkpoint):
+  """The `fit` calls that take a run from `step` to `train_steps`.
+
+  Keras epochs are the checkpoint periods: epoch e ends at step (e + 1) *
+  steps_per_checkpoint, where the checkpoint, the learning-curve record and
+  (every steps_per_eval / steps_per_checkpoint epochs) the validation
+  happen. A run stopped by a signal between two period ends resumes from
+  its last step; the rest of that period is then a fit of its own (one
+  shorter epoch), so that every later period, evaluation and curve point
+  falls on the same steps as in an uninterrupted run.
+
+  Args:
+    step: the step the run resumes from (0 for a new run).
+    train_steps: the last step.
+    steps_per_checkpoint: steps per period (Keras epoch).
+
+  Returns:
+    list of (first step, initial_epoch, epochs, steps_per_epoch) for
+    `model.fit`; StepCallback stops the last one at train_steps.
+  """
+  spc = steps_per_checkpoint
+  segments = []
+  if step % spc and step < train_steps:
+    segments.append((step, step // spc, step // spc + 1, spc - step % spc))
+    step += spc - step % spc
+  if step < train_steps:
+    segments.append((step, step // spc, math.ceil(train_steps / spc), spc))
+  return segments
 
 
 def load_experiment(

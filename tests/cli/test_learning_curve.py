@@ -91,3 +91,27 @@ def test_truncate_and_append(tmp_path):
   (tmp_path / "curve.jsonl").write_text("{not json}\n")
   with pytest.raises(ValueError, match="curve.jsonl:1: not a curve record"):
     learning_curve.read_curve(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "step, train_steps, expected",
+    [
+        # New run: one fit of 6 periods of 500 steps.
+        (0, 3000, [(0, 0, 6, 500)]),
+        # Resumed at a period end: the remaining periods 3..5.
+        (1500, 3000, [(1500, 3, 6, 500)]),
+        # Stopped by a signal at 1284: the rest of period 2 (216 steps,
+        # epoch 2, ending at 1500), then periods 3..5 from step 1500.
+        (1284, 3000, [(1284, 2, 3, 216), (1500, 3, 6, 500)]),
+        # Stopped in the last, partial period (train_steps 2900): its rest
+        # only; StepCallback stops it at 2900.
+        (2600, 2900, [(2600, 5, 6, 400)]),
+        # 1 step short of a period end.
+        (9, 20, [(9, 1, 2, 1), (10, 2, 4, 5)]),
+    ],
+)
+def test_fit_segments(step, train_steps, expected):
+  from moe_keras import experiment  # pylint: disable=g-import-not-at-top
+
+  spc = 5 if train_steps == 20 else 500
+  assert experiment.fit_segments(step, train_steps, spc) == expected

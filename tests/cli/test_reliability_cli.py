@@ -20,6 +20,8 @@ import pytest
 
 import cli_testlib as lib
 
+from moe_keras import learning_curve
+
 STEPS = "--gin_bindings=training.steps_per_checkpoint=5"
 LONG = "--gin_bindings=training.train_steps=2000"
 
@@ -151,8 +153,11 @@ def test_signal_checkpoints_the_current_step_and_resumes(
   )
   if signum != signal.SIGTERM:
     return
-  # Rerun: resumes at `step`; every TensorBoard tag continues after it.
+  # Rerun: resumes at `step`; every TensorBoard tag continues after it, and
+  # the learning curve's records (checkpoint period ends) fall on multiples
+  # of steps_per_checkpoint (5) again, as in an uninterrupted run.
   first_run = _event_steps(model_dir / "logs")
+  boundary = (step // 5 + 1) * 5
   proc = lib.run(
       "moe_keras.train",
       *lib.train_args(
@@ -160,15 +165,21 @@ def test_signal_checkpoints_the_current_step_and_resumes(
           model_dir,
           STEPS,
           every_step,
-          f"--gin_bindings=training.train_steps={step + 3}",
+          f"--gin_bindings=training.train_steps={boundary + 5}",
       ),
   )
-  assert f"to step {step + 3}" in proc.stdout
-  second_run = {
-      path: tags
-      for path, tags in _event_steps(model_dir / "logs").items()
-      if path not in first_run
-  }
+  assert f"to step {boundary + 5}" in proc.stdout
+  curve_steps = [r["step"] for r in learning_curve.read_curve(model_dir)]
+  assert [s for s in curve_steps if s > step] == [boundary, boundary + 5]
+  assert lib.checkpoint_step(model_dir) == boundary + 5
+  # The rerun's event files, their steps merged per directory (the rest of
+  # the stopped period and the later periods are two `fit` calls: two files).
+  second_run = {}
+  for path, tags in _event_steps(model_dir / "logs").items():
+    if path not in first_run:
+      merged = second_run.setdefault(os.path.dirname(path), {})
+      for tag, steps in tags.items():
+        merged.setdefault(tag, []).extend(steps)
   assert second_run
   batch_tags = 0
   for tags in second_run.values():
