@@ -52,6 +52,12 @@ VARIANTS = {
     "top_k": ("moe_spec.gating = 'top_k'",),
     "noisy_top_k": ("moe_spec.gating = 'noisy_top_k'",),
     "batchwise": ("moe_spec.gating = 'batchwise'",),
+    # The experts (kernels and biases) at a quarter of the schedule's rate,
+    # everything else at the full rate: does the expert part want a lower
+    # rate than the dense part (each of n experts gets ~k/n of the batch)?
+    "expert_lr_x0.25": (
+        "make_optimizer.learning_rate_scales = {'expert_(kernel|bias)': 0.25}",
+    ),
 }
 
 

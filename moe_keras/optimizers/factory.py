@@ -19,9 +19,18 @@ def register_optimizer(name, builder):
   OPTIMIZER_BUILDERS[name] = builder
 
 
-def _adam(learning_rate, beta_1, beta_2, epsilon, clipnorm, global_clipnorm):
+def _adam(
+    learning_rate,
+    beta_1,
+    beta_2,
+    epsilon,
+    clipnorm,
+    global_clipnorm,
+    learning_rate_scales=None,
+):
   # Keras's Adam, with one fused kernel per dense update on TensorFlow.
   return fused_adam.FusedAdam(
+      learning_rate_scales=learning_rate_scales,
       learning_rate=learning_rate,
       beta_1=beta_1,
       beta_2=beta_2,
@@ -43,6 +52,7 @@ def make_optimizer(
     epsilon=1e-7,
     clipnorm=None,
     global_clipnorm=None,
+    learning_rate_scales=None,
 ):
   """Builds the optimizer an experiment trains with.
 
@@ -54,17 +64,36 @@ def make_optimizer(
     epsilon: Adam's epsilon.
     clipnorm: per-variable gradient norm clip (None: off).
     global_clipnorm: global gradient norm clip (None: off).
+    learning_rate_scales: {regex on variable paths: factor on the learning
+      rate} (an ablation knob, not the paper's; 'adam' only), e.g.
+      {'expert_(kernel|bias)': 0.25}.
 
   Returns:
     keras.optimizers.Optimizer.
 
   Raises:
-    ValueError: unknown optimizer name.
+    ValueError: unknown optimizer name, or learning_rate_scales with an
+      optimizer other than 'adam'.
   """
   if name not in OPTIMIZER_BUILDERS:
     raise ValueError(
         f"unknown optimizer {name!r}; expected one of"
         f" {', '.join(sorted(OPTIMIZER_BUILDERS))}"
+    )
+  if learning_rate_scales:
+    if name != "adam":
+      raise ValueError(
+          f"make_optimizer.learning_rate_scales is supported with name='adam'"
+          f" only, not {name!r}"
+      )
+    return _adam(
+        learning_rate=learning_rate,
+        beta_1=beta_1,
+        beta_2=beta_2,
+        epsilon=epsilon,
+        clipnorm=clipnorm,
+        global_clipnorm=global_clipnorm,
+        learning_rate_scales=learning_rate_scales,
     )
   return OPTIMIZER_BUILDERS[name](
       learning_rate=learning_rate,

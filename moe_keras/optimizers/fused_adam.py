@@ -16,16 +16,71 @@ dense float gradients on the TensorFlow backend. Sparse gradients
 (`tf.IndexedSlices`, embeddings), AMSGrad and the other backends take Keras's
 own path. The variables are Keras's Adam variables, so checkpoints are
 interchangeable with `keras.optimizers.Adam`.
+
+`learning_rate_scales` (not in the paper; an ablation knob) multiplies the
+learning rate of the variables whose path matches a regular expression, e.g.
+`{"expert_(kernel|bias)": 0.25}` trains the experts at a quarter of the
+schedule's rate and everything else at the full rate.
 """
+
+import re
 
 import keras
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
 class FusedAdam(keras.optimizers.Adam):
-  """`keras.optimizers.Adam` with a fused dense update on TensorFlow."""
+  """`keras.optimizers.Adam` with a fused dense update on TensorFlow.
+
+  Args:
+    learning_rate_scales: optional {regex: scale}; a variable whose path
+      matches (`re.search`) a pattern gets the learning rate times its scale
+      (the first matching pattern); the others get the learning rate.
+    **kwargs: `keras.optimizers.Adam`'s arguments.
+
+  Raises:
+    ValueError: a pattern that does not compile, or a scale <= 0.
+  """
+
+  def __init__(self, learning_rate_scales=None, **kwargs):
+    super().__init__(**kwargs)
+    self.learning_rate_scales = dict(learning_rate_scales or {})
+    self._scale_patterns = []
+    for pattern, scale in self.learning_rate_scales.items():
+      try:
+        compiled = re.compile(pattern)
+      except re.error as e:
+        raise ValueError(
+            f"learning_rate_scales: bad pattern {pattern!r}: {e}"
+        ) from None
+      if not float(scale) > 0:
+        raise ValueError(
+            f"learning_rate_scales: scale of {pattern!r} must be > 0, got"
+            f" {scale!r}"
+        )
+      self._scale_patterns.append((compiled, float(scale)))
+
+  def learning_rate_scale(self, path):
+    """The factor on the learning rate of the variable at `path`."""
+    for pattern, scale in self._scale_patterns:
+      if pattern.search(path):
+        return scale
+    return 1.0
+
+  def build(self, variables):
+    super().build(variables)
+    # Per variable index: update_step gets the backend's variable (on
+    # TensorFlow a tf.Variable without the Keras path).
+    self._variable_scales = [self.learning_rate_scale(v.path) for v in variables]
 
   def update_step(self, gradient, variable, learning_rate):
+    scale = (
+        self._variable_scales[self._get_variable_index(variable)]
+        if self._scale_patterns
+        else 1.0
+    )
+    if scale != 1.0:
+      learning_rate = learning_rate * scale
     if keras.backend.backend() != "tensorflow" or self.amsgrad:
       return super().update_step(gradient, variable, learning_rate)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -48,3 +103,8 @@ class FusedAdam(keras.optimizers.Adam):
         grad=tf.cast(gradient, dtype),
         use_locking=False,
     )
+
+  def get_config(self):
+    config = super().get_config()
+    config["learning_rate_scales"] = dict(self.learning_rate_scales)
+    return config
