@@ -451,6 +451,37 @@ def build_on(mesh_shape, hierarchical=False):
   return dist, model
 
 
+def build_slots_traced(model):
+  """Creates the optimizer's slots while tracing, as the first fit step does.
+
+  `fit` (TensorFlow, no tf.distribute strategy) creates the slots inside
+  its traced train step, and a tf.function that creates variables on its
+  first call is traced again without them: every first `fit` traces the
+  whole step (on a mesh: every replica's forward and backward pass) twice.
+  Creating them here, the same way (`optimizer.apply` builds the optimizer
+  in its name scope while tracing), leaves `fit` one trace. The slots are
+  still created inside a traced function, where `colocate_slots` has to put
+  them on their variable's device.
+
+  Args:
+    model: a compiled model whose optimizer is not built yet.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  optimizer = model.optimizer
+  assert not optimizer.built, "build_slots_traced: optimizer already built"
+
+  @tf.function(autograph=False)
+  def build():
+    if not optimizer.built:  # the retrace finds it built
+      with keras.name_scope(optimizer.name, caller=optimizer):
+        optimizer.build(model.trainable_variables)
+      optimizer.built = True
+
+  build()
+
+
 def scenario_train_step():
   """Two Adam steps on a 2x4 mesh == on one device, same global batch."""
   devices = setup_tf_devices()
@@ -461,6 +492,8 @@ def scenario_train_step():
   single.save_weights(init)
   dist, mesh_model = build_on("batch:2,expert:4")
   mesh_model.load_weights(init)
+  for model in (single, mesh_model):
+    build_slots_traced(model)
   kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
   h1 = single.fit(x, y, **kwargs).history["loss"]
   h2 = mesh_model.fit(x, y, **kwargs).history["loss"]
@@ -512,6 +545,7 @@ def scenario_reshard():
 
   x, y = tiny_data()
   _, trained = build_on("batch:2,expert:4")
+  build_slots_traced(trained)
   trained.fit(x, y, batch_size=16, epochs=1, verbose=0)
   path = os.path.join(tempfile.mkdtemp(), "ckpt.weights.h5")
   trained.save_weights(path)
@@ -587,6 +621,8 @@ def scenario_hier_mesh():
   single.save_weights(path)
   dist, mesh_model = build_on("batch:2,expert:4", hierarchical=True)
   mesh_model.load_weights(path)
+  for model in (single, mesh_model):
+    build_slots_traced(model)
   kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
   check_close(
       "hier 2x4 step losses",
@@ -742,6 +778,7 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1", kind="tiny"):
   batch = len(y)
   weights_path = os.path.join(out_dir, "init.weights.h5")
   single.save_weights(weights_path)  # the workers wait for this file
+  build_slots_traced(single)
   history = single.fit(
       x, y, batch_size=batch, epochs=3, shuffle=False, verbose=0
   ).history["loss"]
