@@ -12,6 +12,12 @@ compare at equal work). With --model_dir the trained model translates the
 lines of --input_file through the same `Translator` that decode / export use
 (tokenization included), and lengths are the model's own.
 
+`--saved_model` also times each random-weight decoder after a
+`tf.saved_model` round trip (saved to a temporary directory, loaded back,
+the loaded function called as a server would), and fails unless the loaded
+decoder's ids equal the in-process ones: the exported graph keeps the
+layer's size-chosen paths (the small-batch `tf.cond` included).
+
 `--train_steps=N` instead times N training steps per config on synthetic
 batches (the estimate of a config's training time).
 
@@ -22,7 +28,9 @@ warm-up call per setting).
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,6 +43,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from moe_keras import experiment  # pylint: disable=g-import-not-at-top
 from moe_keras.models import beam_search  # pylint: disable=g-import-not-at-top
 from moe_keras.models import gnmt  # pylint: disable=g-import-not-at-top
+from moe_keras.tasks import mt_task  # pylint: disable=g-import-not-at-top
 
 END_ID = 3
 START_ID = 2
@@ -46,6 +55,11 @@ def _random_model_decoder(model, beam_size, target_length):
 
   @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
   def run(source):
+    # As the exported Translator: no training statistics while decoding.
+    with mt_task.moe_stats_detached(model):
+      return search(source)
+
+  def search(source):
     encoded = layers.encode(source)
     if beam_size > 1:
       encoded = {k: tf.repeat(v, beam_size, 0) for k, v in encoded.items()}
@@ -130,22 +144,72 @@ def bench_random(gin_file, args):
   rows = []
   for beam in (1, 4):
     run = _random_model_decoder(model, beam, args.target_length)
-    run(tf.constant(source[: args.batch_size]))  # trace
-    start = time.perf_counter()
-    for i in range(0, args.sentences, args.batch_size):
-      run(tf.constant(source[i : i + args.batch_size])).numpy()
-    elapsed = time.perf_counter() - start
-    batches = -(-args.sentences // args.batch_size)
-    rows.append(
-        (
-            os.path.relpath(gin_file),
-            "greedy" if beam == 1 else f"beam {beam}",
-            args.sentences / elapsed,
-            args.sentences * args.target_length / elapsed,
-            1000 * elapsed / (batches * args.target_length),
+    search = "greedy" if beam == 1 else f"beam {beam}"
+    variants = [(os.path.relpath(gin_file), run)]
+    if args.saved_model:
+      variants.append(
+          (os.path.relpath(gin_file) + " (SavedModel)", _round_trip(run, model))
+      )
+    expected = None
+    for name, fn in variants:
+      ids = fn(tf.constant(source[: args.batch_size])).numpy()  # trace/warm
+      if expected is None:
+        expected = ids
+      elif not np.array_equal(ids, expected):
+        raise RuntimeError(
+            f"{name} {search}: the loaded SavedModel decodes other ids than"
+            " the in-process decoder"
         )
-    )
+      start = time.perf_counter()
+      for i in range(0, args.sentences, args.batch_size):
+        fn(tf.constant(source[i : i + args.batch_size])).numpy()
+      elapsed = time.perf_counter() - start
+      batches = -(-args.sentences // args.batch_size)
+      rows.append(
+          (
+              name,
+              search,
+              args.sentences / elapsed,
+              args.sentences * args.target_length / elapsed,
+              1000 * elapsed / (batches * args.target_length),
+          )
+      )
   return rows
+
+
+def _round_trip(run, model):
+  """`run` saved as a SavedModel and loaded back (its serving function).
+
+  Args:
+    run: a tf.function of one input signature, source ids [B, S] -> ids.
+    model: the Keras model whose variables `run` reads (tracked by the
+      saved module).
+
+  Returns:
+    The loaded SavedModel's `serving_default` signature as a function of
+    source ids [B, S] -> ids.
+  """
+  module = tf.Module()
+  # As the Translator: the model's variables tracked, not the Keras model
+  # (whose own traced functions would update its metrics).
+  module.model_variables = [v.value for v in model.variables]
+  module.decode = run
+  export_dir = tempfile.mkdtemp(prefix="decode_bench_")
+  try:
+    tf.saved_model.save(
+        module, export_dir, signatures={"serving_default": run}
+    )
+    loaded = tf.saved_model.load(export_dir)
+  finally:
+    shutil.rmtree(export_dir, ignore_errors=True)
+  signature = loaded.signatures["serving_default"]
+  (output,) = signature.structured_outputs
+
+  def call(source):
+    return signature(source)[output]
+
+  call.loaded = loaded  # keeps the loaded object alive
+  return call
 
 
 def bench_train_step(gin_file, args):
@@ -245,6 +309,11 @@ def main(argv=None):
       " target_length).",
   )
   parser.add_argument("--batch_tokens", type=int, default=4096)
+  parser.add_argument(
+      "--saved_model",
+      action="store_true",
+      help="Random weights: also time each decoder loaded from a SavedModel.",
+  )
   args = parser.parse_args(argv)
   if args.train_steps:
     print("| config | batch | length | s per step | target tokens/s |")

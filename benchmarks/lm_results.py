@@ -157,6 +157,28 @@ def _main():
   # equal ops, as the paper's Table 7 does; against 4xLSTM, the whole change.
   print(results_lib.results_table(rows, "perplexity", second_reference="moe_4"))
   print()
+  print("## Margin along training (dev perplexity, mean over seeds)")
+  by_name = {row.config: row for row in rows}
+  for reference in (configs[0], "moe_4"):
+    if reference in by_name:
+      print()
+      print(results_lib.margin_table(rows, by_name[reference]))
+  baseline = configs[0]
+  if baseline in sweep_configs:
+    for lr in lrs:
+      swept = []
+      for config in sweep_configs:
+        summary = results_lib.load_summary(
+            results_dir,
+            results_lib.Run(config, lr, results_lib.SWEEP_SEED, steps),
+        )
+        if summary is not None:
+          swept.append(results_lib.Row(config, lr, [summary]))
+      if len(swept) > 1 and swept[0].config == baseline:
+        print()
+        print(f"Sweep, lr {lr:g}, seed {results_lib.SWEEP_SEED}:")
+        print(results_lib.margin_table(swept, swept[0]))
+  print()
   print("## Time to the baseline's quality")
   print(results_lib.time_to_quality_table(rows))
   plots = results_lib.write_plots(

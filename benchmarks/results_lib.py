@@ -584,6 +584,54 @@ def mean_curve(summaries: List[dict]) -> List[dict]:
   return curve
 
 
+def margin_table(rows: List[Row], reference: Row) -> str:
+  """Markdown: each row's dev perplexity vs reference's along the curve.
+
+  The margin as training proceeds, the trend a single final number hides:
+  whether a model's advantage grows or shrinks with training tokens. Mean
+  curves over each row's seeds (`mean_curve`), at the steps where both
+  validated.
+
+  Args:
+    rows: the rows compared (reference itself is skipped).
+    reference: the row every margin is against.
+
+  Returns:
+    The markdown table; a cell is 100 * (ppl / reference ppl - 1), so a
+    negative margin means lower (better) perplexity than the reference.
+  """
+  ref_curve = {p["step"]: p for p in mean_curve(reference.summaries)}
+  if not ref_curve:
+    return f"(no {reference.config} runs yet)"
+  curves = {
+      row.config: {p["step"]: p for p in mean_curve(row.summaries)}
+      for row in rows
+      if row is not reference and row.summaries
+  }
+  steps = sorted(
+      step for step in ref_curve if any(step in c for c in curves.values())
+  )
+  lines = [
+      f"| dev ppl vs {reference.config} (n={len(reference.summaries)}) | "
+      + " | ".join(
+          f"step {s} ({ref_curve[s]['tokens'] / 1e6:.1f}M tok)" for s in steps
+      )
+      + " |",
+      "|---|" + "---:|" * len(steps),
+  ]
+  for config, curve in curves.items():
+    cells = []
+    for step in steps:
+      if step not in curve:
+        cells.append("-")
+        continue
+      ratio = curve[step]["dev_perplexity"] / ref_curve[step]["dev_perplexity"]
+      cells.append(f"{100.0 * (ratio - 1.0):+.1f}%")
+    seeds = len(next(r for r in rows if r.config == config).summaries)
+    lines.append(f"| {config} (n={seeds}) | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def time_to_quality_table(rows: List[Row]) -> str:
   """Tokens and wall clock for each config to reach rows[0]'s final dev ppl.
 

@@ -43,7 +43,13 @@ builder (`build_debian_docs`):
    SHA-256 hash of `package:path` (`split_of`), 1.25% of the documents
    each for test and valid by default (about 120k words each on the default
    packages), deterministic and independent of the other documents;
-5. writes `CACHE/{train,valid,test}.txt` (one sentence per line, tokens
+5. shuffles the sentences of each split (seeded, `SHUFFLE_SEED`): the
+   packages are read one after another, and a training stream in that order
+   is not i.i.d. (a run of a few epochs' fraction sees the kernel docs, then
+   Python, ..., and forgets; its dev curve measures which packages it has
+   just seen), so, like the shuffled shards of the 1B Word benchmark, the
+   files hold the sentences in random order (`shuffle_lines`);
+6. writes `CACHE/{train,valid,test}.txt` (one sentence per line, tokens
    separated by spaces), `CACHE/vocab.txt` (`WordVocab`: `<S>`, `</S>`,
    `<UNK>` and the most frequent training words, `DEFAULT_VOCAB_SIZE`
    entries in all; built from train only) and `CACHE/manifest.json`
@@ -70,6 +76,7 @@ import html
 import html.parser
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -96,7 +103,10 @@ DPKG_DEB = "dpkg-deb"
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
 VOCAB_FILE = "vocab.txt"
-MANIFEST_FORMAT = 1
+# 2: sentences in random order (1: in package order; rebuilt when found).
+MANIFEST_FORMAT = 2
+# Seed of the sentence order of the split files (`shuffle_lines`).
+SHUFFLE_SEED = 20171
 DEFAULT_VALID_FRACTION = 0.0125
 DEFAULT_TEST_FRACTION = 0.0125
 # Vocabulary entries, <S> </S> <UNK> included: what a small LSTM with a
@@ -1204,12 +1214,37 @@ class _SplitWriters:
         os.fsync(f.fileno())
         f.close()
 
+  def shuffle(self, seed: int) -> None:
+    """Puts the lines of every (closed) `.tmp` split file in random order."""
+    for split, path in self.tmp.items():
+      shuffle_lines(path, seed=f"{seed}:{split}")
+
   def discard(self) -> None:
     for f in self.files.values():
       f.close()
     for p in self.tmp.values():
       if os.path.exists(p):
         os.remove(p)
+
+
+def shuffle_lines(path: str, *, seed: str) -> None:
+  """Rewrites a text file with its lines in a seeded random order.
+
+  The whole file is read into memory (the default corpus's train split is
+  ~70 MB); `random.Random(seed)` with a string seed gives the same order on
+  every platform and Python 3 version.
+
+  Args:
+    path: the file; rewritten in place (callers pass a `.tmp` file).
+    seed: string seed of the permutation.
+  """
+  with open(path, encoding="utf-8", newline="\n") as f:
+    lines = f.readlines()
+  random.Random(seed).shuffle(lines)
+  with open(path, "w", encoding="utf-8", newline="\n") as f:
+    f.writelines(lines)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _oov_rate(counts: collections.Counter, vocab) -> float:
@@ -1242,7 +1277,8 @@ def build_debian_docs(
       descriptions).
     include_descriptions: add the English package descriptions.
     lists_dir: existing apt lists directory with Translation-en files.
-    rebuild: rebuild even if the manifest exists.
+    rebuild: rebuild even if the manifest exists (a corpus of another
+      `MANIFEST_FORMAT` is always rebuilt).
     valid_fraction: share of documents in valid.
     test_fraction: share of documents in test.
     vocab_size: vocabulary entries including `<S>`, `</S>`, `<UNK>`.
@@ -1260,6 +1296,14 @@ def build_debian_docs(
   vocab_path = os.path.join(cache_dir, VOCAB_FILE)
   manifest_path = os.path.join(cache_dir, MANIFEST)
   existing = None if rebuild else _read_manifest(cache_dir)
+  if existing is not None and existing.get("format") != MANIFEST_FORMAT:
+    logging.info(
+        "Debian docs corpus in %s has format %s, not %d: rebuilding",
+        cache_dir,
+        existing.get("format"),
+        MANIFEST_FORMAT,
+    )
+    existing = None
   if existing is not None:
     logging.info("Debian docs corpus found in %s", cache_dir)
     return BuildResult(cache_dir, files, vocab_path, existing)
@@ -1334,6 +1378,7 @@ def build_debian_docs(
       progress.update(1, extra=f"{name}: {info['words']} words")
     progress.done()
     writers.close()
+    writers.shuffle(SHUFFLE_SEED)
     train_words = writers.stats["train"]["words"]
     if train_words < min_train_words:
       raise DataError(
@@ -1345,6 +1390,7 @@ def build_debian_docs(
     )
     manifest = {
         "format": MANIFEST_FORMAT,
+        "sentence_order": f"random (seed {SHUFFLE_SEED})",
         "packages": package_info,
         "splits": {
             s: dict(
@@ -1400,7 +1446,8 @@ def require_corpus(cache_dir: str) -> BuildResult:
   """The built corpus in cache_dir, or a one-line DataError saying how.
 
   Raises:
-    DataError: if the cache has no complete corpus.
+    DataError: if the cache has no complete corpus, or one of another
+      `MANIFEST_FORMAT` (older builds kept sentences in package order).
   """
   cache_dir = os.path.expanduser(cache_dir)
   manifest = _read_manifest(cache_dir)
@@ -1408,6 +1455,13 @@ def require_corpus(cache_dir: str) -> BuildResult:
     raise DataError(
         f"no Debian docs corpus in {cache_dir!r} ({MANIFEST} missing); build"
         f" it with `{BUILD_COMMAND} --cache_dir={cache_dir}`"
+    )
+  if manifest.get("format") != MANIFEST_FORMAT:
+    raise DataError(
+        f"the Debian docs corpus in {cache_dir!r} has format"
+        f" {manifest.get('format')}, not {MANIFEST_FORMAT} (format 1 holds"
+        " training sentences in package order, not shuffled); rebuild it"
+        f" with `{BUILD_COMMAND} --cache_dir={cache_dir}`"
     )
   return BuildResult(
       cache_dir,

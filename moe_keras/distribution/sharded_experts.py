@@ -25,6 +25,14 @@ token's row once per selected group to the group's device, where the
 secondary gate, the experts and the secondary combine run; only the
 combined group output comes back (k_primary rows per token, not k).
 
+Balancing losses with balance_over="global" (`MoEBase`): inside
+`global_balance_scope` (opened by `MeshDataParallel` around its in-graph
+replicas) each replica's call hands its Importance/Load sums to a
+`GlobalBalance`, which adds them up over the replicas, all-reduces them
+across the replicas of a tf.distribute strategy (the hosts), and has the
+layer add the global batch's CV^2 losses once. A layer called directly
+under a strategy all-reduces its sums itself (`cross_replica_sum`).
+
 Checkpoints do not depend on the layout: `save_own_variables` writes exactly
 what the unsharded layer writes (the full [n, d, h] arrays at the same
 indices), and `load_own_variables` splits them for any number of blocks.
@@ -91,6 +99,7 @@ def _stack():
   if not hasattr(_STATE, "placements"):
     _STATE.placements = []
     _STATE.replicas = []
+    _STATE.balances = []
   return _STATE
 
 
@@ -139,6 +148,164 @@ def scale_replica_loss(total):
   if num_replicas == 1:
     return total
   return total / float(num_replicas)
+
+
+def cross_replica_sum(sums):
+  """Sums tensors over the replicas of the current tf.distribute strategy.
+
+  In a replica context of a strategy with several replicas in sync (e.g.
+  MirroredStrategy, or MultiWorkerMirroredStrategy's one replica per host),
+  one batched `ReplicaContext.all_reduce(SUM)`, whose gradient is the
+  all-reduced sum of the replicas' upstream gradients. Elsewhere (no
+  strategy, one replica, cross-replica context, not TensorFlow) `sums`.
+
+  Args:
+    sums: dict {name: tensor}, the same names and shapes in every replica.
+
+  Returns:
+    dict {name: tensor} with the same names.
+
+  Raises:
+    ValueError: the strategy runs several replicas in this process (e.g.
+      MirroredStrategy over local devices). Their threads share every
+      layer's `add_loss` list, and a replica that resumes after the
+      all-reduce would read the other replicas' losses as well (measured:
+      1.5x the loss with 2 replicas). One replica per process (the in-graph
+      mesh, MultiWorkerMirroredStrategy with one replica per host) is what
+      `make_distribution` builds.
+  """
+  if keras.backend.backend() != "tensorflow":
+    return sums
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  if (
+      not tf.distribute.has_strategy()
+      or tf.distribute.in_cross_replica_context()
+  ):
+    return sums
+  context = tf.distribute.get_replica_context()
+  if context is None or context.num_replicas_in_sync == 1:
+    return sums
+  local = len(getattr(context.strategy.extended, "worker_devices", ())) or 1
+  if local > 1:
+    raise ValueError(
+        "balance_over='global' needs one tf.distribute replica per process;"
+        f" this strategy runs {local} here (their threads share the layers'"
+        " add_loss lists): use make_distribution's in-graph mesh for the"
+        " devices of one host"
+    )
+  names = sorted(sums)
+  reduced = context.all_reduce(
+      tf.distribute.ReduceOp.SUM, [sums[name] for name in names]
+  )
+  return dict(zip(names, reduced))
+
+
+class GlobalBalance:
+  """Balancing sums of one in-graph step, per replica and MoE layer call.
+
+  Each replica runs the same program, so the j-th balance_over="global"
+  call of every replica is the same layer on another slice of the batch.
+  `finish` adds those calls' sums up (on the current device), all-reduces
+  them across tf.distribute replicas (`cross_replica_sum`, one collective
+  for all calls), and has each layer add the global batch's balancing
+  losses (`MoEBase.add_global_balancing_losses`) once, unscaled: they are
+  the step's, not one replica's share.
+  """
+
+  def __init__(self):
+    self._replicas = []
+    self._collecting = False
+
+  @contextlib.contextmanager
+  def replica(self):
+    """The calls inside are one replica's (its sums are collected)."""
+    self._replicas.append([])
+    self._collecting = True
+    try:
+      yield
+    finally:
+      self._collecting = False
+
+  @property
+  def collecting(self):
+    return self._collecting
+
+  def add(self, layer, sums):
+    """Keeps one call's sums (inside `replica`)."""
+    self._replicas[-1].append((layer, sums))
+
+  def finish(self):
+    """Adds each call's global balancing losses; clears what it kept.
+
+    Raises:
+      RuntimeError: the replicas made different balance_over="global"
+        calls (different layers or numbers of calls).
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    replicas, self._replicas = self._replicas, []
+    if not replicas or not replicas[0]:
+      return
+    first = replicas[0]
+    for calls in replicas[1:]:
+      if [id(layer) for layer, _ in calls] != [id(layer) for layer, _ in first]:
+        raise RuntimeError(
+            "balance_over='global': the in-graph replicas called different"
+            " MoE layers"
+        )
+    totals = {}
+    for j, (_, sums) in enumerate(first):
+      for name in sums:
+        totals[f"{j}/{name}"] = tf.add_n(
+            [calls[j][1][name] for calls in replicas]
+        )
+    totals = cross_replica_sum(totals)
+    for j, (layer, sums) in enumerate(first):
+      layer.add_global_balancing_losses(
+          {name: totals[f"{j}/{name}"] for name in sums}
+      )
+
+
+@contextlib.contextmanager
+def global_balance_scope():
+  """Collects the balancing sums of in-graph replicas (see GlobalBalance).
+
+  Yields:
+    The GlobalBalance; run each replica inside its `replica()` and call
+    `finish()` after the last one.
+  """
+  state = _stack()
+  balance = GlobalBalance()
+  state.balances.append(balance)
+  try:
+    yield balance
+  finally:
+    state.balances.pop()
+
+
+def global_balance_sums(layer, sums):
+  """`TensorFlowPlacement.global_balance_sums` (see ExpertPlacement).
+
+  Inside a replica of a `global_balance_scope`: keeps `sums` there and
+  returns None. Otherwise the sums all-reduced over the replicas of the
+  current tf.distribute strategy (`cross_replica_sum`; unchanged without
+  one).
+
+  Raises:
+    RuntimeError: inside a `replica_scope` of several replicas but outside
+      a `global_balance_scope` (the other replicas' sums are not visible).
+  """
+  state = _stack()
+  if state.balances and state.balances[-1].collecting:
+    state.balances[-1].add(layer, sums)
+    return None
+  if current_replica()[1] > 1:
+    raise RuntimeError(
+        f"{layer.name}: balance_over='global' in a replica_scope needs a"
+        " global_balance_scope around the replicas"
+    )
+  return cross_replica_sum(sums)
 
 
 def logical_weight_signature(model):
@@ -213,7 +380,9 @@ class TensorFlowPlacement(expert_placement.ExpertPlacement):
 
   Shards a layer that names `expert_devices` or is built inside a
   `placement_scope`; other layers keep their single-device experts. Every
-  MoE balancing loss is divided by the replicas of a `replica_scope`.
+  MoE balancing loss is divided by the replicas of a `replica_scope`;
+  balance_over="global" sums are added up over the replicas of a
+  `global_balance_scope` and all-reduced across tf.distribute replicas.
   """
 
   def will_shard(self, layer):
@@ -224,6 +393,9 @@ class TensorFlowPlacement(expert_placement.ExpertPlacement):
 
   def scale_loss(self, loss):
     return scale_replica_loss(loss)
+
+  def global_balance_sums(self, layer, sums):
+    return global_balance_sums(layer, sums)
 
 
 expert_placement.install(TensorFlowPlacement())
@@ -499,19 +671,19 @@ class ShardedExperts:
         ops.cast(combined, layer.compute_dtype),
         tuple(leading) + (combined.shape[-1],),
     )
-    load_h = None
+    load_h = load_sums = None
     if training:
-      group_sizes = ops.cast(group_plan.token_counts, "float32")  # |X^(i)|
-      load_h = ops.reshape(
-          load_primary[:, None]
-          * tf.concat(load_secondary, axis=0)
-          / ops.maximum(group_sizes, 1.0)[:, None],
-          (-1,),
-      )  # eq. (14)
+      load_sums = {
+          "load_primary": load_primary,
+          "load_secondary": tf.concat(load_secondary, axis=0),
+          "group_sizes": ops.cast(group_plan.token_counts, "float32"),
+      }
+      load_h = gating_lib.hierarchical_load(**load_sums)  # eq. (14)
     routing = {
         "importance": tf.concat(importance, axis=0),  # eq. (13)
         "load": load_h,
         "load_is_smooth": load_h is not None,
+        "load_sums": load_sums,
         "extra_stats": {
             "importance_primary": gating_lib.importance(gates_p, groups, a),
             "group_counts": ops.cast(group_plan.token_counts, "float32"),
@@ -523,16 +695,7 @@ class ShardedExperts:
     )
     stats = layer._statistics(routing, expert_counts, training)  # pylint: disable=protected-access
     if training:
-      layer.add_aux_losses(
-          {
-              name: stats[key]
-              for name, key in (
-                  (gating_lib.IMPORTANCE_LOSS, "importance_loss"),
-                  (gating_lib.LOAD_LOSS, "load_loss"),
-              )
-              if name in layer.aux_loss_names
-          }
-      )
+      layer._add_training_losses(routing, stats)  # pylint: disable=protected-access
     if not in_stateless_scope():
       for name, tracker in layer._stat_trackers.items():  # pylint: disable=protected-access
         tracker.update_state(stats[name])

@@ -126,6 +126,11 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
   of every input along axis 0; outputs are concatenated back in order, so
   losses and metrics see the global batch exactly as without the wrapper.
   Inner variables are shared: TF sums their gradients over the replicas.
+  MoE balancing losses: the mean of the replicas' (balance_over="replica"),
+  or those of the replicas' summed Importance/Load (balance_over="global",
+  `sharded_experts.GlobalBalance`; under MultiWorkerMirroredStrategy the
+  sums are all-reduced across the hosts too), equal to one device's on the
+  global batch.
   Not serializable itself: save and load the inner model (save_weights and
   load_weights delegate to it), so checkpoints do not depend on the mesh.
   """
@@ -146,12 +151,17 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
     sizes = tf.stack([(batch + num - 1 - r) // num for r in range(num)])
     splits = [tf.split(t, sizes, num=num, axis=0) for t in flat]
     outputs = []
-    for r in range(num):
-      b, e = divmod(r, self.mesh.expert)
-      shard = tf.nest.pack_sequence_as(inputs, [s[r] for s in splits])
-      with tf.device(self.mesh.device(b, e)):
-        with sharded_experts.replica_scope(b, num):
-          outputs.append(self.inner(shard, training=training))
+    with sharded_experts.global_balance_scope() as balance:
+      for r in range(num):
+        b, e = divmod(r, self.mesh.expert)
+        shard = tf.nest.pack_sequence_as(inputs, [s[r] for s in splits])
+        with tf.device(self.mesh.device(b, e)):
+          with sharded_experts.replica_scope(b, num), balance.replica():
+            outputs.append(self.inner(shard, training=training))
+      # balance_over="global" layers: CV^2 of the replicas' summed
+      # Importance/Load (all-reduced across hosts under MWMS), added once.
+      with tf.device(self.mesh.device(0, 0)):
+        balance.finish()
     return tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *outputs)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):

@@ -16,6 +16,10 @@ layer then delegates to:
     `HierarchicalSparseMoE.call` (only for placements that shard one).
   save_own_variables(store) / load_own_variables(store): checkpoints as the
     single-device layer writes them.
+
+A placement also decides how the balancing losses of data-parallel replicas
+combine: `scale_loss` (each call's share of the step's loss) and, for
+layers with balance_over="global", `global_balance_sums`.
 """
 
 
@@ -60,6 +64,28 @@ class ExpertPlacement:
   def scale_loss(self, loss):
     """An MoE balancing loss as this call's share of the step's (identity)."""
     return loss
+
+  def global_balance_sums(self, layer, sums):
+    """The balancing sums of the step's global batch, from one call's.
+
+    For a layer with balance_over="global", in training. The default is for
+    one program over the global batch (one device; JAX SPMD under a
+    keras.distribution, whose tensors span the whole batch): this call's
+    sums already are the global batch's.
+
+    Args:
+      layer: the calling MoEBase.
+      sums: dict {name: float32 tensor} of sums over this call's tokens
+        (`MoEBase._balance_sums`: Importance [n], Load [n], ...).
+
+    Returns:
+      A dict like `sums`, summed over every data-parallel replica of the
+      step (here: `sums`); or None when the placement keeps `sums` and will
+      call `layer.add_global_balancing_losses(summed)` itself once all
+      replicas have made this call.
+    """
+    del layer
+    return sums
 
 
 _INSTALLED = [ExpertPlacement()]

@@ -16,6 +16,7 @@ number of experts.
   eqs.(4,5,8) one top-(k+1) for all three ...... `noisy_top_k`
   eq. (9)   P(x, i) ........................... `load_probabilities`
   eq. (10)  Load(X) ........................... `load`
+  eq. (14)  Load_H(X) (appendix B) ............ `hierarchical_load`
   eqs.(15,16) strictly balanced gates ......... `masked_gates`
   eq. (18)  M_batchwise ....................... `batchwise_mask`
   eq. (19)  M_threshold ....................... `threshold_mask`
@@ -244,6 +245,31 @@ def load(probabilities):
     float32 [n].
   """
   return ops.sum(probabilities, axis=0)
+
+
+def hierarchical_load(load_primary, load_secondary, group_sizes):
+  """Load_H(X) of eq. (14) (appendix B) from its three sums over X.
+
+  Load_H(X)_{i,j} = Load_primary(X)_i * Load_i(X^(i))_j / |X^(i)|, with
+  X^(i) = {x in X : G_primary(x)_i > 0}. Every input is a sum over the
+  tokens of X, so the Load_H of a batch made of several slices is this
+  function of the slices' summed inputs (not the sum of their Load_H).
+
+  Args:
+    load_primary: float32 [a], Load_primary(X) (eq. 10 over the groups).
+    load_secondary: float32 [a, b], row i = Load_i(X^(i)) (eq. 10 of group
+      i's secondary gate over the tokens sent to group i).
+    group_sizes: float32 [a], |X^(i)| (an empty group's row is 0).
+
+  Returns:
+    float32 [a*b], expert (i, j) at i*b + j.
+  """
+  return ops.reshape(
+      load_primary[:, None]
+      * load_secondary
+      / ops.maximum(group_sizes, 1.0)[:, None],
+      (-1,),
+  )
 
 
 def masked_gates(probabilities, mask):

@@ -35,6 +35,10 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
 
   Losses over the a*b entries: w_importance CV(Importance_H)^2 +
   w_load CV(Load_H)^2, so the primary gate gets gradient through Load_H.
+  With balance_over="global" (see MoEBase) the replicas add up
+  Importance_H and the three sums of eq. (14) (Load_primary, Load_i(X^(i)),
+  |X^(i)|) before Load_H and CV^2 are computed: a sum of the replicas'
+  Load_H would not be the global batch's.
 
   `call(..., noise=(primary_noise [N, a], secondary_noise [N, a, b]))`
   replaces the random draws in training (the draws of unselected groups are
@@ -175,7 +179,7 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     routed = ops.less(groups, a)  # [N, kp]
     routed_f = ops.cast(routed, "float32")
     flat = lambda t: ops.reshape(t, (-1, b))
-    load_h = None
+    load_h = load_sums = None
     if training:
       # x . W_i and x . W_noise_i as one grouped matmul (eq. 4 per group).
       kernels = ops.concatenate(
@@ -210,12 +214,12 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
           num_segments=a + 1,
       )[:a]
       group_sizes = ops.cast(group_plan.token_counts, "float32")  # |X^(i)|
-      load_h = ops.reshape(
-          load_primary[:, None]
-          * load_secondary
-          / ops.maximum(group_sizes, 1.0)[:, None],
-          (-1,),
-      )  # eq. (14)
+      load_sums = {
+          "load_primary": load_primary,
+          "load_secondary": load_secondary,
+          "group_sizes": group_sizes,
+      }
+      load_h = gating_lib.hierarchical_load(**load_sums)  # eq. (14)
     else:
       clean_s = group_plan.gather_back(
           dispatch.grouped_linear(
@@ -238,11 +242,38 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
         "importance": gating_lib.importance(gates, expert_ids, a * b),  # (13)
         "load": load_h,
         "load_is_smooth": load_h is not None,
+        "load_sums": load_sums,
         "extra_stats": {
             "importance_primary": gating_lib.importance(gates_p, groups, a),
             "group_counts": ops.cast(group_plan.token_counts, "float32"),
         },
     }
+
+  def _balance_sums(self, routing):
+    """Importance_H [a*b] (eq. 13) and, in training, the sums of eq. (14).
+
+    Args:
+      routing: the dict `_route` (or the sharded `call_hierarchical`)
+        builds, with "load_sums" {load_primary [a], load_secondary [a, b],
+        group_sizes [a]} when the load is smooth.
+
+    Returns:
+      dict {"importance": [a*b]} plus those three entries in training; each
+      a sum over this call's tokens.
+    """
+    sums = {"importance": routing["importance"]}
+    if routing.get("load_is_smooth"):
+      sums.update(routing["load_sums"])
+    return sums
+
+  def _balance_vectors(self, sums):
+    """(Importance_H [a*b], Load_H [a*b] (eq. 14) or None) from the sums."""
+    load = None
+    if "load_primary" in sums:
+      load = gating_lib.hierarchical_load(
+          sums["load_primary"], sums["load_secondary"], sums["group_sizes"]
+      )
+    return sums["importance"], load
 
   def get_config(self):
     config = super().get_config()

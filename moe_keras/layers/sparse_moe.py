@@ -22,6 +22,9 @@ from moe_keras.layers import gating as gating_lib
 from moe_keras.layers import small_batch
 
 GATINGS = ("noisy_top_k", "top_k", "softmax", "batchwise")
+# Over which batch CV(Importance)^2 and CV(Load)^2 are computed under data
+# parallelism (`MoEBase`, "Balancing losses under data parallelism").
+BALANCE_OVER = ("replica", "global")
 STAT_METRICS = (
     "cv_importance",
     "cv_load",
@@ -159,6 +162,26 @@ class MoEBase(keras.layers.Layer):
       activations) or "mixed_bfloat16" (float32 weights, bf16 compute). The
       gating (W_g, W_noise, logits, softmax, Phi, Load, losses) stays
       float32 and the output is in the layer's compute dtype.
+
+  Balancing losses under data parallelism (`balance_over`):
+    "replica" (default): every data-parallel replica computes
+      CV(Importance)^2 and CV(Load)^2 (eqs. 6-7, 10-11; appendix B: 13-14)
+      over its own slice of the batch, and the step's loss is the mean of
+      the replicas' values (TensorFlow: in-graph mesh replicas and
+      tf.distribute replicas).
+    "global": the replicas' Importance and Load sums are added up before
+      CV^2 (appendix B: the sums Load_primary, Load_i(X^(i)) and |X^(i)|
+      that eq. 14 combines), so the loss is the one a single device computes
+      on the global batch, and so is its gradient. Where the step is one
+      program over the global batch (one device; JAX under a
+      keras.distribution, SPMD) both options give that loss. The sums are
+      added by the installed expert placement (moe_keras.layers.
+      expert_placement): `moe_keras.distribution` adds them over the in-graph
+      mesh replicas and all-reduces them across tf.distribute replicas
+      (e.g. the hosts of MultiWorkerMirroredStrategy). The statistics
+      (`return_stats`, metrics) describe each call's own tokens under both.
+      L_batchwise (eq. 20) and the batchwise gating's per-batch capacity
+      (eq. 18) stay per replica.
   """
 
   def __init__(
@@ -180,6 +203,7 @@ class MoEBase(keras.layers.Layer):
       expert_dtype=None,
       expert_devices=None,
       dispatch_mode="grouped",
+      balance_over="replica",
       **kwargs,
   ):
     super().__init__(**kwargs)
@@ -189,6 +213,12 @@ class MoEBase(keras.layers.Layer):
           f" {', '.join(dispatch.DISPATCH_MODES)}"
       )
     self.dispatch_mode = dispatch_mode
+    if not isinstance(balance_over, str) or balance_over not in BALANCE_OVER:
+      raise ValueError(
+          f"unknown balance_over {balance_over!r}; expected one of"
+          f" {', '.join(BALANCE_OVER)}"
+      )
+    self.balance_over = balance_over
     if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
       raise ValueError(
           f"expert_hidden_dim must be an int >= 1, got {expert_hidden_dim!r}"
@@ -355,12 +385,7 @@ class MoEBase(keras.layers.Layer):
 
     stats = self._statistics(routing, plan, training)
     if training:
-      parts = {
-          gating_lib.IMPORTANCE_LOSS: stats["importance_loss"],
-          gating_lib.LOAD_LOSS: stats["load_loss"],
-      }
-      parts.update(routing.get("extra_losses", {}))
-      self.add_aux_losses({name: parts[name] for name in self.aux_loss_names})
+      self._add_training_losses(routing, stats)
     if not in_stateless_scope():
       for name, tracker in self._stat_trackers.items():
         tracker.update_state(stats[name])
@@ -476,6 +501,98 @@ class MoEBase(keras.layers.Layer):
     """[(loss added by `add_aux_losses`, {name: part})], latest calls."""
     return list(self._aux_loss_records.items)
 
+  # -- balancing losses (eqs. 6-7, 10-11; appendix B: 13-14) ----------------
+
+  def _balance_sums(self, routing):
+    """The sums over this call's tokens that the balancing losses read.
+
+    Every entry is a sum over tokens, so the sums of a batch cut into
+    slices are the slices' sums added up (what balance_over="global" adds
+    across the data-parallel replicas).
+
+    Args:
+      routing: the dict `_route` returns.
+
+    Returns:
+      dict {"importance": float32 [n] (eq. 6), "load": float32 [n] (eq. 10,
+      only when the load is smooth: noisy top-k in training)}.
+    """
+    sums = {"importance": routing["importance"]}
+    if routing.get("load_is_smooth"):
+      sums["load"] = routing["load"]
+    return sums
+
+  def _balance_vectors(self, sums):
+    """(Importance [n], Load [n] or None) from `_balance_sums`' entries."""
+    return sums["importance"], sums.get("load")
+
+  def balancing_losses(self, sums):
+    """w_importance CV(Importance)^2 and w_load CV(Load)^2, eqs. (7), (11).
+
+    Args:
+      sums: dict from `_balance_sums`: one call's, or the sums of a step's
+        data-parallel replicas added up (balance_over="global").
+
+    Returns:
+      dict {gating.IMPORTANCE_LOSS: float32 scalar, gating.LOAD_LOSS:
+      float32 scalar (only with a smooth load)}. CV^2 = population
+      variance / (mean^2 + CV_EPSILON) (`gating.cv_squared`).
+    """
+    importance, load = self._balance_vectors(sums)
+    losses = {
+        gating_lib.IMPORTANCE_LOSS: self.w_importance
+        * gating_lib.cv_squared(importance)
+    }
+    if load is not None:
+      losses[gating_lib.LOAD_LOSS] = self.w_load * gating_lib.cv_squared(load)
+    return losses
+
+  def _add_training_losses(self, routing, stats):
+    """Adds this call's training losses (one `add_aux_losses`).
+
+    balance_over="replica": the balancing losses of this call's tokens
+    (`stats`). "global": the installed expert placement returns the sums of
+    the global batch (then their losses are added here), or keeps this
+    call's sums and later calls `add_global_balancing_losses` once for all
+    replicas (the in-graph mesh). Losses of `routing["extra_losses"]`
+    (L_batchwise) are this call's under both.
+
+    Args:
+      routing: the dict `_route` returns.
+      stats: the dict `_statistics` returns (training).
+    """
+    parts = {}
+    if self.balance_over == "replica":
+      parts[gating_lib.IMPORTANCE_LOSS] = stats["importance_loss"]
+      parts[gating_lib.LOAD_LOSS] = stats["load_loss"]
+    else:
+      sums = expert_placement.current().global_balance_sums(
+          self, self._balance_sums(routing)
+      )
+      if sums is not None:
+        parts.update(self.balancing_losses(sums))
+    parts.update(routing.get("extra_losses", {}))
+    parts = {name: parts[name] for name in self.aux_loss_names if name in parts}
+    if parts:
+      self.add_aux_losses(parts)
+
+  def add_global_balancing_losses(self, sums):
+    """Adds the balancing losses of a step's global batch (one add_loss).
+
+    For expert placements that collect the `_balance_sums` of one call of
+    this layer in every data-parallel replica (balance_over="global") and
+    add them up; the losses are then those of one device on the global
+    batch.
+
+    Args:
+      sums: dict like `_balance_sums`' (float32 tensors), summed over the
+        replicas.
+    """
+    losses = self.balancing_losses(sums)
+    self.add_aux_losses(
+        {name: losses[name] for name in self.aux_loss_names if name in losses}
+    )
+
   def _padded_dispatch(self):
     """Whether the dropless plan uses the padded layout (dispatch_mode).
 
@@ -522,7 +639,8 @@ class MoEBase(keras.layers.Layer):
   def _statistics(self, routing, plan, training):
     """Per-step statistics and the weighted balancing losses (eqs. 6-11).
 
-    The losses are zero outside training (they are added only in training).
+    All over this call's tokens, whatever `balance_over` says. The losses
+    are zero outside training (they are added only in training).
     """
     counts = ops.cast(plan.token_counts, "float32")
     importance_vec = routing["importance"]
@@ -530,6 +648,10 @@ class MoEBase(keras.layers.Layer):
     if load_vec is None:
       load_vec = counts
     routed = ops.sum(counts)
+    zero = ops.zeros((), "float32")
+    losses = (
+        self.balancing_losses(self._balance_sums(routing)) if training else {}
+    )
     stats = {
         "importance": importance_vec,
         "load": load_vec,
@@ -542,16 +664,8 @@ class MoEBase(keras.layers.Layer):
         "dropped_fraction": (
             ops.cast(plan.num_dropped, "float32") / ops.maximum(routed, 1.0)
         ),
-        "importance_loss": (
-            self.w_importance * gating_lib.cv_squared(importance_vec)
-            if training
-            else ops.zeros((), "float32")
-        ),
-        "load_loss": (
-            self.w_load * gating_lib.cv_squared(routing["load"])
-            if training and routing.get("load_is_smooth")
-            else ops.zeros((), "float32")
-        ),
+        "importance_loss": losses.get(gating_lib.IMPORTANCE_LOSS, zero),
+        "load_loss": losses.get(gating_lib.LOAD_LOSS, zero),
     }
     stats.update(routing.get("extra_stats", {}))
     return stats
@@ -589,6 +703,7 @@ class MoEBase(keras.layers.Layer):
             "recompute_expert_activations": self.recompute_expert_activations,
             "expert_dtype": self.expert_dtype,
             "dispatch_mode": self.dispatch_mode,
+            "balance_over": self.balance_over,
         }
     )
     return config
@@ -627,6 +742,8 @@ class SparseMoE(MoEBase):
   w_importance * CV(Importance)^2 + w_load * CV(Load)^2 (+ w_batchwise
   L_batchwise). CV is the population std over the mean. The models of
   `moe_keras.models` log each term under its own name (`aux_loss_names`).
+  Under data parallelism, `balance_over` says whether the CV^2 terms are
+  each replica's (mean over replicas) or the global batch's (see MoEBase).
 
   Dispatch is sparse (see `moe_keras.layers.dispatch`): compute grows with
   k * tokens. `capacity_factor=None` is dropless (the paper); a number c

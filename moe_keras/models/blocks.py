@@ -16,6 +16,7 @@ from keras import ops
 
 from moe_keras.layers import HierarchicalSparseMoE
 from moe_keras.layers import SparseMoE
+from moe_keras.layers import sparse_moe
 
 MOE_KINDS = ("flat", "hierarchical", "ffn")
 
@@ -96,6 +97,7 @@ def moe_spec(
     recompute_expert_activations=None,
     expert_dtype=None,
     dispatch_mode=None,
+    balance_over=None,
 ):
   """The MoE layer of a model, as a plain dict (gin-configurable).
 
@@ -122,6 +124,14 @@ def moe_spec(
     dispatch_mode: None (the layer's default, 'grouped': a matmul per
       expert) or 'padded' (TensorFlow: one einsum padded to the step's
       largest expert); see moe_keras.layers.dispatch.
+    balance_over: None (the layer's default, 'replica') or 'replica' |
+      'global': under data parallelism, CV(Importance)^2 and CV(Load)^2
+      (eqs. 7, 11; appendix B: 13-14) as the mean of the replicas' values
+      ('replica'), or over the global batch, the replicas' Importance and
+      Load sums added up before CV^2 ('global', equal to one device on the
+      same global batch). One device and JAX (SPMD) compute over the global
+      batch under both; see MoEBase and BUILD.md "Distribution". Checked
+      by `build_moe` (outside gin, so the error stays one line).
 
   Returns:
     dict of these arguments.
@@ -151,6 +161,7 @@ def moe_spec(
       recompute_expert_activations=recompute_expert_activations,
       expert_dtype=expert_dtype,
       dispatch_mode=dispatch_mode,
+      balance_over=balance_over,
   )
 
 
@@ -164,7 +175,20 @@ def build_moe(spec, name="moe", seed=None):
 
   Returns:
     A SparseMoE, HierarchicalSparseMoE or FeedForward layer.
+
+  Raises:
+    ValueError: an unknown `balance_over` (for every kind; an 'ffn' layer
+      has no balancing losses and ignores a valid one).
   """
+  balance_over = spec.get("balance_over")
+  if balance_over is not None and (
+      not isinstance(balance_over, str)
+      or balance_over not in sparse_moe.BALANCE_OVER
+  ):
+    raise ValueError(
+        f"unknown moe_spec.balance_over {balance_over!r}; expected None or"
+        f" one of {', '.join(sparse_moe.BALANCE_OVER)}"
+    )
   if spec["kind"] == "ffn":
     return FeedForward(spec["hidden_dims"], name=name)
   common = {
@@ -184,6 +208,7 @@ def build_moe(spec, name="moe", seed=None):
               "recompute_expert_activations",
               "expert_dtype",
               "dispatch_mode",
+              "balance_over",
           )
           if spec.get(key) is not None
       }

@@ -23,6 +23,7 @@ of `moe_keras.train`).
 Translations come from beam search (`beam_size` > 1) or greedy search.
 """
 
+import contextlib
 import time
 
 from absl import logging
@@ -90,6 +91,31 @@ def _to_keras(x, target_out, weights):
   return x, pack_targets(target_out, weights)
 
 
+@contextlib.contextmanager
+def moe_stats_detached(model):
+  """Detaches the MoE layers' Keras metric trackers while tracing decoding.
+
+  Inside, the layers of `model` update no training statistics, so a
+  tf.function traced here captures none of the trackers' (untracked)
+  variables and can be exported as a SavedModel.
+
+  Args:
+    model: a Keras model with MoE layers (or none).
+
+  Yields:
+    None.
+  """
+  moe_layers = expert_stats.moe_layers(model)
+  saved = [layer._stat_trackers for layer in moe_layers]  # pylint: disable=protected-access
+  try:
+    for layer in moe_layers:
+      layer._stat_trackers = {}  # pylint: disable=protected-access
+    yield
+  finally:
+    for layer, trackers in zip(moe_layers, saved):
+      layer._stat_trackers = trackers  # pylint: disable=protected-access
+
+
 class Translator(tf.Module):
   """Strings in, translations out, all in one TensorFlow graph.
 
@@ -150,15 +176,8 @@ class Translator(tf.Module):
     # trackers are detached meanwhile, so decoding neither updates the
     # training statistics nor captures their (untracked) variables, which a
     # SavedModel could not export.
-    moe_layers = expert_stats.moe_layers(self.model)
-    saved = [layer._stat_trackers for layer in moe_layers]  # pylint: disable=protected-access
-    try:
-      for layer in moe_layers:
-        layer._stat_trackers = {}  # pylint: disable=protected-access
+    with moe_stats_detached(self.model):
       return self._translate_graph(texts)
-    finally:
-      for layer, trackers in zip(moe_layers, saved):
-        layer._stat_trackers = trackers  # pylint: disable=protected-access
 
   def _translate_graph(self, texts):
     ids = self._tokenizer.tokenize(texts)

@@ -145,6 +145,34 @@ def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
   ) in table
 
 
+def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
+  lrs = {"dense": 1e-3, "moe": 1e-3, "late": 1e-3}
+  dense = [
+      _curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)]),
+      _curve([(1, 1e6, 60.0, 220.0), (2, 2e6, 120.0, 110.0)]),
+  ]
+  moe = [_curve([(1, 1e6, 90.0, 231.0), (2, 2e6, 180.0, 94.5)])]
+  late = [_curve([(2, 2e6, 180.0, 105.0)])]  # validated at step 2 only
+  for seed, curve in enumerate(dense):
+    _write(tmp_path, results_lib.Run("dense", 1e-3, seed, 2), 1.0, 1.0, curve)
+  _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 2), 1.0, 1.0, moe[0])
+  _write(tmp_path, results_lib.Run("late", 1e-3, 0, 2), 1.0, 1.0, late[0])
+  rows = results_lib.collect_rows(
+      tmp_path, ["dense", "moe", "late"], [0, 1], 2, lrs
+  )
+  table = results_lib.margin_table(rows, rows[0])
+  lines = table.splitlines()
+  # Dense mean curve: 210 then 105. MoE: 231 / 210 = +10%, 94.5 / 105 = -10%.
+  assert lines[0] == (
+      "| dev ppl vs dense (n=2) | step 1 (1.0M tok) | step 2 (2.0M tok) |"
+  )
+  assert "| moe (n=1) | +10.0% | -10.0% |" in lines
+  assert "| late (n=1) | - | +0.0% |" in lines
+  assert not any(l.startswith("| dense") for l in lines)
+  empty = results_lib.Row("none", None, [])
+  assert results_lib.margin_table(rows, empty) == "(no none runs yet)"
+
+
 def test_mean_curve_averages_the_seeds_at_common_steps():
   a = {"curve": _curve([(1, 10.0, 1.0, 300.0), (2, 20.0, 2.0, 200.0)])}
   b = {"curve": _curve([(1, 12.0, 3.0, 100.0), (2, 22.0, 4.0, 100.0),

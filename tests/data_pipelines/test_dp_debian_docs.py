@@ -10,6 +10,7 @@ itself (the builder accepts an extracted tree in place of a `.deb`).
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 
@@ -214,6 +215,7 @@ def test_build_manifest_and_files(tmp_path):
   assert manifest == result.manifest
   (package,) = manifest["packages"]
   assert package["name"] == "alpha-doc"
+  assert manifest["format"] == dd.MANIFEST_FORMAT == 2
   assert package["version"] == "1.2-3"
   assert package["documents"] == 3
   if shutil.which("dpkg-deb"):
@@ -260,6 +262,69 @@ def test_document_split_deterministic_disjoint_vocab_from_train(tmp_path):
   train_words = {w for l in lines["train"] for w in l.split()}
   assert set(vocab.tokens) - set(word_vocab_lib.SPECIAL_TOKENS) == train_words
   assert first.manifest["splits"]["test"]["oov_rate"] > 0
+
+
+def test_split_files_hold_sentences_in_seeded_random_order(
+    tmp_path, monkeypatch
+):
+  """Training streams are i.i.d.: no package or document order survives."""
+  tree = _many_docs_tree(tmp_path, num_docs=120)
+  result = _build(tmp_path, packages=(MANY,), trees=(tree,))
+  train = _lines(result.files["train"])
+  page = lambda line: int(line.split("page")[1].split()[0])
+  # The training documents, from the fixture and the documented hash split.
+  train_pages = {
+      i
+      for i in range(120)
+      if dd.split_of(
+          f"many-doc:usr/share/doc/many-doc/doc{i:02d}.txt",
+          valid_fraction=dd.DEFAULT_VALID_FRACTION,
+          test_fraction=dd.DEFAULT_TEST_FRACTION,
+      )
+      == "train"
+  }
+  assert sorted(map(page, train)) == sorted(2 * list(train_pages))
+  assert len(train) >= 200
+  # The two sentences of a page: adjacent in document order; after the
+  # shuffle each pair is adjacent with probability 2 / len(train) (~1 pair).
+  adjacent = sum(page(a) == page(b) for a, b in zip(train, train[1:]))
+  assert adjacent <= 6
+  # Both halves of the file hold early and late pages alike.
+  half = len(train) // 2
+  early = sum(page(l) < 60 for l in train[:half]) / half
+  assert 0.3 < early < 0.7
+  # The permutation is stdlib random with the documented string seed,
+  # applied to the document-order file (a build without the shuffle).
+  monkeypatch.setattr(dd, "shuffle_lines", lambda path, seed: None)
+  unshuffled = _build(tmp_path / "plain", packages=(MANY,), trees=(tree,))
+  in_order = _lines(unshuffled.files["train"])
+  assert sum(page(a) == page(b) for a, b in zip(in_order, in_order[1:])) == (
+      len(train) // 2
+  )
+  random.Random(f"{dd.SHUFFLE_SEED}:train").shuffle(in_order)
+  assert train == in_order
+  # Deterministic across builds.
+  monkeypatch.undo()
+  again = _build(tmp_path / "again", packages=(MANY,), trees=(tree,))
+  assert _lines(again.files["train"]) == train
+
+
+def test_corpus_of_an_older_format_is_rebuilt_or_refused(tmp_path):
+  """Format 1 corpora (package order) are refused by readers, rebuilt."""
+  _build(tmp_path)
+  cache = tmp_path / "cache"
+  manifest = json.loads((cache / dd.MANIFEST).read_text())
+  manifest["format"] = 1
+  (cache / dd.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(DataError) as e:
+    dd.require_corpus(str(cache))
+  message = str(e.value)
+  assert "\n" not in message
+  assert "format 1" in message and "package order" in message
+  assert "python -m data_pipelines.build_debian_docs_corpus" in message
+  rebuilt = _build(tmp_path)
+  assert rebuilt.manifest["format"] == dd.MANIFEST_FORMAT
+  assert dd.require_corpus(str(cache)).manifest["format"] == 2
 
 
 def test_duplicate_sentences_dropped(tmp_path):

@@ -408,7 +408,8 @@ def tiny_model(num_experts=8, hierarchical=False, seed=0, **moe_kwargs):
 
   hierarchical: a HierarchicalSparseMoE of num_experts / 2 groups of 2.
   moe_kwargs: override the MoE's keyword arguments (capacity_factor, the
-    balancing-loss weights, which default to 0).
+    balancing-loss weights, which default to 0; flat: the gating, default
+    top_k).
   """
   import keras  # pylint: disable=g-import-not-at-top
 
@@ -418,14 +419,16 @@ def tiny_model(num_experts=8, hierarchical=False, seed=0, **moe_kwargs):
   keras.utils.set_random_seed(seed)
   inputs = keras.Input((T, D))
   hidden = keras.layers.Dense(D, activation="tanh")(inputs)
-  # No balancing losses by default: replicas compute them on their slice of
-  # the batch, so they are not the global batch's.
+  # No balancing losses by default: with balance_over="replica" (the
+  # layer's default) replicas compute them on their slice of the batch, so
+  # they are not the global batch's ("global" is: see global_balance).
   moe_kwargs = dict(dict(w_importance=0.0, w_load=0.0), **moe_kwargs)
   if hierarchical:
     # Noisy gates at both levels.
     moe = HierarchicalSparseMoE(num_experts // 2, 2, H, **moe_kwargs)
   else:
-    moe = SparseMoE(num_experts, 2, H, gating="top_k", **moe_kwargs)
+    moe_kwargs.setdefault("gating", "top_k")
+    moe = SparseMoE(num_experts, 2, H, **moe_kwargs)
   hidden = keras.layers.Add()([hidden, moe(hidden)])
   outputs = keras.layers.Dense(V)(hidden)
   return keras.Model(inputs, outputs)
@@ -678,15 +681,17 @@ def _free_ports(count):
 
 # The tiny LM of gin/lm/tiny (LSTM -> residual MoE -> LSTM -> softmax),
 # made deterministic so that 2 workers can match 1 process: no dropout, the
-# exact softmax (no sampled candidates), top-k gating without noise and no
-# balancing losses (replicas compute those on their slice of the batch).
+# exact softmax (no sampled candidates), top-k gating without noise (so no
+# load loss), and the importance loss over the global batch
+# (balance_over='global': the hosts all-reduce their Importance sums).
 LM_BINDINGS = (
     "DROPOUT = 0.0",
     "NUM_SAMPLED = None",
-    "W_IMPORTANCE = 0.0",
+    "W_IMPORTANCE = 0.1",
     "W_LOAD = 0.0",
     "WARMUP_STEPS = 2",
     "moe_spec.gating = 'top_k'",
+    "moe_spec.balance_over = 'global'",
 )
 LM_VOCAB, LM_BATCH, LM_TIME = 40, 8, 12
 
@@ -695,7 +700,9 @@ def multi_worker_model(kind, dist):
   """(compiled model, x, y) for the multi-worker scenario.
 
   Args:
-    kind: "tiny" (Dense -> MoE -> Dense, MSE) or "lm" (the tiny MoE LM of
+    kind: "tiny" (Dense -> MoE -> Dense, MSE), "tiny_global" (the same
+      with noisy top-k gating, zero noise, w_importance = w_load = 0.1 and
+      balance_over="global") or "lm" (the tiny MoE LM of
       gin/lm/tiny/moe_flat.gin, its Adam schedule and masked mean NLL).
     dist: the Distribution to build under.
 
@@ -704,9 +711,24 @@ def multi_worker_model(kind, dist):
   """
   import keras  # pylint: disable=g-import-not-at-top
 
-  if kind == "tiny":
+  if kind in ("tiny", "tiny_global"):
+    moe_kwargs = {}
+    if kind == "tiny_global":
+      from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
+
+      # Each worker draws its own noise; zeros keep the noise stddev and
+      # the smooth load of training.
+      gating_lib.standard_normal = lambda shape, seed: keras.ops.zeros(
+          shape, "float32"
+      )
+      moe_kwargs = dict(
+          gating="noisy_top_k",
+          w_importance=0.1,
+          w_load=0.1,
+          balance_over="global",
+      )
     with dist.scope():
-      model = dist.wrap_model(tiny_model())
+      model = dist.wrap_model(tiny_model(**moe_kwargs))
       model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     return (model,) + tiny_data(batch=16)
   from eval import perplexity as perplexity_lib  # pylint: disable=g-import-not-at-top
@@ -738,7 +760,10 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1", kind="tiny"):
 
   Args:
     mesh_shape: the global mesh; each worker gets batch/2 rows of it.
-    kind: "tiny" or "lm" (see `multi_worker_model`).
+    kind: "tiny", "tiny_global" or "lm" (see `multi_worker_model`). With
+      "tiny_global" the MoE losses are in the compared losses: the workers'
+      `total_loss` (their `loss` is the task loss) against the one-process
+      plain model's `loss`.
   """
   shape = dict(p.split(":") for p in mesh_shape.split(","))
   local_devices = int(shape["batch"]) // 2 * int(shape["expert"])
@@ -797,9 +822,10 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1", kind="tiny"):
   for index in range(2):
     with open(os.path.join(out_dir, f"worker{index}.json")) as f:
       got = json.load(f)
-    print(f"worker {index} losses", got["loss"], "one process", history)
+    worker_loss = got["total_loss"] if kind == "tiny_global" else got["loss"]
+    print(f"worker {index} losses", worker_loss, "one process", history)
     check_close(
-        f"worker {index} {kind} losses ({mesh_shape})", got["loss"], history
+        f"worker {index} {kind} losses ({mesh_shape})", worker_loss, history
     )
     final = single.predict(x, batch_size=batch, verbose=0)
     check_close(f"worker {index} final outputs", got["outputs"], final)
@@ -834,9 +860,9 @@ def scenario_worker(mesh_shape, local_devices, out_path, kind="tiny"):
   model.load_weights(init)
   batch = len(y)
   dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
-  history = model.fit(
+  logs = model.fit(
       dist.distribute_dataset(dataset), epochs=3, verbose=0
-  ).history["loss"]
+  ).history
   outputs = dist.unwrap(model).predict(x, batch_size=batch, verbose=0)
   placement = {
       v.path: [_short(c.device) for c in getattr(v.value, "values", [v.value])]
@@ -847,7 +873,12 @@ def scenario_worker(mesh_shape, local_devices, out_path, kind="tiny"):
   }
   with open(out_path, "w") as f:
     json.dump(
-        {"loss": history, "outputs": outputs.tolist(), "placement": placement},
+        {
+            "loss": logs["loss"],
+            "total_loss": logs.get("total_loss"),
+            "outputs": outputs.tolist(),
+            "placement": placement,
+        },
         f,
     )
 
@@ -931,13 +962,15 @@ def scenario_jax_hier_mesh():
   x, y = tiny_data()
 
   # With the layer's default balancing losses (GSPMD computes them over the
-  # global batch, as one device does).
+  # global batch, as one device does; balance_over="global" is that same
+  # computation on JAX).
   single, sharded, dist = _jax_single_and_sharded(
       lambda: tiny_model(
           hierarchical=True,
           capacity_factor=4.0,
           w_importance=0.1,
           w_load=0.1,
+          balance_over="global",
       )
   )
   moe = [l for l in sharded.layers if isinstance(l, HierarchicalSparseMoE)][0]
@@ -956,6 +989,236 @@ def scenario_jax_hier_mesh():
   _jax_fit_equal(single, sharded, dist, x, y, "jax hier 2x4")
 
 
+def _replica_slices(batch, num):
+  """Row ranges of MeshDataParallel's `num` near-equal slices of a batch."""
+  sizes = [(batch + num - 1 - r) // num for r in range(num)]
+  starts = np.cumsum([0] + sizes)
+  return [slice(int(starts[r]), int(starts[r + 1])) for r in range(num)]
+
+
+def _moe_only_model(hierarchical, balance_over, seed=0):
+  """[B, T, D] -> MoE -> [B, T, D] (the MoE sees the inputs: numpy refs).
+
+  Noisy gates (flat: noisy top-k, n=8, k=2; hierarchical: a=4 groups of
+  b=2, k_primary=2, k_secondary=1, so that Load_i(X^(i)) is not |X^(i)|)
+  with w_importance = w_load = 0.1.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((T, D))
+  if hierarchical:
+    moe = HierarchicalSparseMoE(
+        4, 2, H, k_secondary=1, balance_over=balance_over
+    )
+  else:
+    moe = SparseMoE(8, 2, H, small_batch_limit=0, balance_over=balance_over)
+  return keras.Model(inputs, moe(inputs)), moe
+
+
+def _balance_reference(tokens_of, hierarchical, weights, rows):
+  """Numpy balancing loss (w = 0.1 each) of the tokens of `rows`, zero noise.
+
+  Args:
+    tokens_of: rows -> [N, D] tokens.
+    hierarchical: which reference (tests/layers/numpy_reference.py).
+    weights: the layer's numpy weights.
+    rows: a slice of the batch.
+
+  Returns:
+    (loss, importance, load) of those tokens.
+  """
+  import numpy_reference as ref  # pylint: disable=g-import-not-at-top
+
+  tokens = tokens_of(rows)
+  num = tokens.shape[0]
+  if hierarchical:
+    want = ref.hierarchical_moe(
+        tokens,
+        weights,
+        2,
+        1,
+        primary_noise=np.zeros((num, 4)),
+        secondary_noise=np.zeros((num, 4, 2)),
+    )
+  else:
+    want = ref.sparse_moe(tokens, weights, 2, noise=np.zeros((num, 8)))
+  return want["total_loss"], want["importance"], want["load"]
+
+
+def _aux_and_gate_grads(model, layer, x, gate_names):
+  """Training-mode sum(model.losses) and its gradients for the gate weights."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  variables = layer.trainable_weights
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      model(x, training=True)
+      aux = tf.add_n(model.losses)
+    return aux, tape.gradient(aux, [v.value for v in variables])
+
+  aux, grads = step(x)
+  by_var = {id(v): g.numpy() for v, g in zip(variables, grads) if g is not None}
+  return float(aux), {
+      name: expert_gradient(layer, by_var, name) for name in gate_names
+  }
+
+
+def _strategy_aux(strategy, model, per_replica_x):
+  """Training-mode sum(model.losses) under `strategy`, as Keras takes it.
+
+  Each replica's loss is divided by the number of replicas (Keras's
+  `scale_loss_for_distribution`), then summed over the replicas.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def replica_step(x):
+    model(x, training=True)
+    return tf.add_n(model.losses) / strategy.num_replicas_in_sync
+
+  @tf.function
+  def step(x):
+    return strategy.reduce(
+        "SUM", strategy.run(replica_step, args=(x,)), axis=None
+    )
+
+  return float(step(per_replica_x))
+
+
+def scenario_global_balance():
+  """balance_over on in-graph meshes and under MirroredStrategy.
+
+  Mesh, "global": the loss is the numpy loss of the global batch and equals
+  one device's, and so do its gradients for the gates. "replica": the mean
+  of the numpy losses of the replicas' slices (the value before the
+  option). MirroredStrategy (several replicas in one process): "replica"
+  as on the mesh; "global" is a one-line ValueError. Noise is replaced by
+  zeros (replicas draw their own; the noise stddev and the smooth load are
+  the training ones).
+  """
+  devices = setup_tf_devices()
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  import numpy_reference as ref  # pylint: disable=g-import-not-at-top
+  from moe_keras.distribution import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from moe_keras.distribution import strategy as strategy_lib  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
+
+  gating_lib.standard_normal = lambda shape, seed: keras.ops.zeros(
+      shape, "float32"
+  )
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(12, T, D)).astype("float32")
+  tokens_of = lambda rows: x[rows].reshape(-1, D)
+  cases = [
+      # (kind, mesh, global batch, options). Flat: 12 rows on 8 replicas,
+      # slices of 2, 2, 2, 2, 1, 1, 1, 1 rows. Hierarchical (a = 4 groups,
+      # 2 per block): 10 rows on 4 replicas, 3, 3, 2, 2 rows; "global" only
+      # (its 2x4 graph takes minutes to trace on a shared 2-core box).
+      ("flat", "batch:2,expert:4", 12, ("replica", "global")),
+      ("hier", "batch:2,expert:2", 10, ("global",)),
+  ]
+  for kind, mesh_shape, batch, options in cases:
+    hierarchical = kind == "hier"
+    mesh = mesh_lib.Mesh(mesh_shape, devices[: 8 if kind == "flat" else 4])
+    slices = _replica_slices(batch, mesh.num_devices)
+    if hierarchical:
+      weights = ref.random_hier_weights(rng, D, 4, 2, H, D)
+      gate_names = (
+          "w_gate",
+          "w_noise",
+          "w_gate_secondary",
+          "w_noise_secondary",
+      )
+    else:
+      weights = ref.random_flat_weights(rng, D, 8, H, D)
+      gate_names = ("w_gate", "w_noise")
+    reference = lambda rows, h=hierarchical, w=weights: _balance_reference(
+        tokens_of, h, w, rows
+    )
+    want = {
+        "global": reference(slice(0, batch))[0],
+        "replica": np.mean([reference(rows)[0] for rows in slices]),
+    }
+    # Flat: Importance and Load are sums over tokens, so CV^2 of the
+    # slices' summed vectors is the global batch's. Load_H (eq. 14) is not:
+    # summing the slices' Load_H gives another value (the layer adds the
+    # three sums of eq. 14 instead).
+    parts = [reference(rows) for rows in slices]
+    summed = 0.1 * ref.cv_squared(sum(p[1] for p in parts)) + 0.1 * (
+        ref.cv_squared(sum(p[2] for p in parts))
+    )
+    if hierarchical:
+      assert abs(summed - want["global"]) > 20 * TOL, (summed, want)
+    else:
+      check_close("flat numpy: CV^2 of summed slices", summed, want["global"])
+    # The test tells the two options apart.
+    assert abs(want["global"] - want["replica"]) > 1e-2, want
+    print(
+        f"{kind} numpy losses: global {want['global']:.6f}, mean over"
+        f" replicas {want['replica']:.6f}"
+    )
+    single, single_moe = _moe_only_model(hierarchical, "replica")
+    assign_named(single_moe, weights)
+    aux1, g1 = _aux_and_gate_grads(single, single_moe, x[:batch], gate_names)
+    check_close(f"{kind} one device vs numpy", aux1, want["global"])
+    for balance_over in options:
+      dist = strategy_lib.Distribution(mesh, "in_graph")
+      with dist.scope():
+        inner, moe = _moe_only_model(hierarchical, balance_over)
+        model = dist.wrap_model(inner)
+      assert moe._expert_shards is not None  # pylint: disable=protected-access
+      assign_named(moe, weights)
+      aux, grads = _aux_and_gate_grads(model, moe, x[:batch], gate_names)
+      label = f"{kind} {mesh_shape} balance_over={balance_over}"
+      check_close(f"{label} loss vs numpy", aux, want[balance_over])
+      if balance_over == "global":
+        check_close(f"{label} loss vs one device", aux, aux1)
+        for name in gate_names:
+          assert np.abs(g1[name]).max() > 1e-4, (name, g1[name])
+          check_close(f"{label} d{name} vs one device", grads[name], g1[name])
+
+  # A plain model under MirroredStrategy (4 replicas in this process, 3
+  # rows each). "replica": the mean of the replicas' losses, as before the
+  # option. "global" refuses: the replicas' threads share the layers' loss
+  # lists (the multi-worker scenario runs "global" with one replica per
+  # process).
+  strategy = tf.distribute.MirroredStrategy(devices[:4])
+  weights = ref.random_flat_weights(rng, D, 8, H, D)
+  strategy_slices = _replica_slices(len(x), 4)
+  want = np.mean(
+      [
+          _balance_reference(tokens_of, False, weights, rows)[0]
+          for rows in strategy_slices
+      ]
+  )
+  per_replica_x = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant(x[strategy_slices[ctx.replica_id_in_sync_group]])
+  )
+  for balance_over in ("replica", "global"):
+    with strategy.scope():
+      model, moe = _moe_only_model(False, balance_over)
+    assign_named(moe, weights)
+    label = f"MirroredStrategy x4 balance_over={balance_over}"
+    try:
+      aux = _strategy_aux(strategy, model, per_replica_x)
+    except ValueError as e:
+      message = str(e)
+      assert balance_over == "global", message
+      line = [l for l in message.splitlines() if "balance_over=" in l]
+      assert line and "one tf.distribute replica per process" in line[0], e
+      print(f"ok {label}: {line[0].strip()}")
+      continue
+    assert balance_over == "replica", label
+    check_close(f"{label} loss vs numpy", aux, want)
+
+
 SCENARIOS = {
     "sharded_layer": scenario_sharded_layer,
     "sharded_options": scenario_sharded_options,
@@ -966,6 +1229,7 @@ SCENARIOS = {
     "worker": scenario_worker,
     "jax_mesh": scenario_jax_mesh,
     "jax_hier_mesh": scenario_jax_hier_mesh,
+    "global_balance": scenario_global_balance,
 }
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ SPARSE_CONFIGS = [
         w_load=0.75,
         noise_epsilon=0.05,
         capacity_factor=1.5,
+        balance_over="global",
     ),
     dict(num_experts=4, k=1, expert_hidden_dim=H, gating="top_k"),
     dict(num_experts=4, k=2, expert_hidden_dim=H, gating="softmax"),
@@ -46,6 +47,7 @@ HIER_CONFIG = dict(
     expert_hidden_dim=H,
     w_importance=0.2,
     w_load=0.4,
+    balance_over="global",
 )
 
 
