@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,39 @@ LONG = "--gin_bindings=training.train_steps=2000"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   return lib.write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def trained_10(corpus, tmp_path_factory):
+  """A model_dir trained 10 steps (its latest checkpoint: step 10).
+
+  Trained once for the tests that start from such a run (divergence, full
+  disk), which each used to train the same one (same flags, same corpus,
+  --deterministic) themselves. Each works on a copy of its own
+  (`_copy_of`): they change the run.
+  """
+  model_dir = tmp_path_factory.mktemp("trained_10") / "run"
+  lib.run(
+      "moe_keras.train",
+      *lib.train_args(
+          corpus, model_dir, "--gin_bindings=training.train_steps=10"
+      ),
+  )
+  return model_dir
+
+
+def _copy_of(model_dir, destination):
+  """Copies a finished run.
+
+  Args:
+    model_dir: the run's model_dir (no live writer).
+    destination: a path that does not exist yet.
+
+  Returns:
+    destination, the copy.
+  """
+  shutil.copytree(model_dir, destination)
+  return destination
 
 
 def _latest_weights(model_dir):
@@ -220,14 +254,10 @@ def test_two_writers_refused_and_stale_lock_ignored(corpus, tmp_path):
   assert not (model_dir / ".lock").exists()
 
 
-def test_divergence_keeps_the_last_good_checkpoint(corpus, tmp_path):
-  model_dir = tmp_path / "diverged"
-  lib.run(
-      "moe_keras.train",
-      *lib.train_args(
-          corpus, model_dir, "--gin_bindings=training.train_steps=10"
-      ),
-  )
+def test_divergence_keeps_the_last_good_checkpoint(
+    corpus, trained_10, tmp_path
+):
+  model_dir = _copy_of(trained_10, tmp_path / "diverged")
   # A real cause: a learning rate that sends the weights to Inf.
   last = _fail(
       lib.train_args(
@@ -259,14 +289,8 @@ def _mount_tmpfs(path, size_bytes):
 @pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a tiny tmpfs needs root"
 )
-def test_full_disk_keeps_the_previous_checkpoint(corpus, tmp_path):
-  model_dir = tmp_path / "full"
-  lib.run(
-      "moe_keras.train",
-      *lib.train_args(
-          corpus, model_dir, "--gin_bindings=training.train_steps=10"
-      ),
-  )
+def test_full_disk_keeps_the_previous_checkpoint(corpus, trained_10, tmp_path):
+  model_dir = _copy_of(trained_10, tmp_path / "full")
   checkpoints = model_dir / "checkpoints"
   used = sum(p.stat().st_size for p in checkpoints.iterdir())
   # Room for what is there and half of one more checkpoint.

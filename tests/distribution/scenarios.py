@@ -1,22 +1,26 @@
-"""Distribution scenarios, each run in its own process with 8 devices.
+"""Distribution scenarios, run in processes with 8 devices.
 
-`python scenarios.py NAME [ARGS]`. The pytest files call `run_scenario`
-(dist_testlib); a scenario fails by raising (non-zero exit). TensorFlow
-scenarios split the CPU into 8 logical devices before TensorFlow
-initializes; JAX scenarios get 8 host devices from XLA_FLAGS (set by
-dist_testlib).
+`python scenarios.py NAME [ARGS]` runs one scenario; a scenario fails by
+raising (non-zero exit). `python scenarios.py several NAME...` runs several
+in one process, each reported on its own (`scenario_several`), so that
+they share one start-up. The pytest files call `run_scenario` and
+`run_scenarios` (dist_testlib). TensorFlow scenarios split the CPU into 8
+logical devices before TensorFlow initializes; JAX scenarios get 8 host
+devices from XLA_FLAGS (set by dist_testlib).
 
 References: the sharded layer's outputs are checked against the float64
 numpy reference of tests/layers (written from the paper), its gradients and
 training steps against the single-device layer on the same global batch.
 """
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 
 import numpy as np
 
@@ -28,15 +32,18 @@ TOL = 1e-5
 def setup_tf_devices(num=NUM_DEVICES, initialize=True):
   """Splits the CPU into `num` logical devices (before TF initializes).
 
+  A no-op when an earlier scenario of this process made the same split
+  (`scenario_several`); another split then fails (TensorFlow initialized).
   With initialize=False the runtime is left uninitialized (a
   MultiWorkerMirroredStrategy must be created before it is).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * num
-  )
+  if len(tf.config.get_logical_device_configuration(cpu) or ()) != num:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num
+    )
   if not initialize:
     return None
   return [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -105,6 +112,29 @@ def check_close(name, got, want, tol=TOL):
   if not err <= tol:
     raise AssertionError(f"{name}: max abs error {err} > {tol}")
   print(f"ok {name}: max abs error {err:.2e}")
+
+
+@contextlib.contextmanager
+def zero_gating_noise():
+  """Replaces the gates' standard normal noise by zeros while active.
+
+  The noise stddev, the smooth load and every other part of training stay
+  as they are; only the random draws (which differ between one device and
+  a mesh, whose devices draw their own) become zeros. Restored on exit, so
+  that later scenarios of the same process get the real noise.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
+
+  original = gating_lib.standard_normal
+  gating_lib.standard_normal = lambda shape, seed: keras.ops.zeros(
+      shape, "float32"
+  )
+  try:
+    yield
+  finally:
+    gating_lib.standard_normal = original
 
 
 # -- scenarios ----------------------------------------------------------------
@@ -454,6 +484,37 @@ def build_on(mesh_shape, hierarchical=False):
   return dist, model
 
 
+def build_slots_traced(model):
+  """Creates the optimizer's slots while tracing, as the first fit step does.
+
+  `fit` (TensorFlow, no tf.distribute strategy) creates the slots inside
+  its traced train step, and a tf.function that creates variables on its
+  first call is traced again without them: every first `fit` traces the
+  whole step (on a mesh: every replica's forward and backward pass) twice.
+  Creating them here, the same way (`optimizer.apply` builds the optimizer
+  in its name scope while tracing), leaves `fit` one trace. The slots are
+  still created inside a traced function, where `colocate_slots` has to put
+  them on their variable's device.
+
+  Args:
+    model: a compiled model whose optimizer is not built yet.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  optimizer = model.optimizer
+  assert not optimizer.built, "build_slots_traced: optimizer already built"
+
+  @tf.function(autograph=False)
+  def build():
+    if not optimizer.built:  # the retrace finds it built
+      with keras.name_scope(optimizer.name, caller=optimizer):
+        optimizer.build(model.trainable_variables)
+      optimizer.built = True
+
+  build()
+
+
 def scenario_train_step():
   """Two Adam steps on a 2x4 mesh == on one device, same global batch."""
   devices = setup_tf_devices()
@@ -464,6 +525,8 @@ def scenario_train_step():
   single.save_weights(init)
   dist, mesh_model = build_on("batch:2,expert:4")
   mesh_model.load_weights(init)
+  for model in (single, mesh_model):
+    build_slots_traced(model)
   kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
   h1 = single.fit(x, y, **kwargs).history["loss"]
   h2 = mesh_model.fit(x, y, **kwargs).history["loss"]
@@ -515,6 +578,7 @@ def scenario_reshard():
 
   x, y = tiny_data()
   _, trained = build_on("batch:2,expert:4")
+  build_slots_traced(trained)
   trained.fit(x, y, batch_size=16, epochs=1, verbose=0)
   path = os.path.join(tempfile.mkdtemp(), "ckpt.weights.h5")
   trained.save_weights(path)
@@ -570,26 +634,27 @@ def scenario_reshard():
 def scenario_hier_mesh():
   """Hierarchical MoE model: 2x4 mesh steps == one device; resharding.
 
-  The gating noise is replaced by zeros in this process (the sharded layer
+  The gating noise is replaced by zeros in this scenario (the sharded layer
   draws the secondary noise on the groups' devices, so random draws differ
   from one device's); gates, losses and gradients are otherwise the
   training ones (noise stddev, smooth load; the layer scenario checks the
   balancing losses).
   """
   devices = setup_tf_devices()
-  import keras  # pylint: disable=g-import-not-at-top
+  with zero_gating_noise():
+    _hier_mesh(devices)
 
-  from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
 
-  gating_lib.standard_normal = lambda shape, seed: keras.ops.zeros(
-      shape, "float32"
-  )
+def _hier_mesh(devices):
+  """scenario_hier_mesh with the gating noise replaced by zeros."""
   x, y = tiny_data()
   path = os.path.join(tempfile.mkdtemp(), "init.weights.h5")
   _, single = build_on("", hierarchical=True)
   single.save_weights(path)
   dist, mesh_model = build_on("batch:2,expert:4", hierarchical=True)
   mesh_model.load_weights(path)
+  for model in (single, mesh_model):
+    build_slots_traced(model)
   kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
   check_close(
       "hier 2x4 step losses",
@@ -767,6 +832,7 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1", kind="tiny"):
   batch = len(y)
   weights_path = os.path.join(out_dir, "init.weights.h5")
   single.save_weights(weights_path)  # the workers wait for this file
+  build_slots_traced(single)
   history = single.fit(
       x, y, batch_size=batch, epochs=3, shuffle=False, verbose=0
   ).history["loss"]
@@ -913,15 +979,16 @@ def scenario_jax_hier_mesh():
   per-device under a mesh); everything else is the training computation.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import keras  # pylint: disable=g-import-not-at-top
-
-  from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
-  from moe_keras.layers import gating as gating_lib  # pylint: disable=g-import-not-at-top
 
   assert len(jax.devices()) == NUM_DEVICES, jax.devices()
-  gating_lib.standard_normal = lambda shape, seed: keras.ops.zeros(
-      shape, "float32"
-  )
+  with zero_gating_noise():
+    _jax_hier_mesh()
+
+
+def _jax_hier_mesh():
+  """scenario_jax_hier_mesh with the gating noise replaced by zeros."""
+  from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
+
   x, y = tiny_data()
 
   # With the layer's default balancing losses (GSPMD computes them over the
@@ -1182,6 +1249,33 @@ def scenario_global_balance():
     check_close(f"{label} loss vs numpy", aux, want)
 
 
+BEGIN = "=== begin scenario "
+END = "=== end scenario "
+
+
+def scenario_several(*names):
+  """Runs the named scenarios one after another in this process.
+
+  They share one start-up (imports, devices). Each one's output is framed
+  by lines `BEGIN name` and `END name: ok`, or `END name: failed` after
+  its traceback; a failing scenario does not stop the ones after it.
+  `dist_testlib.run_scenarios` reads the frames.
+
+  Args:
+    *names: scenarios of one backend and one device split (not the
+      multi-worker ones, which start processes of their own).
+  """
+  for name in names:
+    print(f"{BEGIN}{name}", flush=True)
+    try:
+      SCENARIOS[name]()
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc(file=sys.stdout)
+      print(f"{END}{name}: failed", flush=True)
+    else:
+      print(f"{END}{name}: ok", flush=True)
+
+
 SCENARIOS = {
     "sharded_layer": scenario_sharded_layer,
     "sharded_options": scenario_sharded_options,
@@ -1193,6 +1287,7 @@ SCENARIOS = {
     "jax_mesh": scenario_jax_mesh,
     "jax_hier_mesh": scenario_jax_hier_mesh,
     "global_balance": scenario_global_balance,
+    "several": scenario_several,
 }
 
 if __name__ == "__main__":

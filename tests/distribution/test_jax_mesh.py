@@ -1,13 +1,32 @@
-"""JAX: the mesh through keras.distribution (8 XLA host devices)."""
+"""JAX: the mesh through keras.distribution (8 XLA host devices).
+
+Both scenarios run in one process (`run_scenarios`, one JAX start-up);
+each test passes or fails on its own scenario's output.
+"""
+
+import pytest
 
 import dist_testlib
 
+# Test -> the scenario (scenarios.py) it checks.
+SCENARIO_OF = {
+    "test_jax_expert_sharding_and_step": "jax_mesh",
+    "test_jax_hierarchical_secondary_gates_with_their_experts": "jax_hier_mesh",
+}
 
-def test_jax_expert_sharding_and_step():
-  out = dist_testlib.run_scenario("jax_mesh", backend="jax")
+
+@pytest.fixture(scope="module")
+def scenarios(request):
+  return dist_testlib.run_scenarios(
+      dist_testlib.selected_scenarios(request, SCENARIO_OF), backend="jax"
+  )
+
+
+def test_jax_expert_sharding_and_step(scenarios):
+  out = scenarios.output("jax_mesh")
   assert "sharding P('expert', None, None)" in out
 
 
-def test_jax_hierarchical_secondary_gates_with_their_experts():
-  out = dist_testlib.run_scenario("jax_hier_mesh", backend="jax")
+def test_jax_hierarchical_secondary_gates_with_their_experts(scenarios):
+  out = scenarios.output("jax_hier_mesh")
   assert "ok jax hierarchical" in out

@@ -7,11 +7,11 @@ two other meshes.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import dist_testlib
 
@@ -24,6 +24,33 @@ def _write_corpus(directory):
     with open(directory / f"{split}.txt", "w") as f:
       for _ in range(lines):
         f.write(" ".join(rng.choice(WORDS, rng.integers(3, 10))) + "\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("corpus")
+  _write_corpus(directory)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def hierarchical_run(corpus, tmp_path_factory):
+  """model_dir of a hierarchical LM trained 10 steps on batch:2,expert:2.
+
+  Shared by the evaluate tests, which only read it (their results go to
+  --output files elsewhere).
+  """
+  model_dir = tmp_path_factory.mktemp("hierarchical") / "run"
+  proc = _train(
+      corpus,
+      model_dir,
+      10,
+      "--mesh_shape=batch:2,expert:2",
+      gin_file="moe_hierarchical",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "4 experts in 2 blocks" in proc.stderr, proc.stderr[-3000:]
+  return model_dir
 
 
 def _run(module, *args):
@@ -61,15 +88,14 @@ def _train(corpus, model_dir, steps, *extra, gin_file="moe_flat"):
   )
 
 
-def test_train_on_mesh_then_resume_on_other_layouts(tmp_path):
-  _write_corpus(tmp_path)
+def test_train_on_mesh_then_resume_on_other_layouts(corpus, tmp_path):
   model_dir = tmp_path / "run"
   for steps, extra, expect in (
       (10, ["--mesh_shape=batch:2,expert:2"], "4 experts in 2 blocks"),
       (15, [], "restored"),
       (20, ["--mesh_shape=expert:4"], "4 experts in 4 blocks"),
   ):
-    proc = _train(tmp_path, model_dir, steps, *extra)
+    proc = _train(corpus, model_dir, steps, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"to step {steps}" in proc.stdout, proc.stdout
     assert expect in proc.stderr, proc.stderr[-3000:]
@@ -83,20 +109,10 @@ def test_bad_mesh_shape_is_one_line(tmp_path):
   assert lines and "malformed mesh_shape" in lines[-1], proc.stderr[-2000:]
 
 
-def test_evaluate_on_meshes_matches_one_device(tmp_path):
+def test_evaluate_on_meshes_matches_one_device(hierarchical_run, tmp_path):
   """Hierarchical LM saved on batch:2,expert:2; evaluated on 1 device,
   batch:1,expert:2 and batch:4,expert:2: the same eval JSON numbers."""
-  _write_corpus(tmp_path)
-  model_dir = tmp_path / "run"
-  proc = _train(
-      tmp_path,
-      model_dir,
-      10,
-      "--mesh_shape=batch:2,expert:2",
-      gin_file="moe_hierarchical",
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "4 experts in 2 blocks" in proc.stderr, proc.stderr[-3000:]
+  model_dir = hierarchical_run
   results = {}
   for mesh in ("", "batch:1,expert:2", "batch:4,expert:2"):
     output = tmp_path / f"eval_{mesh or 'single'}.json"
@@ -132,14 +148,10 @@ def test_evaluate_on_meshes_matches_one_device(tmp_path):
         )
 
 
-def test_evaluate_bad_mesh_shape_is_one_line(tmp_path):
-  _write_corpus(tmp_path)
-  model_dir = tmp_path / "run"
-  proc = _train(tmp_path, model_dir, 1)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def test_evaluate_bad_mesh_shape_is_one_line(hierarchical_run):
   proc = _run(
       "moe_keras.evaluate",
-      f"--model_dir={model_dir}",
+      f"--model_dir={hierarchical_run}",
       "--split=valid",
       "--mesh_shape=batch:2,expert:2x",
   )
