@@ -325,7 +325,8 @@ class CheckpointManager:
       os.makedirs(self.directory, exist_ok=True)
       try:
         reliability.check_free_space(self.directory, model)
-        return self._save(model, step)
+        with distribution_lib.without_distribution():
+          return self._save(model, step)
       except (OSError, RuntimeError) as e:
         raise ExperimentError(
             f"cannot write the checkpoint of step {step} in {self.directory}:"

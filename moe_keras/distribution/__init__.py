@@ -9,6 +9,7 @@ expert placement that `SparseMoE` / `HierarchicalSparseMoE` use;
 
 from moe_keras.distribution.jax_cluster import host_local_values
 from moe_keras.distribution.jax_cluster import is_primary
+from moe_keras.distribution.jax_cluster import without_distribution
 from moe_keras.distribution.mesh import Mesh
 from moe_keras.distribution.mesh import parse_mesh_shape
 from moe_keras.distribution.optimizer import colocate_slots
@@ -27,4 +28,5 @@ __all__ = [
     "logical_weight_signature",
     "make_distribution",
     "parse_mesh_shape",
+    "without_distribution",
 ]

@@ -190,3 +190,27 @@ def host_local_values(variables):
   finally:
     for variable, value in saved.values():
       variable._value = value  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def without_distribution():
+  """Inside, no keras.distribution is set (one process's local work).
+
+  Process 0 writes checkpoints alone; Keras creates variables while it
+  saves (a placeholder optimizer), and under a multi-process distribution
+  each of them would wait for the other processes.
+
+  Yields:
+    None.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  if keras.backend.backend() != "jax":
+    yield
+    return
+  previous = keras.distribution.distribution()
+  keras.distribution.set_distribution(None)
+  try:
+    yield
+  finally:
+    keras.distribution.set_distribution(previous)
