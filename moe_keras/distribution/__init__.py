@@ -7,6 +7,7 @@ expert placement that `SparseMoE` / `HierarchicalSparseMoE` use;
 `jax_cluster` joins several JAX processes into one mesh.
 """
 
+from moe_keras.distribution.jax_cluster import ClusterError
 from moe_keras.distribution.jax_cluster import host_local_values
 from moe_keras.distribution.jax_cluster import is_primary
 from moe_keras.distribution.jax_cluster import without_distribution
@@ -19,6 +20,7 @@ from moe_keras.distribution.strategy import make_distribution
 from moe_keras.distribution.strategy import MeshDataParallel
 
 __all__ = [
+    "ClusterError",
     "Distribution",
     "Mesh",
     "MeshDataParallel",

@@ -30,6 +30,10 @@ TIMEOUT_ENV = "MOE_KERAS_JAX_INIT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
 
 
+class ClusterError(ValueError):
+  """Bad multi-process settings, or a cluster that cannot be joined."""
+
+
 def _int_env(name, environ, minimum):
   raw = environ.get(name, "").strip()
   try:
@@ -37,7 +41,7 @@ def _int_env(name, environ, minimum):
   except ValueError:
     value = None
   if value is None or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {raw!r}")
+    raise ClusterError(f"{name} must be an int >= {minimum}, got {raw!r}")
   return value
 
 
@@ -53,7 +57,7 @@ def cluster_from_env(environ=None):
     "timeout_s".
 
   Raises:
-    ValueError: a variable missing or malformed (one line).
+    ClusterError: a variable missing or malformed (one line).
   """
   environ = os.environ if environ is None else environ
   names = (ADDRESSES_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
@@ -61,27 +65,27 @@ def cluster_from_env(environ=None):
     return None
   missing = [n for n in names if not environ.get(n)]
   if missing:
-    raise ValueError(
+    raise ClusterError(
         f"a multi-process JAX run needs {', '.join(names)}; missing"
         f" {', '.join(missing)}"
     )
   num = _int_env(NUM_PROCESSES_ENV, environ, 1)
   pid = _int_env(PROCESS_ID_ENV, environ, 0)
   if pid >= num:
-    raise ValueError(
+    raise ClusterError(
         f"{PROCESS_ID_ENV}={pid} is not below"
         f" {NUM_PROCESSES_ENV}={num}"
     )
   addresses = [a.strip() for a in environ[ADDRESSES_ENV].split(",")]
   if len(addresses) > 1 and len(addresses) != num:
-    raise ValueError(
+    raise ClusterError(
         f"{ADDRESSES_ENV} names {len(addresses)} processes but"
         f" {NUM_PROCESSES_ENV}={num}"
     )
   for address in addresses:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-      raise ValueError(
+      raise ClusterError(
           f"{ADDRESSES_ENV}: {address!r} is not host:port (e.g."
           " 10.0.0.1:1234)"
       )
@@ -96,6 +100,26 @@ def cluster_from_env(environ=None):
   }
 
 
+def _wait_for_coordinator(address, timeout_s):
+  """Returns once address accepts TCP connections; else ClusterError."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  host, _, port = address.rpartition(":")
+  deadline = time.time() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host, int(port)), timeout=5).close()
+      return
+    except OSError as e:
+      if time.time() >= deadline:
+        raise ClusterError(
+            f"no JAX coordinator (process 0) answers at {address} within"
+            f" {timeout_s} s: {e.strerror or e}"
+        ) from None
+      time.sleep(0.5)
+
+
 def join_cluster_from_env(environ=None):
   """Joins the JAX cluster of the environment (once); returns it or None.
 
@@ -108,8 +132,8 @@ def join_cluster_from_env(environ=None):
     The dict of `cluster_from_env`, or None without a cluster.
 
   Raises:
-    ValueError: bad settings, JAX already started, or the other processes
-      did not join within the timeout (one line each).
+    ClusterError: bad settings, or the other processes did not join
+      within the timeout (one line each).
   """
   cluster = cluster_from_env(environ)
   if cluster is None:
@@ -118,6 +142,10 @@ def join_cluster_from_env(environ=None):
 
   if jax.distributed.is_initialized():
     return cluster
+  if cluster["process_id"] > 0:
+    # JAX aborts the process (no exception) when it cannot reach the
+    # coordinator; a wrong address is reported here instead.
+    _wait_for_coordinator(cluster["coordinator"], cluster["timeout_s"])
   try:
     jax.distributed.initialize(
         coordinator_address=cluster["coordinator"],
@@ -127,7 +155,7 @@ def join_cluster_from_env(environ=None):
     )
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(
+    raise ClusterError(
         f"cannot join the JAX cluster at {cluster['coordinator']} as process"
         f" {cluster['process_id']} of {cluster['num_processes']}: {first}"
     ) from None

@@ -320,8 +320,9 @@ def make_distribution(mesh_shape=None, backend=None):
     Distribution.
 
   Raises:
-    ValueError: malformed mesh_shape, a device count that does not match,
-      bad cluster settings or a cluster that cannot be joined.
+    ValueError: malformed mesh_shape or a device count that does not match.
+    jax_cluster.ClusterError (a ValueError): bad KERAS_DISTRIBUTION_*
+      settings or a cluster that cannot be joined.
   """
   backend = backend or keras.backend.backend()
   if mesh_shape is None:
