@@ -22,6 +22,8 @@ process enters it).
 
 import contextlib
 import os
+import socket
+import time
 
 ADDRESSES_ENV = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
 NUM_PROCESSES_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"
@@ -102,9 +104,6 @@ def cluster_from_env(environ=None):
 
 def _wait_for_coordinator(address, timeout_s):
   """Returns once address accepts TCP connections; else ClusterError."""
-  import socket  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-
   host, _, port = address.rpartition(":")
   deadline = time.time() + timeout_s
   while True:
@@ -132,8 +131,8 @@ def join_cluster_from_env(environ=None):
     The dict of `cluster_from_env`, or None without a cluster.
 
   Raises:
-    ClusterError: bad settings, or the other processes did not join
-      within the timeout (one line each).
+    ClusterError: bad settings, no coordinator answering within the
+      timeout, or jax.distributed.initialize failing (one line each).
   """
   cluster = cluster_from_env(environ)
   if cluster is None:
