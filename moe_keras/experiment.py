@@ -302,22 +302,37 @@ class CheckpointManager:
   def save(self, model, step):
     """Writes ckpt-<step> and then state.json; prunes old checkpoints.
 
+    With several JAX processes every process must call this (the weights
+    sharded across processes are gathered); process 0 writes.
+
+    Returns:
+      The checkpoint's path; None on a JAX process other than 0.
+
     Raises:
       reliability.Diverged: a weight is NaN/Inf (nothing is written).
       ExperimentError: a write failed (disk full, read-only directory);
         the previous checkpoint is left intact.
     """
-    reliability.check_finite(model, step)
-    os.makedirs(self.directory, exist_ok=True)
-    try:
-      reliability.check_free_space(self.directory, model)
-      return self._save(model, step)
-    except (OSError, RuntimeError) as e:
-      raise ExperimentError(
-          f"cannot write the checkpoint of step {step} in {self.directory}:"
-          f" {reliability.os_error_cause(e)}; {self.describe_latest()} is"
-          " intact"
-      ) from e
+    variables = list(model.weights)
+    if model.optimizer is not None:
+      variables += list(model.optimizer.variables)
+    # Several JAX processes: every process gathers the weights sharded
+    # across them (a collective), and process 0 alone writes.
+    with distribution_lib.host_local_values(variables):
+      reliability.check_finite(model, step)
+      if not distribution_lib.is_primary():
+        return None
+      os.makedirs(self.directory, exist_ok=True)
+      try:
+        reliability.check_free_space(self.directory, model)
+        with distribution_lib.without_distribution():
+          return self._save(model, step)
+      except (OSError, RuntimeError) as e:
+        raise ExperimentError(
+            f"cannot write the checkpoint of step {step} in {self.directory}:"
+            f" {reliability.os_error_cause(e)}; {self.describe_latest()} is"
+            " intact"
+        ) from e
 
   def _save(self, model, step):
     name = f"ckpt-{step}.weights.h5"
@@ -386,8 +401,14 @@ class StepCallback(keras.callbacks.Callback):
     self._time_at_log = None
     self._writer = None
     self.words_per_sec = []
+    # Only one process of a multi-process JAX run writes the curve.
+    self.primary = distribution_lib.is_primary()
     # Learning-curve totals, continued from the record at the resumed step.
-    resumed = learning_curve.truncate_curve(checkpoints.model_dir, initial_step)
+    resumed = {}
+    if self.primary:
+      resumed = learning_curve.truncate_curve(
+          checkpoints.model_dir, initial_step
+      )
     self.tokens_total = float(resumed.get("tokens") or 0.0)
     self.train_seconds = float(resumed.get("train_seconds") or 0.0)
     self._epoch_start = None
@@ -458,7 +479,7 @@ class StepCallback(keras.callbacks.Callback):
       self._epoch_start = None
     logs = dict(logs or {})
     self.tokens_total += float(logs.pop("tokens", 0.0))
-    if self.step != self.last_saved:
+    if self.step != self.last_saved and self.primary:
       record = {"step": self.step, "tokens": self.tokens_total}
       record["train_seconds"] = self.train_seconds
       for key, value in logs.items():
@@ -536,7 +557,10 @@ def train(model_dir, verbose="auto", distribution=None):
     model_dir: the run directory (created if missing).
     verbose: passed to `model.fit` ("auto": progress bar on a terminal).
     distribution: None (one device) or a Distribution from
-      `moe_keras.distribution.make_distribution` (--mesh_shape).
+      `moe_keras.distribution.make_distribution` (--mesh_shape). With
+      several JAX processes all of them run this on the same model_dir
+      (a shared file system); process 0 writes it, the others only read
+      the checkpoint to resume.
 
   Returns:
     dict: step (final), resumed_from, history (Keras logs), words_per_sec.
@@ -551,6 +575,10 @@ def train(model_dir, verbose="auto", distribution=None):
   """
   config = training()
   keras.utils.set_random_seed(config.seed)
+  if not distribution_lib.is_primary():
+    # A JAX process other than 0 reads model_dir (a shared file system)
+    # and writes nothing; process 0 holds the lock.
+    return _train_locked(model_dir, config, verbose, distribution)
   with reliability.signals_during_startup():
     created = not os.path.isdir(model_dir)
     os.makedirs(model_dir, exist_ok=True)
@@ -595,7 +623,9 @@ def _train_locked(model_dir, config, verbose, distribution):
   model(probe_x, training=False)
   checkpoints.check_architecture(model)
   step = checkpoints.restore(model)
-  write_config(model_dir)
+  primary = distribution_lib.is_primary()
+  if primary:
+    write_config(model_dir)
   if step >= config.train_steps:
     logging.info(
         "%s is already trained to step %d (train_steps=%d)",
@@ -612,6 +642,8 @@ def _train_locked(model_dir, config, verbose, distribution):
     if eval_ds is not None:
       if config.eval_steps:
         eval_ds = eval_ds.take(config.eval_steps)
+      if distribution is not None:
+        eval_ds = distribution.distribute_dataset(eval_ds)
       fit_kwargs = {
           "validation_data": eval_ds,
           "validation_freq": config.steps_per_eval // spc,
@@ -627,10 +659,14 @@ def _train_locked(model_dir, config, verbose, distribution):
           step_callback, signals, checkpoints.describe_latest
       ),
   ]
-  tensorboard = reliability.ResumableTensorBoard(
-      initial_step=step, log_dir=log_dir, update_freq=config.log_every_steps
-  )
-  callbacks.append(tensorboard)
+  tensorboard = None
+  if primary:  # one process of a multi-process JAX run writes the logs
+    tensorboard = reliability.ResumableTensorBoard(
+        initial_step=step,
+        log_dir=log_dir,
+        update_freq=config.log_every_steps,
+    )
+    callbacks.append(tensorboard)
   scope = (
       contextlib.nullcontext() if distribution is None else distribution.scope()
   )
@@ -639,12 +675,16 @@ def _train_locked(model_dir, config, verbose, distribution):
     for start, first_epoch, end_epoch, period in fit_segments(
         step, config.train_steps, spc
     ):
-      tensorboard.initial_step = start
+      if tensorboard is not None:
+        tensorboard.initial_step = start
       # The data stream is a pure function of (seed, step): skipping the
       # steps already taken makes a resumed run see exactly the batches it
       # would have.
+      dataset = train_ds.repeat().skip(start)
+      if distribution is not None:
+        dataset = distribution.distribute_dataset(dataset)
       segment = model.fit(
-          train_ds.repeat().skip(start),
+          dataset,
           epochs=end_epoch,
           initial_epoch=first_epoch,
           steps_per_epoch=period,

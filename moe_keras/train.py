@@ -55,12 +55,12 @@ def main(argv):
 
     tf.config.experimental.enable_op_determinism()
   verbose = cli_common.fit_verbosity(FLAGS.verbose)
+  from moe_keras import distribution  # pylint: disable=g-import-not-at-top
+
   try:
     experiment.parse_gin(
         FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
     )
-    from moe_keras import distribution  # pylint: disable=g-import-not-at-top
-
     result = experiment.train(
         FLAGS.model_dir,
         verbose=verbose,
@@ -74,6 +74,7 @@ def main(argv):
       data_pipelines.DataError,
       reliability.ModelDirBusy,
       reliability.Diverged,
+      distribution.ClusterError,  # KERAS_DISTRIBUTION_* (JAX processes)
   ) as e:
     cli_common.fail(PROGRAM, e)
   except (ValueError, TypeError) as e:

@@ -3,9 +3,14 @@
 `make_distribution(mesh_shape)` is the entry point (see strategy.py);
 `Mesh` parses "batch:B,expert:E"; `sharded_experts` holds the TensorFlow
 expert placement that `SparseMoE` / `HierarchicalSparseMoE` use;
-`colocate_slots` keeps optimizer state on its variable's device.
+`colocate_slots` keeps optimizer state on its variable's device;
+`jax_cluster` joins several JAX processes into one mesh.
 """
 
+from moe_keras.distribution.jax_cluster import ClusterError
+from moe_keras.distribution.jax_cluster import host_local_values
+from moe_keras.distribution.jax_cluster import is_primary
+from moe_keras.distribution.jax_cluster import without_distribution
 from moe_keras.distribution.mesh import Mesh
 from moe_keras.distribution.mesh import parse_mesh_shape
 from moe_keras.distribution.optimizer import colocate_slots
@@ -15,11 +20,15 @@ from moe_keras.distribution.strategy import make_distribution
 from moe_keras.distribution.strategy import MeshDataParallel
 
 __all__ = [
+    "ClusterError",
     "Distribution",
     "Mesh",
     "MeshDataParallel",
     "colocate_slots",
+    "host_local_values",
+    "is_primary",
     "logical_weight_signature",
     "make_distribution",
     "parse_mesh_shape",
+    "without_distribution",
 ]

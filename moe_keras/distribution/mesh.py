@@ -15,10 +15,12 @@ receives the tokens of every data-parallel replica: the paper's mixed
 data/model parallelism.
 """
 
+import math
 import re
 
 import gin
 import keras
+import numpy as np
 
 AXES = ("batch", "expert")
 _AXIS_RE = re.compile(r"^\s*([a-z_]+)\s*:\s*(\d+)\s*$")
@@ -97,6 +99,83 @@ def available_devices(backend=None):
 
     return list(jax.devices())
   raise ValueError(f"unsupported backend {backend!r} for a device mesh")
+
+
+def process_spanning_order(devices, mesh_shape):
+  """Orders devices of several processes so that "expert" spans processes.
+
+  Plain row-major order puts each process's devices in whole batch rows,
+  so the experts would be copied on every process. Here the P processes
+  form a [P_b, P_e] grid with P_e = gcd(E, P): the expert axis is split over
+  P_e processes first (each holds E/P_e blocks, on its own devices), and
+  the batch axis over the remaining P_b = P / P_e. With `batch:1,expert:P`
+  every expert block lives on exactly one process. One process: unchanged.
+
+  Args:
+    devices: jax devices (with `process_index`) of all processes.
+    mesh_shape: "batch:B,expert:E" string or dict.
+
+  Returns:
+    The B*E devices, row-major for `Mesh` (device (b, e) at b*E + e).
+
+  Raises:
+    ValueError: processes with different device counts, or B*E not the
+      total.
+  """
+  shape = parse_mesh_shape(mesh_shape)
+  batch, expert = shape["batch"], shape["expert"]
+  by_process = {}
+  for device in devices:
+    by_process.setdefault(device.process_index, []).append(device)
+  num = len(by_process)
+  if num == 1:
+    return list(devices)
+  counts = sorted({len(d) for d in by_process.values()})
+  if len(counts) != 1:
+    raise ValueError(
+        f"the {num} processes have different device counts {counts}"
+    )
+  local = counts[0]
+  if batch * expert != num * local:
+    raise ValueError(
+        f"mesh batch:{batch},expert:{expert} needs {batch * expert} devices"
+        f" but the {num} processes have {num * local}"
+    )
+  # E/P_e divides the local count L (as E | P*L), so a process's L
+  # devices are a [B/P_b, E/P_e] block of the mesh.
+  p_e = math.gcd(expert, num)
+  p_b = num // p_e
+  grid = np.empty((num, local), dtype=object)
+  for row, process in enumerate(sorted(by_process)):
+    for col, device in enumerate(by_process[process]):
+      grid[row, col] = device
+  grid = grid.reshape(p_b, p_e, batch // p_b, expert // p_e)
+  return list(grid.transpose(0, 2, 1, 3).reshape(-1))
+
+
+def process_batch_rows(mesh):
+  """(index, count): this process holds batch rows index/count of the mesh.
+
+  The mesh's batch axis splits into `count` equal parts over the processes
+  (1 with one process or when only the expert axis spans processes); this
+  process's devices hold part `index`, so it feeds that part of every
+  global batch.
+
+  Args:
+    mesh: a Mesh of jax devices ordered by `process_spanning_order`.
+
+  Returns:
+    (index, count).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  me = jax.process_index()
+  rows = [
+      b
+      for b in range(mesh.batch)
+      if any(d.process_index == me for d in mesh.expert_devices(b))
+  ]
+  return rows[0] // len(rows), mesh.batch // len(rows)
 
 
 @gin.configurable

@@ -21,7 +21,11 @@ MultiWorkerMirroredStrategy with one replica per host; each host runs the
 in-graph program over its local devices (the mesh's batch axis must be a
 multiple of the number of workers; each host takes batch/workers rows).
 JAX: `keras.distribution.ModelParallel` over a DeviceMesh; the experts'
-axis 0 is sharded on "expert" and the batch on "batch".
+axis 0 is sharded on "expert" and the batch on "batch". Several JAX
+processes (Keras's KERAS_DISTRIBUTION_* variables, `jax_cluster`) form one
+mesh whose expert axis spans the processes first
+(`mesh.process_spanning_order`): with `batch:1,expert:P` each expert block
+lives on one process.
 
 BUILD.md ("Distribution") explains the choices.
 """
@@ -33,6 +37,7 @@ import os
 from absl import logging
 import keras
 
+from moe_keras.distribution import jax_cluster
 from moe_keras.distribution import mesh as mesh_lib
 from moe_keras.distribution import optimizer as optimizer_lib
 from moe_keras.distribution import sharded_experts
@@ -260,13 +265,43 @@ class Distribution:
     return model.inner if isinstance(model, MeshDataParallel) else model
 
   def distribute_dataset(self, dataset):
-    """The dataset to pass to fit (global batches in, global batches out).
+    """The dataset to pass to fit (global batches in).
 
-    Keras distributes datasets itself under a tf.distribute strategy and
-    under a keras.distribution; in-graph programs split the batch inside
-    the model. Kept as the one place a future layout would change it.
+    Keras distributes datasets itself under a tf.distribute strategy;
+    in-graph programs split the batch inside the model. On a JAX mesh with
+    B > 1 every batch is padded with zero rows to a multiple of B (the
+    pipelines' batches vary in size; zero rows are padding, weight 0), and
+    with several processes each process keeps the rows its devices hold
+    (`mesh.process_batch_rows`; all of them when only the expert axis
+    spans the processes).
+
+    Args:
+      dataset: a tf.data.Dataset of global batches.
+
+    Returns:
+      The dataset this process feeds to fit.
     """
-    return dataset
+    if self.kind != "jax" or self.mesh.batch == 1:
+      return dataset
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    multiple = self.mesh.batch
+    index, count = mesh_lib.process_batch_rows(self.mesh)
+
+    def pad_and_slice(*batch):
+      size = tf.shape(tf.nest.flatten(batch)[0])[0]
+      padded = (size + multiple - 1) // multiple * multiple
+      part = padded // count
+
+      def one(t):
+        t = tf.convert_to_tensor(t)
+        pads = [[0, padded - size]] + [[0, 0]] * (t.shape.rank - 1)
+        return tf.pad(t, pads)[index * part : (index + 1) * part]
+
+      out = tf.nest.map_structure(one, batch)
+      return out[0] if len(out) == 1 else out
+
+    return dataset.map(pad_and_slice)
 
 
 def make_distribution(mesh_shape=None, backend=None):
@@ -276,7 +311,9 @@ def make_distribution(mesh_shape=None, backend=None):
     mesh_shape: "batch:B,expert:E" (or a dict); None takes the gin
       binding `configured_mesh_shape.mesh_shape` (default 1x1). With TF_CONFIG naming W > 1
       workers (TensorFlow), B must be a multiple of W and this host gets a
-      "batch:B/W,expert:E" mesh of its own devices.
+      "batch:B/W,expert:E" mesh of its own devices. On JAX with
+      KERAS_DISTRIBUTION_* naming P > 1 processes (`jax_cluster`), B*E
+      is the total over all processes, which join the cluster here.
     backend: "tensorflow" | "jax"; default the Keras backend.
 
   Returns:
@@ -284,13 +321,20 @@ def make_distribution(mesh_shape=None, backend=None):
 
   Raises:
     ValueError: malformed mesh_shape or a device count that does not match.
+    jax_cluster.ClusterError (a ValueError): bad KERAS_DISTRIBUTION_*
+      settings or a cluster that cannot be joined.
   """
   backend = backend or keras.backend.backend()
   if mesh_shape is None:
     mesh_shape = mesh_lib.configured_mesh_shape()
   shape = mesh_lib.parse_mesh_shape(mesh_shape)
   if backend == "jax":
-    mesh = mesh_lib.Mesh(shape, devices=mesh_lib.available_devices("jax"))
+    # Before any JAX computation: the cluster's processes join first.
+    jax_cluster.join_cluster_from_env()
+    devices = mesh_lib.available_devices("jax")
+    mesh = mesh_lib.Mesh(
+        shape, devices=mesh_lib.process_spanning_order(devices, shape)
+    )
     if mesh.num_devices == 1:
       return Distribution(mesh, "single")
     return Distribution(mesh, "jax", keras_distribution=jax_distribution(mesh))
@@ -363,6 +407,7 @@ def jax_distribution(mesh):
   layout_map[r".*expert_kernel_[12]"] = ("expert", None, None)
   layout_map[r".*expert_bias_[12]"] = ("expert", None)
   layout_map[r".*w_(gate|noise)_secondary"] = ("expert", None, None)
+  # `Distribution.distribute_dataset` gives each process its rows.
   return keras.distribution.ModelParallel(
-      layout_map=layout_map, batch_dim_name="batch"
+      layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False
   )

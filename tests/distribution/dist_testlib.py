@@ -29,13 +29,16 @@ def scenario_env(backend="tensorflow", extra=None):
   return env
 
 
-def run_scenario(name, backend="tensorflow", args=(), timeout=TIMEOUT_S):
-  """Runs `scenarios.py name args...`; fails the test with its output.
+def run_scenario(
+    name, backend="tensorflow", args=(), timeout=TIMEOUT_S, script="scenarios.py"
+):
+  """Runs `script name args...` (default scenarios.py); fails the test with
+  its output.
 
   Returns:
     the scenario's stdout.
   """
-  cmd = [sys.executable, os.path.join(HERE, "scenarios.py"), name, *args]
+  cmd = [sys.executable, os.path.join(HERE, script), name, *args]
   proc = subprocess.run(
       cmd,
       env=scenario_env(backend),

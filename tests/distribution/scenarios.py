@@ -708,6 +708,29 @@ def _free_ports(count):
   return ports
 
 
+def wait_processes(procs, timeout, what="worker"):
+  """Waits for `procs` (stdout piped, stderr merged); fails naming one.
+
+  Kills those still running after `timeout` seconds each.
+
+  Returns:
+    Their outputs (str), in order.
+  """
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=timeout)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for index, (proc, text) in enumerate(zip(procs, outputs)):
+    if proc.returncode != 0:
+      lines = [l for l in text.splitlines() if "File " in l or "Error" in l]
+      raise AssertionError(f"{what} {index} failed:\n" + "\n".join(lines[-40:]))
+  return outputs
+
+
 # The tiny LM of gin/lm/tiny (LSTM -> residual MoE -> LSTM -> softmax),
 # made deterministic so that 2 workers can match 1 process: no dropout, the
 # exact softmax (no sampled candidates), top-k gating without noise (so no
@@ -836,18 +859,7 @@ def scenario_multi_worker(mesh_shape="batch:2,expert:1", kind="tiny"):
   history = single.fit(
       x, y, batch_size=batch, epochs=3, shuffle=False, verbose=0
   ).history["loss"]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=180)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for index, (proc, text) in enumerate(zip(procs, outputs)):
-    if proc.returncode != 0:
-      lines = [l for l in text.splitlines() if "File " in l or "Error" in l]
-      raise AssertionError(f"worker {index} failed:\n" + "\n".join(lines[-40:]))
+  wait_processes(procs, 180)
   for index in range(2):
     with open(os.path.join(out_dir, f"worker{index}.json")) as f:
       got = json.load(f)

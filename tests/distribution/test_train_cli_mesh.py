@@ -65,9 +65,29 @@ def _run(module, *args):
   )
 
 
-def _train(corpus, model_dir, steps, *extra, gin_file="moe_flat"):
-  env = dict(dist_testlib.scenario_env(), PYTHONPATH=dist_testlib.REPO)
-  return subprocess.run(
+def _train(
+    corpus,
+    model_dir,
+    steps,
+    *extra,
+    gin_file="moe_flat",
+    backend="tensorflow",
+    env=None,
+    popen=False,
+):
+  """Runs moe_keras.train on the tiny LM (`env` updates the environment).
+
+  Returns:
+    The CompletedProcess, or with popen=True the started Popen.
+  """
+  env = dict(
+      dist_testlib.scenario_env(backend, env), PYTHONPATH=dist_testlib.REPO
+  )
+  run = subprocess.Popen if popen else subprocess.run
+  kwargs = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  if not popen:
+    kwargs["timeout"] = 300
+  return run(
       [
           sys.executable,
           "-m",
@@ -82,9 +102,7 @@ def _train(corpus, model_dir, steps, *extra, gin_file="moe_flat"):
       ],
       cwd=dist_testlib.REPO,
       env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
+      **kwargs,
   )
 
 
