@@ -80,21 +80,14 @@ def make_optimizer(
         f"unknown optimizer {name!r}; expected one of"
         f" {', '.join(sorted(OPTIMIZER_BUILDERS))}"
     )
+  kwargs = {}
   if learning_rate_scales:
     if name != "adam":
       raise ValueError(
           f"make_optimizer.learning_rate_scales is supported with name='adam'"
           f" only, not {name!r}"
       )
-    return _adam(
-        learning_rate=learning_rate,
-        beta_1=beta_1,
-        beta_2=beta_2,
-        epsilon=epsilon,
-        clipnorm=clipnorm,
-        global_clipnorm=global_clipnorm,
-        learning_rate_scales=learning_rate_scales,
-    )
+    kwargs["learning_rate_scales"] = learning_rate_scales
   return OPTIMIZER_BUILDERS[name](
       learning_rate=learning_rate,
       beta_1=beta_1,
@@ -102,4 +95,5 @@ def make_optimizer(
       epsilon=epsilon,
       clipnorm=clipnorm,
       global_clipnorm=global_clipnorm,
+      **kwargs,
   )
