@@ -10,10 +10,12 @@ belong to the model builders, not to this layer.
 """
 
 import math
+import random
 
 import keras
 from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
+from keras.src.utils import jax_utils
 
 from moe_keras.layers import backend_ops
 from moe_keras.layers import dispatch
@@ -22,6 +24,9 @@ from moe_keras.layers import gating as gating_lib
 from moe_keras.layers import small_batch
 
 GATINGS = ("noisy_top_k", "top_k", "softmax", "batchwise")
+# Int seeds drawn for an unseeded initializer traced by jax.jit (as
+# keras.random.make_default_seed draws them).
+MAX_INT_SEED = 10**9
 # Over which batch CV(Importance)^2 and CV(Load)^2 are computed under data
 # parallelism (`MoEBase`, "Balancing losses under data parallelism").
 BALANCE_OVER = ("replica", "global")
@@ -67,8 +72,16 @@ class ExpertKernelInitializer(keras.initializers.Initializer):
         "fan_avg": (fan_in + fan_out) / 2.0,
     }[self.mode]
     limit = math.sqrt(3.0 * self.scale / max(1.0, fan))
+    seed = self.seed
+    if seed is None and jax_utils.is_in_jax_tracing_scope():
+      # Keras initializes a large sharded variable inside jax.jit (JAX
+      # backend: size x mesh devices >= 250 MB), where the global seed
+      # generator is refused; draw an int seed from Python's generator
+      # (seeded by keras.utils.set_random_seed), as Keras's own random
+      # initializers do, one per call.
+      seed = random.randint(1, MAX_INT_SEED)
     return keras.random.uniform(
-        shape, minval=-limit, maxval=limit, dtype=dtype, seed=self.seed
+        shape, minval=-limit, maxval=limit, dtype=dtype, seed=seed
     )
 
   def get_config(self):
