@@ -85,13 +85,16 @@ def define_gin_flags():
   )
 
 
-def fail(program, error, status=1):
+def fail(program, error, status=1, skip_shutdown=False):
   """Prints `program: error: <one line>` to stderr and exits with `status`.
 
   Args:
     program: the CLI's name.
     error: an exception, or the message itself (a str).
     status: the exit status.
+    skip_shutdown: end the process at once (`os._exit`: no atexit hooks),
+      e.g. when another JAX process is gone and JAX's shutdown would wait
+      for it.
 
   With MOE_KERAS_DEBUG=1 in the environment an exception is re-raised
   (full traceback) instead.
@@ -102,6 +105,10 @@ def fail(program, error, status=1):
     raise error
   sys.stderr.write(f"{program}: error: {experiment.one_line(error)}\n")
   sys.stderr.flush()
+  if skip_shutdown:
+    from moe_keras.distribution import jax_cluster  # pylint: disable=g-import-not-at-top
+
+    jax_cluster.exit_without_shutdown(status)
   sys.exit(status)
 
 

@@ -58,14 +58,21 @@ def main(argv):
   from moe_keras import distribution  # pylint: disable=g-import-not-at-top
 
   try:
-    experiment.parse_gin(
-        FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
-    )
-    result = experiment.train(
-        FLAGS.model_dir,
-        verbose=verbose,
-        distribution=distribution.make_distribution(FLAGS.mesh_shape),
-    )
+    try:
+      experiment.parse_gin(
+          FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
+      )
+      result = experiment.train(
+          FLAGS.model_dir,
+          verbose=verbose,
+          distribution=distribution.make_distribution(FLAGS.mesh_shape),
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      # Another JAX process died: one line, and no wait for it at exit.
+      lost = distribution.lost_process_error(e)
+      if lost is None:
+        raise
+      cli_common.fail(PROGRAM, lost, skip_shutdown=True)
   except reliability.Preempted as e:
     # 128 + signal number, as a shell reports a process killed by it.
     cli_common.fail(PROGRAM, e, status=128 + e.signum)

@@ -10,6 +10,7 @@ expert placement that `SparseMoE` / `HierarchicalSparseMoE` use;
 from moe_keras.distribution.jax_cluster import ClusterError
 from moe_keras.distribution.jax_cluster import host_local_values
 from moe_keras.distribution.jax_cluster import is_primary
+from moe_keras.distribution.jax_cluster import lost_process_error
 from moe_keras.distribution.jax_cluster import without_distribution
 from moe_keras.distribution.mesh import Mesh
 from moe_keras.distribution.mesh import parse_mesh_shape
@@ -28,6 +29,7 @@ __all__ = [
     "host_local_values",
     "is_primary",
     "logical_weight_signature",
+    "lost_process_error",
     "make_distribution",
     "parse_mesh_shape",
     "without_distribution",

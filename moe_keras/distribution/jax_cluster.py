@@ -10,6 +10,9 @@ A multi-process JAX run is configured with Keras's environment variables
   KERAS_DISTRIBUTION_PROCESS_ID     this process, 0 .. P-1
   MOE_KERAS_JAX_INIT_TIMEOUT        seconds to wait for all processes to
                                     join (default 300)
+  MOE_KERAS_JAX_HEARTBEAT_TIMEOUT   seconds after which the coordination
+                                    service declares a silent process
+                                    dead (default 60; JAX's own is 100)
 
 `join_cluster_from_env` calls `jax.distributed.initialize` (CPU
 collectives: gloo, jax's default) before any JAX computation; afterwards
@@ -18,11 +21,24 @@ over all of them. Process 0 is the primary: it alone writes the run
 directory. Saving a weight sharded across processes needs its value on the
 writing process: `host_local_values` gathers them (a collective, so every
 process enters it).
+
+A process that dies (killed, crashed, its host gone) ends the run of the
+others, within a bound. A survivor inside a collective, which a training
+step always is, fails at once: gloo sees the connection close and the step
+raises. `lost_process_error` recognizes that error, and the CLI prints one
+line and leaves with `exit_without_shutdown` (JAX's own shutdown would wait
+at a barrier for the dead process, then abort with a stack trace). A
+survivor outside any collective is aborted by JAX itself once the dead
+process has missed its heartbeats for MOE_KERAS_JAX_HEARTBEAT_TIMEOUT
+seconds (a fatal log, no exception). Checkpoints are written to a
+temporary name and renamed, so the last complete one survives; rerunning
+every process resumes from it.
 """
 
 import contextlib
 import os
 import socket
+import sys
 import time
 
 ADDRESSES_ENV = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
@@ -30,6 +46,18 @@ NUM_PROCESSES_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"
 PROCESS_ID_ENV = "KERAS_DISTRIBUTION_PROCESS_ID"
 TIMEOUT_ENV = "MOE_KERAS_JAX_INIT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300
+HEARTBEAT_TIMEOUT_ENV = "MOE_KERAS_JAX_HEARTBEAT_TIMEOUT"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+# Words of the errors a collective or the coordination service raises when
+# another process of the cluster is gone (gloo: "Gloo all-reduce failed:
+# ... Connection closed by peer [127.0.0.1]:20172").
+LOST_PROCESS_MARKERS = (
+    "Gloo",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "heartbeat",
+    "coordination service",
+)
 
 
 class ClusterError(ValueError):
@@ -55,8 +83,8 @@ def cluster_from_env(environ=None):
 
   Returns:
     None when none of the variables is set, else a dict with
-    "coordinator" ("host:port"), "num_processes", "process_id" and
-    "timeout_s".
+    "coordinator" ("host:port"), "num_processes", "process_id",
+    "timeout_s" and "heartbeat_timeout_s".
 
   Raises:
     ClusterError: a variable missing or malformed (one line).
@@ -94,11 +122,15 @@ def cluster_from_env(environ=None):
   timeout = DEFAULT_TIMEOUT_S
   if environ.get(TIMEOUT_ENV):
     timeout = _int_env(TIMEOUT_ENV, environ, 1)
+  heartbeat = DEFAULT_HEARTBEAT_TIMEOUT_S
+  if environ.get(HEARTBEAT_TIMEOUT_ENV):
+    heartbeat = _int_env(HEARTBEAT_TIMEOUT_ENV, environ, 1)
   return {
       "coordinator": addresses[0],
       "num_processes": num,
       "process_id": pid,
       "timeout_s": timeout,
+      "heartbeat_timeout_s": heartbeat,
   }
 
 
@@ -151,6 +183,7 @@ def join_cluster_from_env(environ=None):
         num_processes=cluster["num_processes"],
         process_id=cluster["process_id"],
         initialization_timeout=cluster["timeout_s"],
+        heartbeat_timeout_seconds=cluster["heartbeat_timeout_s"],
     )
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -166,6 +199,51 @@ def process_count():
   import jax  # pylint: disable=g-import-not-at-top
 
   return jax.process_count() if jax.distributed.is_initialized() else 1
+
+
+def lost_process_error(error):
+  """The one-line ClusterError for a collective failed by a lost process.
+
+  Args:
+    error: an exception raised by a JAX computation (e.g. out of fit).
+
+  Returns:
+    A ClusterError naming this process and the first line of `error` when
+    several JAX processes run and `error` is a collective or coordination
+    failure (`LOST_PROCESS_MARKERS`); else None.
+  """
+  if "jax" not in sys.modules:  # TensorFlow runs never join a JAX cluster
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if not jax.distributed.is_initialized():
+    return None
+  text = str(error)
+  if not any(marker in text for marker in LOST_PROCESS_MARKERS):
+    return None
+  first = (text.strip().splitlines() or [type(error).__name__])[0]
+  return ClusterError(
+      f"another process of the JAX cluster is gone (killed or crashed), so"
+      f" process {jax.process_index()} of {jax.process_count()} stops too;"
+      f" rerun all processes to resume from the last checkpoint: {first}"
+  )
+
+
+def exit_without_shutdown(status):
+  """Flushes stdout and stderr and ends the process now with `status`.
+
+  Skips `jax.distributed`'s shutdown at exit, which waits at a barrier for
+  every process (a dead one never comes) and then aborts with a fatal log.
+
+  Args:
+    status: the exit status.
+  """
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def is_primary():

@@ -203,6 +203,7 @@ def test_cluster_from_env():
       "num_processes": 2,
       "process_id": 1,
       "timeout_s": jax_cluster.DEFAULT_TIMEOUT_S,
+      "heartbeat_timeout_s": jax_cluster.DEFAULT_HEARTBEAT_TIMEOUT_S,
   }
 
 
