@@ -22,13 +22,31 @@ and of a small model on a batch:2,expert:4 mesh vs one device, TensorFlow.
 The 8 "devices" share this machine's cores, so the numbers measure the
 overhead of splitting and moving rows (no real network or parallelism).
 
+Part 3 (measured, JAX, `--part=memory`): memory per worker. For W = 1, 2
+and 4 (`--memory_workers`) it starts W real JAX processes on 127.0.0.1 (one
+CPU device each, joined by `jax.distributed` through the KERAS_DISTRIBUTION_*
+variables) that build, on the mesh `batch:1,expert:W` of
+`make_distribution` (as `moe_keras.train` does), a Dense -> SparseMoE ->
+Dense model whose experts hold almost all parameters, and run one Adam step
+(which creates the optimizer state). Each process then reports what it
+holds: the bytes of the addressable shards of every model and optimizer
+variable, expert vs other, and its peak RSS. Expert bytes per worker must be
+1/W of the total (else it fails). With `--memory_budget_mb` it also reports
+for each W whether one worker's variables fit that budget.
+
 Usage: python benchmarks/distribution.py [--repeats=5] [--tokens=4096]
+       python benchmarks/distribution.py --part=memory [--memory_budget_mb=256]
 """
 
 import argparse
+import json
 import os
+import resource
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -189,6 +207,296 @@ def model_step_ms(mesh_shape, args):
   return time_fn(lambda: model.train_on_batch(x, y), args.repeats)
 
 
+# -- Part 3: memory per worker (JAX processes) ----------------------------
+
+MEMORY_WORKERS = (1, 2, 4)
+MEMORY_TIMEOUT_S = 600  # per W, all its processes
+MEMORY_ROW = "MEMORY_ROW "  # a worker's stdout line: this prefix, then JSON
+MEMORY_SEQ = 8  # tokens per sequence of the step's batch
+BYTES_PER_MB = 2**20
+# Variable names (last path component) of the experts' weights and of
+# their optimizer slots ("adam/sparse_mo_e_expert_kernel_1_momentum").
+EXPERT_NAMES = ("expert_kernel", "expert_bias")
+
+
+def is_expert_variable(path):
+  """Whether a model or optimizer variable path belongs to the experts."""
+  name = path.rsplit("/", 1)[-1]
+  return any(expert in name for expert in EXPERT_NAMES)
+
+
+def held_bytes(variables):
+  """{"expert": bytes, "other": bytes} this process holds of `variables`.
+
+  Args:
+    variables: Keras variables on the JAX backend (duplicates counted once).
+
+  Returns:
+    The sums of `shard.data.nbytes` over each value's addressable shards
+    (the buffers on this process's devices), split by `is_expert_variable`.
+  """
+  held = {"expert": 0, "other": 0}
+  seen = set()
+  for variable in variables:
+    if id(variable) in seen:
+      continue
+    seen.add(id(variable))
+    nbytes = sum(s.data.nbytes for s in variable.value.addressable_shards)
+    held["expert" if is_expert_variable(variable.path) else "other"] += nbytes
+  return held
+
+
+def memory_worker(args):
+  """One process of a memory measurement: builds, steps once, reports.
+
+  Joins the cluster of the KERAS_DISTRIBUTION_* variables (none with W=1)
+  through `make_distribution`, builds the model on `batch:1,expert:W`,
+  runs one Adam step on a fixed batch and prints one `MEMORY_ROW` line.
+
+  Args:
+    args: the parsed flags (memory_* sizes, memory_worker = W).
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+
+  workers = args.memory_worker
+  dist = make_distribution(f"batch:1,expert:{workers}")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() != workers:
+    raise RuntimeError(
+        f"{jax.process_count()} JAX processes joined, expected {workers}"
+    )
+  dim = args.memory_dim
+  with dist.scope():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((MEMORY_SEQ, dim))
+    hidden = keras.layers.Dense(dim, activation="tanh")(inputs)
+    hidden = SparseMoE(
+        args.memory_experts,
+        args.k,
+        args.memory_hidden,
+        use_bias=True,
+        track_metrics=False,
+    )(hidden)
+    outputs = keras.layers.Dense(dim)(hidden)
+    model = dist.wrap_model(keras.Model(inputs, outputs))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    rng = np.random.default_rng(0)
+    batch = max(1, args.memory_tokens // MEMORY_SEQ)
+    x = rng.normal(size=(batch, MEMORY_SEQ, dim)).astype("float32")
+    y = rng.normal(size=(batch, MEMORY_SEQ, dim)).astype("float32")
+    loss = model.train_on_batch(x, y)
+  params = held_bytes(model.weights)
+  slots = held_bytes(model.optimizer.variables)
+  row = {
+      "workers": workers,
+      "process": jax.process_index(),
+      "expert_param": params["expert"],
+      "expert_optimizer": slots["expert"],
+      "other_param": params["other"],
+      "other_optimizer": slots["other"],
+      # Linux reports ru_maxrss in KiB.
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "loss": float(np.asarray(loss).reshape(-1)[0]),
+  }
+  print(MEMORY_ROW + json.dumps(row), flush=True)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _memory_env(workers, pid, port):
+  """The environment of process `pid` of a W-process measurement."""
+  env = dict(os.environ)
+  env.update(
+      KERAS_BACKEND="jax",
+      JAX_PLATFORMS="cpu",
+      CUDA_VISIBLE_DEVICES="",
+      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
+  cluster = {
+      "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+      "KERAS_DISTRIBUTION_NUM_PROCESSES": str(workers),
+      "KERAS_DISTRIBUTION_PROCESS_ID": str(pid),
+      "MOE_KERAS_JAX_INIT_TIMEOUT": "120",
+  }
+  for name, value in cluster.items():
+    if workers > 1:
+      env[name] = value
+    else:
+      env.pop(name, None)
+  return env
+
+
+def _memory_flags(args):
+  return [
+      f"--memory_experts={args.memory_experts}",
+      f"--memory_dim={args.memory_dim}",
+      f"--memory_hidden={args.memory_hidden}",
+      f"--memory_tokens={args.memory_tokens}",
+      f"--k={args.k}",
+  ]
+
+
+def measure_memory(args, workers):
+  """Runs W = `workers` processes; returns their rows, by process.
+
+  Args:
+    args: the parsed flags (memory_* sizes).
+    workers: W, the number of JAX processes.
+
+  Returns:
+    The `memory_worker` rows (dicts) of processes 0 .. W-1.
+
+  Raises:
+    RuntimeError: a process failed or ran past MEMORY_TIMEOUT_S (one line
+      naming it and its last output line).
+  """
+  port = _free_port()
+  procs = []
+  for pid in range(workers):
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--part=memory_worker",
+            f"--memory_worker={workers}",
+            *_memory_flags(args),
+        ],
+        env=_memory_env(workers, pid, port),
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    procs.append((proc, log))
+  rows = []
+  deadline = time.time() + MEMORY_TIMEOUT_S
+  try:
+    for pid, (proc, log) in enumerate(procs):
+      try:
+        stdout, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"memory measurement: process {pid} of {workers} ran past"
+            f" {MEMORY_TIMEOUT_S} s"
+        ) from None
+      found = [
+          json.loads(line[len(MEMORY_ROW):])
+          for line in stdout.splitlines()
+          if line.startswith(MEMORY_ROW)
+      ]
+      if proc.returncode != 0 or len(found) != 1:
+        log.seek(0)
+        lines = [l for l in log.read().splitlines() if l.strip()]
+        errors = [l for l in lines if "Error" in l] or lines or ["no output"]
+        last = errors[-1].strip()
+        raise RuntimeError(
+            f"memory measurement: process {pid} of {workers} failed (status"
+            f" {proc.returncode}): {last}"
+        )
+      rows.append(found[0])
+  finally:
+    for proc, log in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      log.close()
+  return rows
+
+
+def check_memory_scaling(rows_by_workers):
+  """Fails unless every process holds 1/W of the expert bytes.
+
+  The total (summed over the processes of one measurement) must be the
+  same for every W, and each of the W processes must hold total / W.
+
+  Args:
+    rows_by_workers: {W: the rows of `measure_memory(args, W)`}.
+
+  Raises:
+    ValueError: a process holding another share (one line naming it).
+  """
+  totals = {}
+  for workers, rows in rows_by_workers.items():
+    for key in ("expert_param", "expert_optimizer"):
+      totals.setdefault(key, sum(r[key] for r in rows))
+      total = totals[key]
+      for row in rows:
+        if row[key] * workers != total:
+          raise ValueError(
+              f"{key} bytes do not fall as 1/W: process {row['process']} of"
+              f" W={workers} holds {row[key]:,}, expected {total:,} / {workers}"
+          )
+
+
+def print_memory_table(args, rows_by_workers):
+  """Prints the measured bytes per process, and the budget's verdict."""
+  n, d, h = args.memory_experts, args.memory_dim, args.memory_hidden
+  print(
+      f"\nMeasured memory per worker, JAX, W processes on 127.0.0.1 (one CPU"
+      f" device each), mesh batch:1,expert:W, Dense -> SparseMoE(n={n},"
+      f" d={d}, h={h}, k={args.k}, biases) -> Dense, after one Adam step"
+      f" (float32; bytes of each variable's addressable shards):\n"
+  )
+  print(
+      "| workers | process | expert param bytes | expert optimizer bytes |"
+      " other param bytes | other optimizer bytes | peak RSS MB | loss |"
+  )
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for workers, rows in rows_by_workers.items():
+    for r in rows:
+      print(
+          f"| {workers} | {r['process']} | {r['expert_param']:,} |"
+          f" {r['expert_optimizer']:,} | {r['other_param']:,} |"
+          f" {r['other_optimizer']:,} | {r['peak_rss_mb']:,.0f} |"
+          f" {r['loss']:.6f} |"
+      )
+  if args.memory_budget_mb is None:
+    return
+  budget = args.memory_budget_mb * BYTES_PER_MB
+  print(
+      f"\nBudget {args.memory_budget_mb:g} MB per worker for its variables"
+      " (parameters + Adam state, expert and other):\n"
+  )
+  print("| workers | largest worker's variable bytes | fits |")
+  print("|---:|---:|---|")
+  for workers, rows in rows_by_workers.items():
+    held = max(
+        r["expert_param"]
+        + r["expert_optimizer"]
+        + r["other_param"]
+        + r["other_optimizer"]
+        for r in rows
+    )
+    verdict = "yes, trained one step" if held <= budget else "no"
+    print(f"| {workers} | {held:,} | {verdict} |")
+
+
+def memory_part(args):
+  """Part 3: measures, checks and prints the memory per worker."""
+  workers_list = [int(w) for w in args.memory_workers.split(",")]
+  rows_by_workers = {}
+  for workers in workers_list:
+    start = time.time()
+    rows_by_workers[workers] = measure_memory(args, workers)
+    print(
+        f"W={workers}: {len(rows_by_workers[workers])} processes in"
+        f" {time.time() - start:.0f} s",
+        file=sys.stderr,
+    )
+  check_memory_scaling(rows_by_workers)
+  print_memory_table(args, rows_by_workers)
+  return rows_by_workers
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=5)
@@ -201,7 +509,38 @@ def main():
   parser.add_argument(
       "--skip_model", action="store_true", help="layers only, no model steps"
   )
+  parser.add_argument(
+      "--part",
+      choices=("steps", "memory", "memory_worker"),
+      default="steps",
+      help="steps: parts 1 and 2 (bytes per token, step times, TF);"
+      " memory: part 3 (memory per JAX worker); memory_worker: one of its"
+      " processes (internal)",
+  )
+  parser.add_argument(
+      "--memory_workers", default=",".join(map(str, MEMORY_WORKERS))
+  )
+  parser.add_argument("--memory_experts", type=int, default=64)
+  parser.add_argument("--memory_dim", type=int, default=256)
+  parser.add_argument("--memory_hidden", type=int, default=1024)
+  parser.add_argument("--memory_tokens", type=int, default=256)
+  parser.add_argument(
+      "--memory_budget_mb",
+      type=float,
+      default=None,
+      help="report whether one worker's variables fit this many MB",
+  )
+  parser.add_argument("--memory_worker", type=int, default=None)
   args = parser.parse_args()
+  if args.part == "memory_worker":
+    memory_worker(args)
+    return
+  if args.part == "memory":
+    try:
+      memory_part(args)
+    except (RuntimeError, ValueError) as e:
+      sys.exit(f"distribution.py: error: {e}")
+    return
 
   print_bytes_table(NUM_DEVICES)
   if args.skip_measure:
