@@ -518,19 +518,37 @@ def main():
       " processes (internal)",
   )
   parser.add_argument(
-      "--memory_workers", default=",".join(map(str, MEMORY_WORKERS))
+      "--memory_workers",
+      default=",".join(map(str, MEMORY_WORKERS)),
+      help="memory: the numbers of JAX processes W, comma-separated",
   )
-  parser.add_argument("--memory_experts", type=int, default=64)
-  parser.add_argument("--memory_dim", type=int, default=256)
-  parser.add_argument("--memory_hidden", type=int, default=1024)
-  parser.add_argument("--memory_tokens", type=int, default=256)
+  parser.add_argument(
+      "--memory_experts", type=int, default=64, help="memory: n experts"
+  )
+  parser.add_argument(
+      "--memory_dim", type=int, default=256, help="memory: model dim d"
+  )
+  parser.add_argument(
+      "--memory_hidden", type=int, default=1024, help="memory: expert h"
+  )
+  parser.add_argument(
+      "--memory_tokens",
+      type=int,
+      default=256,
+      help="memory: tokens in the step's batch (k is --k)",
+  )
   parser.add_argument(
       "--memory_budget_mb",
       type=float,
       default=None,
       help="report whether one worker's variables fit this many MB",
   )
-  parser.add_argument("--memory_worker", type=int, default=None)
+  parser.add_argument(
+      "--memory_worker",
+      type=int,
+      default=None,
+      help="memory_worker: W of the measurement it belongs to (internal)",
+  )
   args = parser.parse_args()
   if args.part == "memory_worker":
     memory_worker(args)
