@@ -234,6 +234,10 @@ def exit_without_shutdown(status):
 
   Skips `jax.distributed`'s shutdown at exit, which waits at a barrier for
   every process (a dead one never comes) and then aborts with a fatal log.
+  After the flush, file descriptor 2 points to /dev/null: what JAX's own
+  threads log in the last moments (e.g. the coordination service's closed
+  socket, when process 0 died) does not follow the error line written
+  before.
 
   Args:
     status: the exit status.
@@ -243,6 +247,11 @@ def exit_without_shutdown(status):
       stream.flush()
     except (OSError, ValueError):
       pass
+  try:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+  except OSError:
+    pass
   os._exit(status)  # pylint: disable=protected-access
 
 

@@ -1,7 +1,7 @@
 """benchmarks/distribution.py --part=memory against independent byte counts.
 
 The measurement itself (real JAX processes on 127.0.0.1, W = 1 and 2, tiny
-sizes) takes about 1.5 minutes on a shared 2-core box and runs with
+sizes) takes 1.5 to 3 minutes on a shared 2-core box and runs with
 MOE_KERAS_SLOW_TESTS=1; the checks of its pieces run always.
 """
 
