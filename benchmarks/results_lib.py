@@ -58,6 +58,15 @@ VARIANTS = {
     "expert_lr_x0.25": (
         "make_optimizer.learning_rate_scales = {'expert_(kernel|bias)': 0.25}",
     ),
+    # The dose-response of the same cause: sqrt(k / n) for MoE-256 (k = 4)
+    # is 0.125 and for MoE-32 0.354, the square-root batch-size rule applied
+    # to an expert's share k / n of the batch.
+    "expert_lr_x0.125": (
+        "make_optimizer.learning_rate_scales = {'expert_(kernel|bias)': 0.125}",
+    ),
+    "expert_lr_x0.354": (
+        "make_optimizer.learning_rate_scales = {'expert_(kernel|bias)': 0.354}",
+    ),
 }
 
 
