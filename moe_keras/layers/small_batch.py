@@ -31,7 +31,8 @@ from moe_keras.layers import dispatch
 # Most assignments (tokens x routed slots) a step may have to take the small
 # path on TensorFlow; above it the routing plan's per-expert matmuls win
 # (measured on a 2-core CPU, n=32, d=128, h=256: 20% less CPU time for the
-# layer at 64 tokens x k=4, none at 256 x 4; benchmarks/SPEED.md).
+# layer at 64 tokens x k=4, none at 256 x 4; BUILD.md "Speed where users
+# meet it").
 SMALL_BATCH_MAX_ASSIGNMENTS = 512
 
 
