@@ -321,11 +321,13 @@ def _memory_env(workers, pid, port):
       CUDA_VISIBLE_DEVICES="",
       XLA_FLAGS="--xla_force_host_platform_device_count=1",
   )
+  from moe_keras.distribution import jax_cluster  # pylint: disable=g-import-not-at-top
+
   cluster = {
-      "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
-      "KERAS_DISTRIBUTION_NUM_PROCESSES": str(workers),
-      "KERAS_DISTRIBUTION_PROCESS_ID": str(pid),
-      "MOE_KERAS_JAX_INIT_TIMEOUT": "120",
+      jax_cluster.ADDRESSES_ENV: f"127.0.0.1:{port}",
+      jax_cluster.NUM_PROCESSES_ENV: str(workers),
+      jax_cluster.PROCESS_ID_ENV: str(pid),
+      jax_cluster.TIMEOUT_ENV: "120",
   }
   for name, value in cluster.items():
     if workers > 1:
@@ -482,7 +484,14 @@ def print_memory_table(args, rows_by_workers):
 
 def memory_part(args):
   """Part 3: measures, checks and prints the memory per worker."""
-  workers_list = [int(w) for w in args.memory_workers.split(",")]
+  try:
+    workers_list = [int(w) for w in args.memory_workers.split(",")]
+  except ValueError:
+    workers_list = []
+  if not workers_list or min(workers_list) < 1:
+    raise ValueError(
+        f"--memory_workers must be integers >= 1, got {args.memory_workers!r}"
+    )
   rows_by_workers = {}
   for workers in workers_list:
     start = time.time()

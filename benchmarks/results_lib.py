@@ -52,21 +52,18 @@ VARIANTS = {
     "top_k": ("moe_spec.gating = 'top_k'",),
     "noisy_top_k": ("moe_spec.gating = 'noisy_top_k'",),
     "batchwise": ("moe_spec.gating = 'batchwise'",),
-    # The experts (kernels and biases) at a quarter of the schedule's rate,
+    # The experts (kernels and biases) at a fraction of the schedule's rate,
     # everything else at the full rate: does the expert part want a lower
     # rate than the dense part (each of n experts gets ~k/n of the batch)?
-    "expert_lr_x0.25": (
-        "make_optimizer.learning_rate_scales = {'expert_(kernel|bias)': 0.25}",
-    ),
-    # The dose-response of the same cause: sqrt(k / n) for MoE-256 (k = 4)
-    # is 0.125 and for MoE-32 0.354, the square-root batch-size rule applied
-    # to an expert's share k / n of the batch.
-    "expert_lr_x0.125": (
-        "make_optimizer.learning_rate_scales = {'expert_(kernel|bias)': 0.125}",
-    ),
-    "expert_lr_x0.354": (
-        "make_optimizer.learning_rate_scales = {'expert_(kernel|bias)': 0.354}",
-    ),
+    # 0.125 and 0.354 are sqrt(k / n) for MoE-256 and MoE-32 (k = 4), the
+    # square-root batch-size rule applied to an expert's share of the batch.
+    **{
+        f"expert_lr_x{scale}": (
+            "make_optimizer.learning_rate_scales ="
+            f" {{'expert_(kernel|bias)': {scale}}}",
+        )
+        for scale in ("0.25", "0.125", "0.354")
+    },
 }
 
 

@@ -103,3 +103,12 @@ def test_is_expert_variable():
       "adam/iteration",
   ):
     assert not distribution.is_expert_variable(path), path
+
+
+@pytest.mark.parametrize("workers", ["0", "abc", "1,-2", ""])
+def test_bad_memory_workers_is_one_line(workers):
+  args = argparse.Namespace(memory_workers=workers)
+  with pytest.raises(
+      ValueError, match=r"^--memory_workers must be integers >= 1, got "
+  ):
+    distribution.memory_part(args)
