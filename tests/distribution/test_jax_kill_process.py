@@ -23,7 +23,6 @@ import signal
 import threading
 import time
 
-import h5py
 import numpy as np
 import pytest
 
@@ -148,15 +147,8 @@ def _check_one_line(stderr):
 def _check_checkpoint(model_dir, seen):
   """Checks model_dir's latest checkpoint is complete; returns its step."""
   state = _state(model_dir)
-  step = state["step"]
+  step, values = test_jax_processes._checkpoint(model_dir)  # pylint: disable=protected-access
   assert step >= seen and step % 2 == 0, (seen, state)
-  values = {}
-  with h5py.File(model_dir / "checkpoints" / state["latest"], "r") as f:
-    f.visititems(
-        lambda name, obj: values.__setitem__(name, obj[()])
-        if isinstance(obj, h5py.Dataset)
-        else None
-    )
   assert all(np.all(np.isfinite(v)) for v in values.values())
   # Every weight of the architecture, in full (all experts, not one
   # process's half), and Adam's iteration count plus 2 slots per weight.
