@@ -85,6 +85,17 @@ def define_gin_flags():
   )
 
 
+def define_tf_servers_flag():
+  """--tf_servers: drive TF servers on several hosts (`tf_cluster`)."""
+  flags.DEFINE_string(
+      "tf_servers",
+      None,
+      "TensorFlow across hosts: host:port,host:port of running"
+      " `python -m moe_keras.tf_server` processes (task I = the I-th); this"
+      " process is their client and --mesh_shape spans their devices.",
+  )
+
+
 def fail(program, error, status=1, skip_shutdown=False):
   """Prints `program: error: <one line>` to stderr and exits with `status`.
 

@@ -55,6 +55,7 @@ flags.DEFINE_string(
     " the gin binding configured_mesh_shape.mesh_shape, else one device)."
     " Checkpoints load on any mesh.",
 )
+cli_common.define_tf_servers_flag()
 flags.mark_flag_as_required("model_dir")
 
 PROGRAM = "moe_keras.evaluate"
@@ -108,7 +109,9 @@ def main(argv):
     task, model, step = experiment.load_experiment(
         model_dir,
         bindings,
-        distribution=lambda: distribution.make_distribution(FLAGS.mesh_shape),
+        distribution=lambda: distribution.make_distribution(
+            FLAGS.mesh_shape, tf_servers=FLAGS.tf_servers
+        ),
     )
     options = {
         name: getattr(FLAGS, name)
@@ -122,6 +125,13 @@ def main(argv):
     cli_common.fail(PROGRAM, e)
   except (ValueError, TypeError, OSError) as e:
     cli_common.fail(PROGRAM, e)
+  except Exception as e:  # pylint: disable=broad-except
+    from moe_keras.distribution import tf_cluster  # pylint: disable=g-import-not-at-top
+
+    lost = tf_cluster.lost_server_error(e)  # a TF server died
+    if lost is None:
+      raise
+    cli_common.fail(PROGRAM, lost, skip_shutdown=True)
   result.update(
       {"model_dir": model_dir, "step": step, "eval_file": FLAGS.eval_file}
   )
