@@ -125,6 +125,32 @@ def _tf_config_workers():
   return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
+@contextlib.contextmanager
+def _variables_on(device):
+  """Creates variables made outside any `tf.device` scope on `device`.
+
+  Variables created under an explicit device scope (expert blocks, Adam
+  slots by `colocate_slots`) keep it. Ops are not placed.
+
+  Args:
+    device: a device name.
+
+  Yields:
+    None.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+
+  def creator(next_creator, **kwargs):
+    if tf.executing_eagerly() and not context.context().device_name:
+      with tf.device(device):
+        return next_creator(**kwargs)
+    return next_creator(**kwargs)
+
+  with tf.variable_creator_scope(creator):
+    yield
+
+
 class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
   """Runs `inner` once per mesh device on a slice of the batch (TF).
 
@@ -241,7 +267,12 @@ class Distribution:
       if (in_graph and self.mesh.num_devices > 1) or self.kind == "tf_servers":
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-        stack.enter_context(tf.device(self.mesh.device(0, 0)))
+        if self.kind == "tf_servers":
+          # Variables on server (0, 0), but no default device for ops:
+          # the client's input pipeline (tf.data) must stay on the client.
+          stack.enter_context(_variables_on(self.mesh.device(0, 0)))
+        else:
+          stack.enter_context(tf.device(self.mesh.device(0, 0)))
         if self.mesh.expert > 1:
           stack.enter_context(
               sharded_experts.placement_scope(
