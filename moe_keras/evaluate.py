@@ -106,6 +106,8 @@ def main(argv):
     bindings += FLAGS.gin_bindings
     from moe_keras import distribution  # pylint: disable=g-import-not-at-top
 
+    cli_common.watch_tf_servers(PROGRAM)
+
     task, model, step = experiment.load_experiment(
         model_dir,
         bindings,

@@ -63,6 +63,7 @@ def main(argv):
       experiment.parse_gin(
           FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
       )
+      cli_common.watch_tf_servers(PROGRAM)
       result = experiment.train(
           FLAGS.model_dir,
           verbose=verbose,
