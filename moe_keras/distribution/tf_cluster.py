@@ -1,4 +1,4 @@
-"""TensorFlow servers on several hosts driven by one client: experts across hosts.
+"""TF servers on several hosts driven by one client: experts across hosts.
 
 Every host runs a TensorFlow server (`python -m moe_keras.tf_server
 --tf_servers=host0:2222,host1:2222 --task_index=I`, `serve`): job "worker",

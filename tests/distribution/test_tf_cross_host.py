@@ -146,6 +146,28 @@ def test_parse_servers():
     assert "\n" not in str(raised.value)
 
 
+def test_server_devices_order_spans_servers_on_the_expert_axis():
+  from moe_keras.distribution import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  devices = [
+      f"/job:worker/replica:0/task:{t}/device:CPU:{d}"
+      for t in range(2)
+      for d in range(2)
+  ]
+  assert [tf_cluster.task_of(d) for d in devices] == [0, 0, 1, 1]
+  # batch:2,expert:2 on 2 servers x 2 devices: column e on server e.
+  order = mesh_lib.process_spanning_order(
+      devices, "batch:2,expert:2", process_of=tf_cluster.task_of
+  )
+  mesh = mesh_lib.Mesh("batch:2,expert:2", devices=order)
+  for b in range(2):
+    assert [tf_cluster.task_of(d) for d in mesh.expert_devices(b)] == [0, 1]
+  with pytest.raises(ValueError, match="needs 8 devices but the 2 processes"):
+    mesh_lib.process_spanning_order(
+        devices, "batch:2,expert:4", process_of=tf_cluster.task_of
+    )
+
+
 def test_lost_server_error_is_one_line():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -232,7 +254,9 @@ def test_client_on_two_servers_matches_one_device(servers):
 
 
 @_slow
-def test_train_cli_on_servers_evaluates_on_one_device(servers, corpus, tmp_path):
+def test_train_cli_on_servers_evaluates_on_one_device(
+    servers, corpus, tmp_path
+):
   model_dir = tmp_path / "run"
   proc = _train(corpus, model_dir, 4, MESH, f"--tf_servers={servers.spec}")
   assert proc.returncode == 0, proc.stderr[-3000:]
