@@ -368,6 +368,10 @@ def make_distribution(mesh_shape=None, backend=None, tf_servers=None):
   if mesh_shape is None:
     mesh_shape = mesh_lib.configured_mesh_shape()
   shape = mesh_lib.parse_mesh_shape(mesh_shape)
+  if tf_servers and backend != "tensorflow":
+    raise ValueError(
+        f"--tf_servers needs the TensorFlow backend, not {backend!r}"
+    )
   if backend == "jax":
     # Before any JAX computation: the cluster's processes join first.
     jax_cluster.join_cluster_from_env()
@@ -379,10 +383,6 @@ def make_distribution(mesh_shape=None, backend=None, tf_servers=None):
       return Distribution(mesh, "single")
     return Distribution(mesh, "jax", keras_distribution=jax_distribution(mesh))
   if backend != "tensorflow":
-    if tf_servers:
-      raise ValueError(
-          f"--tf_servers needs the TensorFlow backend, not {backend!r}"
-      )
     raise ValueError(f"unsupported backend {backend!r} for distribution")
   if tf_servers:
     return _tf_servers_distribution(shape, tf_servers)

@@ -168,6 +168,18 @@ def test_server_devices_order_spans_servers_on_the_expert_axis():
     )
 
 
+def test_tf_servers_with_tf_config_or_jax_is_one_line(monkeypatch):
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match="needs the TensorFlow backend"):
+    make_distribution("expert:2", backend="jax", tf_servers="127.0.0.1:1")
+  monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}}')
+  with pytest.raises(ValueError, match="--tf_servers and TF_CONFIG exclude"):
+    make_distribution(
+        "expert:2", backend="tensorflow", tf_servers="127.0.0.1:1"
+    )
+
+
 def test_lost_server_error_is_one_line():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
