@@ -39,7 +39,9 @@ def main(argv):
     try:
       servers = tf_cluster.parse_servers(FLAGS.tf_servers)
       server = tf_cluster.make_server(servers, FLAGS.task_index)
-    except ValueError as e:
+    except Exception as e:  # pylint: disable=broad-except
+      # Bad flags (ValueError) or a server that cannot start (e.g. its
+      # port is taken: a tf.errors.OpError).
       error = e
     else:
       error = None
