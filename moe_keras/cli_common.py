@@ -85,6 +85,41 @@ def define_gin_flags():
   )
 
 
+def define_tf_servers_flag():
+  """--tf_servers: drive TF servers on several hosts (`tf_cluster`)."""
+  flags.DEFINE_string(
+      "tf_servers",
+      None,
+      "TensorFlow across hosts: host:port,host:port of running"
+      " `python -m moe_keras.tf_server` processes (task I = the I-th); this"
+      " process is their client and --mesh_shape spans their devices.",
+  )
+
+
+def watch_tf_servers(program):
+  """With --tf_servers: a lost server ends this process with one line.
+
+  A step whose server is gone waits forever (`tf_cluster`), so a thread
+  watches the servers and, once one is gone, prints `program: error: ...`
+  and leaves with status 1 at once (no exit handlers, which would wait for
+  the remote servers too).
+
+  Args:
+    program: the CLI's name.
+  """
+  if not FLAGS.tf_servers:
+    return
+  from moe_keras.distribution import tf_cluster  # pylint: disable=g-import-not-at-top
+
+  try:
+    servers = tf_cluster.parse_servers(FLAGS.tf_servers)
+  except ValueError:
+    return  # make_distribution reports it
+  tf_cluster.watch_servers(
+      servers, lambda message: fail(program, message, skip_shutdown=True)
+  )
+
+
 def fail(program, error, status=1, skip_shutdown=False):
   """Prints `program: error: <one line>` to stderr and exits with `status`.
 

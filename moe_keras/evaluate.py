@@ -55,6 +55,7 @@ flags.DEFINE_string(
     " the gin binding configured_mesh_shape.mesh_shape, else one device)."
     " Checkpoints load on any mesh.",
 )
+cli_common.define_tf_servers_flag()
 flags.mark_flag_as_required("model_dir")
 
 PROGRAM = "moe_keras.evaluate"
@@ -105,10 +106,14 @@ def main(argv):
     bindings += FLAGS.gin_bindings
     from moe_keras import distribution  # pylint: disable=g-import-not-at-top
 
+    cli_common.watch_tf_servers(PROGRAM)
+
     task, model, step = experiment.load_experiment(
         model_dir,
         bindings,
-        distribution=lambda: distribution.make_distribution(FLAGS.mesh_shape),
+        distribution=lambda: distribution.make_distribution(
+            FLAGS.mesh_shape, tf_servers=FLAGS.tf_servers
+        ),
     )
     options = {
         name: getattr(FLAGS, name)
@@ -122,6 +127,13 @@ def main(argv):
     cli_common.fail(PROGRAM, e)
   except (ValueError, TypeError, OSError) as e:
     cli_common.fail(PROGRAM, e)
+  except Exception as e:  # pylint: disable=broad-except
+    from moe_keras.distribution import tf_cluster  # pylint: disable=g-import-not-at-top
+
+    lost = tf_cluster.lost_server_error(e)  # a TF server died
+    if lost is None:
+      raise
+    cli_common.fail(PROGRAM, lost, skip_shutdown=True)
   result.update(
       {"model_dir": model_dir, "step": step, "eval_file": FLAGS.eval_file}
   )

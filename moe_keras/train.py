@@ -36,6 +36,7 @@ flags.DEFINE_string(
     "Device mesh, e.g. batch:2,expert:4 (moe_keras.distribution; default:"
     " the gin binding configured_mesh_shape.mesh_shape, else one device).",
 )
+cli_common.define_tf_servers_flag()
 flags.mark_flag_as_required("model_dir")
 
 PROGRAM = "moe_keras.train"
@@ -62,14 +63,20 @@ def main(argv):
       experiment.parse_gin(
           FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths
       )
+      cli_common.watch_tf_servers(PROGRAM)
       result = experiment.train(
           FLAGS.model_dir,
           verbose=verbose,
-          distribution=distribution.make_distribution(FLAGS.mesh_shape),
+          distribution=distribution.make_distribution(
+              FLAGS.mesh_shape, tf_servers=FLAGS.tf_servers
+          ),
       )
     except Exception as e:  # pylint: disable=broad-except
-      # Another JAX process died: one line, and no wait for it at exit.
-      lost = distribution.lost_process_error(e)
+      # Another JAX process or a TF server died: one line, and no wait
+      # for it at exit.
+      lost = distribution.lost_process_error(
+          e
+      ) or distribution.lost_server_error(e)
       if lost is None:
         raise
       cli_common.fail(PROGRAM, lost, skip_shutdown=True)

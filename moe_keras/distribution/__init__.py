@@ -4,7 +4,8 @@
 `Mesh` parses "batch:B,expert:E"; `sharded_experts` holds the TensorFlow
 expert placement that `SparseMoE` / `HierarchicalSparseMoE` use;
 `colocate_slots` keeps optimizer state on its variable's device;
-`jax_cluster` joins several JAX processes into one mesh.
+`jax_cluster` joins several JAX processes into one mesh; `tf_cluster`
+connects one TensorFlow client to TF servers on several hosts.
 """
 
 from moe_keras.distribution.jax_cluster import ClusterError
@@ -19,6 +20,7 @@ from moe_keras.distribution.sharded_experts import logical_weight_signature
 from moe_keras.distribution.strategy import Distribution
 from moe_keras.distribution.strategy import make_distribution
 from moe_keras.distribution.strategy import MeshDataParallel
+from moe_keras.distribution.tf_cluster import lost_server_error
 
 __all__ = [
     "ClusterError",
@@ -30,6 +32,7 @@ __all__ = [
     "is_primary",
     "logical_weight_signature",
     "lost_process_error",
+    "lost_server_error",
     "make_distribution",
     "parse_mesh_shape",
     "without_distribution",

@@ -101,7 +101,7 @@ def available_devices(backend=None):
   raise ValueError(f"unsupported backend {backend!r} for a device mesh")
 
 
-def process_spanning_order(devices, mesh_shape):
+def process_spanning_order(devices, mesh_shape, process_of=None):
   """Orders devices of several processes so that "expert" spans processes.
 
   Plain row-major order puts each process's devices in whole batch rows,
@@ -112,8 +112,11 @@ def process_spanning_order(devices, mesh_shape):
   every expert block lives on exactly one process. One process: unchanged.
 
   Args:
-    devices: jax devices (with `process_index`) of all processes.
+    devices: jax devices (with `process_index`) of all processes, or any
+      devices with `process_of`.
     mesh_shape: "batch:B,expert:E" string or dict.
+    process_of: device -> its process (host) index; default
+      `device.process_index`. TF servers: `tf_cluster.task_of`.
 
   Returns:
     The B*E devices, row-major for `Mesh` (device (b, e) at b*E + e).
@@ -124,9 +127,11 @@ def process_spanning_order(devices, mesh_shape):
   """
   shape = parse_mesh_shape(mesh_shape)
   batch, expert = shape["batch"], shape["expert"]
+  if process_of is None:
+    process_of = lambda device: device.process_index
   by_process = {}
   for device in devices:
-    by_process.setdefault(device.process_index, []).append(device)
+    by_process.setdefault(process_of(device), []).append(device)
   num = len(by_process)
   if num == 1:
     return list(devices)

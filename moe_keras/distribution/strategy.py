@@ -20,6 +20,10 @@ TensorFlow, several hosts (TF_CONFIG with more than one worker): a
 MultiWorkerMirroredStrategy with one replica per host; each host runs the
 in-graph program over its local devices (the mesh's batch axis must be a
 multiple of the number of workers; each host takes batch/workers rows).
+TensorFlow, one client and TF servers on several hosts (`tf_servers`,
+`tf_cluster`): the same in-graph program, over the servers' devices; the
+mesh's expert axis spans the servers first, so with `batch:1,expert:W`
+each expert block and its slots live on one server.
 JAX: `keras.distribution.ModelParallel` over a DeviceMesh; the experts'
 axis 0 is sharded on "expert" and the batch on "batch". Several JAX
 processes (Keras's KERAS_DISTRIBUTION_* variables, `jax_cluster`) form one
@@ -41,6 +45,7 @@ from moe_keras.distribution import jax_cluster
 from moe_keras.distribution import mesh as mesh_lib
 from moe_keras.distribution import optimizer as optimizer_lib
 from moe_keras.distribution import sharded_experts
+from moe_keras.distribution import tf_cluster
 from moe_keras.models import task_model
 
 # Expert variables sharded along their experts axis (axis 0) on JAX.
@@ -118,6 +123,32 @@ def _tf_config_workers():
   except ValueError as e:
     raise ValueError(f"TF_CONFIG is not valid JSON: {e}") from None
   return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+
+
+@contextlib.contextmanager
+def _variables_on(device):
+  """Creates variables made outside any `tf.device` scope on `device`.
+
+  Variables created under an explicit device scope (expert blocks, Adam
+  slots by `colocate_slots`) keep it. Ops are not placed.
+
+  Args:
+    device: a device name.
+
+  Yields:
+    None.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+
+  def creator(next_creator, **kwargs):
+    if tf.executing_eagerly() and not context.context().device_name:
+      with tf.device(device):
+        return next_creator(**kwargs)
+    return next_creator(**kwargs)
+
+  with tf.variable_creator_scope(creator):
+    yield
 
 
 class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
@@ -215,7 +246,7 @@ class Distribution:
   Attributes:
     mesh: the Mesh (this host's devices).
     strategy: tf.distribute strategy or None.
-    kind: "single" | "in_graph" | "multi_worker" | "jax".
+    kind: "single" | "in_graph" | "multi_worker" | "tf_servers" | "jax".
   """
 
   def __init__(self, mesh, kind, strategy=None, keras_distribution=None):
@@ -233,10 +264,15 @@ class Distribution:
       if self.keras_distribution is not None:
         stack.enter_context(self.keras_distribution.scope())
       in_graph = self.kind in ("in_graph", "multi_worker")
-      if in_graph and self.mesh.num_devices > 1:
+      if (in_graph and self.mesh.num_devices > 1) or self.kind == "tf_servers":
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-        stack.enter_context(tf.device(self.mesh.device(0, 0)))
+        if self.kind == "tf_servers":
+          # Variables on server (0, 0), but no default device for ops:
+          # the client's input pipeline (tf.data) must stay on the client.
+          stack.enter_context(_variables_on(self.mesh.device(0, 0)))
+        else:
+          stack.enter_context(tf.device(self.mesh.device(0, 0)))
         if self.mesh.expert > 1:
           stack.enter_context(
               sharded_experts.placement_scope(
@@ -253,7 +289,7 @@ class Distribution:
 
   def wrap_model(self, model):
     """The model to compile and fit (in-graph data parallelism on TF)."""
-    if self.kind == "multi_worker" or (
+    if self.kind in ("multi_worker", "tf_servers") or (
         self.kind == "in_graph" and self.mesh.num_devices > 1
     ):
       return MeshDataParallel(model, self.mesh)
@@ -304,7 +340,7 @@ class Distribution:
     return dataset.map(pad_and_slice)
 
 
-def make_distribution(mesh_shape=None, backend=None):
+def make_distribution(mesh_shape=None, backend=None, tf_servers=None):
   """The distribution for `mesh_shape` on this process's devices.
 
   Args:
@@ -315,6 +351,10 @@ def make_distribution(mesh_shape=None, backend=None):
       KERAS_DISTRIBUTION_* naming P > 1 processes (`jax_cluster`), B*E
       is the total over all processes, which join the cluster here.
     backend: "tensorflow" | "jax"; default the Keras backend.
+    tf_servers: TensorFlow only: "host:port,host:port" of running TF
+      servers (`moe_keras.tf_server`); this process connects to them as
+      the client and B*E must be the number of servers times the devices
+      of each. None: this process's devices (or TF_CONFIG's workers).
 
   Returns:
     Distribution.
@@ -328,6 +368,10 @@ def make_distribution(mesh_shape=None, backend=None):
   if mesh_shape is None:
     mesh_shape = mesh_lib.configured_mesh_shape()
   shape = mesh_lib.parse_mesh_shape(mesh_shape)
+  if tf_servers and backend != "tensorflow":
+    raise ValueError(
+        f"--tf_servers needs the TensorFlow backend, not {backend!r}"
+    )
   if backend == "jax":
     # Before any JAX computation: the cluster's processes join first.
     jax_cluster.join_cluster_from_env()
@@ -340,6 +384,8 @@ def make_distribution(mesh_shape=None, backend=None):
     return Distribution(mesh, "jax", keras_distribution=jax_distribution(mesh))
   if backend != "tensorflow":
     raise ValueError(f"unsupported backend {backend!r} for distribution")
+  if tf_servers:
+    return _tf_servers_distribution(shape, tf_servers)
   workers = _tf_config_workers()
   if workers > 1:
     if shape["batch"] % workers:
@@ -379,6 +425,50 @@ def make_distribution(mesh_shape=None, backend=None):
   kind = "single" if mesh.num_devices == 1 else "in_graph"
   logging.info("distribution: mesh %s (%s)", mesh.spec, kind)
   return Distribution(mesh, kind)
+
+
+def _tf_servers_distribution(shape, tf_servers):
+  """The in-graph mesh over the devices of TF servers (`tf_cluster`).
+
+  Args:
+    shape: the parsed mesh shape.
+    tf_servers: the servers' addresses.
+
+  Returns:
+    Distribution of kind "tf_servers".
+
+  Raises:
+    ValueError: TF_CONFIG set too, bad addresses, or B*E not the servers'
+      device count.
+  """
+  if os.environ.get("TF_CONFIG"):
+    raise ValueError(
+        "--tf_servers and TF_CONFIG exclude each other (TF_CONFIG runs"
+        " MultiWorkerMirroredStrategy); unset TF_CONFIG for the client"
+    )
+  servers = tf_cluster.parse_servers(tf_servers)
+  devices = tf_cluster.connect(servers)
+  size = shape["batch"] * shape["expert"]
+  per_server = len(devices) // len(servers)
+  if size != len(devices):
+    raise ValueError(
+        f"mesh batch:{shape['batch']},expert:{shape['expert']} needs {size}"
+        f" devices but the {len(servers)} TF servers have {len(devices)}"
+        f" ({per_server} each)"
+    )
+  mesh = mesh_lib.Mesh(
+      shape,
+      devices=mesh_lib.process_spanning_order(
+          devices, shape, process_of=tf_cluster.task_of
+      ),
+  )
+  logging.info(
+      "distribution: mesh %s over %d TF servers (%s)",
+      mesh.spec,
+      len(servers),
+      ",".join(servers),
+  )
+  return Distribution(mesh, "tf_servers")
 
 
 def jax_distribution(mesh):
