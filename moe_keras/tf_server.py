@@ -1,7 +1,7 @@
 r"""Runs one TensorFlow server of a cluster that one client drives.
 
   python -m moe_keras.tf_server --tf_servers=host0:2222,host1:2222 \
-      --task_index=I
+      --task_index=I [--devices=N]
 
 Run it on every host (task I listens on the I-th address), then the client
 on any host: `python -m moe_keras.train --tf_servers=host0:2222,host1:2222
@@ -25,6 +25,13 @@ flags.DEFINE_string(
     " every server and the client; task I is the I-th).",
 )
 flags.DEFINE_integer("task_index", None, "This server's index in --tf_servers.")
+flags.DEFINE_string(
+    "devices",
+    None,
+    "Devices this server offers (an int >= 1): on a host without GPUs its"
+    " CPU split into that many logical devices (default 1); on a GPU host"
+    " its GPUs, and --devices may only repeat their count.",
+)
 flags.mark_flags_as_required(["tf_servers", "task_index"])
 
 PROGRAM = "moe_keras.tf_server"
@@ -38,6 +45,9 @@ def main(argv):
 
     try:
       servers = tf_cluster.parse_servers(FLAGS.tf_servers)
+      devices = tf_cluster.parse_device_count(FLAGS.devices)
+      tf_cluster.check_task_index(servers, FLAGS.task_index)
+      count, kind = tf_cluster.configure_server_devices(devices)
       server = tf_cluster.make_server(servers, FLAGS.task_index)
     except Exception as e:  # pylint: disable=broad-except
       # Bad flags (ValueError) or a server that cannot start (e.g. its
@@ -49,7 +59,8 @@ def main(argv):
     cli_common.fail(PROGRAM, error)
   print(
       f"TF server task {FLAGS.task_index} of {len(servers)} serving at"
-      f" {servers[FLAGS.task_index]} ({server.target})",
+      f" {servers[FLAGS.task_index]} ({server.target}) with {count} {kind}"
+      f" device{'s' if count > 1 else ''}",
       flush=True,
   )
   server.join()

@@ -101,6 +101,39 @@ def available_devices(backend=None):
   raise ValueError(f"unsupported backend {backend!r} for a device mesh")
 
 
+def split_cpu(num_devices):
+  """On a host without GPUs, splits the CPU into `num_devices` devices.
+
+  So that `--mesh_shape=batch:2,expert:4` runs (slowly, for checks) on a
+  CPU-only machine, and a TF server (`moe_keras.tf_server --devices=N`)
+  offers N devices. Only possible before TensorFlow initializes; otherwise,
+  or when devices are already configured, nothing changes and `Mesh`
+  reports a device count that does not match.
+
+  Args:
+    num_devices: the number of logical CPU devices wanted.
+
+  Returns:
+    True when this call split the CPU into `num_devices` devices, else
+    False (fewer than 2 asked, a GPU host, the CPU already configured, or
+    TensorFlow already initialized).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  if num_devices < 2 or tf.config.list_physical_devices("GPU"):
+    return False
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    if tf.config.get_logical_device_configuration(cpu):
+      return False
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
+    )
+  except RuntimeError:  # TensorFlow already initialized
+    return False
+  return True
+
+
 def process_spanning_order(devices, mesh_shape, process_of=None):
   """Orders devices of several processes so that "expert" spans processes.
 
@@ -110,6 +143,13 @@ def process_spanning_order(devices, mesh_shape, process_of=None):
   P_e processes first (each holds E/P_e blocks, on its own devices), and
   the batch axis over the remaining P_b = P / P_e. With `batch:1,expert:P`
   every expert block lives on exactly one process. One process: unchanged.
+
+  Several devices per process, e.g. `batch:2,expert:2` on 2 TF servers x
+  2 devices (P_e = 2, P_b = 1): device (b, e) is process e's device b, so
+  column e (block e on (0, e), and row 1's replica (1, e)) is on process
+  e only. Row b > 0 reads block e's weights from (0, e) and sends its
+  gradients back there each step, within process e; only the dense
+  weights (on (0, 0)) and the token rows cross between processes.
 
   Args:
     devices: jax devices (with `process_index`) of all processes, or any

@@ -474,12 +474,18 @@ class ShardedExperts:
     for name in ("expert_bias_1", "expert_bias_2"):
       if name not in self.blocks:
         setattr(layer, name, None)
+    # The devices the blocks' variables report (not the requested ones), so
+    # a log shows where each block really is (e.g. on which TF server).
+    placed = []
+    for e in range(num_blocks):
+      block_devices = {str(vs[e].value.device) for vs in self.blocks.values()}
+      placed.append("+".join(sorted(block_devices)))
     logging.info(
         "%s: %d experts in %d blocks on %s",
         layer.name,
         n,
         num_blocks,
-        ", ".join(devices),
+        ", ".join(placed),
     )
 
   # -- forward --------------------------------------------------------------

@@ -90,29 +90,6 @@ def _patch_keras_multi_worker_reduce():
   tf_trainer.reduce_per_replica = reduce_per_replica
 
 
-def _split_cpu(num_devices):
-  """On a host without GPUs, splits the CPU into `num_devices` devices.
-
-  So that `--mesh_shape=batch:2,expert:4` runs (slowly, for checks) on a
-  CPU-only machine. Only possible before TensorFlow initializes; otherwise,
-  or when devices are already configured, nothing changes and `Mesh`
-  reports a device count that does not match.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  if num_devices < 2 or tf.config.list_physical_devices("GPU"):
-    return
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  try:
-    if tf.config.get_logical_device_configuration(cpu):
-      return
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
-    )
-  except RuntimeError:  # TensorFlow already initialized
-    return
-
-
 def _tf_config_workers():
   """Number of workers in TF_CONFIG (1 without TF_CONFIG)."""
   raw = os.environ.get("TF_CONFIG")
@@ -420,7 +397,7 @@ def make_distribution(mesh_shape=None, backend=None, tf_servers=None):
     ]
     mesh = mesh_lib.Mesh(local, devices=local_devices)
     return Distribution(mesh, "multi_worker", strategy=strategy)
-  _split_cpu(shape["batch"] * shape["expert"])
+  mesh_lib.split_cpu(shape["batch"] * shape["expert"])
   mesh = mesh_lib.Mesh(shape)
   kind = "single" if mesh.num_devices == 1 else "in_graph"
   logging.info("distribution: mesh %s (%s)", mesh.spec, kind)
@@ -429,6 +406,13 @@ def make_distribution(mesh_shape=None, backend=None, tf_servers=None):
 
 def _tf_servers_distribution(shape, tf_servers):
   """The in-graph mesh over the devices of TF servers (`tf_cluster`).
+
+  The expert axis spans the servers first (`mesh.process_spanning_order`).
+  With W servers x L devices (`tf_server --devices=L`) and
+  `batch:L,expert:W`, device (b, e) is server e's device b: block e and
+  its Adam slots on server e's device 0, and the rows b > 0 of column e
+  on server e's other devices, reading block e from device 0 of the same
+  server each step.
 
   Args:
     shape: the parsed mesh shape.
@@ -463,9 +447,10 @@ def _tf_servers_distribution(shape, tf_servers):
       ),
   )
   logging.info(
-      "distribution: mesh %s over %d TF servers (%s)",
+      "distribution: mesh %s over %d TF servers x %d devices (%s)",
       mesh.spec,
       len(servers),
+      per_server,
       ",".join(servers),
   )
   return Distribution(mesh, "tf_servers")

@@ -11,8 +11,11 @@ servers' devices (`server_devices`), so the in-graph mesh of
 `strategy.MeshDataParallel` spans the hosts: with `batch:1,expert:W` expert
 block e and its Adam slots live on server e only, and each block's token
 rows travel from the replica's server to the block's server and back (a
-point-to-point all-to-all). BUILD.md "TensorFlow across hosts" has the
-picture.
+point-to-point all-to-all). A server may offer several devices
+(`tf_server --devices=N` splits its CPU, `configure_server_devices`; a GPU
+host offers its GPUs): with 2 servers x 2 devices and `batch:2,expert:2`,
+device (b, e) is server e's device b, so block e lives on server e and
+row 1 reads it there. BUILD.md "TensorFlow across hosts" has the picture.
 
 Convention: the server list is the `--tf_servers` flag (comma-separated
 host:port, task I = the I-th address), given identically to every server
@@ -107,6 +110,110 @@ def cluster_spec(servers):
   return tf.train.ClusterSpec({JOB: parse_servers(servers)})
 
 
+def parse_device_count(devices):
+  """Parses a server's --devices: how many devices it offers.
+
+  Args:
+    devices: None or "" (not given), or an int or str of an int >= 1.
+
+  Returns:
+    int >= 1, or None when not given.
+
+  Raises:
+    ValueError: not an int, or below 1.
+  """
+  if devices is None or (isinstance(devices, str) and not devices.strip()):
+    return None
+  try:
+    count = int(str(devices).strip())
+  except ValueError:
+    count = None
+  if count is None or count < 1:
+    raise ValueError(
+        f"--devices={devices} is not a device count; expected an int >= 1"
+    )
+  return count
+
+
+def server_device_plan(devices, num_gpus):
+  """The devices a server offers: its GPUs, else its CPU split N ways.
+
+  Args:
+    devices: the parsed --devices (int >= 1, or None when not given).
+    num_gpus: the host's GPU count.
+
+  Returns:
+    (count, kind): e.g. (2, "CPU"), or (4, "GPU") on a host with 4 GPUs.
+
+  Raises:
+    ValueError: on a GPU host, --devices other than its GPU count.
+  """
+  if num_gpus:
+    if devices is not None and devices != num_gpus:
+      raise ValueError(
+          f"--devices={devices} contradicts this host's {num_gpus} GPUs (a"
+          " TF server's devices are its GPUs); drop --devices or give"
+          f" --devices={num_gpus}"
+      )
+    return num_gpus, "GPU"
+  return devices or 1, "CPU"
+
+
+def configure_server_devices(devices=None):
+  """Gives this (server) process its devices; call before TF starts.
+
+  On a host without GPUs the CPU is split into `devices` logical devices
+  (`mesh.split_cpu`), which `make_server` then gives the server; on a GPU
+  host the GPUs are the devices.
+
+  Args:
+    devices: the parsed --devices (int >= 1, or None: 1 CPU device, or
+      the host's GPUs).
+
+  Returns:
+    (count, kind) as `server_device_plan`.
+
+  Raises:
+    ValueError: --devices contradicts the GPUs, or the CPU could not be
+      split (TensorFlow already initialized).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.distribution import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  count, kind = server_device_plan(
+      devices, len(tf.config.list_physical_devices("GPU"))
+  )
+  if kind == "CPU" and count > 1 and not mesh_lib.split_cpu(count):
+    raise ValueError(
+        f"could not split the CPU into {count} devices (TensorFlow was"
+        " already initialized in this process)"
+    )
+  return count, kind
+
+
+def check_task_index(servers, task_index):
+  """The servers' addresses, once `task_index` is one of them.
+
+  Args:
+    servers: the cluster's addresses (see parse_servers).
+    task_index: a server's index in them.
+
+  Returns:
+    list of "host:port" str, in task order.
+
+  Raises:
+    ValueError: bad addresses or a task_index outside them.
+  """
+  addresses = parse_servers(servers)
+  if not 0 <= task_index < len(addresses):
+    raise ValueError(
+        f"--task_index={task_index} is not one of the {len(addresses)}"
+        f" servers of --tf_servers (0..{len(addresses) - 1})"
+    )
+  return addresses
+
+
 def make_server(servers, task_index):
   """Starts (without blocking) TF server `task_index` of `servers`.
 
@@ -120,12 +227,7 @@ def make_server(servers, task_index):
   Raises:
     ValueError: bad addresses or a task_index outside them.
   """
-  addresses = parse_servers(servers)
-  if not 0 <= task_index < len(addresses):
-    raise ValueError(
-        f"--task_index={task_index} is not one of the {len(addresses)}"
-        f" servers of --tf_servers (0..{len(addresses) - 1})"
-    )
+  addresses = check_task_index(servers, task_index)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   return tf.distribute.Server(
@@ -133,8 +235,29 @@ def make_server(servers, task_index):
       job_name=JOB,
       task_index=task_index,
       protocol=PROTOCOL,
+      config=_server_config(),
       start=True,
   )
+
+
+def _server_config():
+  """The server's ConfigProto: as many CPU devices as this process has.
+
+  A tf.distribute.Server makes its devices from its own ConfigProto, not
+  from the eager context: with the CPU split into 2 logical devices
+  (`configure_server_devices`) but no config, a client saw one CPU per
+  server (measured, TF 2.20). So the split is passed on here.
+
+  Returns:
+    tf.compat.v1.ConfigProto, or None when the CPU is not split.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  logical = tf.config.get_logical_device_configuration(cpu)
+  if not logical or len(logical) < 2:
+    return None
+  return tf.compat.v1.ConfigProto(device_count={"CPU": len(logical)})
 
 
 def serve(servers, task_index):

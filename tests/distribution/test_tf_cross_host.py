@@ -9,13 +9,19 @@ Real processes on 127.0.0.1: two `python -m moe_keras.tf_server` processes
   gradient, 2 Adam steps), each server's variables only its experts.
 - The train CLI on the servers; the checkpoint evaluates on one device to
   the numbers the servers give (layout-free).
+- Two servers with `--devices=2` each and the train CLI on
+  `batch:2,expert:2`: block e on server e (as the log of the blocks'
+  variables shows); the checkpoint evaluates on one device and on a
+  one-host `batch:1,expert:4` to the same numbers and resumes on one
+  device.
 - A server killed (SIGKILL) mid-run ends the client with one line and
   status 1 within KILL_BOUND_S; the last checkpoint is complete; with the
   server restarted, a rerun resumes from it and finishes.
 
 Each start of TensorFlow takes 10-30 s on the shared 2-core box, so the
-process tests run with MOE_KERAS_SLOW_TESTS=1 (1-3 min each); the parsing,
-message and watchdog tests run always.
+process tests run with MOE_KERAS_SLOW_TESTS=1 (1-3 min each); the parsing
+(--tf_servers, --devices), device order, message and watchdog tests run
+always.
 """
 
 import json
@@ -48,19 +54,33 @@ KILL_BOUND_S = 30
 
 
 class _Servers:
-  """Two TF servers on free loopback ports; `stop` kills them."""
+  """TF servers on free loopback ports; `stop` kills them.
 
-  def __init__(self, count=2):
+  Args:
+    count: the number of servers.
+    devices: each server's --devices (None: not given, one CPU device).
+  """
+
+  def __init__(self, count=2, devices=None):
     ports = scenarios._free_ports(count)  # pylint: disable=protected-access
     self.addresses = [f"127.0.0.1:{p}" for p in ports]
     self.spec = ",".join(self.addresses)
+    self.devices = devices
     self.procs = [None] * count
-    for index in range(count):
-      self.start(index)
+    self.ready_lines = [None] * count
+    # Started together (each start of TensorFlow takes 10-30 s).
+    waits = [self._launch(index) for index in range(count)]
+    for index, ready in enumerate(waits):
+      self._wait(index, ready)
 
   def start(self, index):
     """Starts server `index` and waits until it serves."""
+    self._wait(index, self._launch(index))
+
+  def _launch(self, index):
+    """Starts server `index`; returns the Event set once it serves."""
     env = dict(dist_testlib.scenario_env(), PYTHONPATH=dist_testlib.REPO)
+    devices = [] if self.devices is None else [f"--devices={self.devices}"]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -68,6 +88,7 @@ class _Servers:
             "moe_keras.tf_server",
             f"--tf_servers={self.spec}",
             f"--task_index={index}",
+            *devices,
         ],
         cwd=dist_testlib.REPO,
         env=env,
@@ -81,9 +102,13 @@ class _Servers:
     def read():
       for line in proc.stdout:
         if "serving at" in line:
+          self.ready_lines[index] = line.strip()
           ready.set()
 
     threading.Thread(target=read, daemon=True).start()
+    return ready
+
+  def _wait(self, index, ready):
     if not ready.wait(SERVER_START_TIMEOUT_S):
       self.stop()
       raise AssertionError(f"TF server {index} did not start")
@@ -124,6 +149,41 @@ def _train(corpus, model_dir, steps, *extra, popen=False):
   )
 
 
+def _evaluate(model_dir, output_dir, layouts):
+  """Runs `moe_keras.evaluate` on the valid split once per layout.
+
+  Args:
+    model_dir: the run whose checkpoint is evaluated.
+    output_dir: where the --output JSON files go.
+    layouts: {label: the extra CLI arguments (mesh, servers)}.
+
+  Returns:
+    {label: the parsed evaluation JSON}.
+  """
+  results = {}
+  for label, extra in layouts.items():
+    output = output_dir / f"eval_{label.replace(' ', '_')}.json"
+    proc = test_train_cli_mesh._run(  # pylint: disable=protected-access
+        "moe_keras.evaluate",
+        f"--model_dir={model_dir}",
+        "--split=valid",
+        f"--output={output}",
+        *extra,
+    )
+    assert proc.returncode == 0, (label, proc.stderr[-3000:])
+    with open(output) as f:
+      results[label] = json.load(f)
+  return results
+
+
+def _assert_same_evaluation(got, want, step, rtol):
+  """The same step, tokens, perplexity and mean NLL (within `rtol`)."""
+  assert want["step"] == got["step"] == step
+  assert want["tokens"] == got["tokens"] > 0
+  for key in ("perplexity", "mean_nll"):
+    np.testing.assert_allclose(got[key], want[key], rtol=rtol)
+
+
 # -- always -------------------------------------------------------------------
 
 
@@ -162,10 +222,68 @@ def test_server_devices_order_spans_servers_on_the_expert_axis():
   mesh = mesh_lib.Mesh("batch:2,expert:2", devices=order)
   for b in range(2):
     assert [tf_cluster.task_of(d) for d in mesh.expert_devices(b)] == [0, 1]
+  # Row 0 is every server's device 0, row 1 its device 1: device (b, e)
+  # is server e's device b, so row 1 reads block e from its own server.
+  assert order == [devices[0], devices[2], devices[1], devices[3]]
   with pytest.raises(ValueError, match="needs 8 devices but the 2 processes"):
     mesh_lib.process_spanning_order(
         devices, "batch:2,expert:4", process_of=tf_cluster.task_of
     )
+
+
+def test_server_devices_lists_each_servers_devices_task_major(monkeypatch):
+  """What `connect` returns for 2 servers x 2 CPUs (the client's view)."""
+  import collections  # pylint: disable=g-import-not-at-top
+
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  device = collections.namedtuple("LogicalDevice", ["name", "device_type"])
+  listed = [
+      device(f"/job:{job}/replica:0/task:{t}/device:CPU:{d}", "CPU")
+      for job, t, d in (
+          ("worker", 1, 1),
+          ("localhost", 0, 0),  # the client's own CPU: not a server's
+          ("worker", 0, 1),
+          ("worker", 1, 0),
+          ("worker", 0, 0),
+      )
+  ]
+  monkeypatch.setattr(tf.config, "list_logical_devices", lambda: listed)
+  servers = ["127.0.0.1:1", "127.0.0.1:2"]
+  assert tf_cluster.server_devices(servers) == [
+      "/job:worker/replica:0/task:0/device:CPU:0",
+      "/job:worker/replica:0/task:0/device:CPU:1",
+      "/job:worker/replica:0/task:1/device:CPU:0",
+      "/job:worker/replica:0/task:1/device:CPU:1",
+  ]
+  monkeypatch.setattr(tf.config, "list_logical_devices", lambda: listed[:-1])
+  with pytest.raises(ValueError, match=r"different device counts \[1, 2\]"):
+    tf_cluster.server_devices(servers)
+
+
+def test_server_devices_flag_parsing_and_one_line_errors():
+  assert tf_cluster.parse_device_count(None) is None
+  assert tf_cluster.parse_device_count("") is None
+  assert tf_cluster.parse_device_count(" 2 ") == 2
+  assert tf_cluster.parse_device_count(3) == 3
+  for bad in ("0", "-1", "two", "1.5"):
+    with pytest.raises(ValueError) as raised:
+      tf_cluster.parse_device_count(bad)
+    assert str(raised.value) == (
+        f"--devices={bad} is not a device count; expected an int >= 1"
+    )
+  # A CPU host: its CPU split N ways (default 1).
+  assert tf_cluster.server_device_plan(None, num_gpus=0) == (1, "CPU")
+  assert tf_cluster.server_device_plan(2, num_gpus=0) == (2, "CPU")
+  # A GPU host: its GPUs; --devices may only repeat their count.
+  assert tf_cluster.server_device_plan(None, num_gpus=4) == (4, "GPU")
+  assert tf_cluster.server_device_plan(4, num_gpus=4) == (4, "GPU")
+  with pytest.raises(ValueError) as raised:
+    tf_cluster.server_device_plan(2, num_gpus=4)
+  assert str(raised.value) == (
+      "--devices=2 contradicts this host's 4 GPUs (a TF server's devices"
+      " are its GPUs); drop --devices or give --devices=4"
+  )
 
 
 def test_tf_servers_with_tf_config_or_jax_is_one_line(monkeypatch):
@@ -287,32 +405,70 @@ def test_train_cli_on_servers_evaluates_on_one_device(
       "mesh batch:1,expert:4 needs 4 devices but the 2 TF servers have 2"
       " (1 each)"
   ), proc.stderr[-2000:]
-  results = {}
-  for label, extra in (
-      ("one device", []),
-      ("servers", [MESH, f"--tf_servers={servers.spec}"]),
-  ):
-    output = tmp_path / f"eval_{label.replace(' ', '_')}.json"
-    proc = test_train_cli_mesh._run(  # pylint: disable=protected-access
-        "moe_keras.evaluate",
-        f"--model_dir={model_dir}",
-        "--split=valid",
-        f"--output={output}",
-        *extra,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(output) as f:
-      results[label] = json.load(f)
+  results = _evaluate(
+      model_dir,
+      tmp_path,
+      {
+          "one device": [],
+          "servers": [MESH, f"--tf_servers={servers.spec}"],
+      },
+  )
   want, got = results["one device"], results["servers"]
-  assert want["step"] == got["step"] == 4
-  assert want["tokens"] == got["tokens"] > 0
-  for key in ("perplexity", "mean_nll"):
-    np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+  _assert_same_evaluation(got, want, step=4, rtol=1e-6)
   for layer, stats in want["experts"].items():
     for key, value in stats.items():
       np.testing.assert_allclose(
           got["experts"][layer][key], value, rtol=1e-5, atol=1e-6
       )
+
+
+@_slow
+def test_two_servers_x_two_devices_train_2x2_checkpoint_is_layout_free(
+    corpus, tmp_path
+):
+  """2 servers x 2 CPUs, batch:2,expert:2; evaluate on 1 and 4 devices.
+
+  Device (b, e) is server e's CPU:b, so expert block e lives on server e
+  (the blocks' variables report it in the train log); the checkpoint
+  evaluates on one device and on a one-host batch:1,expert:4 to the same
+  numbers, and training resumes from it on one device.
+  """
+  model_dir = tmp_path / "run"
+  running = _Servers(devices=2)
+  try:
+    assert all(
+        line.endswith("with 2 CPU devices") for line in running.ready_lines
+    ), running.ready_lines
+    proc = _train(
+        corpus,
+        model_dir,
+        4,
+        "--mesh_shape=batch:2,expert:2",
+        f"--tf_servers={running.spec}",
+    )
+  finally:
+    running.stop()
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "to step 4" in proc.stdout, proc.stdout
+  assert "over 2 TF servers x 2 devices" in proc.stderr, proc.stderr[-3000:]
+  assert (
+      "4 experts in 2 blocks on /job:worker/replica:0/task:0/device:CPU:0,"
+      " /job:worker/replica:0/task:1/device:CPU:0"
+  ) in proc.stderr, proc.stderr[-3000:]
+  assert test_jax_kill_process._check_checkpoint(model_dir, 4) == 4  # pylint: disable=protected-access
+  results = _evaluate(
+      model_dir,
+      tmp_path,
+      {"one device": [], "expert:4": ["--mesh_shape=batch:1,expert:4"]},
+  )
+  _assert_same_evaluation(
+      results["expert:4"], results["one device"], step=4, rtol=1e-5
+  )
+  proc = _train(corpus, model_dir, 6)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "restored" in proc.stderr, proc.stderr[-3000:]
+  assert "(step 4)" in proc.stderr, proc.stderr[-3000:]
+  assert "to step 6" in proc.stdout, proc.stdout
 
 
 @_slow
