@@ -342,15 +342,32 @@ def test_watchdog_reports_a_closed_port_within_bound():
   assert "Connection refused" in got[0] and "\n" not in got[0]
 
 
-def test_tf_server_bad_task_index_is_one_line():
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        (
+            "--task_index=2",
+            "--task_index=2 is not one of the 2 servers of --tf_servers"
+            " (0..1)",
+        ),
+        (
+            "--devices=0",
+            "--devices=0 is not a device count; expected an int >= 1",
+        ),
+    ],
+    ids=["task_index", "devices"],
+)
+def test_tf_server_bad_flag_is_one_line(flag, message):
   env = dict(dist_testlib.scenario_env(), PYTHONPATH=dist_testlib.REPO)
+  task_index = [] if flag.startswith("--task_index") else ["--task_index=0"]
   proc = subprocess.run(
       [
           sys.executable,
           "-m",
           "moe_keras.tf_server",
           "--tf_servers=127.0.0.1:1,127.0.0.1:2",
-          "--task_index=2",
+          flag,
+          *task_index,
       ],
       cwd=dist_testlib.REPO,
       env=env,
@@ -360,8 +377,7 @@ def test_tf_server_bad_task_index_is_one_line():
   )
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
-      "moe_keras.tf_server: error: --task_index=2 is not one of the 2"
-      " servers of --tf_servers (0..1)"
+      f"moe_keras.tf_server: error: {message}"
   ), proc.stderr[-2000:]
 
 
