@@ -496,12 +496,19 @@ def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
 
 
 def _versus(row: Row, reference: Row, metric: str):
-  """(change of row's mean vs reference's in %, |diff| > 2x the larger std)."""
+  """(change of row's mean vs reference's in %, |diff| > 2x the larger std).
+
+  The second is "n<2" unless both rows have 2+ seeds: one seed has no
+  spread, and its std of 0 would call any difference significant.
+  """
   if row is reference or not reference.summaries:
     return "-", "-"
-  mean, std = mean_std(row.metric(metric))
-  ref_mean, ref_std = mean_std(reference.metric(metric))
+  values, ref_values = row.metric(metric), reference.metric(metric)
+  mean, std = mean_std(values)
+  ref_mean, ref_std = mean_std(ref_values)
   change = 100.0 * (mean - ref_mean) / ref_mean
+  if min(len(values), len(ref_values)) < 2:
+    return f"{change:+.1f}%", "n<2"
   significant = "yes" if abs(mean - ref_mean) > 2 * max(std, ref_std) else "no"
   return f"{change:+.1f}%", significant
 

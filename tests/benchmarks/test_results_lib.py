@@ -127,6 +127,23 @@ def test_results_table_second_reference_columns(tmp_path):
   assert "vs moe_4" not in plain
 
 
+def test_results_table_one_seed_is_not_called_significant(tmp_path):
+  # One seed each: a 10% difference with no measured spread is "n<2", not
+  # "yes"; two seeds of the MoE against one of dense still are.
+  _write(tmp_path, results_lib.Run("dense", 2e-3, 0, 100), 100.0, 100.0)
+  _write(tmp_path, results_lib.Run("moe", 2e-3, 0, 100), 90.0, 90.0)
+  _write(tmp_path, results_lib.Run("moe", 2e-3, 1, 100), 90.0, 90.0)
+  lrs = {"dense": 2e-3, "moe": 2e-3}
+  for seeds in ([0], [0, 1]):
+    rows = results_lib.collect_rows(
+        tmp_path, ["dense", "moe"], seeds, 100, lrs
+    )
+    table = results_lib.results_table(rows, "perplexity")
+    line = [l for l in table.splitlines() if l.startswith("| moe |")][0]
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[6:8] == ["-10.0%", "n<2"]
+
+
 def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
   lrs = {"dense": 1e-3, "moe": 1e-3}
   dense = _curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)])
