@@ -24,7 +24,7 @@ and to the client. TF_CONFIG keeps selecting MultiWorkerMirroredStrategy
 combined.
 
 A server that dies (killed, its host gone) does not fail the client's
-step: measured with TF 2.20 on 127.0.0.1, a client whose server was killed
+step: measured with TF 2.21 on 127.0.0.1, a client whose server was killed
 with SIGKILL waited in its step for 10 minutes and more (the other server
 waits for tensors that never come, and nothing times out). So the CLIs
 watch the servers (`watch_servers`): a thread connects to every server's
@@ -246,7 +246,7 @@ def _server_config():
   A tf.distribute.Server makes its devices from its own ConfigProto, not
   from the eager context: with the CPU split into 2 logical devices
   (`configure_server_devices`) but no config, a client saw one CPU per
-  server (measured, TF 2.20). So the split is passed on here.
+  server (measured, TF 2.21). So the split is passed on here.
 
   Returns:
     tf.compat.v1.ConfigProto, or None when the CPU is not split.
