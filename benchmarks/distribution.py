@@ -34,6 +34,19 @@ variable, expert vs other, and its peak RSS. Expert bytes per worker must be
 1/W of the total (else it fails). With `--memory_budget_mb` it also reports
 for each W whether one worker's variables fit that budget.
 
+Part 4 (measured, TF servers, `--part=tf_network`): bytes over the network
+per step. It starts 2 `moe_keras.tf_server`s on free 127.0.0.1 ports
+(`loopback_servers`) and a client process that builds Dense -> SparseMoE
+-> Dense on `batch:1,expert:2` over them. For each T of
+`--tf_network_tokens` and each phase (a `train_on_batch` step, then the
+forward pass alone) the client runs one warm-up call and then reads the
+bytes each TCP socket has sent (`ss -tinpH`, bytes_acked; sockets assigned
+to client/server0/server1 by pid) before and after `--tf_network_steps`
+calls. It prints per connection the measured bytes per step and per token
+next to the BUILD.md formula's prediction, the per-token slope and fixed
+part per direction (first to last T), and where the backward pass's ops
+are placed.
+
 Usage: python benchmarks/distribution.py [--repeats=5] [--tokens=4096]
        python benchmarks/distribution.py --part=memory [--memory_budget_mb=256]
        python benchmarks/distribution.py --part=tf_network --k=2 --num_experts=8
@@ -45,7 +58,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -185,8 +197,33 @@ def layer_step_ms(devices, args, expert_devices, hierarchical=False):
   )
 
 
-def model_step_ms(mesh_shape, args):
+def dense_moe_dense(dist, shape, make_moe):
+  """Dense -> MoE -> Dense on `dist`, compiled (Adam 1e-3, MSE), seed 0.
+
+  Args:
+    dist: the distribution (`make_distribution`'s); the model is built and
+      compiled in its scope and wrapped by it.
+    shape: one example's shape, (..., d).
+    make_moe: makes the MoE layer (d in, d out); called in the scope,
+      after the seed is set (its seed generator is a variable).
+
+  Returns:
+    The wrapped, compiled model.
+  """
   import keras  # pylint: disable=g-import-not-at-top
+
+  dim = shape[-1]
+  with dist.scope():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape)
+    hidden = keras.layers.Dense(dim, activation="tanh")(inputs)
+    outputs = keras.layers.Dense(dim)(make_moe()(hidden))
+    model = dist.wrap_model(keras.Model(inputs, outputs))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+  return model
+
+
+def model_step_ms(mesh_shape, args):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
@@ -195,16 +232,13 @@ def model_step_ms(mesh_shape, args):
   seq = 32
   batch = args.tokens // seq
   dist = make_distribution(mesh_shape)
-  with dist.scope():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((seq, args.dim))
-    hidden = keras.layers.Dense(args.dim, activation="tanh")(inputs)
-    hidden = SparseMoE(
-        args.num_experts, args.k, args.hidden, track_metrics=False
-    )(hidden)
-    outputs = keras.layers.Dense(args.dim)(hidden)
-    model = dist.wrap_model(keras.Model(inputs, outputs))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+  model = dense_moe_dense(
+      dist,
+      (seq, args.dim),
+      lambda: SparseMoE(
+          args.num_experts, args.k, args.hidden, track_metrics=False
+      ),
+  )
   rng = np.random.default_rng(0)
   x = rng.normal(size=(batch, seq, args.dim)).astype("float32")
   y = rng.normal(size=(batch, seq, args.dim)).astype("float32")
@@ -260,7 +294,6 @@ def memory_worker(args):
   Args:
     args: the parsed flags (memory_* sizes, memory_worker = W).
   """
-  import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
@@ -275,20 +308,18 @@ def memory_worker(args):
         f"{jax.process_count()} JAX processes joined, expected {workers}"
     )
   dim = args.memory_dim
+  model = dense_moe_dense(
+      dist,
+      (MEMORY_SEQ, dim),
+      lambda: SparseMoE(
+          args.memory_experts,
+          args.k,
+          args.memory_hidden,
+          use_bias=True,
+          track_metrics=False,
+      ),
+  )
   with dist.scope():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((MEMORY_SEQ, dim))
-    hidden = keras.layers.Dense(dim, activation="tanh")(inputs)
-    hidden = SparseMoE(
-        args.memory_experts,
-        args.k,
-        args.memory_hidden,
-        use_bias=True,
-        track_metrics=False,
-    )(hidden)
-    outputs = keras.layers.Dense(dim)(hidden)
-    model = dist.wrap_model(keras.Model(inputs, outputs))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
     rng = np.random.default_rng(0)
     batch = max(1, args.memory_tokens // MEMORY_SEQ)
     x = rng.normal(size=(batch, MEMORY_SEQ, dim)).astype("float32")
@@ -310,10 +341,19 @@ def memory_worker(args):
   print(MEMORY_ROW + json.dumps(row), flush=True)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def last_error_line(log):
+  """The last line naming an Error in a process's log file (else its last).
+
+  Args:
+    log: the file the process wrote its stderr to (read from the start).
+
+  Returns:
+    That line, stripped ("no output" for an empty log).
+  """
+  log.seek(0)
+  lines = [l for l in log.read().splitlines() if l.strip()]
+  errors = [l for l in lines if "Error" in l] or lines or ["no output"]
+  return errors[-1].strip()
 
 
 def _memory_env(workers, pid, port):
@@ -365,7 +405,9 @@ def measure_memory(args, workers):
     RuntimeError: a process failed or ran past MEMORY_TIMEOUT_S (one line
       naming it and its last output line).
   """
-  port = _free_port()
+  from moe_keras.distribution import loopback_servers  # pylint: disable=g-import-not-at-top
+
+  port = loopback_servers.free_ports(1)[0]
   procs = []
   for pid in range(workers):
     log = tempfile.TemporaryFile("w+")
@@ -400,13 +442,9 @@ def measure_memory(args, workers):
           if line.startswith(MEMORY_ROW)
       ]
       if proc.returncode != 0 or len(found) != 1:
-        log.seek(0)
-        lines = [l for l in log.read().splitlines() if l.strip()]
-        errors = [l for l in lines if "Error" in l] or lines or ["no output"]
-        last = errors[-1].strip()
         raise RuntimeError(
             f"memory measurement: process {pid} of {workers} failed (status"
-            f" {proc.returncode}): {last}"
+            f" {proc.returncode}): {last_error_line(log)}"
         )
       rows.append(found[0])
   finally:
@@ -516,6 +554,7 @@ TF_NETWORK_TOKENS = (1024, 2048)  # T, then 2T: separates per-token traffic
 TF_NETWORK_STEPS = 3  # measured training steps per size
 TF_NETWORK_TIMEOUT_S = 600  # the client, all sizes
 TF_NETWORK_ROW = "TF_NETWORK_ROW "  # a client's stdout line: prefix, JSON
+TF_NETWORK_PLACEMENT = "TF_NETWORK_PLACEMENT "  # gradient ops by device
 TF_NETWORK_MESH = "batch:1,expert:2"
 TF_NETWORK_SERVERS = 2  # E: one expert block per server
 TF_NETWORK_ROLES = ("client", "server0", "server1")
@@ -688,7 +727,6 @@ def tf_network_client(args):
   Args:
     args: the parsed flags.
   """
-  import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -700,16 +738,13 @@ def tf_network_client(args):
   roles.update({pid: f"server{i}" for i, pid in enumerate(pids)})
   dist = make_distribution(TF_NETWORK_MESH, tf_servers=args.tf_network_servers)
   d = args.dim
-  with dist.scope():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((d,))
-    hidden = keras.layers.Dense(d, activation="tanh")(inputs)
-    hidden = SparseMoE(
-        args.num_experts, args.k, args.hidden, track_metrics=False, seed=0
-    )(hidden)
-    outputs = keras.layers.Dense(d)(hidden)
-    model = dist.wrap_model(keras.Model(inputs, outputs))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+  model = dense_moe_dense(
+      dist,
+      (d,),
+      lambda: SparseMoE(
+          args.num_experts, args.k, args.hidden, track_metrics=False, seed=0
+      ),
+  )
 
   @tf.function
   def forward(x):
@@ -738,6 +773,50 @@ def tf_network_client(args):
           "result": float(np.asarray(result).reshape(-1)[0]),
       }
       print(TF_NETWORK_ROW + json.dumps(row), flush=True)
+  print(
+      TF_NETWORK_PLACEMENT
+      + json.dumps(gradient_op_devices(model, x, tf, dist)),
+      flush=True,
+  )
+
+
+def gradient_op_devices(model, x, tf, dist):
+  """Where the ops of a GradientTape step's backward pass are placed.
+
+  Traces loss = mean((model(x) - x)^2) and its gradients in a tf.function
+  and counts the graph's ops whose names contain "gradient" (those
+  GradientTape added) by requested device.
+
+  Args:
+    model: the wrapped model.
+    x: a batch.
+    tf: the tensorflow module.
+    dist: the distribution (its scope is entered).
+
+  Returns:
+    {"task I" or "none (the client's default device)": op count}.
+  """
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(tf.square(model(x, training=True) - x))
+    return tape.gradient(loss, [v.value for v in model.trainable_weights])
+
+  with dist.scope():
+    graph = step.get_concrete_function(tf.constant(x)).graph
+  counts = {}
+  for op in graph.get_operations():
+    if "gradient" not in op.name.lower():
+      continue
+    task = re.search(r"/task:(\d+)/", op.device)
+    where = (
+        f"task {task.group(1)}"
+        if task
+        else "none (the client's default device)"
+    )
+    counts[where] = counts.get(where, 0) + 1
+  return counts
 
 
 def parse_tokens(text):
@@ -823,13 +902,15 @@ def measure_tf_network(args):
         if line.startswith(TF_NETWORK_ROW)
     ]
     if proc.returncode != 0 or not rows:
-      log.seek(0)
-      lines = [l for l in log.read().splitlines() if l.strip()]
-      errors = [l for l in lines if "Error" in l] or lines or ["no output"]
       raise RuntimeError(
           f"tf_network: the client failed (status {proc.returncode}):"
-          f" {errors[-1].strip()}"
+          f" {last_error_line(log)}"
       )
+    for line in stdout.splitlines():
+      if line.startswith(TF_NETWORK_PLACEMENT):
+        placement = json.loads(line[len(TF_NETWORK_PLACEMENT):])
+        for row in rows:
+          row["gradient_ops"] = placement
     return rows
   finally:
     log.close()
@@ -894,6 +975,11 @@ def print_tf_network_table(args, rows):
           f" {got / row['tokens']:,.1f} | {want:,.0f} | {terms} |"
           f" {got / want:.3f} |"
       )
+  ops = rows[-1].get("gradient_ops", {})
+  print(
+      "\nOps a GradientTape step adds for the backward pass, by requested"
+      f" device: {', '.join(f'{w}: {c}' for w, c in sorted(ops.items()))}"
+  )
   phases = by_phase(rows)
   if len(phases["train"]) < 2:
     return
@@ -1001,22 +1087,20 @@ def main():
       "--tf_network_pids", default=None, help="tf_network_client (internal)"
   )
   args = parser.parse_args()
-  if args.part == "tf_network_client":
-    tf_network_client(args)
-    return
-  if args.part == "tf_network":
+  # Internal parts run as they are; the others end a failure with one line.
+  parts = {
+      "tf_network_client": (tf_network_client, False),
+      "tf_network": (tf_network_part, True),
+      "memory_worker": (memory_worker, False),
+      "memory": (memory_part, True),
+  }
+  if args.part in parts:
+    run, one_line = parts[args.part]
     try:
-      tf_network_part(args)
+      run(args)
     except (RuntimeError, ValueError) as e:
-      sys.exit(f"distribution.py: error: {e}")
-    return
-  if args.part == "memory_worker":
-    memory_worker(args)
-    return
-  if args.part == "memory":
-    try:
-      memory_part(args)
-    except (RuntimeError, ValueError) as e:
+      if not one_line:
+        raise
       sys.exit(f"distribution.py: error: {e}")
     return
 
