@@ -34,15 +34,30 @@ variable, expert vs other, and its peak RSS. Expert bytes per worker must be
 1/W of the total (else it fails). With `--memory_budget_mb` it also reports
 for each W whether one worker's variables fit that budget.
 
+Part 4 (measured, TF servers, `--part=tf_network`): bytes over the network
+per step. It starts 2 `moe_keras.tf_server`s on free 127.0.0.1 ports
+(`loopback_servers`) and a client process that builds Dense -> SparseMoE
+-> Dense on `batch:1,expert:2` over them. For each T of
+`--tf_network_tokens` and each phase (a `train_on_batch` step, then the
+forward pass alone) the client runs one warm-up call and then reads the
+bytes each TCP socket has sent (`ss -tinpH`, bytes_acked; sockets assigned
+to client/server0/server1 by pid) before and after `--tf_network_steps`
+calls. It prints per connection the measured bytes per step and per token
+next to the BUILD.md formula's prediction, the per-token slope and fixed
+part per direction (first to last T), and where the backward pass's ops
+are placed.
+
 Usage: python benchmarks/distribution.py [--repeats=5] [--tokens=4096]
        python benchmarks/distribution.py --part=memory [--memory_budget_mb=256]
+       python benchmarks/distribution.py --part=tf_network --k=2 --num_experts=8
 """
 
 import argparse
 import json
 import os
+import re
 import resource
-import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +66,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 NUM_DEVICES = 8
 BYTES_PER_VALUE = 4  # float32 activations
@@ -181,8 +197,33 @@ def layer_step_ms(devices, args, expert_devices, hierarchical=False):
   )
 
 
-def model_step_ms(mesh_shape, args):
+def dense_moe_dense(dist, shape, make_moe):
+  """Dense -> MoE -> Dense on `dist`, compiled (Adam 1e-3, MSE), seed 0.
+
+  Args:
+    dist: the distribution (`make_distribution`'s); the model is built and
+      compiled in its scope and wrapped by it.
+    shape: one example's shape, (..., d).
+    make_moe: makes the MoE layer (d in, d out); called in the scope,
+      after the seed is set (its seed generator is a variable).
+
+  Returns:
+    The wrapped, compiled model.
+  """
   import keras  # pylint: disable=g-import-not-at-top
+
+  dim = shape[-1]
+  with dist.scope():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape)
+    hidden = keras.layers.Dense(dim, activation="tanh")(inputs)
+    outputs = keras.layers.Dense(dim)(make_moe()(hidden))
+    model = dist.wrap_model(keras.Model(inputs, outputs))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+  return model
+
+
+def model_step_ms(mesh_shape, args):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
@@ -191,16 +232,13 @@ def model_step_ms(mesh_shape, args):
   seq = 32
   batch = args.tokens // seq
   dist = make_distribution(mesh_shape)
-  with dist.scope():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((seq, args.dim))
-    hidden = keras.layers.Dense(args.dim, activation="tanh")(inputs)
-    hidden = SparseMoE(
-        args.num_experts, args.k, args.hidden, track_metrics=False
-    )(hidden)
-    outputs = keras.layers.Dense(args.dim)(hidden)
-    model = dist.wrap_model(keras.Model(inputs, outputs))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+  model = dense_moe_dense(
+      dist,
+      (seq, args.dim),
+      lambda: SparseMoE(
+          args.num_experts, args.k, args.hidden, track_metrics=False
+      ),
+  )
   rng = np.random.default_rng(0)
   x = rng.normal(size=(batch, seq, args.dim)).astype("float32")
   y = rng.normal(size=(batch, seq, args.dim)).astype("float32")
@@ -256,7 +294,6 @@ def memory_worker(args):
   Args:
     args: the parsed flags (memory_* sizes, memory_worker = W).
   """
-  import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
@@ -271,20 +308,18 @@ def memory_worker(args):
         f"{jax.process_count()} JAX processes joined, expected {workers}"
     )
   dim = args.memory_dim
+  model = dense_moe_dense(
+      dist,
+      (MEMORY_SEQ, dim),
+      lambda: SparseMoE(
+          args.memory_experts,
+          args.k,
+          args.memory_hidden,
+          use_bias=True,
+          track_metrics=False,
+      ),
+  )
   with dist.scope():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((MEMORY_SEQ, dim))
-    hidden = keras.layers.Dense(dim, activation="tanh")(inputs)
-    hidden = SparseMoE(
-        args.memory_experts,
-        args.k,
-        args.memory_hidden,
-        use_bias=True,
-        track_metrics=False,
-    )(hidden)
-    outputs = keras.layers.Dense(dim)(hidden)
-    model = dist.wrap_model(keras.Model(inputs, outputs))
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
     rng = np.random.default_rng(0)
     batch = max(1, args.memory_tokens // MEMORY_SEQ)
     x = rng.normal(size=(batch, MEMORY_SEQ, dim)).astype("float32")
@@ -306,10 +341,19 @@ def memory_worker(args):
   print(MEMORY_ROW + json.dumps(row), flush=True)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def last_error_line(log):
+  """The last line naming an Error in a process's log file (else its last).
+
+  Args:
+    log: the file the process wrote its stderr to (read from the start).
+
+  Returns:
+    That line, stripped ("no output" for an empty log).
+  """
+  log.seek(0)
+  lines = [l for l in log.read().splitlines() if l.strip()]
+  errors = [l for l in lines if "Error" in l] or lines or ["no output"]
+  return errors[-1].strip()
 
 
 def _memory_env(workers, pid, port):
@@ -361,7 +405,9 @@ def measure_memory(args, workers):
     RuntimeError: a process failed or ran past MEMORY_TIMEOUT_S (one line
       naming it and its last output line).
   """
-  port = _free_port()
+  from moe_keras.distribution import loopback_servers  # pylint: disable=g-import-not-at-top
+
+  port = loopback_servers.free_ports(1)[0]
   procs = []
   for pid in range(workers):
     log = tempfile.TemporaryFile("w+")
@@ -396,13 +442,9 @@ def measure_memory(args, workers):
           if line.startswith(MEMORY_ROW)
       ]
       if proc.returncode != 0 or len(found) != 1:
-        log.seek(0)
-        lines = [l for l in log.read().splitlines() if l.strip()]
-        errors = [l for l in lines if "Error" in l] or lines or ["no output"]
-        last = errors[-1].strip()
         raise RuntimeError(
             f"memory measurement: process {pid} of {workers} failed (status"
-            f" {proc.returncode}): {last}"
+            f" {proc.returncode}): {last_error_line(log)}"
         )
       rows.append(found[0])
   finally:
@@ -506,6 +548,471 @@ def memory_part(args):
   return rows_by_workers
 
 
+# -- Part 4: bytes over the network per step (TF servers) ------------------
+
+TF_NETWORK_TOKENS = (1024, 2048)  # T, then 2T: separates per-token traffic
+TF_NETWORK_STEPS = 3  # measured training steps per size
+TF_NETWORK_TIMEOUT_S = 600  # the client, all sizes
+TF_NETWORK_ROW = "TF_NETWORK_ROW "  # a client's stdout line: prefix, JSON
+TF_NETWORK_PLACEMENT = "TF_NETWORK_PLACEMENT "  # gradient ops by device
+TF_NETWORK_MESH = "batch:1,expert:2"
+TF_NETWORK_SERVERS = 2  # E: one expert block per server
+TF_NETWORK_ROLES = ("client", "server0", "server1")
+# The connections of the table: (name, endpoint a, endpoint b).
+TF_NETWORK_LINKS = (
+    ("client <-> server0", "client", "server0"),
+    ("client <-> server1", "client", "server1"),
+    ("server0 <-> server1", "server0", "server1"),
+)
+_SS_PID = re.compile(r"pid=(\d+)")
+_SS_COUNTER = re.compile(r"\b(bytes_acked|bytes_received):(\d+)")
+
+
+def parse_ss(text):
+  """The TCP sockets of `ss -tinpH state established`'s output.
+
+  Args:
+    text: the output (one line per socket, then its indented info line).
+
+  Returns:
+    A list of dicts: local and peer "host:port", local_port, peer_port,
+    pid (the owning process's, None when ss shows none) and bytes_acked
+    (bytes this end sent that the peer acknowledged; 0 when ss omits it).
+  """
+  sockets = []
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    if not line[0].isspace():  # a socket: Recv-Q Send-Q local peer users
+      fields = line.split()
+      local, peer = fields[2], fields[3]
+      pid = _SS_PID.search(line)
+      sockets.append({
+          "local": local,
+          "peer": peer,
+          "local_port": int(local.rsplit(":", 1)[1]),
+          "peer_port": int(peer.rsplit(":", 1)[1]),
+          "pid": int(pid.group(1)) if pid else None,
+          "bytes_acked": 0,
+      })
+    elif sockets:
+      counters = dict(_SS_COUNTER.findall(line))
+      sockets[-1]["bytes_acked"] = int(counters.get("bytes_acked", 0))
+  return sockets
+
+
+def directed_bytes(sockets, roles):
+  """Bytes sent between processes, by direction.
+
+  Args:
+    sockets: `parse_ss` rows (both ends of a loopback connection appear).
+    roles: {pid: name} of the processes of interest.
+
+  Returns:
+    {(sender name, receiver name): bytes}, summed over the connections
+    whose both ends belong to `roles`. Each end counts what it sent
+    (bytes_acked), so each connection is counted once per direction.
+  """
+  port_owner = {
+      s["local_port"]: s["pid"] for s in sockets if s["pid"] in roles
+  }
+  sent = {}
+  for s in sockets:
+    receiver = port_owner.get(s["peer_port"])
+    if s["pid"] not in roles or receiver not in roles:
+      continue
+    key = (roles[s["pid"]], roles[receiver])
+    sent[key] = sent.get(key, 0) + s["bytes_acked"]
+  return sent
+
+
+def snapshot_bytes(roles):
+  """`directed_bytes` of the established TCP sockets now (runs ss).
+
+  Raises:
+    RuntimeError: ss is missing or fails (one line).
+  """
+  try:
+    out = subprocess.run(
+        ["ss", "-tinpH", "state", "established"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise RuntimeError(f"cannot run ss (iproute2): {e}") from None
+  return directed_bytes(parse_ss(out), roles)
+
+
+def dense_values(d, n):
+  """Values of the variables replicated from server 0 (all but experts).
+
+  Dense(d) in, the gate's W_g and W_noise [d, n], Dense(d) out.
+  """
+  return 2 * (d * d + d) + 2 * d * n
+
+
+def predicted_bytes(tokens, d, n, k, phase):
+  """The BUILD.md formula's bytes per step per connection, with terms.
+
+  Args:
+    tokens: T, tokens in the step's batch (T/2 per replica).
+    d: model dim (the MoE's input and output).
+    n: experts (for the gate's weights).
+    k: experts per token.
+    phase: "train" (forward, backward, Adam) or "forward" (the forward
+      pass alone, training=True).
+
+  Returns:
+    {link name: (bytes, terms as text)} for TF_NETWORK_LINKS.
+  """
+  s = BYTES_PER_VALUE
+  cross = (TF_NETWORK_SERVERS - 1) / TF_NETWORK_SERVERS
+  passes = 2 if phase == "train" else 1  # the backward repeats the rows
+  tokens_bytes = passes * 2 * k * d * s * cross * tokens
+  dense = passes * dense_values(d, n) * s  # weights there (gradients back)
+  half = tokens / TF_NETWORK_SERVERS
+  if phase == "train":  # x and y halves to the replicas, the loss back
+    client, client_terms = half * 2 * d * s, "x, y halves: T/2·2·d·s"
+  else:  # x halves to the replicas, their outputs back
+    client, client_terms = half * 2 * d * s, "x half, output: T/2·2·d·s"
+  return {
+      "client <-> server0": (client, client_terms),
+      "client <-> server1": (client, client_terms),
+      "server0 <-> server1": (
+          tokens_bytes + dense,
+          f"tokens {passes}·2·k·d·s·(E−1)/E·T = {tokens_bytes:,.0f}"
+          f" + dense {passes}·\\|θ_dense\\|·s = {dense:,}",
+      ),
+  }
+
+
+def _measured_steps(fn, roles, steps):
+  """Bytes each process sent to each other per call of `fn`, and seconds.
+
+  Args:
+    fn: one step (already warmed up).
+    roles: {pid: name}, `snapshot_bytes`'s.
+    steps: how many calls to average over.
+
+  Returns:
+    ({"a->b": bytes per step}, seconds per step, fn's last result).
+  """
+  before = snapshot_bytes(roles)
+  start = time.perf_counter()
+  for _ in range(steps):
+    result = fn()
+  seconds = (time.perf_counter() - start) / steps
+  after = snapshot_bytes(roles)
+  sent = {
+      f"{a}->{b}": (after.get((a, b), 0) - before.get((a, b), 0)) / steps
+      for a in TF_NETWORK_ROLES
+      for b in TF_NETWORK_ROLES
+      if a != b
+  }
+  return sent, seconds, result
+
+
+def tf_network_client(args):
+  """The client of a network measurement: builds, warms up, steps, reports.
+
+  Connects to the servers of --tf_network_servers on TF_NETWORK_MESH,
+  builds Dense -> SparseMoE (noisy top-k, dropless) -> Dense, and for
+  each T of --tf_network_tokens and each phase (a training step, then the
+  forward pass alone) runs one warm-up call (tracing and registering the
+  functions on the servers), snapshots the bytes per TCP connection
+  (`snapshot_bytes`), runs --tf_network_steps calls, snapshots again and
+  prints one TF_NETWORK_ROW line.
+
+  Args:
+    args: the parsed flags.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+
+  pids = [int(p) for p in args.tf_network_pids.split(",")]
+  roles = {os.getpid(): "client"}
+  roles.update({pid: f"server{i}" for i, pid in enumerate(pids)})
+  dist = make_distribution(TF_NETWORK_MESH, tf_servers=args.tf_network_servers)
+  d = args.dim
+  model = dense_moe_dense(
+      dist,
+      (d,),
+      lambda: SparseMoE(
+          args.num_experts, args.k, args.hidden, track_metrics=False, seed=0
+      ),
+  )
+
+  @tf.function
+  def forward(x):
+    return tf.reduce_sum(model(x, training=True))
+
+  rng = np.random.default_rng(0)
+  for tokens in parse_tokens(args.tf_network_tokens):
+    x = rng.normal(size=(tokens, d)).astype("float32")
+    y = rng.normal(size=(tokens, d)).astype("float32")
+    phases = (
+        ("train", lambda: model.train_on_batch(x, y)),
+        ("forward", lambda: forward(x).numpy()),
+    )
+    for phase, fn in phases:
+      with dist.scope():
+        fn()  # warm-up: traces, sends the graphs to the servers
+        sent, seconds, result = _measured_steps(
+            fn, roles, args.tf_network_steps
+        )
+      row = {
+          "tokens": tokens,
+          "phase": phase,
+          "steps": args.tf_network_steps,
+          "step_s": seconds,
+          "sent_per_step": sent,
+          "result": float(np.asarray(result).reshape(-1)[0]),
+      }
+      print(TF_NETWORK_ROW + json.dumps(row), flush=True)
+  print(
+      TF_NETWORK_PLACEMENT
+      + json.dumps(gradient_op_devices(model, x, tf, dist)),
+      flush=True,
+  )
+
+
+def gradient_op_devices(model, x, tf, dist):
+  """Where the ops of a GradientTape step's backward pass are placed.
+
+  Traces loss = mean((model(x) - x)^2) and its gradients in a tf.function
+  and counts the graph's ops whose names contain "gradient" (those
+  GradientTape added) by requested device.
+
+  Args:
+    model: the wrapped model.
+    x: a batch.
+    tf: the tensorflow module.
+    dist: the distribution (its scope is entered).
+
+  Returns:
+    {"task I" or "none (the client's default device)": op count}.
+  """
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(tf.square(model(x, training=True) - x))
+    return tape.gradient(loss, [v.value for v in model.trainable_weights])
+
+  with dist.scope():
+    graph = step.get_concrete_function(tf.constant(x)).graph
+  counts = {}
+  for op in graph.get_operations():
+    if "gradient" not in op.name.lower():
+      continue
+    task = re.search(r"/task:(\d+)/", op.device)
+    where = (
+        f"task {task.group(1)}"
+        if task
+        else "none (the client's default device)"
+    )
+    counts[where] = counts.get(where, 0) + 1
+  return counts
+
+
+def parse_tokens(text):
+  """The token counts of --tf_network_tokens ("1024,2048").
+
+  Raises:
+    ValueError: not positive even integers (one line).
+  """
+  try:
+    tokens = [int(t) for t in text.split(",")]
+  except ValueError:
+    tokens = []
+  if not tokens or any(t < 2 or t % 2 for t in tokens):
+    raise ValueError(
+        f"--tf_network_tokens must be even integers >= 2 (each replica gets"
+        f" half), got {text!r}"
+    )
+  return tokens
+
+
+def measure_tf_network(args):
+  """Starts 2 TF servers and the client; returns the client's rows.
+
+  Args:
+    args: the parsed flags (dim, hidden, num_experts, k, tf_network_*).
+
+  Returns:
+    The `tf_network_client` rows (dicts), one per token count.
+
+  Raises:
+    RuntimeError: ss missing, the client failing or running past
+      TF_NETWORK_TIMEOUT_S (one line).
+    ValueError: a bad option (one line).
+  """
+  parse_tokens(args.tf_network_tokens)
+  if args.tf_network_steps < 1:
+    raise ValueError(
+        f"--tf_network_steps must be >= 1, got {args.tf_network_steps}"
+    )
+  if shutil.which("ss") is None:
+    raise RuntimeError("ss (iproute2) is not installed; cannot count bytes")
+  from moe_keras.distribution import loopback_servers  # pylint: disable=g-import-not-at-top
+
+  env = dict(os.environ, KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="")
+  env.pop("TF_CONFIG", None)
+  env["PYTHONPATH"] = REPO
+  servers = loopback_servers.LoopbackServers(
+      count=TF_NETWORK_SERVERS, env=env, cwd=REPO
+  )
+  log = tempfile.TemporaryFile("w+")
+  try:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--part=tf_network_client",
+            f"--tf_network_servers={servers.spec}",
+            f"--tf_network_pids={','.join(str(p.pid) for p in servers.procs)}",
+            f"--tf_network_tokens={args.tf_network_tokens}",
+            f"--tf_network_steps={args.tf_network_steps}",
+            f"--dim={args.dim}",
+            f"--hidden={args.hidden}",
+            f"--num_experts={args.num_experts}",
+            f"--k={args.k}",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+      stdout, _ = proc.communicate(timeout=TF_NETWORK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+      raise RuntimeError(
+          f"tf_network: the client ran past {TF_NETWORK_TIMEOUT_S} s"
+      ) from None
+    rows = [
+        json.loads(line[len(TF_NETWORK_ROW):])
+        for line in stdout.splitlines()
+        if line.startswith(TF_NETWORK_ROW)
+    ]
+    if proc.returncode != 0 or not rows:
+      raise RuntimeError(
+          f"tf_network: the client failed (status {proc.returncode}):"
+          f" {last_error_line(log)}"
+      )
+    for line in stdout.splitlines():
+      if line.startswith(TF_NETWORK_PLACEMENT):
+        placement = json.loads(line[len(TF_NETWORK_PLACEMENT):])
+        for row in rows:
+          row["gradient_ops"] = placement
+    return rows
+  finally:
+    log.close()
+    servers.stop()
+
+
+def link_bytes(row, a, b):
+  """Bytes per step both ways between processes `a` and `b` of a row."""
+  sent = row["sent_per_step"]
+  return sent[f"{a}->{b}"] + sent[f"{b}->{a}"]
+
+
+def per_token_slope(rows, a, b):
+  """Bytes per extra token between `a` and `b`: first to last token count.
+
+  Args:
+    rows: one phase's rows, by increasing T.
+    a: one process ("client", "server0", "server1").
+    b: the other.
+
+  Returns:
+    The difference of their bytes per step over the difference of T: the
+    fixed part of a step (weights, gradients, control) cancels.
+  """
+  first, last = rows[0], rows[-1]
+  return (link_bytes(last, a, b) - link_bytes(first, a, b)) / (
+      last["tokens"] - first["tokens"]
+  )
+
+
+def by_phase(rows):
+  """{phase: its rows in order} of the client's rows."""
+  phases = {}
+  for row in rows:
+    phases.setdefault(row["phase"], []).append(row)
+  return phases
+
+
+def print_tf_network_table(args, rows):
+  """Prints measured vs predicted bytes per step per connection."""
+  d, n, k = args.dim, args.num_experts, args.k
+  print(
+      f"\nMeasured bytes per step over TCP (ss bytes_acked, both"
+      f" directions), TensorFlow, 2 TF servers on 127.0.0.1 (one CPU each),"
+      f" client on {TF_NETWORK_MESH}, Dense -> SparseMoE(n={n}, k={k},"
+      f" d={d}, h={args.hidden}, noisy top-k, dropless) -> Dense, float32;"
+      f" train: `train_on_batch` (Adam), forward: `model(x, training=True)`;"
+      f" mean of {rows[0]['steps']} steps after a warm-up step:\n"
+  )
+  print(
+      "| phase | T | connection | measured bytes/step | measured bytes/token"
+      " | predicted bytes/step | predicted terms | measured/predicted |"
+  )
+  print("|---|---:|---|---:|---:|---:|---|---:|")
+  for row in rows:
+    predicted = predicted_bytes(row["tokens"], d, n, k, row["phase"])
+    for name, a, b in TF_NETWORK_LINKS:
+      got = link_bytes(row, a, b)
+      want, terms = predicted[name]
+      print(
+          f"| {row['phase']} | {row['tokens']} | {name} | {got:,.0f} |"
+          f" {got / row['tokens']:,.1f} | {want:,.0f} | {terms} |"
+          f" {got / want:.3f} |"
+      )
+  ops = rows[-1].get("gradient_ops", {})
+  print(
+      "\nOps a GradientTape step adds for the backward pass, by requested"
+      f" device: {', '.join(f'{w}: {c}' for w, c in sorted(ops.items()))}"
+  )
+  phases = by_phase(rows)
+  if len(phases["train"]) < 2:
+    return
+  print(
+      "\nPer-token part (bytes per extra token from the first T to the last)"
+      " by direction, and the fixed part (bytes/step at the first T minus"
+      " slope x T):\n"
+  )
+  print(
+      "| phase | from -> to | bytes/token (slope) | values of d per token |"
+      " fixed bytes/step |"
+  )
+  print("|---|---|---:|---:|---:|")
+  for phase, phase_rows in phases.items():
+    first, last = phase_rows[0], phase_rows[-1]
+    for key in first["sent_per_step"]:
+      slope = (last["sent_per_step"][key] - first["sent_per_step"][key]) / (
+          last["tokens"] - first["tokens"]
+      )
+      fixed = first["sent_per_step"][key] - slope * first["tokens"]
+      print(
+          f"| {phase} | {key} | {slope:,.1f} |"
+          f" {slope / (d * BYTES_PER_VALUE):.2f} | {fixed:,.0f} |"
+      )
+
+
+def tf_network_part(args):
+  """Part 4: measures and prints the bytes per step per connection."""
+  rows = measure_tf_network(args)
+  print_tf_network_table(args, rows)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=5)
@@ -520,11 +1027,14 @@ def main():
   )
   parser.add_argument(
       "--part",
-      choices=("steps", "memory", "memory_worker"),
+      choices=("steps", "memory", "memory_worker", "tf_network",
+               "tf_network_client"),
       default="steps",
       help="steps: parts 1 and 2 (bytes per token, step times, TF);"
       " memory: part 3 (memory per JAX worker); memory_worker: one of its"
-      " processes (internal)",
+      " processes (internal); tf_network: part 4 (bytes per step between"
+      " 2 TF servers and the client); tf_network_client: its client"
+      " (internal)",
   )
   parser.add_argument(
       "--memory_workers",
@@ -558,14 +1068,39 @@ def main():
       default=None,
       help="memory_worker: W of the measurement it belongs to (internal)",
   )
+  parser.add_argument(
+      "--tf_network_tokens",
+      default=",".join(map(str, TF_NETWORK_TOKENS)),
+      help="tf_network: tokens per step T, comma-separated (first to last"
+      " gives the per-token slope)",
+  )
+  parser.add_argument(
+      "--tf_network_steps",
+      type=int,
+      default=TF_NETWORK_STEPS,
+      help="tf_network: measured steps per T",
+  )
+  parser.add_argument(
+      "--tf_network_servers", default=None, help="tf_network_client (internal)"
+  )
+  parser.add_argument(
+      "--tf_network_pids", default=None, help="tf_network_client (internal)"
+  )
   args = parser.parse_args()
-  if args.part == "memory_worker":
-    memory_worker(args)
-    return
-  if args.part == "memory":
+  # Internal parts run as they are; the others end a failure with one line.
+  parts = {
+      "tf_network_client": (tf_network_client, False),
+      "tf_network": (tf_network_part, True),
+      "memory_worker": (memory_worker, False),
+      "memory": (memory_part, True),
+  }
+  if args.part in parts:
+    run, one_line = parts[args.part]
     try:
-      memory_part(args)
+      run(args)
     except (RuntimeError, ValueError) as e:
+      if not one_line:
+        raise
       sys.exit(f"distribution.py: error: {e}")
     return
 

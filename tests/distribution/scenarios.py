@@ -16,7 +16,6 @@ training steps against the single-device layer on the same global batch.
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -697,15 +696,9 @@ def _hier_mesh(devices):
 
 
 def _free_ports(count):
-  socks = []
-  for _ in range(count):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-  ports = [s.getsockname()[1] for s in socks]
-  for s in socks:
-    s.close()
-  return ports
+  from moe_keras.distribution import loopback_servers  # pylint: disable=g-import-not-at-top
+
+  return loopback_servers.free_ports(count)
 
 
 def wait_processes(procs, timeout, what="worker"):

@@ -26,7 +26,6 @@ always.
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import scenarios
 import test_jax_kill_process
 import test_train_cli_mesh
 
+from moe_keras.distribution import loopback_servers
 from moe_keras.distribution import tf_cluster
 
 SLOW = os.environ.get("MOE_KERAS_SLOW_TESTS") == "1"
@@ -53,75 +53,15 @@ SERVER_START_TIMEOUT_S = 180
 KILL_BOUND_S = 30
 
 
-class _Servers:
-  """TF servers on free loopback ports; `stop` kills them.
-
-  Args:
-    count: the number of servers.
-    devices: each server's --devices (None: not given, one CPU device).
-  """
-
-  def __init__(self, count=2, devices=None):
-    ports = scenarios._free_ports(count)  # pylint: disable=protected-access
-    self.addresses = [f"127.0.0.1:{p}" for p in ports]
-    self.spec = ",".join(self.addresses)
-    self.devices = devices
-    self.procs = [None] * count
-    self.ready_lines = [None] * count
-    # Started together (each start of TensorFlow takes 10-30 s).
-    waits = [self._launch(index) for index in range(count)]
-    for index, ready in enumerate(waits):
-      self._wait(index, ready)
-
-  def start(self, index):
-    """Starts server `index` and waits until it serves."""
-    self._wait(index, self._launch(index))
-
-  def _launch(self, index):
-    """Starts server `index`; returns the Event set once it serves."""
-    env = dict(dist_testlib.scenario_env(), PYTHONPATH=dist_testlib.REPO)
-    devices = [] if self.devices is None else [f"--devices={self.devices}"]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "moe_keras.tf_server",
-            f"--tf_servers={self.spec}",
-            f"--task_index={index}",
-            *devices,
-        ],
-        cwd=dist_testlib.REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    self.procs[index] = proc
-    ready = threading.Event()
-
-    def read():
-      for line in proc.stdout:
-        if "serving at" in line:
-          self.ready_lines[index] = line.strip()
-          ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    return ready
-
-  def _wait(self, index, ready):
-    if not ready.wait(SERVER_START_TIMEOUT_S):
-      self.stop()
-      raise AssertionError(f"TF server {index} did not start")
-
-  def kill(self, index):
-    self.procs[index].send_signal(signal.SIGKILL)
-    self.procs[index].wait(30)
-
-  def stop(self):
-    for proc in self.procs:
-      if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
+def _Servers(count=2, devices=None):  # pylint: disable=invalid-name
+  """TF servers on free loopback ports (`loopback_servers`), test env."""
+  return loopback_servers.LoopbackServers(
+      count=count,
+      devices=devices,
+      env=dict(dist_testlib.scenario_env(), PYTHONPATH=dist_testlib.REPO),
+      cwd=dist_testlib.REPO,
+      start_timeout_s=SERVER_START_TIMEOUT_S,
+  )
 
 
 @pytest.fixture(scope="module")
