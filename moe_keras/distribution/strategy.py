@@ -148,12 +148,40 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
   load_weights delegate to it), so checkpoints do not depend on the mesh.
   """
 
-  def __init__(self, inner, mesh, **kwargs):
+  def __init__(self, inner, mesh, step_device=None, **kwargs):
+    """Wraps `inner` for `mesh`.
+
+    Args:
+      inner: the keras.Model each replica runs.
+      mesh: the Mesh.
+      step_device: the device the train/test step's unplaced ops (the
+        gradient ops GradientTape adds, the loss, metrics, gradient sums)
+        run on. None: the enclosing scope's (one host: (0, 0), set by
+        `Distribution.scope`). TF servers: device (0, 0), which that scope
+        cannot set there because it would also move the client's tf.data
+        ops to the server.
+      **kwargs: keras.Model's.
+    """
     super().__init__(name=kwargs.pop("name", f"{inner.name}_mesh"), **kwargs)
     self.inner = inner
     self.mesh = mesh
+    self.step_device = step_device
     if inner.built:
       self.built = True
+
+  def _on_step_device(self, step, data):
+    if self.step_device is None:
+      return step(data)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    with tf.device(self.step_device):
+      return step(data)
+
+  def train_step(self, data):
+    return self._on_step_device(super().train_step, data)
+
+  def test_step(self, data):
+    return self._on_step_device(super().test_step, data)
 
   def call(self, inputs, training=None):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -269,7 +297,10 @@ class Distribution:
     if self.kind in ("multi_worker", "tf_servers") or (
         self.kind == "in_graph" and self.mesh.num_devices > 1
     ):
-      return MeshDataParallel(model, self.mesh)
+      step_device = None
+      if self.kind == "tf_servers":
+        step_device = self.mesh.device(0, 0)
+      return MeshDataParallel(model, self.mesh, step_device=step_device)
     return model
 
   @staticmethod
