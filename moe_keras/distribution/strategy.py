@@ -178,7 +178,47 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
       return step(data)
 
   def train_step(self, data):
-    return self._on_step_device(super().train_step, data)
+    """Keras's TF train_step; with a step device, gradients by `tf.gradients`.
+
+    GradientTape gives the gradient ops it adds no device, so on TF servers
+    replica r's backward pass and the sum of a variable's gradients over
+    the replicas ran on the step device (measured with
+    `benchmarks/distribution.py --part=tf_network`). In a graph,
+    `tf.gradients` (TF2) colocates each gradient op with its forward op:
+    replica r's backward runs on its device, and a variable's gradient is
+    summed where the variable's read is, on the variable's device.
+
+    Args:
+      data: the batch, (x, y, sample_weight) or a prefix of it.
+
+    Returns:
+      The metrics' results, as Keras's train_step.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    if self.step_device is None or tf.executing_eagerly():
+      return self._on_step_device(super().train_step, data)
+    from keras.src import tree  # pylint: disable=g-import-not-at-top
+    from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
+
+    with tf.device(self.step_device):
+      x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+      y_pred = self(x, training=True)
+      loss = self._compute_loss(
+          x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+      )
+      self._loss_tracker.update_state(
+          loss_module.unscale_loss_for_distribution(loss),
+          sample_weight=tf.shape(
+              next(i for i in tree.flatten(x) if i is not None)
+          )[0],
+      )
+      if self.optimizer is not None:
+        loss = self.optimizer.scale_loss(loss)
+      weights = self.trainable_weights
+      gradients = tf.gradients(loss, [w.value for w in weights])
+      self.optimizer.apply_gradients(zip(gradients, weights))
+      return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
   def test_step(self, data):
     return self._on_step_device(super().test_step, data)
