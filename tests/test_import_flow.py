@@ -16,7 +16,7 @@ ROOTS = ("moe_keras", "data_pipelines", "eval")
 # "moe_keras.__init__" is the package's own __init__.py only).
 TIERS = (
     ("moe_keras.train", "moe_keras.evaluate", "moe_keras.decode",
-     "moe_keras.export"),
+     "moe_keras.export", "moe_keras.tf_server"),
     ("moe_keras.cli_common",),
     ("moe_keras.experiment",),
     ("moe_keras.tasks",),
