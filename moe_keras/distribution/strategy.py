@@ -154,12 +154,13 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
     Args:
       inner: the keras.Model each replica runs.
       mesh: the Mesh.
-      step_device: the device the train/test step's unplaced ops (the
-        gradient ops GradientTape adds, the loss, metrics, gradient sums)
-        run on. None: the enclosing scope's (one host: (0, 0), set by
-        `Distribution.scope`). TF servers: device (0, 0), which that scope
-        cannot set there because it would also move the client's tf.data
-        ops to the server.
+      step_device: the device the train/test step's unplaced ops (loss,
+        metrics, optimizer) run on; with it, a graph train step takes its
+        gradients from `tf.gradients`, colocated with their forward ops
+        (`train_step`). None: Keras's step, on the enclosing scope's device
+        (one host: (0, 0), set by `Distribution.scope`). TF servers: device
+        (0, 0), which that scope cannot set there because it would also
+        move the client's tf.data ops to the server.
       **kwargs: keras.Model's.
     """
     super().__init__(name=kwargs.pop("name", f"{inner.name}_mesh"), **kwargs)
