@@ -49,7 +49,13 @@ flags.DEFINE_list(
     " balancing losses). The first is the baseline.",
 )
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the table.")
-flags.DEFINE_integer("train_steps", 1000, "Steps of every run.")
+flags.DEFINE_integer("train_steps", 1000, "Steps of every table run.")
+flags.DEFINE_integer(
+    "sweep_steps",
+    None,
+    "Steps of the rate sweep's runs (default: --train_steps); longer table"
+    " runs take the rates chosen at this length.",
+)
 flags.DEFINE_integer(
     "steps_per_eval", 200, "Checkpoint + dev evaluation period (the curve)."
 )
@@ -71,8 +77,12 @@ flags.DEFINE_enum(
     ["all", "sweep", "grid", "table"],
     "sweep: the rate sweep; grid: the table's runs; all: both; table: print.",
 )
-flags.DEFINE_string("output_dir", None, "Model dirs (default ~/moe_keras_runs/lm_<corpus>).")
-flags.DEFINE_string("results_dir", None, "Summaries (default results/lm_<corpus>).")
+flags.DEFINE_string(
+    "output_dir", None, "Model dirs (default ~/moe_keras_runs/lm_<corpus>)."
+)
+flags.DEFINE_string(
+    "results_dir", None, "Summaries (default results/lm_<corpus>)."
+)
 flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
 
 
@@ -110,6 +120,7 @@ def _main():
       results_lib.REPO, "results", f"lm_{corpus.name}"
   )
   steps = FLAGS.train_steps
+  sweep_steps = FLAGS.sweep_steps or steps
 
   def execute(run):
     summary = results_lib.execute(
@@ -134,14 +145,24 @@ def _main():
     )
 
   rates = results_lib.run_procedure(
-      FLAGS.mode, configs, sweep_configs, seeds, lrs, steps, results_dir,
-      execute, lr_from=FLAGS.lr_from,
+      FLAGS.mode,
+      configs,
+      sweep_configs,
+      seeds,
+      lrs,
+      steps,
+      results_dir,
+      execute,
+      lr_from=FLAGS.lr_from,
+      sweep_steps=sweep_steps,
   )
 
   print()
-  print(f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps} steps,"
-        " final dev perplexity)")
-  print(results_lib.sweep_table(results_dir, sweep_configs, lrs, steps))
+  print(
+      f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {sweep_steps}"
+      " steps, final dev perplexity)"
+  )
+  print(results_lib.sweep_table(results_dir, sweep_configs, lrs, sweep_steps))
   rows = results_lib.collect_rows(results_dir, configs, seeds, steps, rates)
   counts = _counts(corpus, configs)
   print()
@@ -170,7 +191,7 @@ def _main():
       for config in sweep_configs:
         summary = results_lib.load_summary(
             results_dir,
-            results_lib.Run(config, lr, results_lib.SWEEP_SEED, steps),
+            results_lib.Run(config, lr, results_lib.SWEEP_SEED, sweep_steps),
         )
         if summary is not None:
           swept.append(results_lib.Row(config, lr, [summary]))
@@ -182,7 +203,13 @@ def _main():
   print("## Time to the baseline's quality")
   print(results_lib.time_to_quality_table(rows))
   plots = results_lib.write_plots(
-      rows, results_dir, FLAGS.corpus, sweep_configs, lrs, steps
+      rows,
+      results_dir,
+      FLAGS.corpus,
+      sweep_configs,
+      lrs,
+      steps,
+      sweep_steps=sweep_steps,
   )
   print()
   print("plots: " + ", ".join(plots))

@@ -44,15 +44,25 @@ flags.DEFINE_list(
     " baseline.",
 )
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the table.")
-flags.DEFINE_integer("train_steps", 2000, "Steps of every run.")
+flags.DEFINE_integer("train_steps", 2000, "Steps of every table run.")
+flags.DEFINE_integer(
+    "sweep_steps",
+    None,
+    "Steps of the rate sweep's runs (default: --train_steps); longer table"
+    " runs take the rates chosen at this length.",
+)
 flags.DEFINE_integer("steps_per_eval", 250, "Checkpoint + dev period.")
 flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Swept peak rates.")
-flags.DEFINE_list(
-    "sweep_configs", None, "Configs swept (default: --configs)."
+flags.DEFINE_list("sweep_configs", None, "Configs swept (default: --configs).")
+flags.DEFINE_enum(
+    "mode", "all", ["all", "sweep", "grid", "table"], "What to do."
 )
-flags.DEFINE_enum("mode", "all", ["all", "sweep", "grid", "table"], "What to do.")
-flags.DEFINE_string("output_dir", None, "Model dirs (default ~/moe_keras_runs/mt_<corpus>).")
-flags.DEFINE_string("results_dir", None, "Summaries (default results/mt_<corpus>).")
+flags.DEFINE_string(
+    "output_dir", None, "Model dirs (default ~/moe_keras_runs/mt_<corpus>)."
+)
+flags.DEFINE_string(
+    "results_dir", None, "Summaries (default results/mt_<corpus>)."
+)
 flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
 
 
@@ -75,6 +85,7 @@ def _main():
   seeds = [int(s) for s in FLAGS.seeds]
   lrs = [float(x) for x in FLAGS.lrs]
   steps = FLAGS.train_steps
+  sweep_steps = FLAGS.sweep_steps or steps
   output_dir = os.path.expanduser(
       FLAGS.output_dir or f"~/moe_keras_runs/mt_{corpus.name}"
   )
@@ -100,12 +111,22 @@ def _main():
     )
 
   rates = results_lib.run_procedure(
-      FLAGS.mode, configs, sweep_configs, seeds, lrs, steps, results_dir,
+      FLAGS.mode,
+      configs,
+      sweep_configs,
+      seeds,
+      lrs,
+      steps,
+      results_dir,
       execute,
+      sweep_steps=sweep_steps,
   )
 
-  print(f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps} steps)")
-  print(results_lib.sweep_table(results_dir, sweep_configs, lrs, steps))
+  print(
+      f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED},"
+      f" {sweep_steps} steps)"
+  )
+  print(results_lib.sweep_table(results_dir, sweep_configs, lrs, sweep_steps))
   rows = results_lib.collect_rows(results_dir, configs, seeds, steps, rates)
   for metric in ("bleu", "tokenized_bleu", "perplexity"):
     print()
@@ -115,7 +136,13 @@ def _main():
   print("## Time to the baseline's dev perplexity")
   print(results_lib.time_to_quality_table(rows))
   plots = results_lib.write_plots(
-      rows, results_dir, FLAGS.corpus, sweep_configs, lrs, steps
+      rows,
+      results_dir,
+      FLAGS.corpus,
+      sweep_configs,
+      lrs,
+      steps,
+      sweep_steps=sweep_steps,
   )
   print("plots: " + ", ".join(plots))
 

@@ -169,12 +169,27 @@ def code_version() -> str:
   try:
     commit = subprocess.run(
         ["git", "rev-parse", "--short=12", "HEAD"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "--",
-         "moe_keras", "data_pipelines", "eval", "gin"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        [
+            "git",
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "moe_keras",
+            "data_pipelines",
+            "eval",
+            "gin",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
@@ -353,8 +368,16 @@ def rates_for(configs, choice, lr_from=None) -> Dict[str, float]:
 
 
 def run_procedure(
-    mode, configs, sweep_configs, seeds, lrs, steps, results_dir, execute,
+    mode,
+    configs,
+    sweep_configs,
+    seeds,
+    lrs,
+    steps,
+    results_dir,
+    execute,
     lr_from=None,
+    sweep_steps=None,
 ) -> Dict[str, float]:
   """Steps 1 and 2 of the module docstring; returns the table's rates.
 
@@ -364,10 +387,14 @@ def run_procedure(
     sweep_configs: the configs whose rate is swept.
     seeds: the table's seeds.
     lrs: the swept rates.
-    steps: every run's steps.
+    steps: every grid run's steps.
     results_dir: where summaries and lr_choice.json are.
     execute: Run -> None, trains/evaluates (or skips) one run.
     lr_from: the swept config whose rate unswept configs take.
+    sweep_steps: the sweep runs' steps (None: `steps`). Longer grid runs
+      than sweep runs take the rates chosen at the sweep's length (the
+      schedules do not depend on the run's length, so a longer run passes
+      through the swept one).
 
   Returns:
     {config: rate} for the configs that have one.
@@ -375,12 +402,15 @@ def run_procedure(
   Raises:
     GridError: a grid run of a config without a chosen rate.
   """
+  sweep_steps = sweep_steps or steps
   if mode in ("all", "sweep"):
-    for run in sweep_runs(sweep_configs, lrs, steps):
+    for run in sweep_runs(sweep_configs, lrs, sweep_steps):
       execute(run)
     write_lr_choice(
-        results_dir, choose_lrs(results_dir, sweep_configs, lrs, steps),
-        lrs, steps,
+        results_dir,
+        choose_lrs(results_dir, sweep_configs, lrs, sweep_steps),
+        lrs,
+        sweep_steps,
     )
   rates = rates_for(configs, read_lr_choice(results_dir), lr_from)
   if mode in ("all", "grid"):
@@ -538,7 +568,8 @@ def results_table(
       f"| config | lr | seeds | test {metric} mean | std | min-max |"
       " vs baseline | > 2x std |" + extra_head + " dev ppl | steps | tokens |"
       " train wall clock |",
-      "|---|---:|---:|---:|---:|---:|---:|---|" + extra_rule
+      "|---|---:|---:|---:|---:|---:|---:|---|"
+      + extra_rule
       + "---:|---:|---:|---:|",
   ]
   for row in rows:
@@ -717,7 +748,11 @@ def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
       low = [p["dev_min"] for p in curve]
       high = [p["dev_max"] for p in curve]
       (line,) = ax.plot(
-          xs, mean, marker="o", ms=3, label=f"{row.config} (n={len(row.summaries)})"
+          xs,
+          mean,
+          marker="o",
+          ms=3,
+          label=f"{row.config} (n={len(row.summaries)})",
       )
       ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(label)
@@ -735,17 +770,43 @@ def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
   return written
 
 
-def write_plots(rows, results_dir, corpus_name, sweep_configs, lrs, steps):
-  """The sweep's and the table's curve PNGs; returns their repo paths."""
+def write_plots(
+    rows,
+    results_dir,
+    corpus_name,
+    sweep_configs,
+    lrs,
+    steps,
+    sweep_steps=None,
+):
+  """The sweep's and the table's curve PNGs; returns their repo paths.
+
+  Args:
+    rows: the table's rows (`collect_rows`).
+    results_dir: where the PNGs go.
+    corpus_name: for the titles.
+    sweep_configs: the swept configs.
+    lrs: the swept rates.
+    steps: the table's runs' steps.
+    sweep_steps: the sweep runs' steps (None: `steps`). When it differs,
+      the table's plots are `curves_<steps>steps_*.png`, so grids of two
+      lengths in one results_dir keep their own plots.
+
+  Returns:
+    The written PNGs' paths relative to the repository.
+  """
+  sweep_steps = sweep_steps or steps
   plots = plot_curves(
-      sweep_rows(results_dir, sweep_configs, lrs, steps),
+      sweep_rows(results_dir, sweep_configs, lrs, sweep_steps),
       os.path.join(results_dir, "curves_sweep"),
       f"{corpus_name}: dev perplexity of the rate sweep (seed {SWEEP_SEED})",
   )
+  suffix = "" if steps == sweep_steps else f"_{steps}steps"
   plots += plot_curves(
       rows,
-      os.path.join(results_dir, "curves"),
-      f"{corpus_name}: dev perplexity, mean over seeds (range shaded)",
+      os.path.join(results_dir, f"curves{suffix}"),
+      f"{corpus_name}: dev perplexity, mean over seeds (range shaded),"
+      f" {steps} steps",
   )
   return [os.path.relpath(p, REPO) for p in plots]
 

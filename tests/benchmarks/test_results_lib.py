@@ -50,8 +50,13 @@ def test_mean_std_is_the_sample_std():
 
 
 def test_first_crossing_interpolates_linearly():
-  curve = _curve([(1, 100.0, 10.0, 300.0), (2, 200.0, 20.0, 200.0),
-                  (3, 300.0, 30.0, 100.0)])
+  curve = _curve(
+      [
+          (1, 100.0, 10.0, 300.0),
+          (2, 200.0, 20.0, 200.0),
+          (3, 300.0, 30.0, 100.0),
+      ]
+  )
   # 150 lies halfway between 200 (x=200) and 100 (x=300): x = 250.
   assert results_lib.first_crossing(curve, 150.0, "tokens") == 250.0
   assert results_lib.first_crossing(curve, 150.0, "train_seconds") == 25.0
@@ -113,8 +118,10 @@ def test_results_table_second_reference_columns(tmp_path):
   cells = [c.strip() for c in lines["moe_32"].split("|")[1:-1]]
   # vs dense: (151 - 172) / 172; vs moe_4: (151 - 161) / 161, |10| > 2 * 1.
   assert cells[6:10] == [
-      f"{100 * (151.0 - 172.0) / 172.0:+.1f}%", "yes",
-      f"{100 * (151.0 - 161.0) / 161.0:+.1f}%", "yes",
+      f"{100 * (151.0 - 172.0) / 172.0:+.1f}%",
+      "yes",
+      f"{100 * (151.0 - 161.0) / 161.0:+.1f}%",
+      "yes",
   ]
   cells = [c.strip() for c in lines["moe_4"].split("|")[1:-1]]
   assert cells[8:10] == ["-", "-"]
@@ -135,9 +142,7 @@ def test_results_table_one_seed_is_not_called_significant(tmp_path):
   _write(tmp_path, results_lib.Run("moe", 2e-3, 1, 100), 90.0, 90.0)
   lrs = {"dense": 2e-3, "moe": 2e-3}
   for seeds in ([0], [0, 1]):
-    rows = results_lib.collect_rows(
-        tmp_path, ["dense", "moe"], seeds, 100, lrs
-    )
+    rows = results_lib.collect_rows(tmp_path, ["dense", "moe"], seeds, 100, lrs)
     table = results_lib.results_table(rows, "perplexity")
     line = [l for l in table.splitlines() if l.startswith("| moe |")][0]
     cells = [c.strip() for c in line.split("|")[1:-1]]
@@ -192,13 +197,21 @@ def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
 
 def test_mean_curve_averages_the_seeds_at_common_steps():
   a = {"curve": _curve([(1, 10.0, 1.0, 300.0), (2, 20.0, 2.0, 200.0)])}
-  b = {"curve": _curve([(1, 12.0, 3.0, 100.0), (2, 22.0, 4.0, 100.0),
-                        (3, 30.0, 5.0, 90.0)])}
+  b = {
+      "curve": _curve(
+          [(1, 12.0, 3.0, 100.0), (2, 22.0, 4.0, 100.0), (3, 30.0, 5.0, 90.0)]
+      )
+  }
   curve = results_lib.mean_curve([a, b])
   assert [p["step"] for p in curve] == [1, 2]
-  assert curve[0] == {"step": 1, "tokens": 11.0, "train_seconds": 2.0,
-                      "dev_perplexity": 200.0, "dev_min": 100.0,
-                      "dev_max": 300.0}
+  assert curve[0] == {
+      "step": 1,
+      "tokens": 11.0,
+      "train_seconds": 2.0,
+      "dev_perplexity": 200.0,
+      "dev_min": 100.0,
+      "dev_max": 300.0,
+  }
 
 
 def test_bad_grid_is_one_line(tmp_path):
@@ -231,18 +244,82 @@ def test_run_bindings_set_steps_seed_rate_and_variant():
 def test_rates_for_variants_and_unswept_configs():
   choice = {"dense": 1e-3, "moe_256": 4e-3}
   rates = results_lib.rates_for(
-      ["dense", "moe_256@nobalance", "moe_1024_h", "other"], choice,
+      ["dense", "moe_256@nobalance", "moe_1024_h", "other"],
+      choice,
       lr_from="moe_256",
   )
   assert rates == {
-      "dense": 1e-3, "moe_256@nobalance": 4e-3, "moe_1024_h": 4e-3,
+      "dense": 1e-3,
+      "moe_256@nobalance": 4e-3,
+      "moe_1024_h": 4e-3,
       "other": 4e-3,
   }
   assert results_lib.rates_for(["x"], choice) == {}
 
 
 def test_grid_without_a_chosen_rate_is_one_line(tmp_path):
-  with pytest.raises(results_lib.GridError, match=r"no chosen rate for \['a'\]"):
+  with pytest.raises(
+      results_lib.GridError, match=r"no chosen rate for \['a'\]"
+  ):
     results_lib.run_procedure(
         "grid", ["a"], ["a"], [0], [1e-3], 10, tmp_path, execute=print
     )
+
+
+def test_longer_grid_takes_the_rate_chosen_at_the_sweeps_length(tmp_path):
+  lrs = [1e-3, 2e-3]
+  seed = results_lib.SWEEP_SEED
+  executed = []
+
+  def execute(run):
+    executed.append(run)
+    if run.seed == seed:  # the sweep: 2e-3 wins for "a", 1e-3 for "b"
+      dev = {("a", 1e-3): 90.0, ("a", 2e-3): 80.0}.get(
+          (run.config, run.lr), 70.0 if run.lr == 1e-3 else 75.0
+      )
+      _write(tmp_path, run, dev, dev)
+
+  rates = results_lib.run_procedure(
+      "all",
+      ["a", "b", "b@nobalance"],
+      ["a", "b"],
+      [0, 1],
+      lrs,
+      400,
+      tmp_path,
+      execute,
+      sweep_steps=100,
+  )
+  assert rates == {"a": 2e-3, "b": 1e-3, "b@nobalance": 1e-3}
+  sweep = [r for r in executed if r.seed == seed]
+  grid = [r for r in executed if r.seed != seed]
+  assert {r.steps for r in sweep} == {100} and len(sweep) == 4
+  assert [(r.config, r.lr, r.seed, r.steps) for r in grid] == [
+      ("a", 2e-3, 0, 400),
+      ("b", 1e-3, 0, 400),
+      ("b@nobalance", 1e-3, 0, 400),
+      ("a", 2e-3, 1, 400),
+      ("b", 1e-3, 1, 400),
+      ("b@nobalance", 1e-3, 1, 400),
+  ]
+  with open(os.path.join(tmp_path, results_lib.LR_CHOICE_FILE)) as f:
+    assert json.load(f)["steps"] == 100
+
+
+def test_plots_of_a_longer_grid_do_not_replace_the_sweep_lengths(tmp_path):
+  curve = _curve([(100, 1e5, 10.0, 200.0), (400, 4e5, 40.0, 150.0)])
+  _write(tmp_path, results_lib.Run("a", 1e-3, 0, 400), 150.0, 151.0, curve)
+  rows = results_lib.collect_rows(tmp_path, ["a"], [0], 400, {"a": 1e-3})
+  long_plots = results_lib.write_plots(
+      rows, str(tmp_path), "c", ["a"], [1e-3], 400, sweep_steps=100
+  )
+  names = sorted(os.path.basename(p) for p in long_plots)
+  assert names == [
+      "curves_400steps_tokens.png",
+      "curves_400steps_wallclock.png",
+  ]
+  same = results_lib.write_plots(rows, str(tmp_path), "c", ["a"], [1e-3], 400)
+  assert sorted(os.path.basename(p) for p in same) == [
+      "curves_tokens.png",
+      "curves_wallclock.png",
+  ]
