@@ -657,11 +657,12 @@ def predicted_bytes(tokens, d, n, k, phase):
 
   Args:
     tokens: T, tokens in the step's batch (T/2 per replica).
-    d: model dim (the MoE's input and output).
+    d: model dim (the MoE's input and output, and the model's output).
     n: experts (for the gate's weights).
     k: experts per token.
-    phase: "train" (forward, backward, Adam) or "forward" (the forward
-      pass alone, training=True).
+    phase: "train" (`train_on_batch`: forward, backward, Adam; the step's
+      loss on server 0) or "forward" (the forward pass alone,
+      training=True, its sum on the client).
 
   Returns:
     {link name: (bytes, terms as text)} for TF_NETWORK_LINKS.
@@ -672,18 +673,31 @@ def predicted_bytes(tokens, d, n, k, phase):
   tokens_bytes = passes * 2 * k * d * s * cross * tokens
   dense = passes * dense_values(d, n) * s  # weights there (gradients back)
   half = tokens / TF_NETWORK_SERVERS
-  if phase == "train":  # x and y halves to the replicas, the loss back
-    client, client_terms = half * 2 * d * s, "x, y halves: T/2·2·d·s"
-  else:  # x halves to the replicas, their outputs back
-    client, client_terms = half * 2 * d * s, "x half, output: T/2·2·d·s"
+  servers = (
+      f"tokens {passes}·2·k·d·s·(E−1)/E·T = {tokens_bytes:,.0f}"
+      f" + dense {passes}·\\|θ_dense\\|·s = {dense:,}"
+  )
+  if phase == "train":
+    # The batch is split on the client: each replica's x half goes to its
+    # server; y goes whole to server 0, where the loss is. Replica 1's
+    # output goes to server 0 for the loss and its gradient comes back.
+    outputs = 2 * d * s * cross * tokens
+    return {
+        "client <-> server0": (
+            half * d * s + tokens * d * s, "x half, y: T/2·d·s + T·d·s"
+        ),
+        "client <-> server1": (half * d * s, "x half: T/2·d·s"),
+        "server0 <-> server1": (
+            tokens_bytes + outputs + dense,
+            f"{servers} + loss input 2·d·s·(E−1)/E·T = {outputs:,.0f}",
+        ),
+    }
+  # The forward: x halves to the replicas, their outputs back.
+  client, client_terms = half * 2 * d * s, "x half, output: T/2·2·d·s"
   return {
       "client <-> server0": (client, client_terms),
       "client <-> server1": (client, client_terms),
-      "server0 <-> server1": (
-          tokens_bytes + dense,
-          f"tokens {passes}·2·k·d·s·(E−1)/E·T = {tokens_bytes:,.0f}"
-          f" + dense {passes}·\\|θ_dense\\|·s = {dense:,}",
-      ),
+      "server0 <-> server1": (tokens_bytes + dense, servers),
   }
 
 

@@ -9,7 +9,9 @@ copies every expert's gradient and moments across devices. Measured here
 with Keras 3.15.1: all slots on CPU:0 after `fit` on an 8-device mesh.
 
 `colocate_slots(optimizer)` fixes both the slot placement and the update
-ops (placed with `tf.device(variable.device)`), for any Keras optimizer.
+ops (placed with `tf.device(variable.device)`), for any Keras optimizer,
+and skips Keras's all-reduce of the gradients when one replica is in sync
+(an identity whose one op took every gradient to the step's device).
 It also saves the slots of sharded expert blocks as the unsharded optimizer
 would (full [n, ...] arrays at the same indices), so a checkpoint with
 optimizer state restores on any mesh.
@@ -118,6 +120,30 @@ class ColocateSlotsMixin:
 
     with tf.device(_device_of(variable)):
       return super().update_step(gradient, variable, learning_rate)
+
+  def _all_reduce_sum_gradients(self, grads_and_vars):
+    """Keras's all-reduce of the gradients, skipped for one replica.
+
+    Keras all-reduces the gradients in every replica context, including
+    the default strategy's single replica, where the sum is the gradient
+    itself. That all-reduce is a custom gradient whose one IdentityN takes
+    every gradient, on the current device: the step device. Each expert
+    block's gradient then went to that device and back to the block's
+    device for the update (on TF servers one block's bytes each way per
+    step, measured with `benchmarks/distribution.py --part=tf_network`).
+
+    Args:
+      grads_and_vars: list of (gradient, variable) pairs.
+
+    Returns:
+      The pairs unchanged with one replica in sync, else Keras's result.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+      return list(grads_and_vars)
+    return super()._all_reduce_sum_gradients(grads_and_vars)
 
 
 def _device_of(variable):

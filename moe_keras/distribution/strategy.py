@@ -128,6 +128,36 @@ def _variables_on(device):
     yield
 
 
+def _capture_on_their_devices(variables):
+  """Captures each variable's handle into the graph being traced, on its device.
+
+  `tf.gradients` sums a variable's gradients over its reads (one read per
+  replica) in an op colocated with the variable's handle, the placeholder
+  that captures the handle into the function graph. That placeholder takes
+  the device scope it was captured in; captured outside any scope it has
+  none, the colocation does not survive the function's conversion, and the
+  sum ran on the function's default device: on TF servers the client
+  (measured, `benchmarks/distribution.py --part=tf_network`: every dense
+  gradient went from both servers to the client and the sum back to server
+  0). Captured here first, under the variable's device, the sum runs
+  there. Eager execution and variables already captured: no-op.
+
+  Args:
+    variables: tf.Variables (or anything with a `handle`).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  graph = tf.compat.v1.get_default_graph()
+  if tf.executing_eagerly() or not hasattr(graph, "capture"):
+    return
+  for variable in variables:
+    handle = getattr(variable, "handle", None)
+    if handle is None:
+      continue
+    with tf.device(variable.device):
+      graph.capture(handle)
+
+
 class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
   """Runs `inner` once per mesh device on a slice of the batch (TF).
 
@@ -157,7 +187,9 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
       step_device: the device the train/test step's unplaced ops (loss,
         metrics, optimizer) run on; with it, a graph train step takes its
         gradients from `tf.gradients`, colocated with their forward ops
-        (`train_step`). None: Keras's step, on the enclosing scope's device
+        (`train_step`), and the batch is split and its size taken without
+        a device, where the batch is (on TF servers the client). None:
+        Keras's step, on the enclosing scope's device
         (one host: (0, 0), set by `Distribution.scope`). TF servers: device
         (0, 0), which that scope cannot set there because it would also
         move the client's tf.data ops to the server.
@@ -186,8 +218,10 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
     the replicas ran on the step device (measured with
     `benchmarks/distribution.py --part=tf_network`). In a graph,
     `tf.gradients` (TF2) colocates each gradient op with its forward op:
-    replica r's backward runs on its device, and a variable's gradient is
-    summed where the variable's read is, on the variable's device.
+    replica r's backward runs on its device. A variable's gradient is
+    summed over the replicas next to the variable's captured handle, which
+    is captured first, on the variable's device
+    (`_capture_on_their_devices`), so the sum runs there too.
 
     Args:
       data: the batch, (x, y, sample_weight) or a prefix of it.
@@ -199,9 +233,10 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
 
     if self.step_device is None or tf.executing_eagerly():
       return self._on_step_device(super().train_step, data)
-    from keras.src import tree  # pylint: disable=g-import-not-at-top
     from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
 
+    weights = self.trainable_weights
+    _capture_on_their_devices([w.value for w in weights])
     with tf.device(self.step_device):
       x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
       y_pred = self(x, training=True)
@@ -210,28 +245,80 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
       )
       self._loss_tracker.update_state(
           loss_module.unscale_loss_for_distribution(loss),
-          sample_weight=tf.shape(
-              next(i for i in tree.flatten(x) if i is not None)
-          )[0],
+          sample_weight=self._logged_batch_size(x),
       )
       if self.optimizer is not None:
         loss = self.optimizer.scale_loss(loss)
-      weights = self.trainable_weights
       gradients = tf.gradients(loss, [w.value for w in weights])
       self.optimizer.apply_gradients(zip(gradients, weights))
       return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
   def test_step(self, data):
-    return self._on_step_device(super().test_step, data)
+    """Keras's TF test_step; with a step device, the batch size on the client.
+
+    Args:
+      data: the batch, (x, y, sample_weight) or a prefix of it.
+
+    Returns:
+      The metrics' results, as Keras's test_step.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    if self.step_device is None or tf.executing_eagerly():
+      return self._on_step_device(super().test_step, data)
+    from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
+
+    with tf.device(self.step_device):
+      x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+      y_pred = self(x, training=False)
+      loss = self._compute_loss(
+          x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+      )
+      self._loss_tracker.update_state(
+          loss_module.unscale_loss_for_distribution(loss),
+          sample_weight=self._logged_batch_size(x),
+      )
+      return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+  def _logged_batch_size(self, x):
+    """The batch size that weights the logged means, computed where x is.
+
+    Under the step device a Shape op of a batch whose size is not static
+    (batches after the first shape: Keras retraces with a relaxed shape)
+    would pull all of x from the client to the step device's server
+    (measured: the whole x, 2 MB at T = 2048, with `--part=tf_network`).
+    With a step device it runs unplaced, on the client, where x is.
+
+    Args:
+      x: the model's inputs.
+
+    Returns:
+      A scalar (int or int32 tensor), or None when x has no tensor.
+    """
+    if self.step_device is None:
+      return super()._logged_batch_size(x)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    with tf.device(None):
+      return super()._logged_batch_size(x)
 
   def call(self, inputs, training=None):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     num = self.mesh.num_devices
     flat = tf.nest.flatten(inputs)
-    batch = tf.shape(flat[0])[0]
-    sizes = tf.stack([(batch + num - 1 - r) // num for r in range(num)])
-    splits = [tf.split(t, sizes, num=num, axis=0) for t in flat]
+    # With a step device (TF servers) the batch is split where it is, on
+    # the client, so each replica's slice goes straight to its server
+    # rather than through the step device's server.
+    where = (
+        contextlib.nullcontext()
+        if self.step_device is None
+        else tf.device(None)
+    )
+    with where:
+      batch = tf.shape(flat[0])[0]
+      sizes = tf.stack([(batch + num - 1 - r) // num for r in range(num)])
+      splits = [tf.split(t, sizes, num=num, axis=0) for t in flat]
     outputs = []
     with sharded_experts.global_balance_scope() as balance:
       for r in range(num):

@@ -112,6 +112,11 @@ class TaskLossMixin:
       return metrics
     return list(trackers.values()) + metrics
 
+  def _logged_batch_size(self, x):
+    """The rows of x's first tensor (weights the logged means), or None."""
+    inputs = [t for t in keras.tree.flatten(x) if t is not None]
+    return ops.shape(inputs[0])[0] if inputs else None
+
   def compute_loss(
       self, x=None, y=None, y_pred=None, sample_weight=None, training=True
   ):
@@ -142,8 +147,7 @@ class TaskLossMixin:
       values = split_aux_losses(self, extra)
       if task is not None:
         values[TASK_LOSS] = task
-      inputs = [t for t in keras.tree.flatten(x) if t is not None]
-      batch = ops.shape(inputs[0])[0] if inputs else None
+      batch = self._logged_batch_size(x)
       for name, tracker in trackers.items():
         value = values.get(name, ops.zeros((), "float32"))
         tracker.update_state(

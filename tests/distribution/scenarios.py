@@ -566,6 +566,101 @@ def scenario_train_step():
     )
 
 
+def _requested_device(ops_by_name, op):
+  """op's device, else the device of the op it is colocated with, else ''."""
+  if op.device:
+    return op.device
+  for group in op.colocation_groups():
+    other = ops_by_name.get(group.decode()[len("loc:@"):])
+    if other is not None and other is not op and other.device:
+      return other.device
+  return ""
+
+
+def scenario_step_device():
+  """MeshDataParallel(step_device=...) (the TF servers' step) on 1x8 here.
+
+  Two Adam steps equal one device's. In the traced train step no tensor of
+  an expert block's shape (its weights, gradients, Adam updates) leaves
+  the block's device, every gradient op has a device (the sum of a
+  variable's gradients over the replicas runs on the variable's device,
+  not on the function's default device), and the batch is split by ops
+  without a device (where the batch is: on TF servers the client).
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+  from moe_keras.distribution import strategy  # pylint: disable=g-import-not-at-top
+
+  setup_tf_devices()
+  x, y = tiny_data()
+  init = os.path.join(tempfile.mkdtemp(), "init.weights.h5")
+  _, single = build_on("")
+  single.save_weights(init)
+  dist = make_distribution("batch:1,expert:8")
+  with dist.scope():
+    model = strategy.MeshDataParallel(
+        tiny_model(), dist.mesh, step_device=dist.mesh.device(0, 0)
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+  model.load_weights(init)
+  for m in (single, model):
+    build_slots_traced(m)
+  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+  h1 = single.fit(x, y, **kwargs).history["loss"]
+  h2 = model.fit(x, y, **kwargs).history["loss"]
+  check_close("step_device 1x8 step losses", h2, h1)
+  inner = dist.unwrap(model)
+  shards = inner.layers[2]._expert_shards  # pylint: disable=protected-access
+  for name in ("expert_kernel_1", "expert_kernel_2"):
+    w = [v for v in single.weights if v.path.endswith(name)][0]
+    check_close(f"weight {w.path}", shards.full_value(name), w.numpy())
+
+  graph = (
+      tf.function(model.train_step)
+      .get_concrete_function((tf.constant(x), tf.constant(y)))
+      .graph
+  )
+  ops_by_name = {op.name: op for op in graph.get_operations()}
+  block_shapes = {
+      tuple(v.shape) for vs in shards.blocks.values() for v in vs
+  }
+  crossing = []
+  for op in graph.get_operations():
+    here = _short(_requested_device(ops_by_name, op))
+    for t in op.inputs:
+      there = _short(_requested_device(ops_by_name, t.op))
+      if (
+          t.dtype.is_floating
+          and tuple(t.shape) in block_shapes
+          and here
+          and there
+          and here != there
+      ):
+        crossing.append((t.name, there, op.name, here))
+  assert not crossing, crossing
+  unplaced = [
+      op.name
+      for op in graph.get_operations()
+      if op.name.startswith("gradients/")
+      and not _requested_device(ops_by_name, op)
+  ]
+  assert not unplaced, unplaced
+  inputs = {t.name for t in graph.inputs}
+  splits = [
+      op
+      for op in graph.get_operations()
+      if op.type == "SplitV" and op.inputs[0].name in inputs
+  ]
+  assert len(splits) == 1, [op.name for op in splits]  # x (y is whole)
+  assert all(not op.device for op in splits), [op.device for op in splits]
+  print(
+      "ok step_device: no expert block tensor crosses devices, every"
+      f" gradient op placed, batch split unplaced ({len(splits)} splits)"
+  )
+
+
 def scenario_reshard():
   """Save on a 2x4 mesh; restore on 1 device, 1x8 and 4x2.
 
@@ -1287,6 +1382,7 @@ SCENARIOS = {
     "train_step": scenario_train_step,
     "hier_mesh": scenario_hier_mesh,
     "reshard": scenario_reshard,
+    "step_device": scenario_step_device,
     "multi_worker": scenario_multi_worker,
     "worker": scenario_worker,
     "jax_mesh": scenario_jax_mesh,

@@ -18,6 +18,7 @@ SCENARIO_OF = {
     "test_train_step_2x4_equals_single_device": "train_step",
     "test_hierarchical_model_on_mesh_equals_single_device": "hier_mesh",
     "test_resharding_checkpoint": "reshard",
+    "test_step_device_keeps_gradients_on_their_devices": "step_device",
 }
 
 
@@ -61,3 +62,13 @@ def test_resharding_checkpoint(scenarios):
   """Saved on batch:2,expert:4; restored on 1 device, 1x8 and 4x2."""
   out = scenarios.output("reshard")
   assert "restored on 'batch:4,expert:2' outputs" in out
+
+
+def test_step_device_keeps_gradients_on_their_devices(scenarios):
+  """The TF servers' step (`step_device`) on 1x8: two Adam steps equal one
+  device's; in its graph no expert block's weights, gradients or updates
+  leave the block's device (Keras's all-reduce of one replica is skipped),
+  every gradient op has a device (a variable's sum over the replicas on
+  its device), and the batch is split where it is (no device)."""
+  out = scenarios.output("step_device")
+  assert "ok step_device: no expert block tensor crosses devices" in out
