@@ -1,9 +1,13 @@
 """`import moe_keras` selects TF's BFC CPU allocator when it still can.
 
 Real subprocesses: TensorFlow reads TF_CPU_ALLOCATOR_USE_BFC once per process,
-when its context starts, so each case needs a fresh interpreter. Whether BFC
-is in use is read from TensorFlow itself: only the BFC allocator keeps the
-statistics of `tf.config.experimental.get_memory_info("CPU:0")`.
+when its context starts, so each case needs a fresh interpreter. Whether that
+BFC allocator is in use is read from TensorFlow itself: its allocator
+constructor logs (VLOG 1 of bfc_allocator.cc) the name of every BFC allocator
+it creates, and the one TF_CPU_ALLOCATOR_USE_BFC selects is
+"bfc_cpu_allocator_for_gpu" (TensorFlow's name for it). Memory statistics
+cannot tell: where oneDNN is on, TensorFlow's default CPU allocator is a
+pooling allocator of its own ("mklcpu") that keeps them too.
 """
 
 import os
@@ -16,23 +20,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VAR = "TF_CPU_ALLOCATOR_USE_BFC"
 WARNING_TEXT = "moe_keras: TensorFlow started before `import moe_keras`"
 
+BFC_LOG = "Creating new BFCAllocator named: bfc_cpu_allocator_for_gpu"
 REPORT = """
 import os
 import tensorflow as tf
 tf.ones([4]).numpy()
-try:
-  tf.config.experimental.get_memory_info("CPU:0")
-  bfc = True
-except ValueError:
-  bfc = False
-print("RESULT", os.environ.get("{var}"), bfc)
+print("RESULT", os.environ.get("{var}"))
 """.format(var=VAR)
 
 
 def _run(code, env_value=None):
-  """Runs `code` in a fresh interpreter; returns (RESULT fields, stderr)."""
+  """Runs `code` in a fresh interpreter.
+
+  Args:
+    code: Python source; it runs REPORT last.
+    env_value: TF_CPU_ALLOCATOR_USE_BFC for the child (None: unset).
+
+  Returns:
+    ([the variable's value at the end, "True"/"False": the BFC allocator of
+    TF_CPU_ALLOCATOR_USE_BFC was created], stderr).
+  """
   env = {k: v for k, v in os.environ.items() if k != VAR}
-  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "0"
+  env["TF_CPP_VMODULE"] = "bfc_allocator=1"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   if env_value is not None:
     env[VAR] = env_value
@@ -48,7 +58,7 @@ def _run(code, env_value=None):
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert len(lines) == 1, proc.stdout
-  return lines[0].split()[1:], proc.stderr
+  return lines[0].split()[1:] + [str(BFC_LOG in proc.stderr)], proc.stderr
 
 
 def _warning_lines(stderr):
