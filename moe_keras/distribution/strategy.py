@@ -233,19 +233,11 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
 
     if self.step_device is None or tf.executing_eagerly():
       return self._on_step_device(super().train_step, data)
-    from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
-
     weights = self.trainable_weights
     _capture_on_their_devices([w.value for w in weights])
     with tf.device(self.step_device):
-      x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-      y_pred = self(x, training=True)
-      loss = self._compute_loss(
-          x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-      )
-      self._loss_tracker.update_state(
-          loss_module.unscale_loss_for_distribution(loss),
-          sample_weight=self._logged_batch_size(x),
+      x, y, y_pred, sample_weight, loss = self._forward_and_loss(
+          data, training=True
       )
       if self.optimizer is not None:
         loss = self.optimizer.scale_loss(loss)
@@ -266,19 +258,34 @@ class MeshDataParallel(task_model.TaskLossMixin, keras.Model):
 
     if self.step_device is None or tf.executing_eagerly():
       return self._on_step_device(super().test_step, data)
-    from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
-
     with tf.device(self.step_device):
-      x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-      y_pred = self(x, training=False)
-      loss = self._compute_loss(
-          x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
-      )
-      self._loss_tracker.update_state(
-          loss_module.unscale_loss_for_distribution(loss),
-          sample_weight=self._logged_batch_size(x),
+      x, y, y_pred, sample_weight, _ = self._forward_and_loss(
+          data, training=False
       )
       return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+  def _forward_and_loss(self, data, training):
+    """The forward pass, the loss and its tracker, as Keras's TF steps.
+
+    Args:
+      data: the batch, (x, y, sample_weight) or a prefix of it.
+      training: bool, the forward pass's mode.
+
+    Returns:
+      (x, y, y_pred, sample_weight, loss), loss the unscaled scalar.
+    """
+    from keras.src.losses import loss as loss_module  # pylint: disable=g-import-not-at-top
+
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    y_pred = self(x, training=training)
+    loss = self._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+    )
+    self._loss_tracker.update_state(
+        loss_module.unscale_loss_for_distribution(loss),
+        sample_weight=self._logged_batch_size(x),
+    )
+    return x, y, y_pred, sample_weight, loss
 
   def _logged_batch_size(self, x):
     """The batch size that weights the logged means, computed where x is.
