@@ -49,12 +49,15 @@ flags.DEFINE_list(
     " balancing losses). The first is the baseline.",
 )
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the table.")
-flags.DEFINE_integer("train_steps", 1000, "Steps of every table run.")
+flags.DEFINE_integer(
+    "train_steps", 1000, "Steps of every table run.", lower_bound=1
+)
 flags.DEFINE_integer(
     "sweep_steps",
     None,
     "Steps of the rate sweep's runs (default: --train_steps); longer table"
     " runs take the rates chosen at this length.",
+    lower_bound=1,
 )
 flags.DEFINE_integer(
     "steps_per_eval", 200, "Checkpoint + dev evaluation period (the curve)."

@@ -44,12 +44,15 @@ flags.DEFINE_list(
     " baseline.",
 )
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the table.")
-flags.DEFINE_integer("train_steps", 2000, "Steps of every table run.")
+flags.DEFINE_integer(
+    "train_steps", 2000, "Steps of every table run.", lower_bound=1
+)
 flags.DEFINE_integer(
     "sweep_steps",
     None,
     "Steps of the rate sweep's runs (default: --train_steps); longer table"
     " runs take the rates chosen at this length.",
+    lower_bound=1,
 )
 flags.DEFINE_integer("steps_per_eval", 250, "Checkpoint + dev period.")
 flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Swept peak rates.")
