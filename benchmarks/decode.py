@@ -8,9 +8,24 @@ Without --model_dir each config's model is built with random weights (no
 corpus needed) and decodes `--sentences` random sources of
 `--source_length` wordpieces into exactly `--target_length` pieces (the
 [END] logit is masked, so every sentence has the same length and configs
-compare at equal work). With --model_dir the trained model translates the
-lines of --input_file through the same `Translator` that decode / export use
-(tokenization included), and lengths are the model's own.
+compare at equal work). The search runs in full (log-softmax, argmax or
+beam top-k, beam bookkeeping), but the decoder is fed random previous tokens
+(a fixed table, one per row and step) instead of its own picks: a
+random-weight decoder's greedy output collapses to two alternating tokens,
+and MoE inputs that nearly repeat make the batchwise thresholds admit about
+15 of 32 experts per token instead of k = 4 (3.7x the ops the configs are
+compared at). With diverse inputs, as a trained model's, the thresholds
+fitted by `randomize_gates` route about k; the table's "experts/token"
+column is that number measured on one decoded batch (the decoder MoE), so
+"equal ops per timestep" is checked, not assumed. With --model_dir the
+trained model translates the lines of --input_file through the same
+`Translator` that decode / export use (tokenization included), its own
+picks and lengths.
+
+Settings (config x search, and their SavedModel round trips) are timed in
+`--rounds` alternating rounds, each decoding all `--sentences`; the table
+gives the median sentences/s, its min-max, and each round's ratio to the
+first config's same search in the same round (min-max over rounds).
 
 `--saved_model` also times each random-weight decoder after a
 `tf.saved_model` round trip (saved to a temporary directory, loaded back,
@@ -47,11 +62,24 @@ from moe_keras.tasks import mt_task  # pylint: disable=g-import-not-at-top
 
 END_ID = 3
 START_ID = 2
+BEAMS = (1, 4)
 
 
-def _random_model_decoder(model, beam_size, target_length):
-  """tf.function: source ids [B, S] -> ids, with [END] masked out."""
+def _random_model_decoder(model, beam_size, target_length, forced_ids):
+  """tf.function: source ids [B, S] -> ids, with [END] masked out.
+
+  Args:
+    model: a random-weight GNMT training model.
+    beam_size: 1 (greedy) or the beam width.
+    target_length: decoding steps.
+    forced_ids: int32 [R, target_length], R >= B * beam_size: the previous
+      token fed to the decoder at each row and step (module doc).
+
+  Returns:
+    The tf.function.
+  """
   layers = gnmt.layers_of(model)
+  forced = tf.constant(forced_ids, tf.int32)
 
   @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
   def run(source):
@@ -67,7 +95,9 @@ def _random_model_decoder(model, beam_size, target_length):
     no_end = tf.one_hot(END_ID, vocab, on_value=-1e9, off_value=0.0)
 
     def step_fn(ids, state, t):
-      del t
+      # The search's own pick (ids) is replaced by the table's token, the
+      # same cost: one [rows] gather.
+      ids = tf.where(t > 0, forced[: tf.shape(ids)[0], t - 1], ids)
       logits, state, _ = layers.decode_step(ids, state, encoded)
       return tf.nn.log_softmax(logits + no_end), state
 
@@ -87,10 +117,52 @@ def _random_model_decoder(model, beam_size, target_length):
         eos_id=END_ID,
     )["ids"][:, 0]
 
+  run.search = search
   return run
 
 
-def randomize_gates(model, source, seed=0):
+def decoder_experts_per_token(model, run, source):
+  """Experts the decoder MoE routes per token while `run` decodes `source`.
+
+  Runs the search eagerly once, records the decoder MoE's inputs and applies
+  its gating in numpy: batchwise gating at inference routes expert i when
+  softmax(x W_g)_i > T_i (eq. 19); top-k gating routes k.
+
+  Args:
+    model: the GNMT training model `run` decodes with.
+    run: a `_random_model_decoder` function.
+    source: int32 [B, S].
+
+  Returns:
+    float, mean routed experts per decoded token; None without a flat
+    decoder MoE.
+  """
+  moe = getattr(gnmt.layers_of(model), "decoder_moe", None)
+  if moe is None or not hasattr(moe, "w_gate"):
+    return None
+  if getattr(moe, "gating", "") != "batchwise":
+    return float(moe.k)
+  seen = []
+  call = moe.call
+
+  def recording_call(x, *args, **kwargs):
+    seen.append(np.asarray(x).reshape(-1, x.shape[-1]))
+    return call(x, *args, **kwargs)
+
+  moe.call = recording_call
+  try:
+    with mt_task.moe_stats_detached(model):
+      run.search(tf.constant(source))
+  finally:
+    del moe.call
+  x = np.concatenate(seen)
+  logits = x @ np.asarray(moe.w_gate)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return float(np.mean(np.sum(probs > np.asarray(moe.thresholds), axis=1)))
+
+
+def randomize_gates(model, source, target_in, seed=0):
   """Random gating weights, and batchwise thresholds fitted to them.
 
   Freshly built MoE layers have W_g = 0 (the paper's initialization): every
@@ -98,8 +170,15 @@ def randomize_gates(model, source, seed=0):
   expert at inference. For a speed measurement that looks like a trained
   model, W_g is drawn at random and each batchwise threshold T_i is set to
   the m-th largest gate value of expert i over the MoE's inputs for
-  `source` (m = k N / n, eq. 18), so inference routes about k experts per
-  token as trained thresholds would (eq. 19).
+  `source` and teacher-forced `target_in` (m = k N / n, eq. 18), so
+  inference on such inputs routes about k experts per token as trained
+  thresholds would (eq. 19).
+
+  Args:
+    model: the GNMT training model (its MoE layers are changed in place).
+    source: int32 [B, S] source ids.
+    target_in: int32 [B, T] decoder inputs, [START] first.
+    seed: of W_g.
   """
   from eval import expert_stats  # pylint: disable=g-import-not-at-top
 
@@ -113,8 +192,6 @@ def randomize_gates(model, source, seed=0):
   batchwise = [l for l in layers if getattr(l, "gating", "") == "batchwise"]
   if not batchwise:
     return
-  target_in = np.full_like(source, 5)
-  target_in[:, 0] = START_ID
   probed = expert_stats._probe_model(model, layers)(  # pylint: disable=protected-access
       {"source": source, "target_in": target_in}
   )
@@ -130,51 +207,73 @@ def randomize_gates(model, source, seed=0):
     layer.thresholds.assign(np.sort(probs, axis=0)[-m - 1].astype("float32"))
 
 
-def bench_random(gin_file, args):
-  """Rows for one config with random weights."""
+def random_settings(gin_file, args):
+  """The timed settings of one config with random weights.
+
+  Args:
+    gin_file: the config.
+    args: parsed flags.
+
+  Returns:
+    (source int32 [sentences, S], [(name, search, fn, experts/token)]): fn
+    maps a batch of sources to ids; the SavedModel round trip of each
+    search follows it when --saved_model, and must decode the same ids.
+
+  Raises:
+    RuntimeError: the SavedModel decodes other ids.
+  """
   gin.clear_config()
   experiment.parse_gin([gin_file])
   model = gnmt.gnmt_model(args.vocab_size)
   gin.clear_config()
   rng = np.random.default_rng(0)
-  source = rng.integers(
-      4, args.vocab_size, size=(args.sentences, args.source_length)
-  ).astype("int32")
-  randomize_gates(model, source)
-  rows = []
-  for beam in (1, 4):
-    run = _random_model_decoder(model, beam, args.target_length)
+  draw = lambda *shape: rng.integers(4, args.vocab_size, size=shape).astype(
+      "int32"
+  )
+  source = draw(args.sentences, args.source_length)
+  target_in = draw(args.sentences, args.target_length)
+  target_in[:, 0] = START_ID
+  randomize_gates(model, source, target_in)
+  forced_ids = draw(args.batch_size * max(BEAMS), args.target_length)
+  name = os.path.relpath(gin_file)
+  settings = []
+  for beam in BEAMS:
+    run = _random_model_decoder(model, beam, args.target_length, forced_ids)
     search = "greedy" if beam == 1 else f"beam {beam}"
-    variants = [(os.path.relpath(gin_file), run)]
+    batch = tf.constant(source[: args.batch_size])
+    routed = decoder_experts_per_token(model, run, source[: args.batch_size])
+    expected = run(batch).numpy()  # trace and warm up
+    settings.append((name, search, run, routed))
     if args.saved_model:
-      variants.append(
-          (os.path.relpath(gin_file) + " (SavedModel)", _round_trip(run, model))
-      )
-    expected = None
-    for name, fn in variants:
-      ids = fn(tf.constant(source[: args.batch_size])).numpy()  # trace/warm
-      if expected is None:
-        expected = ids
-      elif not np.array_equal(ids, expected):
+      loaded = _round_trip(run, model)
+      if not np.array_equal(loaded(batch).numpy(), expected):
         raise RuntimeError(
             f"{name} {search}: the loaded SavedModel decodes other ids than"
             " the in-process decoder"
         )
+      settings.append((name + " (SavedModel)", search, loaded, routed))
+  return source, settings
+
+
+def time_rounds(sources, settings, args):
+  """Times every setting in --rounds alternating rounds.
+
+  Args:
+    sources: per setting, int32 [sentences, S].
+    settings: [(name, search, fn, experts/token)].
+    args: parsed flags.
+
+  Returns:
+    [(name, search, experts/token, [sentences/s per round])].
+  """
+  speeds = [[] for _ in settings]
+  for _ in range(args.rounds):
+    for i, (source, (_, _, fn, _)) in enumerate(zip(sources, settings)):
       start = time.perf_counter()
-      for i in range(0, args.sentences, args.batch_size):
-        fn(tf.constant(source[i : i + args.batch_size])).numpy()
-      elapsed = time.perf_counter() - start
-      batches = -(-args.sentences // args.batch_size)
-      rows.append(
-          (
-              name,
-              search,
-              args.sentences / elapsed,
-              args.sentences * args.target_length / elapsed,
-              1000 * elapsed / (batches * args.target_length),
-          )
-      )
-  return rows
+      for j in range(0, args.sentences, args.batch_size):
+        fn(tf.constant(source[j : j + args.batch_size])).numpy()
+      speeds[i].append(args.sentences / (time.perf_counter() - start))
+  return [(n, s, r, v) for (n, s, _, r), v in zip(settings, speeds)]
 
 
 def _round_trip(run, model):
@@ -196,9 +295,7 @@ def _round_trip(run, model):
   module.decode = run
   export_dir = tempfile.mkdtemp(prefix="decode_bench_")
   try:
-    tf.saved_model.save(
-        module, export_dir, signatures={"serving_default": run}
-    )
+    tf.saved_model.save(module, export_dir, signatures={"serving_default": run})
     loaded = tf.saved_model.load(export_dir)
   finally:
     shutil.rmtree(export_dir, ignore_errors=True)
@@ -296,7 +393,8 @@ def main(argv=None):
   parser.add_argument("--model_dir", default=None)
   parser.add_argument("--input_file", default=None)
   parser.add_argument("--vocab_size", type=int, default=8192)
-  parser.add_argument("--sentences", type=int, default=128)
+  parser.add_argument("--sentences", type=int, default=512)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--source_length", type=int, default=20)
   parser.add_argument("--target_length", type=int, default=22)
@@ -324,19 +422,41 @@ def main(argv=None):
     return
   if args.model_dir and not args.input_file:
     parser.error("--model_dir needs --input_file")
-  rows = []
   if args.model_dir:
-    rows += bench_model_dir(args)
-  else:
-    for gin_file in args.gin_files.split(","):
-      rows += bench_random(gin_file, args)
+    print(
+        "| config | search | sentences/s | target pieces/s | ms per step"
+        f" (batch {args.batch_size}) |"
+    )
+    print("|---|---|---:|---:|---:|")
+    for name, search, sps, tps, ms in bench_model_dir(args):
+      print(f"| {name} | {search} | {sps:.1f} | {tps:.0f} | {ms:.1f} |")
+    return
+  sources, settings = [], []
+  for gin_file in args.gin_files.split(","):
+    source, config_settings = random_settings(gin_file, args)
+    sources += [source] * len(config_settings)
+    settings += config_settings
+  rows = time_rounds(sources, settings, args)
   print(
-      "| config | search | sentences/s | target pieces/s | ms per step (batch"
-      f" {args.batch_size}) |"
+      f"{args.rounds} alternating rounds of {args.sentences} sentences (batch"
+      f" {args.batch_size}, {args.target_length} steps); ratio: sentences/s"
+      f" over {rows[0][0]}'s same search in the same round"
   )
-  print("|---|---|---:|---:|---:|")
-  for name, search, sps, tps, ms in rows:
-    print(f"| {name} | {search} | {sps:.1f} | {tps:.0f} | {ms:.1f} |")
+  print(
+      "| config | search | experts/token | sentences/s (median) | min-max |"
+      " ms per step | ratio (median) | ratio min-max |"
+  )
+  print("|---|---|---:|---:|---|---:|---:|---|")
+  for name, search, routed, speeds in rows:
+    reference = next(v for n, s, _, v in rows if s == search)
+    ratios = [a / b for a, b in zip(speeds, reference)]
+    ms = 1000 * args.batch_size / (np.median(speeds) * args.target_length)
+    print(
+        f"| {name} | {search} | {'-' if routed is None else f'{routed:.2f}'}"
+        f" | {np.median(speeds):.1f} | {min(speeds):.1f}-{max(speeds):.1f}"
+        f" | {ms:.2f} | {np.median(ratios):.2f} |"
+        f" {min(ratios):.2f}-{max(ratios):.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -79,6 +79,33 @@ def assignment_counts(flat_expert_ids, num_experts):
   )
 
 
+def compact_slots(expert_ids, gates, num_experts):
+  """Routed slots first, and only as many slots as a token needs.
+
+  Args:
+    expert_ids: int32 [N, K]; num_experts marks an unrouted slot.
+    gates: float32 [N, K].
+    num_experts: python int n.
+
+  Returns:
+    (expert_ids [N, K'], gates [N, K']), K' = the largest number of routed
+    slots of a token (at least 1); each token's routed slots keep their
+    order. Backends without dynamic shapes (JAX) get the inputs back.
+  """
+  if backend_ops.backend_name() != "tensorflow" or expert_ids.shape[1] == 1:
+    return expert_ids, gates
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  routed = tf.cast(tf.less(expert_ids, num_experts), tf.int32)
+  widest = tf.maximum(tf.reduce_max(tf.reduce_sum(routed, axis=1)), 1)
+  # Stable sort on "unrouted": routed slots first, in their order.
+  order = tf.argsort(1 - routed, axis=1, stable=True)[:, :widest]
+  return (
+      tf.gather(expert_ids, order, batch_dims=1),
+      tf.gather(gates, order, batch_dims=1),
+  )
+
+
 class RoutingPlan:
   """Expert-major layout of N*K token->expert assignments.
 
@@ -98,7 +125,12 @@ class RoutingPlan:
   """
 
   def __init__(
-      self, expert_ids, num_experts, capacity_factor=None, padded=False
+      self,
+      expert_ids,
+      num_experts,
+      capacity_factor=None,
+      padded=False,
+      capacity_multiple=PADDED_CAPACITY_MULTIPLE,
   ):
     """Builds the plan.
 
@@ -111,12 +143,16 @@ class RoutingPlan:
         C = max_i count_i (a scalar tensor), so no assignment is dropped;
         needs a backend with dynamic shapes (TensorFlow). Ignored when
         `capacity_factor` is set.
+      capacity_multiple: padded only: C is rounded up to a multiple of this
+        (1: exactly the largest count).
 
     Raises:
       ValueError: capacity_factor with a dynamic number of tokens.
     """
     num_tokens = ops.shape(expert_ids)[0]
     slots = expert_ids.shape[1]
+    if slots is None:  # compacted slots (`compact_slots`)
+      slots = ops.shape(expert_ids)[1]
     flat = ops.reshape(expert_ids, [-1])
     num_assignments = ops.shape(flat)[0]
     self.num_experts = num_experts
@@ -162,9 +198,9 @@ class RoutingPlan:
       # a batched-matmul kernel per new shape).
       largest = ops.maximum(ops.max(self.token_counts), 1)
       capacity = (
-          (largest + PADDED_CAPACITY_MULTIPLE - 1)
-          // PADDED_CAPACITY_MULTIPLE
-          * PADDED_CAPACITY_MULTIPLE
+          (largest + capacity_multiple - 1)
+          // capacity_multiple
+          * capacity_multiple
       )
     else:
       if not isinstance(num_assignments, int):

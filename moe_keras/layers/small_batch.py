@@ -5,9 +5,9 @@ splits them per expert and runs two matmuls per expert: a fixed cost of
 several ops per expert that dominates when only a few dozen tokens are routed
 (one step of decoding: batch x beam tokens). For such steps:
 
-  * `compact_slots` (TensorFlow) keeps only the K' = max routed-per-token
-    slots of the gate (batchwise gating at inference gives [N, n] slots of
-    which about k are routed).
+  * `dispatch.compact_slots` (TensorFlow) keeps only the K' = max
+    routed-per-token slots of the gate (batchwise gating gives [N, n] slots
+    of which about k are routed).
   * A = N*K' assignments <= n (`gathered_ffn`): every assignment gathers its
     expert's weights and one batched matmul per layer runs them; weight
     traffic A*d*h, below the n*d*h of reading every expert once.
@@ -34,33 +34,6 @@ from moe_keras.layers import dispatch
 # layer at 64 tokens x k=4, none at 256 x 4; BUILD.md "Speed where users
 # meet it").
 SMALL_BATCH_MAX_ASSIGNMENTS = 512
-
-
-def compact_slots(expert_ids, gates, num_experts):
-  """Routed slots first, and only as many slots as a token needs.
-
-  Args:
-    expert_ids: int32 [N, K]; num_experts marks an unrouted slot.
-    gates: float32 [N, K].
-    num_experts: python int n.
-
-  Returns:
-    (expert_ids [N, K'], gates [N, K']), K' = the largest number of routed
-    slots of a token (at least 1); each token's routed slots keep their
-    order. Backends without dynamic shapes (JAX) get the inputs back.
-  """
-  if backend_ops.backend_name() != "tensorflow" or expert_ids.shape[1] == 1:
-    return expert_ids, gates
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  routed = tf.cast(tf.less(expert_ids, num_experts), tf.int32)
-  widest = tf.maximum(tf.reduce_max(tf.reduce_sum(routed, axis=1)), 1)
-  # Stable sort on "unrouted": routed slots first, in their order.
-  order = tf.argsort(1 - routed, axis=1, stable=True)[:, :widest]
-  return (
-      tf.gather(expert_ids, order, batch_dims=1),
-      tf.gather(gates, order, batch_dims=1),
-  )
 
 
 def token_counts(expert_ids, num_experts):
@@ -138,6 +111,9 @@ def gathered_ffn(tokens, expert_ids, kernel_1, kernel_2, bias_1, bias_2):
 def padded_ffn(tokens, expert_ids, kernel_1, kernel_2, bias_1, bias_2):
   """E_e(x_t) of every slot through one [n, C, d] buffer (TensorFlow).
 
+  The padded dropless `dispatch.RoutingPlan` with C = this step's largest
+  expert count, not rounded up (small steps: the padding is the cost).
+
   Args:
     tokens: [N, d].
     expert_ids: int32 [N, K] in 0..n (n: unrouted; gives a zero row).
@@ -148,28 +124,12 @@ def padded_ffn(tokens, expert_ids, kernel_1, kernel_2, bias_1, bias_2):
     [N, K, d_out]; C = the largest expert count of this step (dynamic).
   """
   num_experts = kernel_1.shape[0]
-  num_tokens, slots = ops.shape(expert_ids)[0], ops.shape(expert_ids)[1]
-  flat = ops.reshape(expert_ids, [-1])  # [A]
-  num_assignments = ops.shape(flat)[0]
-  one_hot = ops.one_hot(flat, num_experts, dtype="int32")  # unrouted: 0s
-  # Position of an assignment among its expert's, in token order.
-  position = ops.sum((ops.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=1)
-  capacity = ops.maximum(ops.max(ops.sum(one_hot, axis=0)), 1)
-  num_rows = num_experts * capacity
-  routed = ops.less(flat, num_experts)
-  row = ops.where(routed, flat * capacity + position, num_rows)  # [A]
-  # Token of each buffer row (N: empty) by a scatter of unique rows; the
-  # unrouted ones all land on the cut-off row num_rows.
-  row_source = ops.scatter(
-      row[:, None],
-      ops.arange(1, num_assignments + 1, dtype="int32"),
-      ops.expand_dims(num_rows + 1, 0),
-  )[:num_rows]
-  row_token = ops.where(
-      row_source > 0, ops.floor_divide(row_source - 1, slots), num_tokens
+  plan = dispatch.RoutingPlan(
+      expert_ids, num_experts=num_experts, padded=True, capacity_multiple=1
   )
-  buffer = backend_ops.take_rows_or_zeros(tokens, row_token)
-  buffer = ops.reshape(buffer, (num_experts, -1, tokens.shape[-1]))
+  buffer = ops.reshape(
+      plan.dispatch(tokens), (num_experts, -1, tokens.shape[-1])
+  )
   bias = lambda b: None if b is None else b[:, None, :]
   out = _ffn(
       buffer,
@@ -180,9 +140,7 @@ def padded_ffn(tokens, expert_ids, kernel_1, kernel_2, bias_1, bias_2):
       "ecd,edh->ech",
       "ech,eho->eco",
   )
-  out = ops.reshape(out, (-1, kernel_2.shape[-1]))
-  picked = backend_ops.take_rows_or_zeros(out, row)  # [A, d_out]
-  return ops.reshape(picked, (num_tokens, slots, kernel_2.shape[-1]))
+  return plan.gather_back(ops.reshape(out, (-1, kernel_2.shape[-1])))
 
 
 def combine_slots(slot_outputs, expert_ids, gates, num_experts):
@@ -221,7 +179,7 @@ def moe_output(
     [N, d_out] float32 (gates' dtype) y_t = sum_i G(x_t)_i E_i(x_t).
   """
   num_experts = kernel_1.shape[0]
-  expert_ids, gates = compact_slots(expert_ids, gates, num_experts)
+  expert_ids, gates = dispatch.compact_slots(expert_ids, gates, num_experts)
   weights = (kernel_1, kernel_2, bias_1, bias_2)
   if backend_ops.backend_name() != "tensorflow":
     slot_out = gathered_ffn(tokens, expert_ids, *weights)

@@ -420,14 +420,19 @@ class MoEBase(keras.layers.Layer):
     rows_in = ops.cast(tokens, self.expert_compute_dtype)
 
     def planned():
+      plan_ids, plan_gates = ids, gates
+      if self._compact_plan_slots():
+        plan_ids, plan_gates = dispatch.compact_slots(
+            ids, gates, self.num_experts
+        )
       plan = dispatch.RoutingPlan(
-          ids,
+          plan_ids,
           num_experts=self.num_experts,
           capacity_factor=self.capacity_factor,
           padded=self._padded_dispatch(),
       )
       expert_out = self._run_experts(plan, plan.dispatch(rows_in))
-      return plan.combine(expert_out, gates), plan
+      return plan.combine(expert_out, plan_gates), plan
 
     small = (
         self._small_batch_k is not None
@@ -463,6 +468,7 @@ class MoEBase(keras.layers.Layer):
 
     if small is True:
       return gathered()
+
     # Dynamic batch at inference (decoding): chosen per step. Both branches
     # return (output, token counts): cond cannot return the plan object.
     def output_and_counts(branch):
@@ -553,8 +559,9 @@ class MoEBase(keras.layers.Layer):
     """
     importance, load = self._balance_vectors(sums)
     losses = {
-        gating_lib.IMPORTANCE_LOSS: self.w_importance
-        * gating_lib.cv_squared(importance)
+        gating_lib.IMPORTANCE_LOSS: (
+            self.w_importance * gating_lib.cv_squared(importance)
+        )
     }
     if load is not None:
       losses[gating_lib.LOAD_LOSS] = self.w_load * gating_lib.cv_squared(load)
@@ -604,6 +611,24 @@ class MoEBase(keras.layers.Layer):
     losses = self.balancing_losses(sums)
     self.add_aux_losses(
         {name: losses[name] for name in self.aux_loss_names if name in losses}
+    )
+
+  def _compact_plan_slots(self):
+    """Whether the plan gets only the routed slots (`compact_slots`).
+
+    Gatings that mark most of their [N, K] slots unrouted (batchwise: K = n,
+    about k routed per token) would make the dropless plan sort, gather and
+    combine N*n slots; compacted, N*K' (K' = the most any token routes).
+    Dropless, experts on one device, TensorFlow (dynamic K') only.
+
+    Returns:
+      python bool.
+    """
+    return (
+        getattr(self, "gating", None) == "batchwise"
+        and self.capacity_factor is None
+        and self._expert_shards is None
+        and backend_ops.backend_name() == "tensorflow"
     )
 
   def _padded_dispatch(self):

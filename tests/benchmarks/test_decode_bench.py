@@ -3,7 +3,10 @@
 The benchmark raises unless the SavedModel round trip of each random-weight
 decoder (greedy and beam 4) returns the in-process decoder's ids; the tiny
 MoE config's single-step batches (2 sentences x k experts) take the layer's
-small-batch path, so this pins that path's `tf.cond` through export.
+small-batch path, so this pins that path's `tf.cond` through export. The
+experts/token column (batchwise gating, n = 4, k = 2) must show the decoder
+MoE routing about k experts per token while decoding: the ops the configs
+are compared at.
 """
 
 import logging
@@ -28,19 +31,22 @@ def _decode(capsys):
   decode.main([
       "--gin_files=" + os.path.join(REPO, "gin/mt/tiny/moe_flat.gin"),
       "--vocab_size=64",
-      "--sentences=4",
+      "--sentences=16",
+      "--rounds=2",
       "--batch_size=2",
       "--source_length=5",
       "--target_length=6",
       "--saved_model",
   ])
   rows = [
-      line for line in capsys.readouterr().out.splitlines()
-      if "moe_flat.gin" in line
+      [cell.strip() for cell in line.split("|")[1:-1]]
+      for line in capsys.readouterr().out.splitlines()
+      if line.startswith("|") and "moe_flat.gin" in line
   ]
-  searches = [(("SavedModel" in r), r.split("|")[2].strip()) for r in rows]
+  searches = [("SavedModel" in row[0], row[1]) for row in rows]
   assert searches == [
       (False, "greedy"), (True, "greedy"), (False, "beam 4"), (True, "beam 4")
   ]
-  for row in rows:
-    assert float(row.split("|")[3]) > 0  # sentences/s
+  for _, _, experts_per_token, sentences_per_s, *_ in rows:
+    assert 1.0 <= float(experts_per_token) <= 3.0, experts_per_token
+    assert float(sentences_per_s) > 0

@@ -313,3 +313,62 @@ def test_threshold_loss_cannot_dominate_a_clipped_global_norm(rng):
   step = before - _np(kernel)
   scale = float(np.sum(step * g_kernel) / np.sum(g_kernel**2))
   assert scale > 0.5 * scale_without, (scale, scale_without)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_plan_gets_only_routed_slots_same_values_and_gradients(
+    rng, monkeypatch, training
+):
+  """The dropless plan sorts N*K' compacted slots, not N*n (K' << n).
+
+  Values against the numpy reference; values and gradients (inputs, expert
+  kernels and biases, W_g) equal to the plan over all n slots.
+  """
+  from moe_keras.layers import dispatch  # pylint: disable=g-import-not-at-top
+
+  n, k, n_tok = 16, 2, 64
+  w = ref.random_flat_weights(rng, D, n, H, D, batchwise=True)
+  x = rng.normal(size=(n_tok, D)).astype(np.float32)
+  cotangent = rng.normal(size=(n_tok, D)).astype(np.float32)
+  plan_slots = []
+  plan_init = dispatch.RoutingPlan.__init__
+
+  def recording_init(self, expert_ids, *args, **kwargs):
+    plan_slots.append(int(tf.shape(expert_ids)[1]))
+    plan_init(self, expert_ids, *args, **kwargs)
+
+  monkeypatch.setattr(dispatch.RoutingPlan, "__init__", recording_init)
+
+  def run(compact):
+    layer = make_layer(n, k, w, small_batch_limit=0)
+    monkeypatch.setattr(layer, "_compact_plan_slots", lambda: compact)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+      tape.watch(xt)
+      y = layer(xt, training=training)
+      objective = tf.reduce_sum(y * cotangent)
+    sources = [xt] + [
+        v.value
+        for v in (
+            layer.expert_kernel_1,
+            layer.expert_kernel_2,
+            layer.expert_bias_1,
+            layer.expert_bias_2,
+            layer.w_gate,
+        )
+        if v is not None
+    ]
+    grads = tape.gradient(objective, sources)
+    return _np(y), [None if g is None else _np(g) for g in grads]
+
+  y_compact, g_compact = run(True)
+  y_all, g_all = run(False)
+  assert plan_slots[1] == n
+  assert 1 <= plan_slots[0] < n // 2, plan_slots
+  want = ref.sparse_moe(x, w, k, gating="batchwise", training=training)
+  np.testing.assert_allclose(y_compact, want["output"], **OUT_TOL)
+  np.testing.assert_allclose(y_compact, y_all, rtol=1e-6, atol=1e-6)
+  for got, expected in zip(g_compact, g_all):
+    assert (got is None) == (expected is None)
+    if got is not None:
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from moe_keras.layers import dispatch
 from moe_keras.layers import small_batch
 from moe_keras.layers import SparseMoE
 import numpy_reference as ref
@@ -163,7 +164,7 @@ def test_compact_slots_keeps_routed_slots_in_order():
   gates = tf.constant(
       [[0.0, 0.4, 0.0, 0.6], [0.0] * 4, [0.7, 0.0, 0.3, 0.0]], tf.float32
   )
-  got_ids, got_gates = small_batch.compact_slots(ids, gates, 6)
+  got_ids, got_gates = dispatch.compact_slots(ids, gates, 6)
   np.testing.assert_array_equal(got_ids, [[2, 4], [6, 6], [1, 3]])
   np.testing.assert_allclose(got_gates, [[0.4, 0.6], [0, 0], [0.7, 0.3]])
 
