@@ -31,6 +31,7 @@ Usage:
   python benchmarks/moe_layer.py                       # the issue's table
   python benchmarks/moe_layer.py --tokens=4096 --tokens_per_expert=32 --rounds=1
   python benchmarks/moe_layer.py --tf_cpu_allocator=default   # TF's default
+  python benchmarks/moe_layer.py --dispatch_mode=padded    # one batched matmul
   KERAS_BACKEND=jax python benchmarks/moe_layer.py --capacity_factor=1.25
 """
 
@@ -79,6 +80,14 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps per measurement.")
 _CAPACITY_FACTOR = flags.DEFINE_float(
     "capacity_factor", None, "None = dropless (the paper)."
 )
+_DISPATCH_MODE = flags.DEFINE_enum(
+    "dispatch_mode",
+    "grouped",
+    ["grouped", "padded"],
+    "SparseMoE dispatch_mode (dropless): one matmul pair per expert, or one"
+    " batched matmul pair over an [n, C, d] buffer padded to the step's"
+    " largest expert.",
+)
 _DTYPE = flags.DEFINE_string(
     "dtype", "float32", "Layer dtype policy, e.g. float32, mixed_bfloat16."
 )
@@ -112,6 +121,7 @@ def _measure(model, num_experts, tokens):
         k=k,
         expert_hidden_dim=h,
         capacity_factor=_CAPACITY_FACTOR.value,
+        dispatch_mode=_DISPATCH_MODE.value,
         track_metrics=False,
         seed=0,
     )
@@ -197,6 +207,7 @@ def _spawn(model, num_experts, tokens):
       f"--k={_K.value}",
       f"--repeats={_REPEATS.value}",
       f"--dtype={_DTYPE.value}",
+      f"--dispatch_mode={_DISPATCH_MODE.value}",
   ]
   if _CAPACITY_FACTOR.value is not None:
     argv.append(f"--capacity_factor={_CAPACITY_FACTOR.value}")
@@ -244,6 +255,7 @@ def main(argv):
       f"SparseMoE training step (fwd+bwd), backend={keras.backend.backend()},"
       f" dtype={_DTYPE.value}, d={d}, h={h}, k={k},"
       f" capacity_factor={_CAPACITY_FACTOR.value},"
+      f" dispatch_mode={_DISPATCH_MODE.value},"
       f" tf_cpu_allocator={_TF_CPU_ALLOCATOR.value} (env"
       f" TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC')}),"
       f" rounds={_ROUNDS.value}, repeats={_REPEATS.value},"
