@@ -52,6 +52,14 @@ VARIANTS = {
     "top_k": ("moe_spec.gating = 'top_k'",),
     "noisy_top_k": ("moe_spec.gating = 'noisy_top_k'",),
     "batchwise": ("moe_spec.gating = 'batchwise'",),
+    # 4x the tokens per step (the LM corpora's 4096 -> 16384-token batches;
+    # dev batches unchanged): each of n experts sees 4x the ~k/n share of
+    # the batch (section 3.1, the shrinking batch problem). Run it at 1/4
+    # of the steps to compare at equal training tokens.
+    "lm_batch_x4": (
+        "lm_batching.batch_tokens = 16384",
+        "lm_batching.eval_batch_tokens = 4096",
+    ),
     # The experts (kernels and biases) at a fraction of the schedule's rate,
     # everything else at the full rate: does the expert part want a lower
     # rate than the dense part (each of n experts gets ~k/n of the batch)?
