@@ -155,11 +155,15 @@ def decoder_experts_per_token(model, run, source):
       run.search(tf.constant(source))
   finally:
     del moe.call
-  x = np.concatenate(seen)
-  logits = x @ np.asarray(moe.w_gate)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
+  probs = _gate_probabilities(moe, np.concatenate(seen))
   return float(np.mean(np.sum(probs > np.asarray(moe.thresholds), axis=1)))
+
+
+def _gate_probabilities(layer, x):
+  """softmax(x W_g) of a flat MoE layer in numpy (eq. 15), [N, n]."""
+  logits = x @ np.asarray(layer.w_gate)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  return probs / probs.sum(-1, keepdims=True)
 
 
 def randomize_gates(model, source, target_in, seed=0):
@@ -200,9 +204,7 @@ def randomize_gates(model, source, target_in, seed=0):
       continue
     x = np.asarray(probed[2 * i])
     x = x.reshape(-1, x.shape[-1])
-    logits = x @ np.asarray(layer.w_gate)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = _gate_probabilities(layer, x)
     m = max(1, layer.k * len(x) // layer.num_experts)
     layer.thresholds.assign(np.sort(probs, axis=0)[-m - 1].astype("float32"))
 
@@ -420,6 +422,8 @@ def main(argv=None):
       name, b, t, sec, tps = bench_train_step(gin_file, args)
       print(f"| {name} | {b} | {t} | {sec:.2f} | {tps:.0f} |")
     return
+  if args.rounds < 1 or args.sentences < 1 or args.batch_size < 1:
+    parser.error("--rounds, --sentences and --batch_size must be >= 1")
   if args.model_dir and not args.input_file:
     parser.error("--model_dir needs --input_file")
   if args.model_dir:
@@ -433,7 +437,10 @@ def main(argv=None):
     return
   sources, settings = [], []
   for gin_file in args.gin_files.split(","):
-    source, config_settings = random_settings(gin_file, args)
+    try:
+      source, config_settings = random_settings(gin_file, args)
+    except experiment.ExperimentError as e:
+      parser.error(str(e))
     sources += [source] * len(config_settings)
     settings += config_settings
   rows = time_rounds(sources, settings, args)
