@@ -5,16 +5,18 @@ splits them per expert and runs two matmuls per expert: a fixed cost of
 several ops per expert that dominates when only a few dozen tokens are routed
 (one step of decoding: batch x beam tokens). For such steps:
 
-  * `dispatch.compact_slots` (TensorFlow) keeps only the K' = max
-    routed-per-token slots of the gate (batchwise gating gives [N, n] slots
-    of which about k are routed).
-  * A = N*K' assignments <= n (`gathered_ffn`): every assignment gathers its
-    expert's weights and one batched matmul per layer runs them; weight
-    traffic A*d*h, below the n*d*h of reading every expert once.
-  * A <= SMALL_BATCH_MAX_ASSIGNMENTS (`padded_ffn`, TensorFlow): the rows are
-    gathered into one [n, C, d] buffer, C = this step's largest expert
-    count (not rounded), and each layer is one batched matmul over all
-    experts: a constant number of ops, whatever n.
+  * A = N*K' assignments <= n, K' = the most slots a token routes
+    (`gathered_ffn`, after `dispatch.compact_slots` keeps only those K'
+    slots; batchwise gating gives [N, n] slots of which about k are
+    routed): every assignment gathers its expert's weights and one batched
+    matmul per layer runs them; weight traffic A*d*h, below the n*d*h of
+    reading every expert once.
+  * A <= SMALL_BATCH_MAX_ASSIGNMENTS (`padded_output`, TensorFlow): the
+    rows are scattered into one [n, C, d] buffer, C = this step's largest
+    expert count (not rounded), and each layer is one batched matmul over
+    all experts: a constant number of ops (about 40), whatever n. The
+    (expert, token) pairs come from `tf.where` on the [n, N] routing mask,
+    already expert-major, so nothing is sorted or compacted.
 
 Both compute every routed assignment exactly (dropless, nothing dropped):
 the same values and gradients as the sparse dispatch up to float rounding
@@ -108,27 +110,68 @@ def gathered_ffn(tokens, expert_ids, kernel_1, kernel_2, bias_1, bias_2):
   )
 
 
-def padded_ffn(tokens, expert_ids, kernel_1, kernel_2, bias_1, bias_2):
-  """E_e(x_t) of every slot through one [n, C, d] buffer (TensorFlow).
+def padded_output(
+    tokens,
+    expert_ids,
+    gates,
+    kernel_1,
+    kernel_2,
+    bias_1,
+    bias_2,
+    slots_are_experts=False,
+):
+  """Eq. (1) through one [n, C, d] buffer, without sorting (TensorFlow).
 
-  The padded dropless `dispatch.RoutingPlan` with C = this step's largest
-  expert count, not rounded up (small steps: the padding is the cost).
+  The routed (expert, token) pairs are read off the [n, N] routing mask in
+  expert-major order (`tf.where`), so a token's position in its expert's
+  run is its index minus the expert's start: no argsort, no slot
+  compaction. C = this step's largest expert count (not rounded: small
+  steps pay for padding). Dropless: every routed assignment is computed.
 
   Args:
     tokens: [N, d].
-    expert_ids: int32 [N, K] in 0..n (n: unrouted; gives a zero row).
+    expert_ids: int32 [N, K] in 0..n (n: unrouted); a token routes to an
+      expert at most once.
+    gates: float32 [N, K].
     kernel_1: [n, d, h]; kernel_2: [n, h, d_out].
     bias_1: None or [n, h]; bias_2: None or [n, d_out].
+    slots_are_experts: python bool; K = n and slot i of every token is
+      expert i or unrouted (the batchwise gating's layout): the routing mask
+      is read off directly.
 
   Returns:
-    [N, K, d_out]; C = the largest expert count of this step (dynamic).
+    [N, d_out] in gates.dtype, y_t = sum_i G(x_t)_i E_i(x_t).
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   num_experts = kernel_1.shape[0]
-  plan = dispatch.RoutingPlan(
-      expert_ids, num_experts=num_experts, padded=True, capacity_multiple=1
+  num_tokens = tf.shape(expert_ids)[0]
+  if slots_are_experts:
+    routed = tf.transpose(expert_ids < num_experts)  # [n, N]
+  else:
+    # assignment[i, t] = 1 + the flat slot (t*K + s) routing token t to
+    # expert i, 0 if none; row n collects the unrouted slots, cut off.
+    slot_token = tf.broadcast_to(
+        tf.range(num_tokens)[:, None], tf.shape(expert_ids)
+    )
+    assignment = tf.scatter_nd(
+        tf.stack([expert_ids, slot_token], axis=-1),
+        tf.reshape(tf.range(1, tf.size(expert_ids) + 1), tf.shape(expert_ids)),
+        tf.stack([num_experts + 1, num_tokens]),
+    )[:num_experts]
+    routed = assignment > 0  # [n, N]
+  pairs = tf.cast(tf.where(routed), tf.int32)  # [A, 2] (expert, token)
+  expert, token = pairs[:, 0], pairs[:, 1]
+  counts = tf.reduce_sum(tf.cast(routed, tf.int32), axis=1)  # [n]
+  capacity = tf.maximum(tf.reduce_max(counts), 1)
+  position = tf.range(tf.shape(pairs)[0]) - tf.gather(
+      tf.cumsum(counts, exclusive=True), expert
   )
-  buffer = ops.reshape(
-      plan.dispatch(tokens), (num_experts, -1, tokens.shape[-1])
+  cell = tf.stack([expert, position], axis=1)
+  buffer = tf.scatter_nd(
+      cell,
+      tf.gather(tokens, token),
+      tf.stack([num_experts, capacity, tokens.shape[-1]]),
   )
   bias = lambda b: None if b is None else b[:, None, :]
   out = _ffn(
@@ -140,7 +183,17 @@ def padded_ffn(tokens, expert_ids, kernel_1, kernel_2, bias_1, bias_2):
       "ecd,edh->ech",
       "ech,eho->eco",
   )
-  return plan.gather_back(ops.reshape(out, (-1, kernel_2.shape[-1])))
+  if slots_are_experts:
+    row_gates = tf.gather_nd(gates, tf.stack([token, expert], axis=1))
+  else:
+    row_gates = tf.gather(
+        tf.reshape(gates, [-1]), tf.gather_nd(assignment, pairs) - 1
+    )
+  return tf.math.unsorted_segment_sum(
+      tf.cast(tf.gather_nd(out, cell), gates.dtype) * row_gates[:, None],
+      token,
+      tf.shape(tokens)[0],
+  )
 
 
 def combine_slots(slot_outputs, expert_ids, gates, num_experts):
@@ -164,7 +217,14 @@ def combine_slots(slot_outputs, expert_ids, gates, num_experts):
 
 
 def moe_output(
-    tokens, expert_ids, gates, kernel_1, kernel_2, bias_1=None, bias_2=None
+    tokens,
+    expert_ids,
+    gates,
+    kernel_1,
+    kernel_2,
+    bias_1=None,
+    bias_2=None,
+    slots_are_experts=False,
 ):
   """Eq. (1) for a small step, without a routing plan.
 
@@ -174,25 +234,39 @@ def moe_output(
     gates: float32 [N, K].
     kernel_1: [n, d, h]; kernel_2: [n, h, d_out].
     bias_1: None or [n, h]; bias_2: None or [n, d_out].
+    slots_are_experts: python bool, see `padded_output`.
 
   Returns:
     [N, d_out] float32 (gates' dtype) y_t = sum_i G(x_t)_i E_i(x_t).
   """
   num_experts = kernel_1.shape[0]
-  expert_ids, gates = dispatch.compact_slots(expert_ids, gates, num_experts)
   weights = (kernel_1, kernel_2, bias_1, bias_2)
+
+  def gathered():
+    ids, slot_gates = dispatch.compact_slots(expert_ids, gates, num_experts)
+    slot_out = gathered_ffn(tokens, ids, *weights)
+    return combine_slots(slot_out, ids, slot_gates, num_experts)
+
   if backend_ops.backend_name() != "tensorflow":
-    slot_out = gathered_ffn(tokens, expert_ids, *weights)
-    return combine_slots(slot_out, expert_ids, gates, num_experts)
+    return gathered()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  num_assignments = tf.size(expert_ids)
-  slot_out = tf.cond(
-      num_assignments <= num_experts,
-      lambda: gathered_ffn(tokens, expert_ids, *weights),
-      lambda: padded_ffn(tokens, expert_ids, *weights),
+  # Gathered weights when the compacted slots (N * the most any token
+  # routes) fit in n, else the buffer.
+  widest = tf.reduce_max(
+      tf.reduce_sum(tf.cast(expert_ids < num_experts, tf.int32), axis=1)
   )
-  return combine_slots(slot_out, expert_ids, gates, num_experts)
+  return tf.cond(
+      tf.shape(expert_ids)[0] * tf.maximum(widest, 1) <= num_experts,
+      gathered,
+      lambda: padded_output(
+          tokens,
+          expert_ids,
+          gates,
+          *weights,
+          slots_are_experts=slots_are_experts,
+      ),
+  )
 
 
 def default_limit(num_experts):

@@ -460,6 +460,7 @@ class MoEBase(keras.layers.Layer):
           cast(self.expert_kernel_2),
           cast(self.expert_bias_1),
           cast(self.expert_bias_2),
+          slots_are_experts=self._slots_are_experts(),
       )
       return out, small_batch.StepCounts(
           small_batch.token_counts(ids, self.num_experts),
@@ -612,6 +613,10 @@ class MoEBase(keras.layers.Layer):
     self.add_aux_losses(
         {name: losses[name] for name in self.aux_loss_names if name in losses}
     )
+
+  def _slots_are_experts(self):
+    """Whether slot i of every token is expert i or unrouted (K = n)."""
+    return getattr(self, "gating", None) == "batchwise"
 
   def _compact_plan_slots(self):
     """Whether the plan gets only the routed slots (`compact_slots`).

@@ -216,7 +216,7 @@ class GnmtLayers:
     Args:
       y: bottom-layer output [B, T, d] (or [B, d] with `states`).
       context: attention context, same leading shape.
-      mask: bool [B, T] (or [B]).
+      mask: bool [B, T], or None (every position is a token; decoding).
       training: bool or None.
       states: None (sequence mode) or list of [r, c] per upper layer.
 
@@ -286,9 +286,9 @@ class GnmtLayers:
     context = self.attention.attend(
         y, encoded["keys"], encoded["memory"], encoded["mask"]
     )[0]
-    y, upper = self._upper_decoder(
-        y, context, ops.ones(ops.shape(ids), "bool"), False, states=state[1:]
-    )
+    # Every row of a decoding step is a real token: no mask (the MoE then
+    # skips its per-token validity ops).
+    y, upper = self._upper_decoder(y, context, None, False, states=state[1:])
     logits = ops.cast(self.output_layer(y), "float32")
     return logits, [bottom_state] + upper, context
 

@@ -159,6 +159,72 @@ def test_dynamic_batch_chooses_per_step_at_inference():
   assert small_batch.use_small_batch(tf.constant(40), K, 512, True) is False
 
 
+def _numpy_slot_moe(x, ids, gates, w1, w2, b1, b2):
+  """y_t = sum over routed slots s of gates[t, s] E_ids[t, s](x_t), float64."""
+  n = w1.shape[0]
+  y = np.zeros((x.shape[0], w2.shape[-1]))
+  for t in range(x.shape[0]):
+    for s in range(ids.shape[1]):
+      e = ids[t, s]
+      if e < n:
+        hidden = np.maximum(x[t] @ w1[e] + b1[e], 0.0)
+        y[t] += gates[t, s] * (hidden @ w2[e] + b2[e])
+  return y
+
+
+@pytest.mark.parametrize("slots_are_experts", [False, True])
+def test_padded_output_equals_numpy_and_gathered_path(slots_are_experts):
+  """The buffer path without sorting: values vs numpy, gradients vs gathers.
+
+  Tokens route 0..n experts each (some none, one all n), in slot orders
+  unrelated to expert order unless `slots_are_experts`.
+  """
+  rng = np.random.default_rng(11)
+  n, num_tokens = N_EXPERTS, 9
+  routed = rng.random((num_tokens, n)) < 0.4
+  routed[2] = False
+  routed[5] = True
+  if slots_are_experts:
+    ids = np.where(routed, np.arange(n)[None, :], n)
+  else:
+    ids = np.full((num_tokens, n + 2), n)
+    for t in range(num_tokens):
+      chosen = rng.permutation(np.flatnonzero(routed[t]))
+      ids[t, rng.choice(n + 2, size=len(chosen), replace=False)] = chosen
+  ids = ids.astype(np.int32)
+  gates = (rng.random(ids.shape) * (ids < n)).astype(np.float32)
+  x = rng.normal(size=(num_tokens, D)).astype(np.float32)
+  w1 = rng.normal(size=(n, D, H)).astype(np.float32)
+  w2 = rng.normal(size=(n, H, D)).astype(np.float32)
+  b1 = rng.normal(size=(n, H)).astype(np.float32)
+  b2 = rng.normal(size=(n, D)).astype(np.float32)
+  variables = [tf.Variable(v) for v in (x, gates, w1, w2, b1, b2)]
+
+  def run(fn):
+    with tf.GradientTape() as tape:
+      y = fn(variables[0], tf.constant(ids), variables[1], *variables[2:])
+      loss = tf.reduce_sum(tf.square(y))
+    grads = tape.gradient(loss, variables)
+    return np.asarray(y), [np.asarray(tf.convert_to_tensor(g)) for g in grads]
+
+  y, grads = run(
+      lambda *a: small_batch.padded_output(
+          *a, slots_are_experts=slots_are_experts
+      )
+  )
+  np.testing.assert_allclose(
+      y, _numpy_slot_moe(x, ids, gates, w1, w2, b1, b2), **OUT_TOL
+  )
+  y_gathered, grads_gathered = run(
+      lambda x, ids, gates, *w: small_batch.combine_slots(
+          small_batch.gathered_ffn(x, ids, *w), ids, gates, n
+      )
+  )
+  np.testing.assert_allclose(y, y_gathered, **OUT_TOL)
+  for name, got, want in zip("x gates w1 w2 b1 b2".split(), grads, grads_gathered):
+    np.testing.assert_allclose(got, want, **GRAD_TOL, err_msg=name)
+
+
 def test_compact_slots_keeps_routed_slots_in_order():
   ids = tf.constant([[6, 2, 6, 4], [6, 6, 6, 6], [1, 6, 3, 6]], tf.int32)
   gates = tf.constant(
