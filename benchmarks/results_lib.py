@@ -690,6 +690,106 @@ def margin_table(rows: List[Row], reference: Row) -> str:
   return "\n".join(lines)
 
 
+def paired_margins(row: Row, reference: Row) -> List[dict]:
+  """A row's dev-perplexity margin vs the reference, seed by seed, per step.
+
+  Seed s of a row is compared with seed s of the reference (the same data
+  order: the data seed follows the run's seed), at the steps where both
+  validated; a step enters when every seed the two rows share has it.
+
+  Args:
+    row: the compared row.
+    reference: the baseline row.
+
+  Returns:
+    [{"step", "tokens", "margin", "low", "high", "seeds"}] in step order:
+    margin = 100 * (mean over seeds of ppl_row / ppl_ref - 1), low / high
+    the smallest and largest seed's margin; [] without a shared seed.
+  """
+  ref_by_seed = {s["seed"]: s for s in reference.summaries}
+  pairs = [
+      (s, ref_by_seed[s["seed"]])
+      for s in row.summaries
+      if s["seed"] in ref_by_seed
+  ]
+  if not pairs:
+    return []
+
+  def points(summary):
+    return {p["step"]: p for p in summary["curve"] if p.get("dev_perplexity")}
+
+  curves = [(points(a), points(b)) for a, b in pairs]
+  steps = sorted(set.intersection(*[set(a) & set(b) for a, b in curves]))
+  out = []
+  for step in steps:
+    margins = [
+        100.0 * (a[step]["dev_perplexity"] / b[step]["dev_perplexity"] - 1.0)
+        for a, b in curves
+    ]
+    out.append(
+        {
+            "step": step,
+            "tokens": statistics.fmean(b[step]["tokens"] for _, b in curves),
+            "margin": statistics.fmean(margins),
+            "low": min(margins),
+            "high": max(margins),
+            "seeds": len(margins),
+        }
+    )
+  return out
+
+
+def plot_margins(rows: List[Row], path: str, title: str) -> List[str]:
+  """Writes a PNG of each row's paired margin vs rows[0] against tokens.
+
+  One line per row (`paired_margins`, the seeds' range shaded) and the zero
+  line: below zero the row has the lower (better) dev perplexity. The trend
+  with training tokens that a final number hides.
+
+  Returns:
+    [path], or [] when no row shares a seed with the baseline.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  if not rows:
+    return []
+  reference = rows[0]
+  margins = [(row, paired_margins(row, reference)) for row in rows[1:]]
+  margins = [(row, m) for row, m in margins if m]
+  if not margins:
+    return []
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for row, points in margins:
+    xs = [p["tokens"] / 1e6 for p in points]
+    (line,) = ax.plot(
+        xs,
+        [p["margin"] for p in points],
+        marker="o",
+        ms=3,
+        label=f"{row.config} (seeds paired: {points[0]['seeds']})",
+    )
+    ax.fill_between(
+        xs,
+        [p["low"] for p in points],
+        [p["high"] for p in points],
+        color=line.get_color(),
+        alpha=0.2,
+    )
+  ax.axhline(0.0, color="black", lw=0.8)
+  ax.set_xlabel("training tokens (millions)")
+  ax.set_ylabel(f"dev perplexity vs {reference.config} (%)")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
 def time_to_quality_table(rows: List[Row]) -> str:
   """Tokens and wall clock for each config to reach rows[0]'s final dev ppl.
 
@@ -787,7 +887,7 @@ def write_plots(
     steps,
     sweep_steps=None,
 ):
-  """The sweep's and the table's curve PNGs; returns their repo paths.
+  """The sweep's and the table's curve PNGs and the table's margin PNG.
 
   Args:
     rows: the table's rows (`collect_rows`).
@@ -797,8 +897,9 @@ def write_plots(
     lrs: the swept rates.
     steps: the table's runs' steps.
     sweep_steps: the sweep runs' steps (None: `steps`). When it differs,
-      the table's plots are `curves_<steps>steps_*.png`, so grids of two
-      lengths in one results_dir keep their own plots.
+      the table's plots are `curves_<steps>steps_*.png` and
+      `margins_<steps>steps_tokens.png`, so grids of two lengths in one
+      results_dir keep their own plots.
 
   Returns:
     The written PNGs' paths relative to the repository.
@@ -815,6 +916,12 @@ def write_plots(
       os.path.join(results_dir, f"curves{suffix}"),
       f"{corpus_name}: dev perplexity, mean over seeds (range shaded),"
       f" {steps} steps",
+  )
+  plots += plot_margins(
+      rows,
+      os.path.join(results_dir, f"margins{suffix}_tokens.png"),
+      f"{corpus_name}: margin vs {rows[0].config} by seed pair (range"
+      f" shaded), {steps} steps",
   )
   return [os.path.relpath(p, REPO) for p in plots]
 

@@ -195,6 +195,39 @@ def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
   assert results_lib.margin_table(rows, empty) == "(no none runs yet)"
 
 
+def test_paired_margins_compare_seed_with_seed(tmp_path):
+  lrs = {"dense": 1e-3, "moe": 1e-3}
+  dense = {
+      0: _curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)]),
+      1: _curve([(1, 1e6, 60.0, 250.0), (2, 2e6, 120.0, 125.0)]),
+      2: _curve([(1, 1e6, 60.0, 300.0), (2, 2e6, 120.0, 150.0)]),
+  }
+  # Seed 2 of the MoE is missing: only seeds 0 and 1 are paired.
+  moe = {
+      0: _curve([(1, 1e6, 90.0, 220.0), (2, 2e6, 180.0, 95.0)]),
+      1: _curve([(1, 1e6, 90.0, 250.0), (2, 2e6, 180.0, 100.0)]),
+  }
+  for config, curves in (("dense", dense), ("moe", moe)):
+    for seed, curve in curves.items():
+      run = results_lib.Run(config, 1e-3, seed, 2)
+      _write(tmp_path, run, 1.0, 1.0, curve)
+  rows = results_lib.collect_rows(
+      tmp_path, ["dense", "moe"], [0, 1, 2], 2, lrs
+  )
+  got = results_lib.paired_margins(rows[1], rows[0])
+  # Step 1: 220/200 - 1 = +10%, 250/250 - 1 = 0%; step 2: -5%, -20%.
+  assert [p["step"] for p in got] == [1, 2]
+  assert [p["seeds"] for p in got] == [2, 2]
+  np.testing.assert_allclose([p["margin"] for p in got], [5.0, -12.5])
+  np.testing.assert_allclose([p["low"] for p in got], [0.0, -20.0])
+  np.testing.assert_allclose([p["high"] for p in got], [10.0, -5.0])
+  np.testing.assert_allclose([p["tokens"] for p in got], [1e6, 2e6])
+  assert results_lib.paired_margins(rows[0], results_lib.Row("x", None, [])) == []
+  plots = results_lib.write_plots(rows, str(tmp_path), "c", ["dense"], [1e-3], 2)
+  assert "margins_tokens.png" in [os.path.basename(p) for p in plots]
+  assert os.path.getsize(os.path.join(tmp_path, "margins_tokens.png")) > 0
+
+
 def test_mean_curve_averages_the_seeds_at_common_steps():
   a = {"curve": _curve([(1, 10.0, 1.0, 300.0), (2, 20.0, 2.0, 200.0)])}
   b = {
