@@ -164,6 +164,9 @@ class MoEBase(keras.layers.Layer):
       over [n, C, d], C = this step's largest expert count rounded up; same
       values, nothing dropped. Slower than "grouped" in the PTB training
       step on a 2-core CPU (measured); an option for accelerators.
+  On TensorFlow the dropless layouts' shapes depend on the routing, which
+  XLA cannot compile: such a layer sets `supports_jit = False`, so Keras
+  trains it without XLA (`jit_compile`); capacity mode keeps XLA.
 
   Memory options (appendix D; both default off):
     recompute_expert_activations: the [tokens*k, h] ReLU activations of the
@@ -250,6 +253,15 @@ class MoEBase(keras.layers.Layer):
     self.capacity_factor = (
         None if capacity_factor is None else float(capacity_factor)
     )
+    if (
+        self.capacity_factor is None
+        and backend_ops.backend_name() == "tensorflow"
+    ):
+      # XLA (Keras's `jit_compile`, on by default for TensorFlow with a GPU)
+      # needs static shapes, and the dropless dispatch's depend on the
+      # routing on TensorFlow: Keras then compiles without XLA (with a
+      # warning if jit_compile=True was asked for) instead of failing.
+      self.supports_jit = False
     self.use_bias = bool(use_bias)
     self.noise_epsilon = float(noise_epsilon)
     self.kernel_initializer = keras.initializers.get(

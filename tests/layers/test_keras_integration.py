@@ -87,6 +87,44 @@ def test_fit_reduces_loss_and_masks_propagate():
   assert model.layers[-2].compute_mask(x, np.ones((64, 4), bool)) is not None
 
 
+@pytest.mark.parametrize(
+    "kwargs, xla",
+    [
+        (dict(), False),  # dropless: routing-dependent shapes
+        (dict(gating="batchwise"), False),
+        (dict(capacity_factor=2.0), True),  # static [n, C, d]
+        (dict(gating="batchwise", capacity_factor=2.0), True),
+    ],
+)
+def test_jit_compile_falls_back_without_xla_for_dropless_routing(kwargs, xla):
+  """jit_compile=True (Keras's default on TF with a GPU) trains either way.
+
+  Before, dropless layers failed inside XLA (data-dependent shapes) with an
+  InvalidArgumentError at the first step; now Keras compiles them without
+  XLA, and capacity mode keeps XLA.
+  """
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((64, D)).astype(np.float32)
+  y = np.tanh(x[:, :2] * 2.0)
+  inputs = keras.Input((D,))
+  moe = SparseMoE(
+      num_experts=N_EXPERTS, k=K, expert_hidden_dim=16, seed=1, **kwargs
+  )
+  model = keras.Model(inputs, keras.layers.Dense(2)(moe(inputs)))
+  compile_xla = lambda: model.compile(
+      keras.optimizers.Adam(0.02), "mse", jit_compile=True
+  )
+  if xla:
+    compile_xla()
+  else:
+    with pytest.warns(UserWarning, match="support `jit_compile=True`"):
+      compile_xla()
+  assert model.jit_compile is xla
+  before = model.evaluate(x, y, verbose=0)
+  model.fit(x, y, batch_size=16, epochs=10, verbose=0)
+  assert model.evaluate(x, y, verbose=0) < before
+
+
 @pytest.mark.skipif(
     subprocess.run(
         [sys.executable, "-c", "import jax"], capture_output=True
