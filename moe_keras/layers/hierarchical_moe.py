@@ -18,6 +18,7 @@ the paper places each secondary MoE.
 import keras
 from keras import ops
 
+from moe_keras.layers import backend_ops
 from moe_keras.layers import dispatch
 from moe_keras.layers import expert_placement
 from moe_keras.layers import gating as gating_lib
@@ -92,6 +93,11 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     self.experts_per_group = experts_per_group
     self.k_primary = k_primary
     self.k_secondary = k_secondary
+    if backend_ops.backend_name() == "tensorflow":
+      # The secondary gates run per group on the rows the primary gate sent
+      # there (a grouped matmul whose splits depend on the routing), also in
+      # capacity mode: no XLA on TensorFlow (see MoEBase).
+      self.supports_jit = False
 
   def build(self, input_shape):
     input_dim = input_shape[-1]

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from moe_keras.layers import HierarchicalSparseMoE
 from moe_keras.layers import SparseMoE
 
 D, H, N_EXPERTS, K = 6, 8, 4, 2
@@ -94,22 +95,33 @@ def test_fit_reduces_loss_and_masks_propagate():
         (dict(gating="batchwise"), False),
         (dict(capacity_factor=2.0), True),  # static [n, C, d]
         (dict(gating="batchwise", capacity_factor=2.0), True),
+        # The secondary gates' grouped matmul, capacity mode included.
+        (dict(hierarchical=True), False),
+        (dict(hierarchical=True, capacity_factor=2.0), False),
     ],
 )
 def test_jit_compile_falls_back_without_xla_for_dropless_routing(kwargs, xla):
   """jit_compile=True (Keras's default on TF with a GPU) trains either way.
 
-  Before, dropless layers failed inside XLA (data-dependent shapes) with an
-  InvalidArgumentError at the first step; now Keras compiles them without
-  XLA, and capacity mode keeps XLA.
+  Before, dropless layers (and the hierarchical layer in any mode) failed
+  inside XLA (data-dependent shapes) with an InvalidArgumentError at the
+  first step; now Keras compiles them without XLA, and the flat layer's
+  capacity mode keeps XLA.
   """
   rng = np.random.default_rng(2)
   x = rng.standard_normal((64, D)).astype(np.float32)
   y = np.tanh(x[:, :2] * 2.0)
   inputs = keras.Input((D,))
-  moe = SparseMoE(
-      num_experts=N_EXPERTS, k=K, expert_hidden_dim=16, seed=1, **kwargs
-  )
+  kwargs = dict(kwargs)
+  if kwargs.pop("hierarchical", False):
+    moe = HierarchicalSparseMoE(
+        num_groups=2, experts_per_group=2, expert_hidden_dim=16, seed=1,
+        **kwargs,
+    )
+  else:
+    moe = SparseMoE(
+        num_experts=N_EXPERTS, k=K, expert_hidden_dim=16, seed=1, **kwargs
+    )
   model = keras.Model(inputs, keras.layers.Dense(2)(moe(inputs)))
   compile_xla = lambda: model.compile(
       keras.optimizers.Adam(0.02), "mse", jit_compile=True
