@@ -342,6 +342,10 @@ def _grouped_ffn_tf_no_bias(
       # kernels: cheaper than one batched Transpose of each [n, ., .] kernel
       # (measured: the Transposes cost ~15 ms per step at n=256, d=128,
       # h=256 on a 2-core CPU, more than oneDNN's transposed-B MatMuls).
+      if saved is not None and not tf.executing_eagerly():
+        return _grouped_ffn_tf_grads_in_place(
+            pieces, hiddens, d_pieces, w1, w2, padding
+        )
       d_rows, d_hiddens, d_w2 = [], [], []
       for g, (hid, dy, w1_g, w2_g) in enumerate(zip(hiddens, d_pieces, w1, w2)):
         if hid is None:
@@ -371,6 +375,82 @@ def _grouped_ffn_tf_no_bias(
     return out, grad
 
   return ffn(rows, kernel_1, kernel_2)
+
+
+# Weight-gradient pieces in flight while `_tf_stack_in_place` writes them.
+IN_PLACE_STACK_LAG = 2
+
+
+def _tf_stack_in_place(make_piece, num_pieces):
+  """TF graph: [num_pieces, ...] from make_piece(i), written into one buffer.
+
+  `tf.stack` of n pieces holds all n pieces and the stacked copy at once
+  (twice the [n, d, h] gradient). Here each piece is written into an
+  uninitialized buffer by `InplaceUpdate`, which reuses the buffer (its only
+  consumer is the next update), and piece i is computed only once piece
+  i - IN_PLACE_STACK_LAG is written: about one buffer plus a few pieces
+  are alive. Graph mode only (eagerly the buffer has a second reference
+  and every update would copy it).
+
+  Args:
+    make_piece: i -> tensor of one static shape and dtype.
+    num_pieces: python int >= 1.
+
+  Returns:
+    The stacked tensor.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  buffer = None
+  written = []
+  for i in range(num_pieces):
+    lagged = (
+        written[-IN_PLACE_STACK_LAG:][:1] if i >= IN_PLACE_STACK_LAG else []
+    )
+    with tf.control_dependencies(lagged):
+      piece = make_piece(i)
+    if buffer is None:
+      buffer = tf.raw_ops.Empty(
+          shape=[num_pieces] + piece.shape.as_list(),
+          dtype=piece.dtype,
+          init=False,
+      )
+    buffer = tf.raw_ops.InplaceUpdate(x=buffer, i=[i], v=piece[None])
+    written.append(buffer)
+  return buffer
+
+
+def _grouped_ffn_tf_grads_in_place(pieces, hiddens, d_pieces, w1, w2, padding):
+  """Gradients of `_grouped_ffn_tf_no_bias` with in-place stacked kernels.
+
+  The same math as its tf.stack version: d_hidden = ReluGrad(dy w2^T),
+  d_rows = d_hidden w1^T, d_w2 = hidden^T dy, d_w1 = rows^T d_hidden per
+  expert; the [n, ., .] kernel gradients are written piece by piece
+  (`_tf_stack_in_place`), d_w1's only once d_w2 is complete.
+
+  Returns:
+    (d_rows [R, d], d_kernel_1 [n, d, h], d_kernel_2 [n, h, d_out]).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  d_hiddens, d_rows = [], []
+  for hid, dy, w1_g, w2_g in zip(hiddens, d_pieces, w1, w2):
+    d_hidden = tf.raw_ops.ReluGrad(
+        gradients=tf.matmul(dy, w2_g, transpose_b=True), features=hid
+    )
+    d_hiddens.append(d_hidden)
+    d_rows.append(tf.matmul(d_hidden, w1_g, transpose_b=True))
+  num_groups = len(w1)
+  d_w2 = _tf_stack_in_place(
+      lambda g: tf.matmul(hiddens[g], d_pieces[g], transpose_a=True),
+      num_groups,
+  )
+  with tf.control_dependencies([d_w2]):
+    d_w1 = _tf_stack_in_place(
+        lambda g: tf.matmul(pieces[g], d_hiddens[g], transpose_a=True),
+        num_groups,
+    )
+  return _tf_concat_rows(d_rows, padding), d_w1, d_w2
 
 
 def _tf_after(x, after):

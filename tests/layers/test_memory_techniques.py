@@ -162,6 +162,26 @@ def test_recompute_runs_the_hidden_layer_again_in_the_gradient_graph():
   assert again.get("Relu", 0) > plain.get("Relu", 0)
 
 
+def test_graph_gradient_writes_kernel_gradients_in_place_same_values():
+  """Dropless TF, no bias, in a tf.function: the [n, d, h] kernel gradients
+  are written piece by piece into one buffer (2 n InplaceUpdate ops, no
+  Pack of n pieces) and equal the eager gradient (tf.stack of the pieces)."""
+  counts = _op_counts(False, None)
+  assert counts.get("InplaceUpdate", 0) == 2 * 8, counts
+  assert counts.get("Empty", 0) == 2, counts
+  x, noise = make_inputs("flat", seed=5)
+  layer = make_layer("flat", None, False)
+  layer.build(x.shape)
+  set_weights(layer, seed=5)
+  (y0, l0, g0), (y1, l1, g1) = [
+      loss_and_grads(layer, x, noise, graph) for graph in (False, True)
+  ]
+  np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-7)
+  for v, a, b in zip(layer.trainable_variables, g0, g1):
+    assert np.any(a != 0), v.name
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=v.name)
+
+
 def test_fit_with_recompute_matches_plain():
   x, _ = make_inputs("flat", seed=4)
   y = np.tanh(x[..., :2])
