@@ -354,11 +354,9 @@ def _grouped_ffn_tf_no_bias(
           after = d_w2[-1:] if d_w2 else []
           with tf.control_dependencies(after):
             hid = tf.nn.relu(tf.matmul(pieces[g], w1_g))
-        d_hidden = tf.raw_ops.ReluGrad(
-            gradients=tf.matmul(dy, w2_g, transpose_b=True), features=hid
-        )
+        d_hidden, d_row = _tf_expert_input_grads(hid, dy, w1_g, w2_g)
         d_hiddens.append(d_hidden)
-        d_rows.append(tf.matmul(d_hidden, w1_g, transpose_b=True))
+        d_rows.append(d_row)
         d_w2.append(tf.matmul(hid, dy, transpose_a=True))
       d_w2 = tf.stack(d_w2)
       # The kernel_1 gradients start once the kernel_2 pieces are stacked
@@ -435,11 +433,9 @@ def _grouped_ffn_tf_grads_in_place(pieces, hiddens, d_pieces, w1, w2, padding):
 
   d_hiddens, d_rows = [], []
   for hid, dy, w1_g, w2_g in zip(hiddens, d_pieces, w1, w2):
-    d_hidden = tf.raw_ops.ReluGrad(
-        gradients=tf.matmul(dy, w2_g, transpose_b=True), features=hid
-    )
+    d_hidden, d_row = _tf_expert_input_grads(hid, dy, w1_g, w2_g)
     d_hiddens.append(d_hidden)
-    d_rows.append(tf.matmul(d_hidden, w1_g, transpose_b=True))
+    d_rows.append(d_row)
   num_groups = len(w1)
   d_w2 = _tf_stack_in_place(
       lambda g: tf.matmul(hiddens[g], d_pieces[g], transpose_a=True),
@@ -451,6 +447,20 @@ def _grouped_ffn_tf_grads_in_place(pieces, hiddens, d_pieces, w1, w2, padding):
         num_groups,
     )
   return _tf_concat_rows(d_rows, padding), d_w1, d_w2
+
+
+def _tf_expert_input_grads(hidden, d_out, kernel_1, kernel_2):
+  """One expert's (d_hidden, d_rows) of ReLU(rows w1) w2, TensorFlow.
+
+  d_hidden = ReluGrad(d_out w2^T) and d_rows = d_hidden w1^T, both as
+  MatMul(transpose_b=True) on the (aliased) per-expert kernel slices.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  d_hidden = tf.raw_ops.ReluGrad(
+      gradients=tf.matmul(d_out, kernel_2, transpose_b=True), features=hidden
+  )
+  return d_hidden, tf.matmul(d_hidden, kernel_1, transpose_b=True)
 
 
 def _tf_after(x, after):

@@ -642,7 +642,7 @@ class MoEBase(keras.layers.Layer):
       python bool.
     """
     return (
-        getattr(self, "gating", None) == "batchwise"
+        self._slots_are_experts()
         and self.capacity_factor is None
         and self._expert_shards is None
         and backend_ops.backend_name() == "tensorflow"
