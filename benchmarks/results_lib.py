@@ -335,21 +335,43 @@ def choose_lrs(results_dir, configs, lrs, steps) -> Dict[str, float]:
 
 
 def write_lr_choice(results_dir, choice, lrs, steps):
+  """Writes `choice` to lr_choice.json, keeping other configs' choices.
+
+  A sweep of some configs (e.g. one background lane per config) keeps the
+  choices already written for other configs by a sweep of the same rates
+  and length; a sweep of other rates or another length replaces the file.
+  The file is replaced atomically, so a reader never sees half of it.
+
+  Args:
+    results_dir: where lr_choice.json is.
+    choice: {config: rate} of this sweep.
+    lrs: the swept rates.
+    steps: the sweep runs' steps.
+  """
   path = os.path.join(results_dir, LR_CHOICE_FILE)
   os.makedirs(results_dir, exist_ok=True)
-  with open(path, "w") as f:
+  merged = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous.get("steps") == steps and previous.get("lrs") == list(lrs):
+      merged.update(previous.get("choice", {}))
+  merged.update(choice)
+  tmp_path = f"{path}.tmp{os.getpid()}"
+  with open(tmp_path, "w") as f:
     json.dump(
         {
             "rule": "lowest final dev perplexity",
             "seed": SWEEP_SEED,
             "steps": steps,
             "lrs": list(lrs),
-            "choice": choice,
+            "choice": merged,
         },
         f,
         indent=1,
     )
     f.write("\n")
+  os.replace(tmp_path, path)
 
 
 def read_lr_choice(results_dir) -> Dict[str, float]:

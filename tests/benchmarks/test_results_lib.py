@@ -356,3 +356,19 @@ def test_plots_of_a_longer_grid_do_not_replace_the_sweep_lengths(tmp_path):
       "curves_tokens.png",
       "curves_wallclock.png",
   ]
+
+
+def test_sweeps_of_single_configs_keep_each_others_choice(tmp_path):
+  lrs = [1e-3, 2e-3]
+  results_lib.write_lr_choice(tmp_path, {"dense": 2e-3}, lrs, 100)
+  results_lib.write_lr_choice(tmp_path, {"moe": 1e-3}, lrs, 100)
+  assert results_lib.read_lr_choice(tmp_path) == {"dense": 2e-3, "moe": 1e-3}
+  # A config swept again replaces its own choice only.
+  results_lib.write_lr_choice(tmp_path, {"moe": 2e-3}, lrs, 100)
+  assert results_lib.read_lr_choice(tmp_path) == {"dense": 2e-3, "moe": 2e-3}
+  # Another length or other rates: the earlier choices do not apply.
+  results_lib.write_lr_choice(tmp_path, {"moe": 1e-3}, lrs, 200)
+  assert results_lib.read_lr_choice(tmp_path) == {"moe": 1e-3}
+  results_lib.write_lr_choice(tmp_path, {"dense": 4e-3}, [2e-3, 4e-3], 200)
+  assert results_lib.read_lr_choice(tmp_path) == {"dense": 4e-3}
+  assert os.listdir(tmp_path) == [results_lib.LR_CHOICE_FILE]
