@@ -211,9 +211,7 @@ def test_paired_margins_compare_seed_with_seed(tmp_path):
     for seed, curve in curves.items():
       run = results_lib.Run(config, 1e-3, seed, 2)
       _write(tmp_path, run, 1.0, 1.0, curve)
-  rows = results_lib.collect_rows(
-      tmp_path, ["dense", "moe"], [0, 1, 2], 2, lrs
-  )
+  rows = results_lib.collect_rows(tmp_path, ["dense", "moe"], [0, 1, 2], 2, lrs)
   got = results_lib.paired_margins(rows[1], rows[0])
   # Step 1: 220/200 - 1 = +10%, 250/250 - 1 = 0%; step 2: -5%, -20%.
   assert [p["step"] for p in got] == [1, 2]
@@ -222,8 +220,12 @@ def test_paired_margins_compare_seed_with_seed(tmp_path):
   np.testing.assert_allclose([p["low"] for p in got], [0.0, -20.0])
   np.testing.assert_allclose([p["high"] for p in got], [10.0, -5.0])
   np.testing.assert_allclose([p["tokens"] for p in got], [1e6, 2e6])
-  assert results_lib.paired_margins(rows[0], results_lib.Row("x", None, [])) == []
-  plots = results_lib.write_plots(rows, str(tmp_path), "c", ["dense"], [1e-3], 2)
+  assert (
+      results_lib.paired_margins(rows[0], results_lib.Row("x", None, [])) == []
+  )
+  plots = results_lib.write_plots(
+      rows, str(tmp_path), "c", ["dense"], [1e-3], 2
+  )
   assert "margins_tokens.png" in [os.path.basename(p) for p in plots]
   assert os.path.getsize(os.path.join(tmp_path, "margins_tokens.png")) > 0
 
