@@ -187,6 +187,15 @@ def _main():
     if reference in by_name:
       print()
       print(results_lib.margin_table(rows, by_name[reference]))
+  print()
+  print(
+      "## Margin trend (paired seeds; dev margin fitted as a line in"
+      " log2(tokens) over the last two doublings; extrapolated)"
+  )
+  for reference in (configs[0], "moe_4"):
+    if reference in by_name:
+      print()
+      print(results_lib.margin_trend_table(rows, by_name[reference]))
   baseline = configs[0]
   if baseline in sweep_configs:
     for lr in lrs:

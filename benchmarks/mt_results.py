@@ -138,6 +138,12 @@ def _main():
   print()
   print("## Time to the baseline's dev perplexity")
   print(results_lib.time_to_quality_table(rows))
+  print()
+  print(
+      "## Margin trend (paired seeds; dev margin fitted as a line in"
+      " log2(tokens) over the last two doublings; extrapolated)"
+  )
+  print(results_lib.margin_trend_table(rows, rows[0]))
   plots = results_lib.write_plots(
       rows,
       results_dir,

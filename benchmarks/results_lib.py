@@ -761,6 +761,127 @@ def paired_margins(row: Row, reference: Row) -> List[dict]:
   return out
 
 
+# The trend fit's window: points from this fraction of the final tokens on
+# (1/4: the last two doublings of training tokens).
+TREND_WINDOW = 0.25
+# Extrapolations beyond this many times the measured tokens print as such.
+TREND_HORIZON = 1000
+
+
+def fit_log2_line(xs: Sequence[float], ys: Sequence[float]):
+  """Least-squares y = a + b * log2(x); returns (a, b).
+
+  Raises:
+    ValueError: fewer than two distinct x.
+  """
+  logs = [math.log2(x) for x in xs]
+  mean_x, mean_y = statistics.fmean(logs), statistics.fmean(ys)
+  var = sum((u - mean_x) ** 2 for u in logs)
+  if var == 0.0:
+    raise ValueError("a trend needs two distinct token counts")
+  slope = sum((u - mean_x) * (v - mean_y) for u, v in zip(logs, ys)) / var
+  return mean_y - slope * mean_x, slope
+
+
+def _tokens_to_reach(intercept, slope, target, tokens_end):
+  """Where a + b log2(t) = target, in tokens; None if the line never gets
+  there going forward (b >= 0 with the end above target); tokens_end if
+  the line is already at or below target at the end."""
+  at_end = intercept + slope * math.log2(tokens_end)
+  if at_end <= target:
+    return tokens_end
+  if slope >= 0.0:
+    return None
+  return 2.0 ** ((target - intercept) / slope)
+
+
+def margin_trend_table(
+    rows: List[Row], reference: Row, targets=(-5.0, -15.0)
+) -> str:
+  """Markdown: each row's margin vs reference as a line in log2(tokens).
+
+  Per seed pair (seed s of the row against seed s of the reference, as
+  `paired_margins`), the dev-perplexity margin in percent at the validated
+  steps from TREND_WINDOW of the final tokens on is fitted by least squares
+  as margin = a + b * log2(tokens): b is the change per doubling of training
+  tokens. The table gives b (mean over pairs, min-max), the fitted margin at
+  the end, and the training tokens at which the mean line would reach each
+  target margin: an extrapolation of the measured trend, not a measurement
+  (it assumes the trend of the window holds, e.g. no new overfitting).
+
+  Args:
+    rows: the rows compared (reference itself is skipped).
+    reference: the row every margin is against.
+    targets: margins (percent, negative = better) to extrapolate to.
+
+  Returns:
+    The markdown table, or a one-line note without paired seeds.
+  """
+  ref_by_seed = {s["seed"]: s for s in reference.summaries}
+  header = (
+      f"| vs {reference.config} | pairs | fit window | points |"
+      " change per doubling | min-max | fitted margin at end | "
+      + " | ".join(f"tokens to {t:+.0f}%" for t in targets)
+      + " |"
+  )
+  lines = [header, "|---|---:|---|---:|---:|---|---:|" + "---:|" * len(targets)]
+  for row in rows:
+    if row is reference:
+      continue
+    fits, windows = [], []
+    for summary in row.summaries:
+      base = ref_by_seed.get(summary["seed"])
+      if base is None:
+        continue
+      ref = {p["step"]: p for p in base["curve"] if p.get("dev_perplexity")}
+      points = [
+          (
+              ref[p["step"]]["tokens"],
+              100.0
+              * (p["dev_perplexity"] / ref[p["step"]]["dev_perplexity"] - 1.0),
+          )
+          for p in summary["curve"]
+          if p.get("dev_perplexity") and p["step"] in ref
+      ]
+      if not points:
+        continue
+      end = max(t for t, _ in points)
+      window = [(t, m) for t, m in points if t >= TREND_WINDOW * end]
+      if len({t for t, _ in window}) < 2:
+        continue
+      fits.append(fit_log2_line(*zip(*window)))
+      windows.append((min(t for t, _ in window), end, len(window)))
+    if not fits:
+      continue
+    start = statistics.fmean(w[0] for w in windows)
+    end = statistics.fmean(w[1] for w in windows)
+    slopes = [b for _, b in fits]
+    intercept = statistics.fmean(a for a, _ in fits)
+    slope = statistics.fmean(slopes)
+    cells = []
+    for target in targets:
+      tokens = _tokens_to_reach(intercept, slope, target, end)
+      if tokens is None:
+        cells.append("not on this trend")
+      elif tokens == end:
+        cells.append("reached")
+      elif tokens > TREND_HORIZON * end:
+        cells.append(f"> {TREND_HORIZON}x")
+      else:
+        cells.append(f"{tokens / 1e6:,.0f}M ({tokens / end:.0f}x)")
+    lines.append(
+        f"| {row.config} | {len(fits)} | {start / 1e6:.1f}-{end / 1e6:.1f}M"
+        f" tok | {windows[0][2]} | {slope:+.2f} pts |"
+        f" {min(slopes):+.2f} to {max(slopes):+.2f} |"
+        f" {intercept + slope * math.log2(end):+.1f}% | "
+        + " | ".join(cells)
+        + " |"
+    )
+  if len(lines) == 2:
+    return f"(no seed of a row is paired with a {reference.config} seed)"
+  return "\n".join(lines)
+
+
 def plot_margins(rows: List[Row], path: str, title: str) -> List[str]:
   """Writes a PNG of each row's paired margin vs rows[0] against tokens.
 

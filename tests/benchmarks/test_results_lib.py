@@ -1,6 +1,7 @@
 """results_lib: statistics, rate choice and time-to-quality, hand-checked."""
 
 import json
+import math
 import os
 import sys
 
@@ -374,3 +375,59 @@ def test_sweeps_of_single_configs_keep_each_others_choice(tmp_path):
   results_lib.write_lr_choice(tmp_path, {"dense": 4e-3}, [2e-3, 4e-3], 200)
   assert results_lib.read_lr_choice(tmp_path) == {"dense": 4e-3}
   assert os.listdir(tmp_path) == [results_lib.LR_CHOICE_FILE]
+
+
+def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
+  del tmp_path
+  tokens = [1e6, 2e6, 4e6, 8e6, 16e6]
+
+  def summary(seed, margins):
+    curve = _curve(
+        [
+            (i + 1, t, 10.0 * (i + 1), 100.0 * (1.0 + m / 100.0))
+            for i, (t, m) in enumerate(zip(tokens, margins))
+        ]
+    )
+    return {"seed": seed, "curve": curve}
+
+  def line(a, b):  # margin = a + b * log2(tokens / 1M)
+    return [a + b * math.log2(t / 1e6) for t in tokens]
+
+  reference = results_lib.Row(
+      "dense", 1e-3, [summary(s, [0.0] * 5) for s in (0, 1)]
+  )
+  # Seed 0: 4 - 2 per doubling, but +50% at 1M (outside the fit window,
+  # which starts at 16M / 4 = 4M); seed 1: 2 - 4 per doubling; seed 2 has
+  # no dense partner.
+  seed0 = line(4.0, -2.0)
+  seed0[0] = 50.0
+  moe = results_lib.Row(
+      "moe",
+      1e-3,
+      [summary(0, seed0), summary(1, line(2.0, -4.0)), summary(2, [-90.0] * 5)],
+  )
+  flat = results_lib.Row("flat", 1e-3, [summary(0, [1.0] * 5)])
+  # -0.1 per doubling from -4.9% at 16M: -5% one doubling on (32M), -15%
+  # 101 doublings on.
+  slow = results_lib.Row("slow", 1e-3, [summary(0, line(-4.5, -0.1))])
+  table = results_lib.margin_trend_table(
+      [reference, moe, flat, slow], reference
+  )
+  lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
+  # Slopes -2 and -4 (mean -3); at 16M: -4% and -14% (mean -9%, already
+  # past -5%); -15% is 2 doublings on at -3 per doubling: 64M, 4x.
+  assert lines["moe"] == (
+      "| moe | 2 | 4.0-16.0M tok | 3 | -3.00 pts | -4.00 to -2.00 | -9.0% |"
+      " reached | 64M (4x) |"
+  )
+  assert lines["flat"].endswith(
+      "| +0.00 pts | +0.00 to +0.00 | +1.0% | not on this trend | not on"
+      " this trend |"
+  )
+  assert lines["slow"].endswith("| -4.9% | 32M (2x) | > 1000x |")
+  a, b = results_lib.fit_log2_line([2.0, 4.0, 8.0], [1.0, 3.0, 5.0])
+  assert (a, b) == pytest.approx((-1.0, 2.0))
+  with pytest.raises(ValueError, match="two distinct"):
+    results_lib.fit_log2_line([4.0, 4.0], [1.0, 2.0])
+  unpaired = results_lib.Row("x", 1e-3, [summary(5, [1.0] * 5)])
+  assert "no seed" in results_lib.margin_trend_table([unpaired], reference)
