@@ -882,6 +882,35 @@ def margin_trend_table(
   return "\n".join(lines)
 
 
+def _pyplot():
+  """matplotlib.pyplot on the file-only Agg backend."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  return plt
+
+
+def _banded_line(ax, xs, mid, low, high, label):
+  """One line with its [low, high] band shaded in the line's colour."""
+  (line,) = ax.plot(xs, mid, marker="o", ms=3, label=label)
+  ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
+
+
+def _finish_plot(plt, fig, ax, path, title, xlabel, ylabel):
+  """Labels, grid, legend (when there are lines); writes `path`."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_margins(rows: List[Row], path: str, title: str) -> List[str]:
   """Writes a PNG of each row's paired margin vs rows[0] against tokens.
 
@@ -892,11 +921,6 @@ def plot_margins(rows: List[Row], path: str, title: str) -> List[str]:
   Returns:
     [path], or [] when no row shares a seed with the baseline.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   if not rows:
     return []
   reference = rows[0]
@@ -904,32 +928,27 @@ def plot_margins(rows: List[Row], path: str, title: str) -> List[str]:
   margins = [(row, m) for row, m in margins if m]
   if not margins:
     return []
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for row, points in margins:
-    xs = [p["tokens"] / 1e6 for p in points]
-    (line,) = ax.plot(
-        xs,
+    _banded_line(
+        ax,
+        [p["tokens"] / 1e6 for p in points],
         [p["margin"] for p in points],
-        marker="o",
-        ms=3,
-        label=f"{row.config} (seeds paired: {points[0]['seeds']})",
-    )
-    ax.fill_between(
-        xs,
         [p["low"] for p in points],
         [p["high"] for p in points],
-        color=line.get_color(),
-        alpha=0.2,
+        label=f"{row.config} (seeds paired: {points[0]['seeds']})",
     )
   ax.axhline(0.0, color="black", lw=0.8)
-  ax.set_xlabel("training tokens (millions)")
-  ax.set_ylabel(f"dev perplexity vs {reference.config} (%)")
-  ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _finish_plot(
+      plt,
+      fig,
+      ax,
+      path,
+      title,
+      "training tokens (millions)",
+      f"dev perplexity vs {reference.config} (%)",
+  )
   return [path]
 
 
@@ -977,14 +996,10 @@ def time_to_quality_table(rows: List[Row]) -> str:
 
 def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
   """Writes <prefix>_tokens.png and <prefix>_wallclock.png; returns paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   written = []
   if not any(row.summaries for row in rows):
     return written
+  plt = _pyplot()
   for key, label, scale in (
       ("tokens", "training tokens (millions)", 1e6),
       ("train_seconds", "training wall clock (minutes)", 60.0),
@@ -992,31 +1007,20 @@ def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
       curve = mean_curve(row.summaries)
-      if not curve:
-        continue
-      xs = [p[key] / scale for p in curve]
-      mean = [p["dev_perplexity"] for p in curve]
-      low = [p["dev_min"] for p in curve]
-      high = [p["dev_max"] for p in curve]
-      (line,) = ax.plot(
-          xs,
-          mean,
-          marker="o",
-          ms=3,
-          label=f"{row.config} (n={len(row.summaries)})",
-      )
-      ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel(label)
-    ax.set_ylabel("dev perplexity (exact softmax)")
+      if curve:
+        _banded_line(
+            ax,
+            [p[key] / scale for p in curve],
+            [p["dev_perplexity"] for p in curve],
+            [p["dev_min"] for p in curve],
+            [p["dev_max"] for p in curve],
+            label=f"{row.config} (n={len(row.summaries)})",
+        )
     ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=8)
-    fig.tight_layout()
     path = f"{path_prefix}_{'tokens' if key == 'tokens' else 'wallclock'}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_plot(
+        plt, fig, ax, path, title, label, "dev perplexity (exact softmax)"
+    )
     written.append(path)
   return written
 
