@@ -77,8 +77,10 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "mode",
     "all",
-    ["all", "sweep", "grid", "table"],
-    "sweep: the rate sweep; grid: the table's runs; all: both; table: print.",
+    ["all", "sweep", "grid", "table", "speed"],
+    "sweep: the rate sweep; grid: the table's runs; all: both; table: print;"
+    " speed: measure each config's training step time (results_lib."
+    "measure_step_times; on an idle machine), then print.",
 )
 flags.DEFINE_string(
     "output_dir", None, "Model dirs (default ~/moe_keras_runs/lm_<corpus>)."
@@ -87,6 +89,15 @@ flags.DEFINE_string(
     "results_dir", None, "Summaries (default results/lm_<corpus>)."
 )
 flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
+flags.DEFINE_integer(
+    "speed_period",
+    100,
+    "--mode=speed: steps per timing period (3 periods run, the last 2 timed).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "speed_rounds", 3, "--mode=speed: alternating rounds.", lower_bound=1
+)
 
 
 def _counts(corpus, configs):
@@ -159,6 +170,23 @@ def _main():
       lr_from=FLAGS.lr_from,
       sweep_steps=sweep_steps,
   )
+  if FLAGS.mode == "speed":
+    for config, speed in results_lib.measure_step_times(
+        corpus,
+        configs,
+        rates,
+        results_dir,
+        work_dir=output_dir,
+        period=FLAGS.speed_period,
+        rounds=FLAGS.speed_rounds,
+        extra_bindings=FLAGS.gin_bindings,
+    ).items():
+      print(
+          f"{config}: {speed['seconds_per_step']:.3f} s/step (rounds:"
+          f" {', '.join(f'{t:.3f}' for t in speed['rounds'])}),"
+          f" {speed['tokens_per_step']:.0f} tokens/step",
+          flush=True,
+      )
 
   print()
   print(
@@ -213,7 +241,11 @@ def _main():
         print(results_lib.margin_table(swept, swept[0]))
   print()
   print("## Time to the baseline's quality")
-  print(results_lib.time_to_quality_table(rows))
+  print(
+      results_lib.time_to_quality_table(
+          rows, results_lib.read_step_times(results_dir)
+      )
+  )
   plots = results_lib.write_plots(
       rows,
       results_dir,

@@ -58,7 +58,11 @@ flags.DEFINE_integer("steps_per_eval", 250, "Checkpoint + dev period.")
 flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Swept peak rates.")
 flags.DEFINE_list("sweep_configs", None, "Configs swept (default: --configs).")
 flags.DEFINE_enum(
-    "mode", "all", ["all", "sweep", "grid", "table"], "What to do."
+    "mode",
+    "all",
+    ["all", "sweep", "grid", "table", "speed"],
+    "What to do (speed: measure each config's training step time,"
+    " results_lib.measure_step_times, on an idle machine; then print).",
 )
 flags.DEFINE_string(
     "output_dir", None, "Model dirs (default ~/moe_keras_runs/mt_<corpus>)."
@@ -67,6 +71,15 @@ flags.DEFINE_string(
     "results_dir", None, "Summaries (default results/mt_<corpus>)."
 )
 flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
+flags.DEFINE_integer(
+    "speed_period",
+    20,
+    "--mode=speed: steps per timing period (3 periods run, the last 2 timed).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "speed_rounds", 3, "--mode=speed: alternating rounds.", lower_bound=1
+)
 
 
 def _summarize(result):
@@ -124,6 +137,23 @@ def _main():
       execute,
       sweep_steps=sweep_steps,
   )
+  if FLAGS.mode == "speed":
+    for config, speed in results_lib.measure_step_times(
+        corpus,
+        configs,
+        rates,
+        results_dir,
+        work_dir=output_dir,
+        period=FLAGS.speed_period,
+        rounds=FLAGS.speed_rounds,
+        extra_bindings=FLAGS.gin_bindings,
+    ).items():
+      print(
+          f"{config}: {speed['seconds_per_step']:.3f} s/step (rounds:"
+          f" {', '.join(f'{t:.3f}' for t in speed['rounds'])}),"
+          f" {speed['tokens_per_step']:.0f} tokens/step",
+          flush=True,
+      )
 
   print(
       f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED},"
@@ -137,7 +167,11 @@ def _main():
     print(results_lib.results_table(rows, metric))
   print()
   print("## Time to the baseline's dev perplexity")
-  print(results_lib.time_to_quality_table(rows))
+  print(
+      results_lib.time_to_quality_table(
+          rows, results_lib.read_step_times(results_dir)
+      )
+  )
   print()
   print(
       "## Margin trend (paired seeds; dev margin fitted as a line in"

@@ -32,6 +32,8 @@ import dataclasses
 import json
 import math
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,7 @@ from moe_keras import learning_curve  # pylint: disable=g-import-not-at-top,wron
 SWEEP_SEED = 100
 SUMMARY_DIR = "runs"
 LR_CHOICE_FILE = "lr_choice.json"
+STEP_TIME_FILE = "step_time.json"
 # Named variants: NAME@VARIANT trains NAME with these extra bindings.
 VARIANTS = {
     "nobalance": ("moe_spec.w_importance = 0.0", "moe_spec.w_load = 0.0"),
@@ -305,6 +308,153 @@ def execute(
     f.write("\n")
   os.replace(tmp, path)
   return summary
+
+
+# -- step time on this machine ---------------------------------------------
+
+
+def measure_step_time(
+    corpus: Corpus,
+    config: str,
+    lr: Optional[float],
+    work_dir: str,
+    period: int,
+    extra_bindings: Sequence[str] = (),
+) -> dict:
+  """Seconds and tokens per training step of `config`, measured now.
+
+  Trains 3 * `period` steps (seed 0, the real data pipeline, model and
+  optimizer, through `moe_keras.train` as every grid run, without
+  validation) in `work_dir`, which is removed afterwards, and reads the
+  learning curve's training wall clock: the steps from `period` to
+  3 * `period` (the first period, with tracing and warm-up, is left out;
+  checkpoints are not in the curve's training seconds).
+
+  Args:
+    corpus: the corpus the config belongs to.
+    config: NAME or NAME@VARIANT.
+    lr: its rate (None: the config's own); it does not change the time.
+    work_dir: a directory that does not exist yet.
+    period: steps per curve point.
+    extra_bindings: bindings of every run of the grid (--gin_bindings).
+
+  Returns:
+    {"seconds_per_step", "tokens_per_step"}.
+  """
+  if os.path.exists(work_dir):
+    raise GridError(f"step-time work dir {work_dir} exists already")
+  run = Run(config, lr, 0, 3 * period)
+  os.makedirs(work_dir)
+  try:
+    _subprocess(
+        [
+            "moe_keras.train",
+            "--gin_file="
+            + os.path.join(REPO, corpus.gin_dir, f"{run.base_config}.gin"),
+            f"--model_dir={work_dir}",
+            "--verbose=2",
+        ]
+        + [
+            f"--gin_bindings={b}"
+            for b in (
+                run_bindings(corpus, run, period)
+                + list(extra_bindings)
+                + ["training.steps_per_eval = None"]
+            )  # no validation
+        ],
+        os.path.join(work_dir, "run.log"),
+    )
+    points = {p["step"]: p for p in learning_curve.read_curve(work_dir)}
+  finally:
+    shutil.rmtree(work_dir, ignore_errors=True)
+  first, last = points[period], points[3 * period]
+  steps = 2 * period
+  return {
+      "seconds_per_step": (
+          (last["train_seconds"] - first["train_seconds"]) / steps
+      ),
+      "tokens_per_step": (last["tokens"] - first["tokens"]) / steps,
+  }
+
+
+def measure_step_times(
+    corpus: Corpus,
+    configs: Sequence[str],
+    rates: Dict[str, float],
+    results_dir: str,
+    work_dir: str,
+    period: int,
+    rounds: int,
+    extra_bindings: Sequence[str] = (),
+) -> Dict[str, dict]:
+  """Step time of every config, `rounds` alternating rounds; writes a file.
+
+  The configs alternate within each round, so that a change of machine load
+  hits all of them alike; the median over rounds is kept. The result goes
+  to `STEP_TIME_FILE` in results_dir with the machine it was measured on.
+  Take it on an otherwise idle machine: it is what turns the tables' tokens
+  into wall clock (`time_to_quality_table`), where the runs' own training
+  seconds include whatever else shared the machine.
+
+  Returns:
+    {config: {"seconds_per_step", "tokens_per_step", "rounds": [...]}}.
+  """
+  measured = {config: [] for config in configs}
+  for r in range(rounds):
+    for config in configs:
+      measured[config].append(
+          measure_step_time(
+              corpus,
+              config,
+              rates.get(config),
+              os.path.join(work_dir, f"step_time_{config}_{r}"),
+              period,
+              extra_bindings,
+          )
+      )
+  result = {
+      config: {
+          "seconds_per_step": statistics.median(
+              m["seconds_per_step"] for m in values
+          ),
+          "tokens_per_step": statistics.median(
+              m["tokens_per_step"] for m in values
+          ),
+          "rounds": [m["seconds_per_step"] for m in values],
+      }
+      for config, values in measured.items()
+  }
+  os.makedirs(results_dir, exist_ok=True)
+  path = os.path.join(results_dir, STEP_TIME_FILE)
+  previous = read_step_times(results_dir)
+  previous.update(result)
+  tmp_path = f"{path}.tmp{os.getpid()}"
+  with open(tmp_path, "w") as f:
+    json.dump(
+        {
+            "timed_steps": 2 * period,
+            "rounds": rounds,
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "code": code_version(),
+            "configs": previous,
+        },
+        f,
+        indent=1,
+    )
+    f.write("\n")
+  os.replace(tmp_path, path)
+  return result
+
+
+def read_step_times(results_dir) -> Dict[str, dict]:
+  """{config: {"seconds_per_step", "tokens_per_step", ...}} or {}."""
+  path = os.path.join(results_dir, STEP_TIME_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)["configs"]
 
 
 # -- learning-rate choice ----------------------------------------------------
@@ -952,45 +1102,85 @@ def plot_margins(rows: List[Row], path: str, title: str) -> List[str]:
   return [path]
 
 
-def time_to_quality_table(rows: List[Row]) -> str:
+def time_to_quality_table(
+    rows: List[Row], step_times: Optional[Dict[str, dict]] = None
+) -> str:
   """Tokens and wall clock for each config to reach rows[0]'s final dev ppl.
 
   On the mean-over-seeds curves: the target is the baseline's mean final
   dev perplexity (its own mean curve reaches it at its last point).
+
+  Args:
+    rows: the table's rows; rows[0] is the baseline.
+    step_times: `read_step_times`' {config: {"seconds_per_step",
+      "tokens_per_step"}}, measured on an idle machine; with it, two more
+      columns give the time to the target at that speed: tokens to target /
+      tokens per step x seconds per step (the runs' own wall clock counts
+      whatever else shared the machine).
+
+  Returns:
+    The markdown table with a one-paragraph header.
   """
+  step_times = step_times or {}
   base = rows[0]
   base_curve = mean_curve(base.summaries)
   if not base_curve:
     return "(no baseline runs yet)"
   target = base_curve[-1]["dev_perplexity"]
+
+  def idle_seconds(config, tokens):
+    speed = step_times.get(config)
+    if speed is None:
+      return None
+    return tokens / speed["tokens_per_step"] * speed["seconds_per_step"]
+
+  base_tokens = base_curve[-1]["tokens"]
+  base_seconds = base_curve[-1]["train_seconds"]
+  base_idle = idle_seconds(base.config, base_tokens)
+  timed = base_idle is not None
   lines = [
       f"Target: the baseline's ({base.config}) final dev perplexity, mean"
       f" over its {len(base.summaries)} seeds: {target:.2f}. Crossings on"
-      " the mean-over-seeds dev curves, linearly interpolated.",
+      " the mean-over-seeds dev curves, linearly interpolated."
+      + (
+          " At measured step time: tokens to target at each config's"
+          " seconds per step measured on an idle machine"
+          f" ({STEP_TIME_FILE})."
+          if timed
+          else ""
+      ),
       "",
       "| config | seeds | tokens to target | vs baseline |"
-      " wall clock to target | vs baseline |",
-      "|---|---:|---:|---:|---:|---:|",
+      " wall clock to target | vs baseline |"
+      + (" at measured step time | vs baseline |" if timed else ""),
+      "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if timed else ""),
   ]
-  base_tokens = base_curve[-1]["tokens"]
-  base_seconds = base_curve[-1]["train_seconds"]
   for row in rows:
     curve = mean_curve(row.summaries)
     if not curve:
       continue
     tokens = first_crossing(curve, target, "tokens")
-    seconds = first_crossing(curve, target, "train_seconds")
     if tokens is None:
       lines.append(
           f"| {row.config} | {len(row.summaries)} | not reached in"
-          f" {curve[-1]['tokens'] / 1e6:.2f}M | - | - | - |"
+          f" {curve[-1]['tokens'] / 1e6:.2f}M | - | - | -"
+          + (" | - | - |" if timed else " |")
       )
       continue
-    lines.append(
+    seconds = first_crossing(curve, target, "train_seconds")
+    line = (
         f"| {row.config} | {len(row.summaries)} | {tokens / 1e6:.2f}M |"
         f" {tokens / base_tokens:.2f}x | {seconds / 60:.1f} min |"
         f" {seconds / base_seconds:.2f}x |"
     )
+    if timed:
+      idle = idle_seconds(row.config, tokens)
+      line += (
+          " - | - |"
+          if idle is None
+          else f" {idle / 60:.1f} min | {idle / base_idle:.2f}x |"
+      )
+    lines.append(line)
   return "\n".join(lines)
 
 

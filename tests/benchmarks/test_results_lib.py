@@ -166,6 +166,87 @@ def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
       f"| moe | 1 | {tokens / 1e6:.2f}M | {tokens / 2e6:.2f}x |"
       f" {seconds / 60:.1f} min | {seconds / 120.0:.2f}x |"
   ) in table
+  # At measured step times: dense 2,000 tokens/step at 0.5 s, MoE at 0.8 s.
+  steps = {
+      "dense": {"seconds_per_step": 0.5, "tokens_per_step": 2000.0},
+      "moe": {"seconds_per_step": 0.8, "tokens_per_step": 2000.0},
+  }
+  table = results_lib.time_to_quality_table(rows, steps)
+  dense_idle = 2e6 / 2000.0 * 0.5  # 500 s
+  moe_idle = tokens / 2000.0 * 0.8
+  assert (
+      "| dense | 1 | 2.00M | 1.00x | 2.0 min | 1.00x | 8.3 min | 1.00x |"
+      in (table)
+  )
+  assert (
+      f" {seconds / 120.0:.2f}x | {moe_idle / 60:.1f} min |"
+      f" {moe_idle / dense_idle:.2f}x |"
+  ) in table
+  # A config without a measured time gets dashes; none for the baseline:
+  # no such columns.
+  assert "| moe | 1 |" in results_lib.time_to_quality_table(
+      rows, {"moe": steps["moe"]}
+  )
+  assert "at measured step time" not in results_lib.time_to_quality_table(
+      rows, {"moe": steps["moe"]}
+  )
+  partial = results_lib.time_to_quality_table(rows, {"dense": steps["dense"]})
+  assert f" {seconds / 120.0:.2f}x | - | - |" in partial
+
+
+def test_step_times_from_the_training_curve(tmp_path, monkeypatch):
+  corpus = results_lib.Corpus(name="c", gin_dir="gin/mt/debian_en_fr")
+  calls = []
+
+  def fake_train(args, log_path):
+    # The trainer's curve: the first period slow (tracing), then per
+    # config a fixed time and tokens per step.
+    model_dir = next(a for a in args if a.startswith("--model_dir="))
+    model_dir = model_dir.split("=", 1)[1]
+    config = os.path.basename(model_dir).split("_")[2]
+    calls.append((config, args))
+    per_step = {"dense": 0.5, "moe": 0.75}[config]
+    with open(os.path.join(model_dir, "curve.jsonl"), "w") as f:
+      for step, seconds in (
+          (10, 30.0),
+          (20, 30.0 + 10 * per_step),
+          (30, 30.0 + 20 * per_step),
+      ):
+        f.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "tokens": 4096.0 * step,
+                    "train_seconds": seconds,
+                }
+            )
+            + "\n"
+        )
+    assert os.path.dirname(log_path) == model_dir
+
+  monkeypatch.setattr(results_lib, "_subprocess", fake_train)
+  result = results_lib.measure_step_times(
+      corpus,
+      ["dense", "moe"],
+      {"dense": 1e-3},
+      results_dir=os.path.join(tmp_path, "results"),
+      work_dir=str(tmp_path),
+      period=10,
+      rounds=2,
+  )
+  assert [c for c, _ in calls] == ["dense", "moe", "dense", "moe"]
+  assert "--gin_bindings=TRAIN_STEPS = 30" in calls[0][1]
+  assert calls[0][1][-1] == "--gin_bindings=training.steps_per_eval = None"
+  assert "--gin_bindings=PEAK_LEARNING_RATE = 0.001" in calls[0][1]
+  assert not any("PEAK_LEARNING_RATE" in a for a in calls[1][1])
+  assert result["dense"]["seconds_per_step"] == pytest.approx(0.5)
+  assert result["moe"]["seconds_per_step"] == pytest.approx(0.75)
+  assert result["moe"]["tokens_per_step"] == pytest.approx(4096.0)
+  # The work dirs are gone; the file keeps every config.
+  assert sorted(os.listdir(tmp_path)) == ["results"]
+  assert results_lib.read_step_times(os.path.join(tmp_path, "results")) == (
+      result
+  )
 
 
 def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
