@@ -171,22 +171,9 @@ def _main():
       sweep_steps=sweep_steps,
   )
   if FLAGS.mode == "speed":
-    for config, speed in results_lib.measure_step_times(
-        corpus,
-        configs,
-        rates,
-        results_dir,
-        work_dir=output_dir,
-        period=FLAGS.speed_period,
-        rounds=FLAGS.speed_rounds,
-        extra_bindings=FLAGS.gin_bindings,
-    ).items():
-      print(
-          f"{config}: {speed['seconds_per_step']:.3f} s/step (rounds:"
-          f" {', '.join(f'{t:.3f}' for t in speed['rounds'])}),"
-          f" {speed['tokens_per_step']:.0f} tokens/step",
-          flush=True,
-      )
+    results_lib.run_speed_mode(
+        corpus, configs, rates, results_dir, output_dir, FLAGS
+    )
 
   print()
   print(

@@ -207,6 +207,24 @@ def code_version() -> str:
   return commit + ("+dirty" if dirty else "")
 
 
+def _write_json(path, value):
+  """Writes `value` to `path` atomically (a reader never sees half of it)."""
+  tmp_path = f"{path}.tmp{os.getpid()}"
+  with open(tmp_path, "w") as f:
+    json.dump(value, f, indent=1)
+    f.write("\n")
+  os.replace(tmp_path, path)
+
+
+def _read_json_field(results_dir, name, field):
+  """results_dir/name's `field`, or {} when the file does not exist."""
+  path = os.path.join(results_dir, name)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)[field]
+
+
 def summary_path(results_dir: str, run: Run) -> str:
   return os.path.join(results_dir, SUMMARY_DIR, f"{run.run_id}.json")
 
@@ -302,11 +320,7 @@ def execute(
   }
   path = summary_path(results_dir, run)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
+  _write_json(path, summary)
   return summary
 
 
@@ -428,33 +442,55 @@ def measure_step_times(
   path = os.path.join(results_dir, STEP_TIME_FILE)
   previous = read_step_times(results_dir)
   previous.update(result)
-  tmp_path = f"{path}.tmp{os.getpid()}"
-  with open(tmp_path, "w") as f:
-    json.dump(
-        {
-            "timed_steps": 2 * period,
-            "rounds": rounds,
-            "host": platform.node(),
-            "cpus": os.cpu_count(),
-            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "code": code_version(),
-            "configs": previous,
-        },
-        f,
-        indent=1,
-    )
-    f.write("\n")
-  os.replace(tmp_path, path)
+  _write_json(
+      path,
+      {
+          "timed_steps": 2 * period,
+          "rounds": rounds,
+          "host": platform.node(),
+          "cpus": os.cpu_count(),
+          "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "code": code_version(),
+          "configs": previous,
+      },
+  )
   return result
+
+
+def step_time_lines(step_times: Dict[str, dict]) -> str:
+  """One line per config of `measure_step_times`' result."""
+  return "\n".join(
+      f"{config}: {t['seconds_per_step']:.3f} s/step (rounds:"
+      f" {', '.join(f'{r:.3f}' for r in t['rounds'])}),"
+      f" {t['tokens_per_step']:.0f} tokens/step"
+      for config, t in step_times.items()
+  )
+
+
+def run_speed_mode(corpus, configs, rates, results_dir, work_dir, flag_values):
+  """--mode=speed of the front ends: measures, writes and prints step times.
+
+  Args:
+    corpus, configs, rates, results_dir, work_dir: as `measure_step_times`.
+    flag_values: the front end's flags (speed_period, speed_rounds,
+      gin_bindings).
+  """
+  measured = measure_step_times(
+      corpus,
+      configs,
+      rates,
+      results_dir,
+      work_dir,
+      period=flag_values.speed_period,
+      rounds=flag_values.speed_rounds,
+      extra_bindings=flag_values.gin_bindings,
+  )
+  print(step_time_lines(measured), flush=True)
 
 
 def read_step_times(results_dir) -> Dict[str, dict]:
   """{config: {"seconds_per_step", "tokens_per_step", ...}} or {}."""
-  path = os.path.join(results_dir, STEP_TIME_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)["configs"]
+  return _read_json_field(results_dir, STEP_TIME_FILE, "configs")
 
 
 # -- learning-rate choice ----------------------------------------------------
@@ -507,29 +543,21 @@ def write_lr_choice(results_dir, choice, lrs, steps):
     if previous.get("steps") == steps and previous.get("lrs") == list(lrs):
       merged.update(previous.get("choice", {}))
   merged.update(choice)
-  tmp_path = f"{path}.tmp{os.getpid()}"
-  with open(tmp_path, "w") as f:
-    json.dump(
-        {
-            "rule": "lowest final dev perplexity",
-            "seed": SWEEP_SEED,
-            "steps": steps,
-            "lrs": list(lrs),
-            "choice": merged,
-        },
-        f,
-        indent=1,
-    )
-    f.write("\n")
-  os.replace(tmp_path, path)
+  _write_json(
+      path,
+      {
+          "rule": "lowest final dev perplexity",
+          "seed": SWEEP_SEED,
+          "steps": steps,
+          "lrs": list(lrs),
+          "choice": merged,
+      },
+  )
 
 
 def read_lr_choice(results_dir) -> Dict[str, float]:
-  path = os.path.join(results_dir, LR_CHOICE_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)["choice"]
+  """{config: rate} of lr_choice.json, or {}."""
+  return _read_json_field(results_dir, LR_CHOICE_FILE, "choice")
 
 
 def rates_for(configs, choice, lr_from=None) -> Dict[str, float]:
