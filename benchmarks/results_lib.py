@@ -356,7 +356,10 @@ def measure_step_time(
     {"seconds_per_step", "tokens_per_step"}.
   """
   if os.path.exists(work_dir):
-    raise GridError(f"step-time work dir {work_dir} exists already")
+    raise GridError(
+        f"step-time work dir {work_dir} exists already (left by an"
+        " interrupted --mode=speed, or one running now): remove it and rerun"
+    )
   run = Run(config, lr, 0, 3 * period)
   os.makedirs(work_dir)
   try:

@@ -512,3 +512,12 @@ def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
     results_lib.fit_log2_line([4.0, 4.0], [1.0, 2.0])
   unpaired = results_lib.Row("x", 1e-3, [summary(5, [1.0] * 5)])
   assert "no seed" in results_lib.margin_trend_table([unpaired], reference)
+
+
+def test_step_time_refuses_a_leftover_work_dir(tmp_path):
+  corpus = results_lib.Corpus(name="c", gin_dir="gin/mt/debian_en_fr")
+  work_dir = os.path.join(tmp_path, "step_time_dense_0")
+  os.makedirs(work_dir)
+  with pytest.raises(results_lib.GridError, match="exists already.*remove it"):
+    results_lib.measure_step_time(corpus, "dense", None, work_dir, period=10)
+  assert os.path.isdir(work_dir)  # not removed: it may be another run's
