@@ -96,6 +96,15 @@ flags.DEFINE_integer(
     lower_bound=1,
 )
 flags.DEFINE_integer(
+    "continue_from",
+    None,
+    "A run not started yet starts from the finished run of the same config,"
+    " rate and seed with this many steps (its checkpoints and curve:"
+    " results_lib.continue_run), e.g. 2000-step runs from the 1000-step"
+    " ones.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
     "speed_rounds", 3, "--mode=speed: alternating rounds.", lower_bound=1
 )
 
@@ -150,6 +159,7 @@ def _main():
             "experts": next(iter(r.get("experts", {}).values()), None),
         },
         extra_bindings=FLAGS.gin_bindings,
+        continue_from=FLAGS.continue_from,
     )
     print(
         f"{run.run_id}: test perplexity {summary['test']['perplexity']:.2f},"

@@ -78,6 +78,15 @@ flags.DEFINE_integer(
     lower_bound=1,
 )
 flags.DEFINE_integer(
+    "continue_from",
+    None,
+    "A run not started yet starts from the finished run of the same config,"
+    " rate and seed with this many steps (its checkpoints and curve:"
+    " results_lib.continue_run), e.g. 2000-step runs from the 1000-step"
+    " ones.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
     "speed_rounds", 3, "--mode=speed: alternating rounds.", lower_bound=1
 )
 
@@ -119,6 +128,7 @@ def _main():
         eval_flags=[],
         summarize=_summarize,
         extra_bindings=FLAGS.gin_bindings,
+        continue_from=FLAGS.continue_from,
     )
     print(
         f"{run.run_id}: test BLEU {summary['test']['bleu']:.2f}, perplexity"

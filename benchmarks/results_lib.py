@@ -246,6 +246,7 @@ def execute(
     eval_flags: Sequence[str],
     summarize: Callable[[dict], dict],
     extra_bindings: Sequence[str] = (),
+    continue_from: Optional[int] = None,
 ) -> dict:
   """Trains (or resumes), evaluates the test split and writes the summary.
 
@@ -258,14 +259,27 @@ def execute(
     eval_flags: extra `moe_keras.evaluate` flags.
     summarize: eval_test.json -> the metrics to keep (task-specific).
     extra_bindings: bindings given to every run of the grid (--gin_bindings).
+    continue_from: None, or the steps of a shorter finished run of the same
+      config, rate and seed that this run starts from (`continue_run`) when
+      its model dir does not exist yet; runs of at most that many steps
+      (e.g. the sweep's) train as usual.
 
   Returns:
     The summary dict (also written to results_dir).
+
+  Raises:
+    GridError: `continue_from`'s run is missing or unfinished.
   """
   existing = load_summary(results_dir, run)
   if existing is not None:
     return existing
   model_dir = os.path.join(output_dir, run.run_id)
+  if (
+      continue_from is not None
+      and continue_from < run.steps
+      and not os.path.exists(model_dir)
+  ):
+    continue_run(output_dir, run, continue_from)
   os.makedirs(model_dir, exist_ok=True)
   log_path = os.path.join(model_dir, "run.log")
   gin_file = os.path.join(REPO, corpus.gin_dir, f"{run.base_config}.gin")
@@ -322,6 +336,58 @@ def execute(
   os.makedirs(os.path.dirname(path), exist_ok=True)
   _write_json(path, summary)
   return summary
+
+
+# Files of a finished run that describe its end, not its training state.
+_END_OF_RUN_FILES = ("eval_test.json", "translations_test.txt")
+
+
+def continue_run(output_dir: str, run: Run, shorter_steps: int) -> str:
+  """Starts `run`'s model dir as a copy of its shorter finished run's.
+
+  The learning-rate schedules and the data order are functions of the step,
+  not of the run's length (TRAIN_STEPS), and a resumed run equals an
+  uninterrupted one (`tests/cli/test_lm_cli.py::
+  test_kill_and_resume_gives_the_same_weights`), so a 2000-step run that
+  starts from the finished 1000-step run's last checkpoint and curve is the
+  2000-step run, for half the compute. The copy (checkpoints, curve, config,
+  logs; not the shorter run's test results) is made under a temporary name
+  and renamed, so an interrupted copy leaves no model dir.
+
+  Args:
+    output_dir: parent of the model dirs.
+    run: the longer run (its model dir must not exist).
+    shorter_steps: the finished run's steps, < run.steps.
+
+  Returns:
+    The new model dir.
+
+  Raises:
+    GridError: no such finished run, or shorter_steps >= run.steps.
+  """
+  if shorter_steps >= run.steps:
+    raise GridError(
+        f"--continue_from={shorter_steps} is not shorter than the runs'"
+        f" {run.steps} steps"
+    )
+  source = os.path.join(
+      output_dir, dataclasses.replace(run, steps=shorter_steps).run_id
+  )
+  curve = learning_curve.read_curve(source) if os.path.isdir(source) else []
+  if not curve or curve[-1]["step"] != shorter_steps:
+    reached = curve[-1]["step"] if curve else "no"
+    raise GridError(
+        f"{run.run_id} continues {source}, which has {reached} steps of"
+        f" {shorter_steps}: finish that run first (or drop --continue_from)"
+    )
+  target = os.path.join(output_dir, run.run_id)
+  partial = target + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  shutil.copytree(
+      source, partial, ignore=shutil.ignore_patterns(*_END_OF_RUN_FILES)
+  )
+  os.replace(partial, target)
+  return target
 
 
 # -- step time on this machine ---------------------------------------------

@@ -521,3 +521,93 @@ def test_step_time_refuses_a_leftover_work_dir(tmp_path):
   with pytest.raises(results_lib.GridError, match="exists already.*remove it"):
     results_lib.measure_step_time(corpus, "dense", None, work_dir, period=10)
   assert os.path.isdir(work_dir)  # not removed: it may be another run's
+
+
+def _finished_run_dir(model_dir, steps):
+  os.makedirs(os.path.join(model_dir, "checkpoints"))
+  with open(
+      os.path.join(model_dir, "checkpoints", f"ckpt-{steps}.h5"), "w"
+  ) as f:
+    f.write("weights")
+  with open(os.path.join(model_dir, "curve.jsonl"), "w") as f:
+    for step in range(5, steps + 1, 5):
+      f.write(
+          json.dumps(
+              {
+                  "step": step,
+                  "tokens": 100.0 * step,
+                  "train_seconds": 1.0 * step,
+              }
+          )
+          + "\n"
+      )
+  for name in ("eval_test.json", "translations_test.txt", "config.gin"):
+    with open(os.path.join(model_dir, name), "w") as f:
+      f.write(name)
+
+
+def test_a_longer_run_continues_the_finished_shorter_one(tmp_path, monkeypatch):
+  corpus = results_lib.Corpus(name="c", gin_dir="gin/mt/debian_en_fr")
+  output_dir = os.path.join(tmp_path, "runs")
+  shorter = results_lib.Run("gnmt_dense", 1e-3, 0, 10)
+  longer = results_lib.Run("gnmt_dense", 1e-3, 0, 20)
+  _finished_run_dir(os.path.join(output_dir, shorter.run_id), 10)
+  seen = {}
+
+  def fake_subprocess(args, log_path):
+    model_dir = os.path.dirname(log_path)
+    if args[0] == "moe_keras.train":
+      # What training finds in its model dir when it starts.
+      seen["files"] = sorted(os.listdir(model_dir))
+      seen["checkpoints"] = os.listdir(os.path.join(model_dir, "checkpoints"))
+      with open(os.path.join(model_dir, "curve.jsonl"), "a") as f:
+        for step in (15, 20):
+          f.write(
+              json.dumps(
+                  {
+                      "step": step,
+                      "tokens": 100.0 * step,
+                      "train_seconds": 1.0 * step,
+                  }
+              )
+              + "\n"
+          )
+    else:
+      with open(os.path.join(model_dir, "eval_test.json"), "w") as f:
+        json.dump({"perplexity": 5.0}, f)
+
+  monkeypatch.setattr(results_lib, "_subprocess", fake_subprocess)
+  summary = results_lib.execute(
+      corpus,
+      longer,
+      output_dir=output_dir,
+      results_dir=os.path.join(tmp_path, "results"),
+      steps_per_eval=5,
+      eval_flags=[],
+      summarize=lambda r: r,
+      continue_from=10,
+  )
+  # Training started from the shorter run's checkpoint and curve, without
+  # its test results; the summary's curve runs from step 5 to 20.
+  assert seen["files"] == ["checkpoints", "config.gin", "curve.jsonl"]
+  assert seen["checkpoints"] == ["ckpt-10.h5"]
+  assert [p["step"] for p in summary["curve"]] == [5, 10, 15, 20]
+  assert not os.path.exists(
+      os.path.join(output_dir, longer.run_id + ".partial")
+  )
+  # The shorter run is untouched.
+  assert os.path.exists(
+      os.path.join(output_dir, shorter.run_id, "eval_test.json")
+  )
+
+
+def test_continuing_an_unfinished_or_missing_run_is_one_line(tmp_path):
+  longer = results_lib.Run("moe_32", 1e-3, 1, 20)
+  with pytest.raises(results_lib.GridError, match="has no steps of 10"):
+    results_lib.continue_run(str(tmp_path), longer, 10)
+  _finished_run_dir(os.path.join(tmp_path, "moe_32_lr0.001_s1_10"), 5)
+  with pytest.raises(results_lib.GridError, match="has 5 steps of 10: finish"):
+    results_lib.continue_run(str(tmp_path), longer, 10)
+  with pytest.raises(results_lib.GridError, match="not shorter"):
+    results_lib.continue_run(str(tmp_path), longer, 20)
+  assert sorted(os.listdir(tmp_path)) == ["moe_32_lr0.001_s1_10"]
