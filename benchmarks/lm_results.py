@@ -89,24 +89,8 @@ flags.DEFINE_string(
     "results_dir", None, "Summaries (default results/lm_<corpus>)."
 )
 flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
-flags.DEFINE_integer(
-    "speed_period",
-    100,
-    "--mode=speed: steps per timing period (3 periods run, the last 2 timed).",
-    lower_bound=1,
-)
-flags.DEFINE_integer(
-    "continue_from",
-    None,
-    "A run not started yet starts from the finished run of the same config,"
-    " rate and seed with this many steps (its checkpoints and curve:"
-    " results_lib.continue_run), e.g. 2000-step runs from the 1000-step"
-    " ones.",
-    lower_bound=1,
-)
-flags.DEFINE_integer(
-    "speed_rounds", 3, "--mode=speed: alternating rounds.", lower_bound=1
-)
+results_lib.define_shared_flags(speed_period=100)
+flags.adopt_module_key_flags(results_lib)
 
 
 def _counts(corpus, configs):

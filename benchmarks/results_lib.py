@@ -536,6 +536,35 @@ def step_time_lines(step_times: Dict[str, dict]) -> str:
   )
 
 
+def define_shared_flags(speed_period: int) -> None:
+  """absl flags both front ends take: --continue_from, --speed_*.
+
+  Args:
+    speed_period: the front end's default --speed_period (steps).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_integer(
+      "continue_from",
+      None,
+      "A run not started yet starts from the finished run of the same config,"
+      " rate and seed with this many steps (its checkpoints and curve:"
+      " results_lib.continue_run), e.g. 2000-step runs from the 1000-step"
+      " ones.",
+      lower_bound=1,
+  )
+  flags.DEFINE_integer(
+      "speed_period",
+      speed_period,
+      "--mode=speed: steps per timing period (3 periods run, the last 2"
+      " timed).",
+      lower_bound=1,
+  )
+  flags.DEFINE_integer(
+      "speed_rounds", 3, "--mode=speed: alternating rounds.", lower_bound=1
+  )
+
+
 def run_speed_mode(corpus, configs, rates, results_dir, work_dir, flag_values):
   """--mode=speed of the front ends: measures, writes and prints step times.
 

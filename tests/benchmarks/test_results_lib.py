@@ -523,24 +523,21 @@ def test_step_time_refuses_a_leftover_work_dir(tmp_path):
   assert os.path.isdir(work_dir)  # not removed: it may be another run's
 
 
+def _append_curve(model_dir, steps):
+  """Appends learning-curve records (100 tokens and 1 s per step)."""
+  with open(os.path.join(model_dir, "curve.jsonl"), "a") as f:
+    for step in steps:
+      record = {"step": step, "tokens": 100.0 * step, "train_seconds": step}
+      f.write(json.dumps(record) + "\n")
+
+
 def _finished_run_dir(model_dir, steps):
   os.makedirs(os.path.join(model_dir, "checkpoints"))
   with open(
       os.path.join(model_dir, "checkpoints", f"ckpt-{steps}.h5"), "w"
   ) as f:
     f.write("weights")
-  with open(os.path.join(model_dir, "curve.jsonl"), "w") as f:
-    for step in range(5, steps + 1, 5):
-      f.write(
-          json.dumps(
-              {
-                  "step": step,
-                  "tokens": 100.0 * step,
-                  "train_seconds": 1.0 * step,
-              }
-          )
-          + "\n"
-      )
+  _append_curve(model_dir, range(5, steps + 1, 5))
   for name in ("eval_test.json", "translations_test.txt", "config.gin"):
     with open(os.path.join(model_dir, name), "w") as f:
       f.write(name)
@@ -560,18 +557,7 @@ def test_a_longer_run_continues_the_finished_shorter_one(tmp_path, monkeypatch):
       # What training finds in its model dir when it starts.
       seen["files"] = sorted(os.listdir(model_dir))
       seen["checkpoints"] = os.listdir(os.path.join(model_dir, "checkpoints"))
-      with open(os.path.join(model_dir, "curve.jsonl"), "a") as f:
-        for step in (15, 20):
-          f.write(
-              json.dumps(
-                  {
-                      "step": step,
-                      "tokens": 100.0 * step,
-                      "train_seconds": 1.0 * step,
-                  }
-              )
-              + "\n"
-          )
+      _append_curve(model_dir, (15, 20))
     else:
       with open(os.path.join(model_dir, "eval_test.json"), "w") as f:
         json.dump({"perplexity": 5.0}, f)
