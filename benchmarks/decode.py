@@ -155,15 +155,36 @@ def decoder_experts_per_token(model, run, source):
       run.search(tf.constant(source))
   finally:
     del moe.call
-  probs = _gate_probabilities(moe, np.concatenate(seen))
-  return float(np.mean(np.sum(probs > np.asarray(moe.thresholds), axis=1)))
+  return experts_per_token(moe, np.concatenate(seen))
 
 
-def _gate_probabilities(layer, x):
+def gate_probabilities(layer, x):
   """softmax(x W_g) of a flat MoE layer in numpy (eq. 15), [N, n]."""
   logits = x @ np.asarray(layer.w_gate)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   return probs / probs.sum(-1, keepdims=True)
+
+
+def experts_per_token(layer, x):
+  """Mean experts a flat MoE layer routes a row of x [N, d] to at inference.
+
+  Batchwise gating: expert i when softmax(x W_g)_i > T_i (eq. 19); the
+  top-k gatings route k.
+  """
+  if getattr(layer, "gating", "") != "batchwise":
+    return float(layer.k)
+  probs = gate_probabilities(layer, x)
+  return float(np.mean(np.sum(probs > np.asarray(layer.thresholds), axis=1)))
+
+
+def fit_batchwise_thresholds(layer, x):
+  """T_i = the m-th largest gate value of expert i over x [N, d] (eq. 18).
+
+  m = k N / n, so inference on rows like x routes about k experts per row.
+  """
+  probs = gate_probabilities(layer, x)
+  m = max(1, layer.k * len(x) // layer.num_experts)
+  layer.thresholds.assign(np.sort(probs, axis=0)[-m - 1].astype("float32"))
 
 
 def randomize_gates(model, source, target_in, seed=0):
@@ -203,10 +224,7 @@ def randomize_gates(model, source, target_in, seed=0):
     if layer not in batchwise:
       continue
     x = np.asarray(probed[2 * i])
-    x = x.reshape(-1, x.shape[-1])
-    probs = _gate_probabilities(layer, x)
-    m = max(1, layer.k * len(x) // layer.num_experts)
-    layer.thresholds.assign(np.sort(probs, axis=0)[-m - 1].astype("float32"))
+    fit_batchwise_thresholds(layer, x.reshape(-1, x.shape[-1]))
 
 
 def random_settings(gin_file, args):

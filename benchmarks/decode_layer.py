@@ -18,8 +18,9 @@ costs from cache, against which the MoE's time is mostly op overhead.
 
 Batchwise gating (appendix F) routes at inference by its learned
 thresholds; here they are set from 4096 random tokens so that about k
-experts pass per token (as `decode.py`'s `randomize_gates`), and the
-"experts/token" column measures it. Settings alternate within each of
+experts pass per token (`decode.fit_batchwise_thresholds`, as
+`decode.py`'s `randomize_gates`), and the "experts/token" column measures
+it (`decode.experts_per_token`). Settings alternate within each of
 `--rounds` rounds; the table gives medians (ms per call), and the ratio
 dense / MoE per round (median, min-max).
 """
@@ -54,8 +55,8 @@ THRESHOLD_TOKENS = 4096
 def _moe_layer(num_tokens, gating, rng):
   """A built SparseMoE with gates that route about k experts per token."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  from benchmarks import decode  # pylint: disable=g-import-not-at-top
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
 
   n, k, d = _NUM_EXPERTS.value, _K.value, _DIM.value
@@ -72,27 +73,10 @@ def _moe_layer(num_tokens, gating, rng):
       rng.normal(0.0, 3.0 / np.sqrt(d), (d, n)).astype("float32")
   )
   if gating == "batchwise":
-    probe = rng.normal(size=(THRESHOLD_TOKENS, d)).astype("float32")
-    probs = tf.nn.softmax(probe @ layer.w_gate.numpy()).numpy()
-    per_expert = k * THRESHOLD_TOKENS // n
-    layer.thresholds.assign(np.sort(probs, axis=0)[-per_expert - 1])
+    decode.fit_batchwise_thresholds(
+        layer, rng.normal(size=(THRESHOLD_TOKENS, d)).astype("float32")
+    )
   return layer
-
-
-def _experts_per_token(layer, x):
-  """Mean experts a token of x routes to at inference, in numpy.
-
-  Batchwise gating: expert i when softmax(x W_g)_i > T_i (eq. 19); the
-  top-k gatings route k.
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  if layer.gating != "batchwise":
-    return float(layer.k)
-  logits = np.asarray(x) @ np.asarray(layer.w_gate)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  return float(np.mean(np.sum(probs > np.asarray(layer.thresholds), axis=1)))
 
 
 def _loop(fn, x):
@@ -122,6 +106,8 @@ def main(argv):
   import moe_keras  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  from benchmarks import decode  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   n, k, d, h = _NUM_EXPERTS.value, _K.value, _DIM.value, _HIDDEN.value
   w1 = tf.constant(rng.normal(size=(d, k * h)).astype("float32"))
@@ -136,7 +122,7 @@ def main(argv):
     settings[(tokens, "-", "dense")] = (_loop(dense, x), x)
     for gating in _GATINGS.value:
       layer = _moe_layer(tokens, gating, rng)
-      experts[(tokens, gating)] = _experts_per_token(layer, x)
+      experts[(tokens, gating)] = decode.experts_per_token(layer, np.asarray(x))
       kernels = [layer.expert_kernel_1, layer.expert_kernel_2]
       moe = lambda v, layer=layer: layer(v, training=False)
       read = lambda v, kernels=kernels: v + 1e-9 * tf.add_n(
