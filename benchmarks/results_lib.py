@@ -175,6 +175,20 @@ def _subprocess(args, log_path):
     )
 
 
+def _train(gin_file, model_dir, bindings, log_path):
+  """`python -m moe_keras.train` of one run (or its resumption)."""
+  _subprocess(
+      [
+          "moe_keras.train",
+          f"--gin_file={gin_file}",
+          f"--model_dir={model_dir}",
+          "--verbose=2",
+      ]
+      + [f"--gin_bindings={b}" for b in bindings],
+      log_path,
+  )
+
+
 def code_version() -> str:
   """`git describe`-like id of the code a run trained with (+dirty)."""
   try:
@@ -286,16 +300,7 @@ def execute(
   bindings = run_bindings(corpus, run, steps_per_eval) + list(extra_bindings)
   started = time.time()
   code = code_version()
-  _subprocess(
-      [
-          "moe_keras.train",
-          f"--gin_file={gin_file}",
-          f"--model_dir={model_dir}",
-          "--verbose=2",
-      ]
-      + [f"--gin_bindings={b}" for b in bindings],
-      log_path,
-  )
+  _train(gin_file, model_dir, bindings, log_path)
   _subprocess(
       ["moe_keras.evaluate", f"--model_dir={model_dir}", "--split=test"]
       + list(eval_flags),
@@ -429,22 +434,12 @@ def measure_step_time(
   run = Run(config, lr, 0, 3 * period)
   os.makedirs(work_dir)
   try:
-    _subprocess(
-        [
-            "moe_keras.train",
-            "--gin_file="
-            + os.path.join(REPO, corpus.gin_dir, f"{run.base_config}.gin"),
-            f"--model_dir={work_dir}",
-            "--verbose=2",
-        ]
-        + [
-            f"--gin_bindings={b}"
-            for b in (
-                run_bindings(corpus, run, period)
-                + list(extra_bindings)
-                + ["training.steps_per_eval = None"]
-            )  # no validation
-        ],
+    _train(
+        os.path.join(REPO, corpus.gin_dir, f"{run.base_config}.gin"),
+        work_dir,
+        run_bindings(corpus, run, period)
+        + list(extra_bindings)
+        + ["training.steps_per_eval = None"],  # no validation
         os.path.join(work_dir, "run.log"),
     )
     points = {p["step"]: p for p in learning_curve.read_curve(work_dir)}
@@ -480,7 +475,8 @@ def measure_step_times(
   seconds include whatever else shared the machine.
 
   Returns:
-    {config: {"seconds_per_step", "tokens_per_step", "rounds": [...]}}.
+    {config: {"seconds_per_step", "tokens_per_step", "rounds": [...],
+    "timed_steps", "measured", "code"}}.
   """
   measured = {config: [] for config in configs}
   for r in range(rounds):
@@ -495,6 +491,13 @@ def measure_step_times(
               extra_bindings,
           )
       )
+  # Each config's entry says when and how it was measured: a later
+  # measurement of some configs keeps the others' entries.
+  provenance = {
+      "timed_steps": 2 * period,
+      "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "code": code_version(),
+  }
   result = {
       config: {
           "seconds_per_step": statistics.median(
@@ -504,23 +507,19 @@ def measure_step_times(
               m["tokens_per_step"] for m in values
           ),
           "rounds": [m["seconds_per_step"] for m in values],
+          **provenance,
       }
       for config, values in measured.items()
   }
   os.makedirs(results_dir, exist_ok=True)
-  path = os.path.join(results_dir, STEP_TIME_FILE)
-  previous = read_step_times(results_dir)
-  previous.update(result)
+  configs_measured = read_step_times(results_dir)
+  configs_measured.update(result)
   _write_json(
-      path,
+      os.path.join(results_dir, STEP_TIME_FILE),
       {
-          "timed_steps": 2 * period,
-          "rounds": rounds,
           "host": platform.node(),
           "cpus": os.cpu_count(),
-          "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-          "code": code_version(),
-          "configs": previous,
+          "configs": configs_measured,
       },
   )
   return result

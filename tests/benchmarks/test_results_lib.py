@@ -247,6 +247,21 @@ def test_step_times_from_the_training_curve(tmp_path, monkeypatch):
   assert results_lib.read_step_times(os.path.join(tmp_path, "results")) == (
       result
   )
+  assert result["dense"]["timed_steps"] == 20
+  # Measuring one config again keeps the other's entry, with its own
+  # provenance.
+  again = results_lib.measure_step_times(
+      corpus,
+      ["moe"],
+      {},
+      results_dir=os.path.join(tmp_path, "results"),
+      work_dir=str(tmp_path),
+      period=10,
+      rounds=1,
+  )
+  stored = results_lib.read_step_times(os.path.join(tmp_path, "results"))
+  assert stored == {"dense": result["dense"], "moe": again["moe"]}
+  assert stored["moe"]["rounds"] == [pytest.approx(0.75)]
 
 
 def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
