@@ -41,12 +41,27 @@ _TOKENS = flags.DEFINE_list("tokens", ["16", "64", "256"], "Tokens per call.")
 _GATINGS = flags.DEFINE_list(
     "gatings", ["batchwise", "top_k"], "SparseMoE gatings compared."
 )
-_NUM_EXPERTS = flags.DEFINE_integer("num_experts", 32, "Experts n.")
-_K = flags.DEFINE_integer("k", 4, "Experts per token.")
-_DIM = flags.DEFINE_integer("dim", 128, "Input and output width d.")
-_HIDDEN = flags.DEFINE_integer("expert_hidden", 256, "Expert hidden size h.")
-_CALLS = flags.DEFINE_integer("calls", 200, "Layer calls per timed loop.")
-_ROUNDS = flags.DEFINE_integer("rounds", 10, "Alternating rounds.")
+_NUM_EXPERTS = flags.DEFINE_integer(
+    "num_experts", 32, "Experts n.", lower_bound=1
+)
+_K = flags.DEFINE_integer("k", 4, "Experts per token.", lower_bound=1)
+_DIM = flags.DEFINE_integer(
+    "dim", 128, "Input and output width d.", lower_bound=1
+)
+_HIDDEN = flags.DEFINE_integer(
+    "expert_hidden", 256, "Expert hidden size h.", lower_bound=1
+)
+_CALLS = flags.DEFINE_integer(
+    "calls", 200, "Layer calls per timed loop.", lower_bound=1
+)
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 10, "Alternating rounds.", lower_bound=1
+)
+flags.register_validator(
+    "tokens",
+    lambda values: all(v.isdigit() and int(v) > 0 for v in values),
+    "--tokens: positive integers, e.g. --tokens=16,64",
+)
 
 # Tokens of the batchwise thresholds' fit.
 THRESHOLD_TOKENS = 4096
