@@ -93,8 +93,13 @@ results_lib.define_shared_flags(speed_period=100)
 flags.adopt_module_key_flags(results_lib)
 
 
-def _counts(corpus, configs):
-  """{config: (params excl. embedding/softmax, ops/timestep)} as the paper."""
+def _counts(corpus, configs, extra_bindings):
+  """{config: (params excl. embedding/softmax, ops/timestep)} as the paper.
+
+  Counted for the model each row trains: its gin file with the corpus's
+  bindings, the grid's `extra_bindings` (e.g. `MODEL_DIM = 32`) and the
+  row's variant.
+  """
   import gin  # pylint: disable=g-import-not-at-top
   from moe_keras import experiment  # pylint: disable=g-import-not-at-top
   from moe_keras.models import lm  # pylint: disable=g-import-not-at-top
@@ -103,8 +108,12 @@ def _counts(corpus, configs):
   for config in configs:
     gin.clear_config()
     base = config.partition("@")[0]
+    variant = config.partition("@")[2]
     experiment.parse_gin(
-        [os.path.join(results_lib.REPO, corpus.gin_dir, f"{base}.gin")], []
+        [os.path.join(results_lib.REPO, corpus.gin_dir, f"{base}.gin")],
+        list(corpus.extra_bindings)
+        + list(extra_bindings)
+        + list(results_lib.VARIANTS.get(variant, ())),
     )
     c = lm.count_lm(lm.lm_config())
     counts[config] = (c["params_excl"], c["ops_per_timestep"])
@@ -176,7 +185,7 @@ def _main():
   )
   print(results_lib.sweep_table(results_dir, sweep_configs, lrs, sweep_steps))
   rows = results_lib.collect_rows(results_dir, configs, seeds, steps, rates)
-  counts = _counts(corpus, configs)
+  counts = _counts(corpus, configs, FLAGS.gin_bindings)
   print()
   print("| config | params excl. emb/softmax | ops/timestep |")
   print("|---|---:|---:|")

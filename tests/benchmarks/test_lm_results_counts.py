@@ -1,0 +1,51 @@
+"""lm_results.py counts each row's model with the grid's own bindings."""
+
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def _lstm(d):
+  """Weights of one LSTM layer of width d, input width d (4 gates)."""
+  return 4 * (d + d) * d
+
+
+def test_counts_follow_the_grids_width_bindings(tmp_path):
+  env = dict(os.environ, HOME=str(tmp_path))  # no corpus needed to count
+  result = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, "benchmarks", "lm_results.py"),
+          "--corpus=debian_docs",
+          "--mode=table",
+          f"--results_dir={tmp_path / 'results'}",
+          "--configs=4xlstm_128,moe_256,moe_256@nobalance",
+          "--gin_bindings=MODEL_DIM = 32",
+          "--gin_bindings=moe_spec.expert_hidden_dim = 64",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=300,
+      env=env,
+  )
+  rows = dict(
+      (name, (params, ops))
+      for name, params, ops in re.findall(
+          r"^\| (\S+) \| ([\d.]+)M \| (\d+)k \|$", result.stdout, flags=re.M
+      )
+  )
+  d, h, n, k = 32, 64, 256, 4
+  dense = 4 * _lstm(d)  # 32,768: four LSTM layers
+  # Two LSTM layers, n experts of 2dh, W_g and W_noise of d x n each.
+  moe_params = 2 * _lstm(d) + n * 2 * d * h + 2 * d * n  # 1,081,344
+  moe_ops = 2 * _lstm(d) + k * 2 * d * h + 2 * d * n  # 49,152
+  expected = (f"{dense / 1e6:.2f}", f"{dense / 1e3:.0f}")
+  assert rows["4xlstm_128"] == expected == ("0.03", "33")
+  moe = (f"{moe_params / 1e6:.2f}", f"{moe_ops / 1e3:.0f}")
+  assert rows["moe_256"] == moe == ("1.08", "49")
+  # The variant zeroes loss weights only: same model.
+  assert rows["moe_256@nobalance"] == moe
