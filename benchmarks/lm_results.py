@@ -199,6 +199,9 @@ def _main():
   # equal ops, as the paper's Table 7 does; against 4xLSTM, the whole change.
   print(results_lib.results_table(rows, "perplexity", second_reference="moe_4"))
   print()
+  print("Seed by seed (same data order), test perplexity:")
+  print(results_lib.paired_table(rows, "perplexity"))
+  print()
   print("## Margin along training (dev perplexity, mean over seeds)")
   by_name = {row.config: row for row in rows}
   for reference in (configs[0], "moe_4"):

@@ -146,6 +146,9 @@ def _main():
     print()
     print(f"## Test {metric}, {FLAGS.corpus}, seeds {seeds}")
     print(results_lib.results_table(rows, metric))
+    print()
+    print(f"Seed by seed (same data order), test {metric}:")
+    print(results_lib.paired_table(rows, metric))
   print()
   print("## Time to the baseline's dev perplexity")
   print(

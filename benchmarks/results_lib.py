@@ -905,6 +905,59 @@ def results_table(
   return "\n".join(lines)
 
 
+def paired_table(rows: List[Row], metric: str) -> str:
+  """Markdown: each row against rows[0] seed by seed (same data order).
+
+  A grid run's seed sets both its initialization and its data order
+  (`Corpus.data_seed_binding`), so the baseline's and a row's runs of one
+  seed saw the same batches in the same order; the per-seed difference
+  leaves out the data-order part of the spread that `results_table`'s
+  unpaired comparison carries. Only seeds both rows have are used.
+
+  Args:
+    rows: the table's rows; rows[0] is the baseline.
+    metric: the summaries' test metric.
+
+  Returns:
+    The markdown table: per-seed relative differences, their mean and
+    sample std, "> 2x std" (|mean| > 2x the std of the differences; "n<2"
+    with fewer than two pairs) and whether every pair has the same sign.
+  """
+  base = rows[0]
+  base_by_seed = {s["seed"]: s["test"][metric] for s in base.summaries}
+  lines = [
+      f"| vs {base.config} | pairs | per-seed change of test {metric} |"
+      " mean | std | > 2x std | same sign |",
+      "|---|---:|---|---:|---:|---|---|",
+  ]
+  for row in rows[1:]:
+    changes = [
+        (s["seed"], 100.0 * (s["test"][metric] / base_by_seed[s["seed"]] - 1))
+        for s in row.summaries
+        if base_by_seed.get(s["seed"])
+    ]
+    if not changes:
+      lines.append(f"| {row.config} | 0 | - | - | - | - | - |")
+      continue
+    values = [c for _, c in changes]
+    mean, std = mean_std(values)
+    if len(values) < 2:
+      significant = "n<2"
+    else:
+      significant = "yes" if abs(mean) > 2 * std else "no"
+    same_sign = (
+        "yes"
+        if all(v < 0 for v in values) or all(v > 0 for v in values)
+        else "no"
+    )
+    per_seed = ", ".join(f"s{seed} {c:+.1f}%" for seed, c in changes)
+    lines.append(
+        f"| {row.config} | {len(values)} | {per_seed} | {mean:+.1f}% |"
+        f" {std:.1f} | {significant} | {same_sign} |"
+    )
+  return "\n".join(lines)
+
+
 def mean_curve(summaries: List[dict]) -> List[dict]:
   """The seeds' curves averaged point by point (steps all seeds validated)."""
   if not summaries:

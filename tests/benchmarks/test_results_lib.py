@@ -292,6 +292,32 @@ def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
   assert results_lib.margin_table(rows, empty) == "(no none runs yet)"
 
 
+def test_paired_table_compares_seed_with_seed(tmp_path):
+  lrs = {"dense": 1e-3, "moe": 1e-3, "mixed": 1e-3, "one": 1e-3}
+  values = {
+      "dense": {0: 100.0, 1: 80.0, 2: 90.0},
+      # -10%, -5%, -7.5%: mean -7.5, std 2.5, |7.5| > 2 * 2.5.
+      "moe": {0: 90.0, 1: 76.0, 2: 83.25},
+      # +1%, -2% (seed 2 missing): mean -0.5, std 2.12.
+      "mixed": {0: 101.0, 1: 78.4},
+      "one": {1: 72.0},  # -10%, one pair
+  }
+  for config, by_seed in values.items():
+    for seed, ppl in by_seed.items():
+      _write(tmp_path, results_lib.Run(config, 1e-3, seed, 100), ppl, ppl)
+  rows = results_lib.collect_rows(tmp_path, list(values), [0, 1, 2], 100, lrs)
+  table = results_lib.paired_table(rows, "perplexity")
+  lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
+  assert lines["moe"] == (
+      "| moe | 3 | s0 -10.0%, s1 -5.0%, s2 -7.5% | -7.5% | 2.5 | yes | yes |"
+  )
+  std = float(np.std([1.0, -2.0], ddof=1))
+  assert lines["mixed"] == (
+      f"| mixed | 2 | s0 +1.0%, s1 -2.0% | -0.5% | {std:.1f} | no | no |"
+  )
+  assert lines["one"] == "| one | 1 | s1 -10.0% | -10.0% | 0.0 | n<2 | yes |"
+
+
 def test_paired_margins_compare_seed_with_seed(tmp_path):
   lrs = {"dense": 1e-3, "moe": 1e-3}
   dense = {
