@@ -10,6 +10,7 @@ number of experts.
   eq. (3)   noisy top-k gate .................. `top_k_gates`
   eq. (4)   noisy logits H(x) ................. `noisy_top_k_logits`
   eq. (5)   KeepTopK .......................... `top_k_gates`
+            (ties broken by a rotation) ....... `rotated_top_k`
   eq. (6)   Importance(X) ..................... `importance`
   eqs.(7,11) CV(.)^2 losses ................... `cv_squared`
   eq. (8)   kth_excluding ..................... `kth_excluding`
@@ -102,6 +103,43 @@ def noisy_top_k_logits(clean_logits, raw_noise_stddev, noise, noise_epsilon):
   return clean_logits + noise * noise_stddev, noise_stddev
 
 
+def rotated_top_k(logits, k):
+  """`ops.top_k(logits, k)` with ties broken by a rotation per row (eq. 5).
+
+  The paper does not say how KeepTopK breaks ties. `ops.top_k` puts the
+  lower index first, so where a row's logits tie (every row of a fresh
+  layer without noise: W_g = 0 makes every logit 0) every token would keep
+  the same experts 0..k-1 and the other n - k would get no token, as
+  eq. (18)'s ties did before `batchwise_mask` rotated them. Here row j
+  (tokens numbered 0..N-1 in batch order) ranks equal logits by
+  (expert - o_j) mod n, o_j = j k mod n: a fully tied row j keeps experts
+  o_j .. o_j + k - 1 (mod n), so a tied batch gives every expert
+  floor(N k / n) or ceil(N k / n) tokens. Only the order of equal values
+  changes: the kept values are the top-k values of the row either way.
+
+  Args:
+    logits: float32 [N, n].
+    k: python int, 1 <= k <= n.
+
+  Returns:
+    (values float32 [N, k] in decreasing order, indices int32 [N, k]).
+  """
+  num_experts = logits.shape[-1]
+  num_rows = ops.shape(logits)[0]
+  offsets = ops.mod(ops.arange(num_rows, dtype="int32") * k, num_experts)
+  # Column c of the rotated row j holds expert (c + o_j) mod n.
+  experts = ops.mod(
+      ops.arange(num_experts, dtype="int32")[None, :] + offsets[:, None],
+      num_experts,
+  )  # [N, n]
+  values, columns = ops.top_k(
+      ops.take_along_axis(logits, experts, axis=-1), k=k, sorted=True
+  )
+  return values, ops.take_along_axis(
+      experts, ops.cast(columns, "int32"), axis=-1
+  )
+
+
 def top_k_gates(logits, k, top=None):
   """Sparse gates G(x) = Softmax(KeepTopK(v, k)), eqs. (3) and (5).
 
@@ -124,10 +162,11 @@ def top_k_gates(logits, k, top=None):
 
   Returns:
     (gates float32 [N, k] summing to 1 per row, indices int32 [N, k]) ordered
-    by decreasing logit.
+    by decreasing logit; ties among `logits` (`top` None) are broken by
+    `rotated_top_k`.
   """
   if top is None:
-    top_logits, top_indices = ops.top_k(logits, k=k, sorted=True)
+    top_logits, top_indices = rotated_top_k(logits, k)
   else:
     top_logits, top_indices = top[0][:, :k], top[1][:, :k]
   if k == 1:

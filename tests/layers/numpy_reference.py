@@ -555,3 +555,35 @@ def assign_weights(layer, weights):
     ):
       continue
     getattr(layer, name).assign(value)
+
+
+def reveal_gates(layer, n, d, h):
+  """Makes a built SparseMoE's output show its gates: y[:, :n] = G(x).
+
+  Expert i outputs the unit vector e_i whatever its input (zero W1, hidden
+  bias 1 on unit 0, W2_i[0] = e_i); needs `use_bias=True` and d >= n. The
+  gating weights are left as they are (zero in a fresh layer).
+
+  Args:
+    layer: a built SparseMoE with n experts of hidden size h, width d.
+    n: number of experts.
+    d: input/output width.
+    h: expert hidden size.
+
+  Returns:
+    The layer.
+  """
+  w2 = np.zeros((n, h, d), np.float32)
+  w2[np.arange(n), 0, np.arange(n)] = 1.0
+  b1 = np.zeros((n, h), np.float32)
+  b1[:, 0] = 1.0
+  assign_weights(
+      layer,
+      {
+          "expert_kernel_1": np.zeros((n, d, h), np.float32),
+          "expert_bias_1": b1,
+          "expert_kernel_2": w2,
+          "expert_bias_2": np.zeros((n, d), np.float32),
+      },
+  )
+  return layer

@@ -70,20 +70,7 @@ def _gate_revealing_layer(n, k):
       use_bias=True,
   )
   layer.build((None, D))
-  w2 = np.zeros((n, H, D), np.float32)
-  w2[np.arange(n), 0, np.arange(n)] = 1.0
-  b1 = np.zeros((n, H), np.float32)
-  b1[:, 0] = 1.0
-  ref.assign_weights(
-      layer,
-      {
-          "expert_kernel_1": np.zeros((n, D, H), np.float32),
-          "expert_bias_1": b1,
-          "expert_kernel_2": w2,
-          "expert_bias_2": np.zeros((n, D), np.float32),
-      },
-  )
-  return layer
+  return ref.reveal_gates(layer, n, D, H)
 
 
 @pytest.mark.parametrize(
@@ -301,9 +288,7 @@ def test_threshold_loss_cannot_dominate_a_clipped_global_norm(rng):
   assert np.linalg.norm(want["threshold_grad"]) <= 1 / np.sqrt(n)
   # The update SGD(lr=1, global_clipnorm=1) makes to the expert kernels,
   # against the task gradient clipped without the auxiliary losses.
-  task_norm = np.sqrt(
-      sum(np.sum(_np(g) ** 2) for g in g_task if g is not None)
-  )
+  task_norm = np.sqrt(sum(np.sum(_np(g) ** 2) for g in g_task if g is not None))
   scale_without = min(1.0, clip / task_norm)
   kernel = layer.expert_kernel_1
   before = _np(kernel)
