@@ -16,7 +16,8 @@ The procedure the tables follow:
    seeds, so the chosen rate's table rows are not the sweep's lucky draw)
    for the table's step budget, and picks per config the rate of lowest
    final dev perplexity; dense and MoE get the same rates and the same rule.
-   The choice is written to `lr_choice.json`.
+   The choice is written to `lr_choice_<steps>steps.json`, one file per
+   sweep length, so a longer sweep does not replace a shorter one's.
 2. The table (`--mode=grid`): every config at its chosen rate with every
    seed of `--seeds`, the same steps, batches and data for all.
 3. Statistics (`--mode=table`, also printed after 1 and 2): per config the
@@ -47,7 +48,8 @@ from moe_keras import learning_curve  # pylint: disable=g-import-not-at-top,wron
 
 SWEEP_SEED = 100
 SUMMARY_DIR = "runs"
-LR_CHOICE_FILE = "lr_choice.json"
+# One rate choice per sweep length: lr_choice_<steps>steps.json.
+LR_CHOICE_FILE = "lr_choice_{steps}steps.json"
 STEP_TIME_FILE = "step_time.json"
 # Named variants: NAME@VARIANT trains NAME with these extra bindings.
 VARIANTS = {
@@ -618,20 +620,22 @@ def choose_lrs(results_dir, configs, lrs, steps) -> Dict[str, float]:
 
 
 def write_lr_choice(results_dir, choice, lrs, steps):
-  """Writes `choice` to lr_choice.json, keeping other configs' choices.
+  """Writes `choice` to the sweep length's file, keeping other choices.
 
   A sweep of some configs (e.g. one background lane per config) keeps the
-  choices already written for other configs by a sweep of the same rates
-  and length; a sweep of other rates or another length replaces the file.
+  choices already written for other configs by a sweep of the same rates;
+  a sweep of other rates replaces the file. Each sweep length has its own
+  file (`LR_CHOICE_FILE`), so a 2000-step sweep leaves the 1000-step
+  sweep's choice to the tables that use it.
   The file is replaced atomically, so a reader never sees half of it.
 
   Args:
-    results_dir: where lr_choice.json is.
+    results_dir: where the lr_choice files are.
     choice: {config: rate} of this sweep.
     lrs: the swept rates.
     steps: the sweep runs' steps.
   """
-  path = os.path.join(results_dir, LR_CHOICE_FILE)
+  path = os.path.join(results_dir, LR_CHOICE_FILE.format(steps=steps))
   os.makedirs(results_dir, exist_ok=True)
   merged = {}
   if os.path.exists(path):
@@ -652,9 +656,11 @@ def write_lr_choice(results_dir, choice, lrs, steps):
   )
 
 
-def read_lr_choice(results_dir) -> Dict[str, float]:
-  """{config: rate} of lr_choice.json, or {}."""
-  return _read_json_field(results_dir, LR_CHOICE_FILE, "choice")
+def read_lr_choice(results_dir, steps) -> Dict[str, float]:
+  """{config: rate} chosen by the `steps`-step sweep, or {}."""
+  return _read_json_field(
+      results_dir, LR_CHOICE_FILE.format(steps=steps), "choice"
+  )
 
 
 def rates_for(configs, choice, lr_from=None) -> Dict[str, float]:
@@ -693,7 +699,7 @@ def run_procedure(
     seeds: the table's seeds.
     lrs: the swept rates.
     steps: every grid run's steps.
-    results_dir: where summaries and lr_choice.json are.
+    results_dir: where summaries and lr_choice files are.
     execute: Run -> None, trains/evaluates (or skips) one run.
     lr_from: the swept config whose rate unswept configs take.
     sweep_steps: the sweep runs' steps (None: `steps`). Longer grid runs
@@ -717,7 +723,7 @@ def run_procedure(
         lrs,
         sweep_steps,
     )
-  rates = rates_for(configs, read_lr_choice(results_dir), lr_from)
+  rates = rates_for(configs, read_lr_choice(results_dir, sweep_steps), lr_from)
   if mode in ("all", "grid"):
     missing = [c for c in configs if c not in rates]
     if missing:

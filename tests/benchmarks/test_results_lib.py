@@ -460,7 +460,7 @@ def test_longer_grid_takes_the_rate_chosen_at_the_sweeps_length(tmp_path):
       ("b", 1e-3, 1, 400),
       ("b@nobalance", 1e-3, 1, 400),
   ]
-  with open(os.path.join(tmp_path, results_lib.LR_CHOICE_FILE)) as f:
+  with open(os.path.join(tmp_path, "lr_choice_100steps.json")) as f:
     assert json.load(f)["steps"] == 100
 
 
@@ -487,16 +487,31 @@ def test_sweeps_of_single_configs_keep_each_others_choice(tmp_path):
   lrs = [1e-3, 2e-3]
   results_lib.write_lr_choice(tmp_path, {"dense": 2e-3}, lrs, 100)
   results_lib.write_lr_choice(tmp_path, {"moe": 1e-3}, lrs, 100)
-  assert results_lib.read_lr_choice(tmp_path) == {"dense": 2e-3, "moe": 1e-3}
+  assert results_lib.read_lr_choice(tmp_path, 100) == {
+      "dense": 2e-3,
+      "moe": 1e-3,
+  }
   # A config swept again replaces its own choice only.
   results_lib.write_lr_choice(tmp_path, {"moe": 2e-3}, lrs, 100)
-  assert results_lib.read_lr_choice(tmp_path) == {"dense": 2e-3, "moe": 2e-3}
-  # Another length or other rates: the earlier choices do not apply.
+  assert results_lib.read_lr_choice(tmp_path, 100) == {
+      "dense": 2e-3,
+      "moe": 2e-3,
+  }
+  # Another length has its own choice and leaves the first length's.
   results_lib.write_lr_choice(tmp_path, {"moe": 1e-3}, lrs, 200)
-  assert results_lib.read_lr_choice(tmp_path) == {"moe": 1e-3}
+  assert results_lib.read_lr_choice(tmp_path, 200) == {"moe": 1e-3}
+  assert results_lib.read_lr_choice(tmp_path, 100) == {
+      "dense": 2e-3,
+      "moe": 2e-3,
+  }
+  # Other rates at a length replace that length's choices.
   results_lib.write_lr_choice(tmp_path, {"dense": 4e-3}, [2e-3, 4e-3], 200)
-  assert results_lib.read_lr_choice(tmp_path) == {"dense": 4e-3}
-  assert os.listdir(tmp_path) == [results_lib.LR_CHOICE_FILE]
+  assert results_lib.read_lr_choice(tmp_path, 200) == {"dense": 4e-3}
+  assert results_lib.read_lr_choice(tmp_path, 300) == {}
+  assert sorted(os.listdir(tmp_path)) == [
+      "lr_choice_100steps.json",
+      "lr_choice_200steps.json",
+  ]
 
 
 def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
