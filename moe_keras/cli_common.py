@@ -129,7 +129,7 @@ def fail(program, error, status=1, skip_shutdown=False):
     status: the exit status.
     skip_shutdown: end the process at once (`os._exit`: no atexit hooks),
       e.g. when another JAX process is gone and JAX's shutdown would wait
-      for it.
+      for it, or after a stop signal once everything is saved.
 
   With MOE_KERAS_DEBUG=1 in the environment an exception is re-raised
   (full traceback) instead.

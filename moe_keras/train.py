@@ -81,8 +81,13 @@ def main(argv):
         raise
       cli_common.fail(PROGRAM, lost, skip_shutdown=True)
   except reliability.Preempted as e:
-    # 128 + signal number, as a shell reports a process killed by it.
-    cli_common.fail(PROGRAM, e, status=128 + e.signum)
+    # 128 + signal number, as a shell reports a process killed by it. The
+    # checkpoint, curve, logs and model-dir lock are written and closed by
+    # now; end at once: tearing down a busy input pipeline (e.g. the MT
+    # pipeline refilling its shuffle buffer at an epoch boundary) kept the
+    # process alive 30-60 s after this line, past many schedulers' grace
+    # period between SIGTERM and SIGKILL.
+    cli_common.fail(PROGRAM, e, status=128 + e.signum, skip_shutdown=True)
   except (
       experiment.ExperimentError,
       data_pipelines.DataError,

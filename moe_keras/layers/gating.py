@@ -116,6 +116,9 @@ def rotated_top_k(logits, k):
   o_j .. o_j + k - 1 (mod n), so a tied batch gives every expert
   floor(N k / n) or ceil(N k / n) tokens. Only the order of equal values
   changes: the kept values are the top-k values of the row either way.
+  The choice among ties depends on the row's position in the batch, as
+  eq. (18)'s does: for training (`top_k_gates(rotate_ties=True)`), not for
+  inference.
 
   Args:
     logits: float32 [N, n].
@@ -140,7 +143,7 @@ def rotated_top_k(logits, k):
   )
 
 
-def top_k_gates(logits, k, top=None):
+def top_k_gates(logits, k, top=None, rotate_ties=False):
   """Sparse gates G(x) = Softmax(KeepTopK(v, k)), eqs. (3) and (5).
 
   Softmax over the k kept values equals the softmax of eq. (3) with the other
@@ -159,16 +162,21 @@ def top_k_gates(logits, k, top=None):
       `ops.top_k(logits, k', sorted=True)` for some k' >= k, reused instead
       of a second top-k (the noisy gate already computes k' = k + 1 for
       eq. 8; top-k over [N, n] is one of the gate's costliest ops).
+    rotate_ties: break ties among `logits` by `rotated_top_k` (training
+      without noise: a fresh layer's logits all tie) instead of lower index
+      first. Off at inference, where a token's experts must not depend on
+      its position in the batch (step decoding vs teacher forcing).
 
   Returns:
     (gates float32 [N, k] summing to 1 per row, indices int32 [N, k]) ordered
-    by decreasing logit; ties among `logits` (`top` None) are broken by
-    `rotated_top_k`.
+    by decreasing logit.
   """
-  if top is None:
+  if top is not None:
+    top_logits, top_indices = top[0][:, :k], top[1][:, :k]
+  elif rotate_ties:
     top_logits, top_indices = rotated_top_k(logits, k)
   else:
-    top_logits, top_indices = top[0][:, :k], top[1][:, :k]
+    top_logits, top_indices = ops.top_k(logits, k=k, sorted=True)
   if k == 1:
     # Softmax of one logit is exactly 1 (TF's CPU kernel can return
     # 0.99999994, which would leak a spurious gradient into W_g).

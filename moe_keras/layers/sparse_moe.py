@@ -921,7 +921,10 @@ class SparseMoE(MoEBase):
           probs = probs * valid_f
         smooth_load = gating_lib.load(probs)  # eq. (10)
       else:
-        gates, indices = gating_lib.top_k_gates(clean, self.k)
+        # Plain top_k in training: a fresh layer's logits all tie (W_g = 0).
+        gates, indices = gating_lib.top_k_gates(
+            clean, self.k, rotate_ties=training
+        )
       result["load"] = smooth_load
       result["load_is_smooth"] = smooth_load is not None
     elif self.gating == "softmax":

@@ -2,9 +2,10 @@
 
 A fresh layer without gate noise has W_g = 0, so every logit is 0: with ties
 going to the lower index, every token would keep experts 0..k-1 and the
-other n - k experts would get nothing. `gating.rotated_top_k` ranks ties by
-a rotation per token; checked here against an independent numpy ranking and
-by counting, from the layer's output, which experts each token reached.
+other n - k experts would get nothing. In training `gating.rotated_top_k`
+ranks ties by a rotation per token; checked here against an independent
+numpy ranking and by counting, from the layer's output, which experts each
+token reached. At inference a token's experts depend on the token alone.
 """
 
 from keras import ops
@@ -60,18 +61,12 @@ def _gate_revealing_layer(n, k, gating_name):
   return ref.reveal_gates(layer, n, D, H)
 
 
-@pytest.mark.parametrize(
-    "gating_name,training",
-    [("top_k", True), ("top_k", False), ("noisy_top_k", False)],
-)
 @pytest.mark.parametrize("n,k,n_tok", [(8, 2, 512), (6, 4, 50), (4, 1, 7)])
-def test_fresh_layer_spreads_tied_tokens_over_every_expert(
-    gating_name, training, n, k, n_tok
-):
-  layer = _gate_revealing_layer(n, k, gating_name)
+def test_fresh_top_k_layer_spreads_tied_tokens_over_every_expert(n, k, n_tok):
+  layer = _gate_revealing_layer(n, k, "top_k")
   np.testing.assert_array_equal(_np(layer.w_gate), 0.0)
   x = np.random.default_rng(n_tok).normal(size=(n_tok, D)).astype(np.float32)
-  gates = _np(layer(x, training=training))[:, :n]
+  gates = _np(layer(x, training=True))[:, :n]
   per_token = (gates > 0).sum(axis=1)
   per_expert = (gates > 0).sum(axis=0)
   np.testing.assert_array_equal(per_token, np.full(n_tok, k))
@@ -80,3 +75,18 @@ def test_fresh_layer_spreads_tied_tokens_over_every_expert(
   assert per_expert.max() == -(-(n_tok * k) // n), per_expert
   # Tied logits give each kept expert the same gate, 1/k.
   np.testing.assert_allclose(gates[gates > 0], 1.0 / k, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gating_name", ["top_k", "noisy_top_k"])
+def test_inference_routing_does_not_depend_on_batch_position(gating_name):
+  """Step decoding and teacher forcing put a token at different rows."""
+  n, k = 8, 2
+  layer = _gate_revealing_layer(n, k, gating_name)
+  x = np.random.default_rng(5).normal(size=(24, D)).astype(np.float32)
+  gates = _np(layer(x, training=False))[:, :n]
+  reversed_gates = _np(layer(x[::-1].copy(), training=False))[:, :n]
+  np.testing.assert_array_equal(reversed_gates[::-1], gates)
+  one_by_one = np.concatenate(
+      [_np(layer(x[i : i + 1], training=False))[:, :n] for i in range(3)]
+  )
+  np.testing.assert_array_equal(one_by_one, gates[:3])
