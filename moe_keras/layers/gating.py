@@ -103,7 +103,7 @@ def noisy_top_k_logits(clean_logits, raw_noise_stddev, noise, noise_epsilon):
   return clean_logits + noise * noise_stddev, noise_stddev
 
 
-def rotated_top_k(logits, k):
+def rotated_top_k(logits, k, valid=None):
   """`ops.top_k(logits, k)` with ties broken by a rotation per row (eq. 5).
 
   The paper does not say how KeepTopK breaks ties. `ops.top_k` puts the
@@ -123,13 +123,20 @@ def rotated_top_k(logits, k):
   Args:
     logits: float32 [N, n].
     k: python int, 1 <= k <= n.
+    valid: optional bool [N], False for padding: padding rows are left out
+      of the numbering (they are unrouted afterwards), so the valid tokens
+      of a tied batch are the ones balanced.
 
   Returns:
     (values float32 [N, k] in decreasing order, indices int32 [N, k]).
   """
   num_experts = logits.shape[-1]
-  num_rows = ops.shape(logits)[0]
-  offsets = ops.mod(ops.arange(num_rows, dtype="int32") * k, num_experts)
+  if valid is None:
+    rows = ops.arange(ops.shape(logits)[0], dtype="int32")
+  else:
+    valid_int = ops.cast(valid, "int32")
+    rows = ops.cumsum(valid_int) - valid_int  # valid rows before this one
+  offsets = ops.mod(rows * k, num_experts)
   # Column c of the rotated row j holds expert (c + o_j) mod n.
   experts = ops.mod(
       ops.arange(num_experts, dtype="int32")[None, :] + offsets[:, None],
@@ -143,7 +150,7 @@ def rotated_top_k(logits, k):
   )
 
 
-def top_k_gates(logits, k, top=None, rotate_ties=False):
+def top_k_gates(logits, k, top=None, rotate_ties=False, valid=None):
   """Sparse gates G(x) = Softmax(KeepTopK(v, k)), eqs. (3) and (5).
 
   Softmax over the k kept values equals the softmax of eq. (3) with the other
@@ -166,6 +173,8 @@ def top_k_gates(logits, k, top=None, rotate_ties=False):
       without noise: a fresh layer's logits all tie) instead of lower index
       first. Off at inference, where a token's experts must not depend on
       its position in the batch (step decoding vs teacher forcing).
+    valid: optional bool [N] (padding False), for `rotated_top_k`'s row
+      numbering.
 
   Returns:
     (gates float32 [N, k] summing to 1 per row, indices int32 [N, k]) ordered
@@ -174,7 +183,7 @@ def top_k_gates(logits, k, top=None, rotate_ties=False):
   if top is not None:
     top_logits, top_indices = top[0][:, :k], top[1][:, :k]
   elif rotate_ties:
-    top_logits, top_indices = rotated_top_k(logits, k)
+    top_logits, top_indices = rotated_top_k(logits, k, valid=valid)
   else:
     top_logits, top_indices = ops.top_k(logits, k=k, sorted=True)
   if k == 1:

@@ -923,7 +923,7 @@ class SparseMoE(MoEBase):
       else:
         # Plain top_k in training: a fresh layer's logits all tie (W_g = 0).
         gates, indices = gating_lib.top_k_gates(
-            clean, self.k, rotate_ties=training
+            clean, self.k, rotate_ties=training, valid=valid
         )
       result["load"] = smooth_load
       result["load_is_smooth"] = smooth_load is not None

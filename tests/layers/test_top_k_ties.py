@@ -90,3 +90,35 @@ def test_inference_routing_does_not_depend_on_batch_position(gating_name):
       [_np(layer(x[i : i + 1], training=False))[:, :n] for i in range(3)]
   )
   np.testing.assert_array_equal(one_by_one, gates[:3])
+
+
+def test_rotated_top_k_numbers_valid_rows_only():
+  """Padding rows do not take a place in the rotation (numpy by hand)."""
+  n, k = 6, 2
+  valid = np.array([1, 0, 0, 1, 1, 0, 1, 1, 0, 1], bool)
+  logits = np.zeros((valid.size, n), np.float32)
+  _, indices = gating.rotated_top_k(
+      ops.convert_to_tensor(logits), k, valid=ops.convert_to_tensor(valid)
+  )
+  # Valid token v (v-th valid row) keeps experts (2v, 2v + 1) mod 6; a
+  # padding row takes the numbering of the next valid row.
+  rows = np.cumsum(valid) - valid
+  want = (rows[:, None] * k + np.arange(k)[None, :]) % n
+  np.testing.assert_array_equal(_np(indices), want)
+
+
+@pytest.mark.parametrize("n,k,n_tok", [(8, 2, 100), (5, 3, 31)])
+def test_fresh_top_k_layer_balances_the_valid_tokens_of_a_padded_batch(
+    n, k, n_tok
+):
+  layer = _gate_revealing_layer(n, k, "top_k")
+  rng = np.random.default_rng(n_tok)
+  x = rng.normal(size=(n_tok, D)).astype(np.float32)
+  valid = rng.random(n_tok) < 0.6  # padding interleaved at random
+  gates = _np(layer(x, training=True, mask=valid))[:, :n]
+  assert not gates[~valid].any()
+  per_expert = (gates[valid] > 0).sum(axis=0)
+  num_valid = int(valid.sum())
+  np.testing.assert_array_equal((gates[valid] > 0).sum(axis=1), k)
+  assert per_expert.min() == (num_valid * k) // n, per_expert
+  assert per_expert.max() == -(-(num_valid * k) // n), per_expert
