@@ -1399,6 +1399,34 @@ def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
   return written
 
 
+def plot_names(steps, sweep_steps=None):
+  """The PNG names of a sweep of `sweep_steps` and a table of `steps`.
+
+  Every name carries the lengths it shows, so a longer sweep or table does
+  not replace a shorter one's plots: `curves_sweep_<S>steps_*.png` (the
+  sweep), `curves_<N>steps_*.png` and `margins_<N>steps_tokens.png` (the
+  table at the rates its own length's sweep chose), with `_sweep<S>` after
+  `<N>steps` when the table takes the rates of a sweep of S != N steps.
+
+  Args:
+    steps: the table's runs' steps N.
+    sweep_steps: the sweep runs' steps S (None: N).
+
+  Returns:
+    {"sweep": prefix, "curves": prefix, "margins": file name}; the curve
+    prefixes get `_tokens.png` / `_wallclock.png` (`plot_curves`).
+  """
+  sweep_steps = sweep_steps or steps
+  table = f"{steps}steps"
+  if sweep_steps != steps:
+    table += f"_sweep{sweep_steps}"
+  return {
+      "sweep": f"curves_sweep_{sweep_steps}steps",
+      "curves": f"curves_{table}",
+      "margins": f"margins_{table}_tokens.png",
+  }
+
+
 def write_plots(
     rows,
     results_dir,
@@ -1417,30 +1445,30 @@ def write_plots(
     sweep_configs: the swept configs.
     lrs: the swept rates.
     steps: the table's runs' steps.
-    sweep_steps: the sweep runs' steps (None: `steps`). When it differs,
-      the table's plots are `curves_<steps>steps_*.png` and
-      `margins_<steps>steps_tokens.png`, so grids of two lengths in one
-      results_dir keep their own plots.
+    sweep_steps: the sweep runs' steps (None: `steps`). The PNGs are
+      named by both lengths (`plot_names`), so sweeps and tables of other
+      lengths in one results_dir keep their own plots.
 
   Returns:
     The written PNGs' paths relative to the repository.
   """
+  names = plot_names(steps, sweep_steps)
   sweep_steps = sweep_steps or steps
   plots = plot_curves(
       sweep_rows(results_dir, sweep_configs, lrs, sweep_steps),
-      os.path.join(results_dir, "curves_sweep"),
-      f"{corpus_name}: dev perplexity of the rate sweep (seed {SWEEP_SEED})",
+      os.path.join(results_dir, names["sweep"]),
+      f"{corpus_name}: dev perplexity of the rate sweep (seed {SWEEP_SEED},"
+      f" {sweep_steps} steps)",
   )
-  suffix = "" if steps == sweep_steps else f"_{steps}steps"
   plots += plot_curves(
       rows,
-      os.path.join(results_dir, f"curves{suffix}"),
+      os.path.join(results_dir, names["curves"]),
       f"{corpus_name}: dev perplexity, mean over seeds (range shaded),"
       f" {steps} steps",
   )
   plots += plot_margins(
       rows,
-      os.path.join(results_dir, f"margins{suffix}_tokens.png"),
+      os.path.join(results_dir, names["margins"]),
       f"{corpus_name}: margin vs {rows[0].config} by seed pair (range"
       f" shaded), {steps} steps",
   )

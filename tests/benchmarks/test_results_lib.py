@@ -349,8 +349,10 @@ def test_paired_margins_compare_seed_with_seed(tmp_path):
   plots = results_lib.write_plots(
       rows, str(tmp_path), "c", ["dense"], [1e-3], 2
   )
-  assert "margins_tokens.png" in [os.path.basename(p) for p in plots]
-  assert os.path.getsize(os.path.join(tmp_path, "margins_tokens.png")) > 0
+  assert "margins_2steps_tokens.png" in [os.path.basename(p) for p in plots]
+  assert (
+      os.path.getsize(os.path.join(tmp_path, "margins_2steps_tokens.png")) > 0
+  )
 
 
 def test_mean_curve_averages_the_seeds_at_common_steps():
@@ -464,23 +466,45 @@ def test_longer_grid_takes_the_rate_chosen_at_the_sweeps_length(tmp_path):
     assert json.load(f)["steps"] == 100
 
 
-def test_plots_of_a_longer_grid_do_not_replace_the_sweep_lengths(tmp_path):
-  curve = _curve([(100, 1e5, 10.0, 200.0), (400, 4e5, 40.0, 150.0)])
-  _write(tmp_path, results_lib.Run("a", 1e-3, 0, 400), 150.0, 151.0, curve)
-  rows = results_lib.collect_rows(tmp_path, ["a"], [0], 400, {"a": 1e-3})
-  long_plots = results_lib.write_plots(
-      rows, str(tmp_path), "c", ["a"], [1e-3], 400, sweep_steps=100
+def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
+  """Sweeps and tables of 100 and 400 steps, in one results_dir."""
+  for steps in (100, 400):
+    curve = _curve([(100, 1e5, 10.0, 200.0)])
+    if steps == 400:
+      curve = _curve([(100, 1e5, 10.0, 200.0), (400, 4e5, 40.0, 150.0)])
+    for seed in (results_lib.SWEEP_SEED, 0):
+      _write(tmp_path, results_lib.Run("a", 1e-3, seed, steps), 1.0, 1.0, curve)
+
+  def write(steps, sweep_steps):
+    rows = results_lib.collect_rows(tmp_path, ["a"], [0], steps, {"a": 1e-3})
+    plots = results_lib.write_plots(
+        rows, str(tmp_path), "c", ["a"], [1e-3], steps, sweep_steps=sweep_steps
+    )
+    return sorted(os.path.basename(p) for p in plots)
+
+  axes = ("tokens", "wallclock")
+  written = {
+      (400, 100): write(400, 100),
+      (100, None): write(100, None),
+      (400, 400): write(400, 400),
+  }
+  assert written[(400, 100)] == sorted(
+      [f"curves_sweep_100steps_{a}.png" for a in axes]
+      + [f"curves_400steps_sweep100_{a}.png" for a in axes]
+  )  # one seed per row: no margins plot
+  assert written[(100, None)] == sorted(
+      [f"curves_sweep_100steps_{a}.png" for a in axes]
+      + [f"curves_100steps_{a}.png" for a in axes]
   )
-  names = sorted(os.path.basename(p) for p in long_plots)
-  assert names == [
-      "curves_400steps_tokens.png",
-      "curves_400steps_wallclock.png",
-  ]
-  same = results_lib.write_plots(rows, str(tmp_path), "c", ["a"], [1e-3], 400)
-  assert sorted(os.path.basename(p) for p in same) == [
-      "curves_tokens.png",
-      "curves_wallclock.png",
-  ]
+  assert written[(400, 400)] == sorted(
+      [f"curves_sweep_400steps_{a}.png" for a in axes]
+      + [f"curves_400steps_{a}.png" for a in axes]
+  )
+  every = set(os.listdir(tmp_path)) - {"runs"}
+  assert len(every) == len(set(sum(written.values(), []))) == 10
+  assert results_lib.plot_names(400, 100)["margins"] == (
+      "margins_400steps_sweep100_tokens.png"
+  )
 
 
 def test_sweeps_of_single_configs_keep_each_others_choice(tmp_path):
