@@ -172,6 +172,7 @@ def _main():
       execute,
       lr_from=FLAGS.lr_from,
       sweep_steps=sweep_steps,
+      grid_lr=FLAGS.grid_lr,
   )
   if FLAGS.mode == "speed":
     results_lib.run_speed_mode(
@@ -247,6 +248,7 @@ def _main():
       lrs,
       steps,
       sweep_steps=sweep_steps,
+      grid_lr=FLAGS.grid_lr,
   )
   print()
   print("plots: " + ", ".join(plots))

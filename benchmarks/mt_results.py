@@ -130,6 +130,7 @@ def _main():
       results_dir,
       execute,
       sweep_steps=sweep_steps,
+      grid_lr=FLAGS.grid_lr,
   )
   if FLAGS.mode == "speed":
     results_lib.run_speed_mode(
@@ -170,6 +171,7 @@ def _main():
       lrs,
       steps,
       sweep_steps=sweep_steps,
+      grid_lr=FLAGS.grid_lr,
   )
   print("plots: " + ", ".join(plots))
 

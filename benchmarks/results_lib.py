@@ -554,6 +554,13 @@ def define_shared_flags(speed_period: int) -> None:
       " ones.",
       lower_bound=1,
   )
+  flags.DEFINE_float(
+      "grid_lr",
+      None,
+      "Grid and table runs of every config at this rate instead of the rate"
+      " its sweep chose (e.g. every config at a second rate, when one sweep"
+      " seed's choice is in doubt); the sweep itself is unchanged.",
+  )
   flags.DEFINE_integer(
       "speed_period",
       speed_period,
@@ -689,6 +696,7 @@ def run_procedure(
     execute,
     lr_from=None,
     sweep_steps=None,
+    grid_lr=None,
 ) -> Dict[str, float]:
   """Steps 1 and 2 of the module docstring; returns the table's rates.
 
@@ -706,6 +714,8 @@ def run_procedure(
       than sweep runs take the rates chosen at the sweep's length (the
       schedules do not depend on the run's length, so a longer run passes
       through the swept one).
+    grid_lr: None, or the rate of every grid (and table) run instead of
+      the sweep's choice.
 
   Returns:
     {config: rate} for the configs that have one.
@@ -723,7 +733,12 @@ def run_procedure(
         lrs,
         sweep_steps,
     )
-  rates = rates_for(configs, read_lr_choice(results_dir, sweep_steps), lr_from)
+  if grid_lr is not None:
+    rates = {config: grid_lr for config in configs}
+  else:
+    rates = rates_for(
+        configs, read_lr_choice(results_dir, sweep_steps), lr_from
+    )
   if mode in ("all", "grid"):
     missing = [c for c in configs if c not in rates]
     if missing:
@@ -1399,18 +1414,20 @@ def plot_curves(rows: List[Row], path_prefix: str, title: str) -> List[str]:
   return written
 
 
-def plot_names(steps, sweep_steps=None):
+def plot_names(steps, sweep_steps=None, grid_lr=None):
   """The PNG names of a sweep of `sweep_steps` and a table of `steps`.
 
   Every name carries the lengths it shows, so a longer sweep or table does
   not replace a shorter one's plots: `curves_sweep_<S>steps_*.png` (the
   sweep), `curves_<N>steps_*.png` and `margins_<N>steps_tokens.png` (the
   table at the rates its own length's sweep chose), with `_sweep<S>` after
-  `<N>steps` when the table takes the rates of a sweep of S != N steps.
+  `<N>steps` when the table takes the rates of a sweep of S != N steps, or
+  `_lr<rate>` when every row runs at one given rate (`--grid_lr`).
 
   Args:
     steps: the table's runs' steps N.
     sweep_steps: the sweep runs' steps S (None: N).
+    grid_lr: None, or the one rate of every row.
 
   Returns:
     {"sweep": prefix, "curves": prefix, "margins": file name}; the curve
@@ -1418,7 +1435,9 @@ def plot_names(steps, sweep_steps=None):
   """
   sweep_steps = sweep_steps or steps
   table = f"{steps}steps"
-  if sweep_steps != steps:
+  if grid_lr is not None:
+    table += f"_lr{grid_lr:g}"
+  elif sweep_steps != steps:
     table += f"_sweep{sweep_steps}"
   return {
       "sweep": f"curves_sweep_{sweep_steps}steps",
@@ -1435,6 +1454,7 @@ def write_plots(
     lrs,
     steps,
     sweep_steps=None,
+    grid_lr=None,
 ):
   """The sweep's and the table's curve PNGs and the table's margin PNG.
 
@@ -1448,11 +1468,13 @@ def write_plots(
     sweep_steps: the sweep runs' steps (None: `steps`). The PNGs are
       named by both lengths (`plot_names`), so sweeps and tables of other
       lengths in one results_dir keep their own plots.
+    grid_lr: None, or the one rate of every row (`--grid_lr`; in the
+      table's names).
 
   Returns:
     The written PNGs' paths relative to the repository.
   """
-  names = plot_names(steps, sweep_steps)
+  names = plot_names(steps, sweep_steps, grid_lr)
   sweep_steps = sweep_steps or steps
   plots = plot_curves(
       sweep_rows(results_dir, sweep_configs, lrs, sweep_steps),

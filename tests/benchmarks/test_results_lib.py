@@ -426,6 +426,35 @@ def test_grid_without_a_chosen_rate_is_one_line(tmp_path):
     )
 
 
+def test_grid_lr_runs_every_config_at_that_rate(tmp_path):
+  """--grid_lr: the grid's runs at the given rate, whatever was chosen."""
+  results_lib.write_lr_choice(tmp_path, {"a": 4e-3, "b": 1e-3}, [1e-3], 10)
+  executed = []
+  rates = results_lib.run_procedure(
+      "grid",
+      ["a", "b@nobalance"],
+      ["a", "b"],
+      [0, 1],
+      [1e-3, 4e-3],
+      10,
+      tmp_path,
+      executed.append,
+      grid_lr=2e-3,
+  )
+  assert rates == {"a": 2e-3, "b@nobalance": 2e-3}
+  assert [(r.config, r.lr, r.seed) for r in executed] == [
+      ("a", 2e-3, 0),
+      ("b@nobalance", 2e-3, 0),
+      ("a", 2e-3, 1),
+      ("b@nobalance", 2e-3, 1),
+  ]
+  # Without it, the chosen rates (and no runs in table mode).
+  assert results_lib.run_procedure(
+      "table", ["a"], ["a"], [0], [1e-3], 10, tmp_path, executed.append
+  ) == {"a": 4e-3}
+  assert len(executed) == 4
+
+
 def test_longer_grid_takes_the_rate_chosen_at_the_sweeps_length(tmp_path):
   lrs = [1e-3, 2e-3]
   seed = results_lib.SWEEP_SEED
@@ -504,6 +533,9 @@ def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
   assert len(every) == len(set(sum(written.values(), []))) == 10
   assert results_lib.plot_names(400, 100)["margins"] == (
       "margins_400steps_sweep100_tokens.png"
+  )
+  assert results_lib.plot_names(400, 400, grid_lr=2e-3)["curves"] == (
+      "curves_400steps_lr0.002"
   )
 
 
