@@ -103,6 +103,23 @@ def noisy_top_k_logits(clean_logits, raw_noise_stddev, noise, noise_epsilon):
   return clean_logits + noise * noise_stddev, noise_stddev
 
 
+def valid_row_numbers(num_rows, valid=None):
+  """Each row's number among the valid rows: the valid rows before it.
+
+  Args:
+    num_rows: python int or int32 scalar tensor N.
+    valid: optional bool [N] (padding False); None: every row is valid.
+
+  Returns:
+    int32 [N]: 0, 1, ... over the valid rows in batch order (a padding row
+    gets the number of the next valid row; callers ignore padding rows).
+  """
+  if valid is None:
+    return ops.arange(num_rows, dtype="int32")
+  valid_int = ops.cast(valid, "int32")
+  return ops.cumsum(valid_int) - valid_int
+
+
 def rotated_top_k(logits, k, valid=None):
   """`ops.top_k(logits, k)` with ties broken by a rotation per row (eq. 5).
 
@@ -131,11 +148,7 @@ def rotated_top_k(logits, k, valid=None):
     (values float32 [N, k] in decreasing order, indices int32 [N, k]).
   """
   num_experts = logits.shape[-1]
-  if valid is None:
-    rows = ops.arange(ops.shape(logits)[0], dtype="int32")
-  else:
-    valid_int = ops.cast(valid, "int32")
-    rows = ops.cumsum(valid_int) - valid_int  # valid rows before this one
+  rows = valid_row_numbers(ops.shape(logits)[0], valid)
   offsets = ops.mod(rows * k, num_experts)
   # Column c of the rotated row j holds expert (c + o_j) mod n.
   experts = ops.mod(
@@ -389,13 +402,11 @@ def batchwise_mask(probabilities, m, valid=None):
   """
   num_rows, num_experts = ops.shape(probabilities)[0], probabilities.shape[-1]
   scores = probabilities
+  position = valid_row_numbers(num_rows, valid)
   if valid is None:
-    position = ops.arange(num_rows, dtype="int32")
     num_valid = ops.cast(num_rows, "int32")
   else:
-    valid_int = ops.cast(valid, "int32")
-    position = ops.cumsum(valid_int) - 1
-    num_valid = ops.maximum(ops.sum(valid_int), 1)
+    num_valid = ops.maximum(ops.sum(ops.cast(valid, "int32")), 1)
     scores = ops.where(valid[:, None], scores, -ops.ones_like(scores))
   offsets = ops.floor_divide(
       ops.arange(num_experts, dtype="int32") * num_valid, num_experts
