@@ -561,6 +561,11 @@ def define_shared_flags(speed_period: int) -> None:
       " its sweep chose (e.g. every config at a second rate, when one sweep"
       " seed's choice is in doubt); the sweep itself is unchanged.",
   )
+  flags.register_validator(
+      "grid_lr",
+      lambda value: value is None or value > 0,
+      message="--grid_lr must be a positive learning rate",
+  )
   flags.DEFINE_integer(
       "speed_period",
       speed_period,

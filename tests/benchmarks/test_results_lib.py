@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -709,3 +710,22 @@ def test_continuing_an_unfinished_or_missing_run_is_one_line(tmp_path):
   with pytest.raises(results_lib.GridError, match="not shorter"):
     results_lib.continue_run(str(tmp_path), longer, 20)
   assert sorted(os.listdir(tmp_path)) == ["moe_32_lr0.001_s1_10"]
+
+
+@pytest.mark.parametrize("script", ["lm_results.py", "mt_results.py"])
+def test_grid_lr_that_is_not_positive_is_a_one_line_flag_error(script):
+  done = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(results_lib.REPO, "benchmarks", script),
+          "--mode=table",
+          "--grid_lr=0",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  assert done.returncode != 0
+  assert "--grid_lr must be a positive learning rate" in done.stderr
+  assert "Traceback" not in done.stderr
