@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -537,8 +537,15 @@ def step_time_lines(step_times: Dict[str, dict]) -> str:
   )
 
 
+def _positive_float(text: str) -> bool:
+  try:
+    return float(text) > 0
+  except ValueError:
+    return False
+
+
 def define_shared_flags(speed_period: int) -> None:
-  """absl flags both front ends take: --continue_from, --speed_*.
+  """The absl flags both front ends take (--continue_from, --*_lr*, --speed_*).
 
   Args:
     speed_period: the front end's default --speed_period (steps).
@@ -565,6 +572,18 @@ def define_shared_flags(speed_period: int) -> None:
       "grid_lr",
       lambda value: value is None or value > 0,
       message="--grid_lr must be a positive learning rate",
+  )
+  flags.DEFINE_list(
+      "table_lrs",
+      None,
+      "Also print every config at each of these rates (grid runs made with"
+      " --grid_lr, once per rate) and each config at its rate of lowest mean"
+      " final dev perplexity over --seeds (results_lib.rate_grid_report).",
+  )
+  flags.register_validator(
+      "table_lrs",
+      lambda value: value is None or all(_positive_float(v) for v in value),
+      message="--table_lrs must be positive learning rates",
   )
   flags.DEFINE_integer(
       "speed_period",
@@ -843,6 +862,119 @@ def collect_rows(results_dir, configs, seeds, steps, lrs) -> List[Row]:
     ]
     rows.append(Row(config, lr, summaries))
   return rows
+
+
+def rate_grid_rows(results_dir, configs, lrs, seeds, steps) -> List[Row]:
+  """One Row per (config, rate) of a grid run at several rates.
+
+  Args:
+    results_dir: where the run summaries are.
+    configs: the configs, in table order.
+    lrs: the rates every config was run at (e.g. the two rates a sweep seed
+      could not separate).
+    seeds: the grid's seeds.
+    steps: the runs' steps.
+
+  Returns:
+    Rows config-major (each config's rates in `lrs` order), each with the
+    summaries of the seeds that finished (none: an empty row, which the
+    tables print as missing).
+  """
+  return [
+      collect_rows(results_dir, [config], seeds, steps, {config: lr})[0]
+      for config in configs
+      for lr in lrs
+  ]
+
+
+def dev_chosen_rows(rows: List[Row], seeds) -> Tuple[List[Row], List[str]]:
+  """Each config's row at its rate of lowest mean final dev perplexity.
+
+  Only rows with every seed of `seeds` compete, so a rate is never chosen
+  on fewer seeds than another. The choice looks at dev perplexity only;
+  the test metrics of the chosen rows are what a table of them reports
+  (dev selects, test reports).
+
+  Args:
+    rows: `rate_grid_rows`' rows.
+    seeds: the seeds a competing row must have.
+
+  Returns:
+    (the chosen rows in config order, the configs with no complete row).
+  """
+  wanted = set(int(s) for s in seeds)
+  chosen, incomplete = [], []
+  for config in dict.fromkeys(r.config for r in rows):
+    complete = [
+        r
+        for r in rows
+        if r.config == config and {s["seed"] for s in r.summaries} >= wanted
+    ]
+    if not complete:
+      incomplete.append(config)
+      continue
+    chosen.append(
+        min(
+            complete,
+            key=lambda r: mean_std(r.field("final_dev_perplexity"))[0],
+        )
+    )
+  return chosen, incomplete
+
+
+def rate_grid_report(
+    results_dir,
+    configs,
+    lrs,
+    seeds,
+    steps,
+    metrics: Sequence[str],
+    second_reference: Optional[str] = None,
+) -> str:
+  """Markdown: every config at every rate of `lrs`, then each at its best.
+
+  The front ends' `--table_lrs`: when one sweep seed's choice of rate is in
+  doubt (e.g. the dense model's best rate changes with the seed), every
+  config runs at each candidate rate on the grid seeds (`--grid_lr`, once
+  per rate) and this compares them as a user would tune them: per config,
+  the rate of lowest mean final dev perplexity over those seeds
+  (`dev_chosen_rows`), then the chosen rows' test metrics, unpaired
+  (`results_table`) and seed by seed (`paired_table`).
+
+  Args:
+    results_dir, configs, lrs, seeds, steps: as `rate_grid_rows`.
+    metrics: the test metrics to tabulate.
+    second_reference: as `results_table`.
+
+  Returns:
+    The report's markdown (headings and tables).
+  """
+  grid = rate_grid_rows(results_dir, configs, lrs, seeds, steps)
+  chosen, incomplete = dev_chosen_rows(grid, seeds)
+  rates = ", ".join(f"{lr:g}" for lr in lrs)
+  parts = []
+  for metric in metrics:
+    parts.append(
+        f"## Every config at rates {rates}: test {metric}, seeds"
+        f" {list(seeds)}, {steps} steps (baseline: the first row)"
+    )
+    parts.append(results_table(grid, metric, second_reference))
+  if incomplete:
+    parts.append(
+        f"No rate has all seeds {list(seeds)} for: {', '.join(incomplete)}"
+        " (left out below)."
+    )
+  if chosen:
+    choice = ", ".join(f"{r.config} {r.lr:g}" for r in chosen)
+    for metric in metrics:
+      parts.append(
+          f"## Each config at its rate of lowest mean final dev perplexity"
+          f" ({choice}): test {metric}"
+      )
+      parts.append(results_table(chosen, metric, second_reference))
+      parts.append(f"Seed by seed (same data order), test {metric}:")
+      parts.append(paired_table(chosen, metric))
+  return "\n\n".join(parts)
 
 
 def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:

@@ -713,13 +713,29 @@ def test_continuing_an_unfinished_or_missing_run_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["lm_results.py", "mt_results.py"])
-def test_grid_lr_that_is_not_positive_is_a_one_line_flag_error(script):
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--grid_lr=0", "--grid_lr must be a positive learning rate"),
+        (
+            "--table_lrs=2e-3,fast",
+            "--table_lrs must be positive learning rates",
+        ),
+        (
+            "--table_lrs=2e-3,-1e-3",
+            "--table_lrs must be positive learning rates",
+        ),
+    ],
+)
+def test_rate_flags_that_are_not_positive_rates_are_one_line_flag_errors(
+    script, flag, message
+):
   done = subprocess.run(
       [
           sys.executable,
           os.path.join(results_lib.REPO, "benchmarks", script),
           "--mode=table",
-          "--grid_lr=0",
+          flag,
       ],
       capture_output=True,
       text=True,
@@ -727,5 +743,68 @@ def test_grid_lr_that_is_not_positive_is_a_one_line_flag_error(script):
       check=False,
   )
   assert done.returncode != 0
-  assert "--grid_lr must be a positive learning rate" in done.stderr
+  assert message in done.stderr
   assert "Traceback" not in done.stderr
+
+
+def _write_rate_grid(results_dir):
+  """dense: 2e-3 wins on dev (mean 30 vs 40); moe: 4e-3 wins (20 vs 25).
+
+  Dev and test differ on purpose: dense at 4e-3 has the better test mean
+  (35 vs 45), so a choice made on test would pick the other rate.
+  """
+  # (config, lr): {seed: (final dev perplexity, test perplexity)}
+  grid = {
+      ("dense", 2e-3): {0: (28.0, 40.0), 1: (32.0, 50.0)},
+      ("dense", 4e-3): {0: (38.0, 30.0), 1: (42.0, 40.0)},
+      ("moe", 2e-3): {0: (24.0, 20.0), 1: (26.0, 22.0)},
+      ("moe", 4e-3): {0: (19.0, 27.0), 1: (21.0, 35.0)},
+      # Best dev of all, but seed 1 is missing: it must not compete.
+      ("moe", 8e-3): {0: (5.0, 5.0)},
+  }
+  for (config, lr), by_seed in grid.items():
+    for seed, (dev, test) in by_seed.items():
+      _write(results_dir, results_lib.Run(config, lr, seed, 100), dev, test)
+
+
+def test_rate_grid_rows_are_config_major_with_missing_runs_kept(tmp_path):
+  _write_rate_grid(tmp_path)
+  rows = results_lib.rate_grid_rows(
+      tmp_path, ["dense", "moe"], [2e-3, 4e-3, 8e-3], [0, 1], 100
+  )
+  assert [(r.config, r.lr, [s["seed"] for s in r.summaries]) for r in rows] == [
+      ("dense", 2e-3, [0, 1]),
+      ("dense", 4e-3, [0, 1]),
+      ("dense", 8e-3, []),
+      ("moe", 2e-3, [0, 1]),
+      ("moe", 4e-3, [0, 1]),
+      ("moe", 8e-3, [0]),
+  ]
+
+
+def test_dev_chosen_rows_pick_the_lowest_mean_dev_over_complete_rates(
+    tmp_path,
+):
+  _write_rate_grid(tmp_path)
+  rows = results_lib.rate_grid_rows(
+      tmp_path, ["dense", "moe", "absent"], [2e-3, 4e-3, 8e-3], [0, 1], 100
+  )
+  chosen, incomplete = results_lib.dev_chosen_rows(rows, [0, 1])
+  # dense: dev means 30 (2e-3) < 40 (4e-3), although 4e-3's test is better;
+  # moe: 20 (4e-3) < 25 (2e-3); 8e-3 (dev 5, one seed) does not compete.
+  assert [(r.config, r.lr) for r in chosen] == [("dense", 2e-3), ("moe", 4e-3)]
+  assert incomplete == ["absent"]
+
+
+def test_rate_grid_report_tables_the_dev_chosen_rows(tmp_path):
+  _write_rate_grid(tmp_path)
+  report = results_lib.rate_grid_report(
+      tmp_path, ["dense", "moe"], [2e-3, 4e-3], [0, 1], 100, ["perplexity"]
+  )
+  assert "(dense 0.002, moe 0.004): test perplexity" in report
+  # Chosen rows: dense test 40, 50 (mean 45); moe 27, 35 (mean 31).
+  assert f"| {100 * (31.0 - 45.0) / 45.0:+.1f}% |" in report
+  # Paired: s0 27/40 - 1 = -32.5%, s1 35/50 - 1 = -30.0%.
+  assert "| moe | 2 | s0 -32.5%, s1 -30.0% | -31.2% |" in report
+  grid_lines = [l for l in report.splitlines() if l.startswith("| moe | 0.002")]
+  assert grid_lines and "| 21.00 | 1.41 | 20.00-22.00 |" in grid_lines[0]
