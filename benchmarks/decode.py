@@ -25,7 +25,9 @@ picks and lengths.
 Settings (config x search, and their SavedModel round trips) are timed in
 `--rounds` alternating rounds, each decoding all `--sentences`; the table
 gives the median sentences/s, its min-max, and each round's ratio to the
-first config's same search in the same round (min-max over rounds).
+first config's same search in the same round (min-max over rounds): an
+in-process row to its in-process decoder, a SavedModel row to its
+SavedModel (`ratio_reference`).
 
 `--saved_model` also times each random-weight decoder after a
 `tf.saved_model` round trip (saved to a temporary directory, loaded back,
@@ -47,6 +49,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,6 +66,7 @@ from moe_keras.tasks import mt_task  # pylint: disable=g-import-not-at-top
 END_ID = 3
 START_ID = 2
 BEAMS = (1, 4)
+SAVED_MODEL_SUFFIX = " (SavedModel)"
 
 
 def _random_model_decoder(model, beam_size, target_length, forced_ids):
@@ -271,7 +275,7 @@ def random_settings(gin_file, args):
             f"{name} {search}: the loaded SavedModel decodes other ids than"
             " the in-process decoder"
         )
-      settings.append((name + " (SavedModel)", search, loaded, routed))
+      settings.append((name + SAVED_MODEL_SUFFIX, search, loaded, routed))
   return source, settings
 
 
@@ -401,6 +405,31 @@ def bench_model_dir(args):
   return rows
 
 
+def ratio_reference(rows, name: str, search: str) -> List[float]:
+  """The per-round speeds a row's ratio divides by.
+
+  The first config's row of the same search and the same form: in-process
+  rows against its in-process decoder, SavedModel rows against its
+  SavedModel (what "0.8x the dense model's speed for the exported model"
+  compares: both sides loaded as a server loads them).
+
+  Args:
+    rows: (name, search, experts/token, per-round sentences/s) per setting,
+      the first config's settings first.
+    name: the row's name (SAVED_MODEL_SUFFIX marks the SavedModel form).
+    search: "greedy" or "beam N".
+
+  Returns:
+    The reference's sentences/s, round by round.
+  """
+  saved = name.endswith(SAVED_MODEL_SUFFIX)
+  return next(
+      v
+      for n, s, _, v in rows
+      if s == search and n.endswith(SAVED_MODEL_SUFFIX) == saved
+  )
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
@@ -465,7 +494,8 @@ def main(argv=None):
   print(
       f"{args.rounds} alternating rounds of {args.sentences} sentences (batch"
       f" {args.batch_size}, {args.target_length} steps); ratio: sentences/s"
-      f" over {rows[0][0]}'s same search in the same round"
+      f" over {rows[0][0]}'s same search in the same round, SavedModel"
+      " rows over its SavedModel's"
   )
   print(
       "| config | search | experts/token | sentences/s (median) | min-max |"
@@ -473,8 +503,9 @@ def main(argv=None):
   )
   print("|---|---|---:|---:|---|---:|---:|---|")
   for name, search, routed, speeds in rows:
-    reference = next(v for n, s, _, v in rows if s == search)
-    ratios = [a / b for a, b in zip(speeds, reference)]
+    ratios = [
+        a / b for a, b in zip(speeds, ratio_reference(rows, name, search))
+    ]
     ms = 1000 * args.batch_size / (np.median(speeds) * args.target_length)
     print(
         f"| {name} | {search} | {'-' if routed is None else f'{routed:.2f}'}"

@@ -28,16 +28,18 @@ def test_saved_model_rows_decode_the_same_ids(capsys):
 
 
 def _decode(capsys):
-  decode.main([
-      "--gin_files=" + os.path.join(REPO, "gin/mt/tiny/moe_flat.gin"),
-      "--vocab_size=64",
-      "--sentences=16",
-      "--rounds=2",
-      "--batch_size=2",
-      "--source_length=5",
-      "--target_length=6",
-      "--saved_model",
-  ])
+  decode.main(
+      [
+          "--gin_files=" + os.path.join(REPO, "gin/mt/tiny/moe_flat.gin"),
+          "--vocab_size=64",
+          "--sentences=16",
+          "--rounds=2",
+          "--batch_size=2",
+          "--source_length=5",
+          "--target_length=6",
+          "--saved_model",
+      ]
+  )
   rows = [
       [cell.strip() for cell in line.split("|")[1:-1]]
       for line in capsys.readouterr().out.splitlines()
@@ -45,8 +47,38 @@ def _decode(capsys):
   ]
   searches = [("SavedModel" in row[0], row[1]) for row in rows]
   assert searches == [
-      (False, "greedy"), (True, "greedy"), (False, "beam 4"), (True, "beam 4")
+      (False, "greedy"),
+      (True, "greedy"),
+      (False, "beam 4"),
+      (True, "beam 4"),
   ]
   for _, _, experts_per_token, sentences_per_s, *_ in rows:
     assert 1.0 <= float(experts_per_token) <= 3.0, experts_per_token
     assert float(sentences_per_s) > 0
+
+
+def test_ratios_compare_like_with_like():
+  """Each ratio divides by the dense row of the same search and form."""
+  saved = decode.SAVED_MODEL_SUFFIX
+  rows = [
+      ("dense", "greedy", None, [600.0, 500.0]),
+      ("dense" + saved, "greedy", None, [550.0, 450.0]),
+      ("dense", "beam 4", None, [180.0, 160.0]),
+      ("dense" + saved, "beam 4", None, [170.0, 150.0]),
+      ("moe", "greedy", 4.0, [480.0, 400.0]),
+      ("moe" + saved, "greedy", 4.0, [440.0, 360.0]),
+      ("moe" + saved, "beam 4", 4.0, [136.0, 120.0]),
+  ]
+  assert decode.ratio_reference(rows, "moe", "greedy") == [600.0, 500.0]
+  assert decode.ratio_reference(rows, "moe" + saved, "greedy") == [
+      550.0,
+      450.0,
+  ]
+  assert decode.ratio_reference(rows, "moe" + saved, "beam 4") == [
+      170.0,
+      150.0,
+  ]
+  assert decode.ratio_reference(rows, "dense" + saved, "greedy") == [
+      550.0,
+      450.0,
+  ]
