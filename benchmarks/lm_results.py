@@ -202,19 +202,15 @@ def _main():
   print()
   print("Seed by seed (same data order), test perplexity:")
   print(results_lib.paired_table(rows, "perplexity"))
-  if FLAGS.table_lrs:
-    print()
-    print(
-        results_lib.rate_grid_report(
-            results_dir,
-            configs,
-            [float(x) for x in FLAGS.table_lrs],
-            seeds,
-            steps,
-            metrics=("perplexity",),
-            second_reference="moe_4",
-        )
-    )
+  results_lib.print_table_lrs_report(
+      FLAGS,
+      results_dir,
+      configs,
+      seeds,
+      steps,
+      metrics=("perplexity",),
+      second_reference="moe_4",
+  )
   print()
   print("## Margin along training (dev perplexity, mean over seeds)")
   by_name = {row.config: row for row in rows}

@@ -150,19 +150,15 @@ def _main():
     print()
     print(f"Seed by seed (same data order), test {metric}:")
     print(results_lib.paired_table(rows, metric))
-  if FLAGS.table_lrs:
-    print()
-    print(
-        results_lib.rate_grid_report(
-            results_dir,
-            configs,
-            [float(x) for x in FLAGS.table_lrs],
-            seeds,
-            steps,
-            metrics=("bleu", "tokenized_bleu", "perplexity"),
-            second_reference=None,
-        )
-    )
+  results_lib.print_table_lrs_report(
+      FLAGS,
+      results_dir,
+      configs,
+      seeds,
+      steps,
+      metrics=("bleu", "tokenized_bleu", "perplexity"),
+      second_reference=None,
+  )
   print()
   print("## Time to the baseline's dev perplexity")
   print(

@@ -977,6 +977,32 @@ def rate_grid_report(
   return "\n\n".join(parts)
 
 
+def print_table_lrs_report(
+    flag_values, results_dir, configs, seeds, steps, metrics, second_reference
+) -> None:
+  """--table_lrs of the front ends: prints `rate_grid_report` when it is set.
+
+  Args:
+    flag_values: the front end's flags (table_lrs).
+    results_dir, configs, seeds, steps, metrics, second_reference: as
+      `rate_grid_report`.
+  """
+  if not flag_values.table_lrs:
+    return
+  print()
+  print(
+      rate_grid_report(
+          results_dir,
+          configs,
+          [float(x) for x in flag_values.table_lrs],
+          seeds,
+          steps,
+          metrics=metrics,
+          second_reference=second_reference,
+      )
+  )
+
+
 def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
   """One Row per swept (config, rate) that finished, for the sweep's plot."""
   rows = []
