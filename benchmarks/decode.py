@@ -221,13 +221,12 @@ def randomize_gates(model, source, target_in, seed=0):
   batchwise = [l for l in layers if getattr(l, "gating", "") == "batchwise"]
   if not batchwise:
     return
-  probed = expert_stats._probe_model(model, layers)(  # pylint: disable=protected-access
-      {"source": source, "target_in": target_in}
-  )
-  for i, layer in enumerate(layers):
+  probe, slots = expert_stats.probe_model(model, layers)
+  probed = probe({"source": source, "target_in": target_in})
+  for layer, (input_index, _) in zip(layers, slots):
     if layer not in batchwise:
       continue
-    x = np.asarray(probed[2 * i])
+    x = np.asarray(probed[input_index])
     fit_batchwise_thresholds(layer, x.reshape(-1, x.shape[-1]))
 
 

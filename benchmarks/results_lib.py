@@ -1470,7 +1470,9 @@ def time_to_quality_table(
   """Tokens and wall clock for each config to reach rows[0]'s final dev ppl.
 
   On the mean-over-seeds curves: the target is the baseline's mean final
-  dev perplexity (its own mean curve reaches it at its last point).
+  dev perplexity, and every ratio is against the point where the baseline's
+  own mean curve first reaches it (its last point unless the curve dipped
+  below its final value earlier).
 
   Args:
     rows: the table's rows; rows[0] is the baseline.
@@ -1496,8 +1498,11 @@ def time_to_quality_table(
       return None
     return tokens / speed["tokens_per_step"] * speed["seconds_per_step"]
 
-  base_tokens = base_curve[-1]["tokens"]
-  base_seconds = base_curve[-1]["train_seconds"]
+  # The baseline's own first crossing, not its last point: a mean curve
+  # that dips below its final value earlier reached that quality there, and
+  # the ratios compare like with like.
+  base_tokens = first_crossing(base_curve, target, "tokens")
+  base_seconds = first_crossing(base_curve, target, "train_seconds")
   base_idle = idle_seconds(base.config, base_tokens)
   timed = base_idle is not None
   lines = [

@@ -45,20 +45,41 @@ def moe_layers(model):
   return found
 
 
-def _probe_model(model, layers):
-  """Functional model: model inputs -> (input, mask) of every MoE layer."""
+def probe_model(model, layers):
+  """The input (and mask) of each MoE layer of a functional model.
+
+  Args:
+    model: a functional keras.Model.
+    layers: MoE layers of `model` (`moe_layers`), each called once in it.
+
+  Returns:
+    (probe, slots): `probe(x)` runs `model`'s inputs `x` (no training) and
+    returns a list holding every layer's input, and its mask where the
+    layer was called with one; `slots[i]` is (input index, mask index or
+    None) of `layers[i]` in that list. A layer called without a mask gets
+    none (a symbolic all-True mask cannot be built for inputs of unknown
+    length).
+  """
   outputs = []
+  slots = []
   for layer in layers:
     node = layer._inbound_nodes[0]  # pylint: disable=protected-access
-    layer_input = node.arguments.args[0]
     mask = node.arguments.kwargs.get("mask")
-    outputs.append(layer_input)
-    outputs.append(
-        mask
-        if mask is not None
-        else keras.ops.ones(keras.ops.shape(layer_input)[:-1], "bool")
-    )
-  return keras.Model(model.inputs, outputs)
+    outputs.append(node.arguments.args[0])
+    input_index = len(outputs) - 1
+    mask_index = None
+    if mask is not None:
+      outputs.append(mask)
+      mask_index = len(outputs) - 1
+    slots.append((input_index, mask_index))
+  functional = keras.Model(model.inputs, outputs)
+
+  def probe(x):
+    # A one-output functional model returns its tensor, not a list.
+    probed = functional(x, training=False)
+    return list(probed) if isinstance(probed, (list, tuple)) else [probed]
+
+  return probe, slots
 
 
 def _cv(x):
@@ -71,6 +92,41 @@ def _max_over_mean(x):
   x = np.asarray(x, np.float64)
   mean = x.mean()
   return float(x.max() / mean) if mean > 0 else 0.0
+
+
+# The share of routed tokens `experts_for_load_share` counts experts up to.
+LOAD_SHARE = 0.9
+
+
+def experts_for_load_share(token_counts, share=LOAD_SHARE):
+  """The fewest experts that together received `share` of the routed tokens.
+
+  An MoE whose gate has collapsed onto a few experts (e.g. top-k gating
+  without noise: an expert outside every token's top k gets no gradient,
+  eqs. 3 and 6, and is never chosen again) shows it here and in the count
+  of unused experts, where CV(load) alone is hard to read.
+
+  Args:
+    token_counts: [num_experts] tokens routed to each expert.
+    share: a fraction in (0, 1].
+
+  Returns:
+    int in [0, num_experts]; 0 when no token was routed.
+
+  Raises:
+    ValueError: `share` outside (0, 1] or a negative count.
+  """
+  if not 0.0 < share <= 1.0:
+    raise ValueError(f"share must be in (0, 1], got {share}")
+  counts = np.asarray(token_counts, np.float64)
+  if (counts < 0).any():
+    raise ValueError("token_counts must be non-negative")
+  total = counts.sum()
+  if total <= 0:
+    return 0
+  cumulative = np.cumsum(np.sort(counts)[::-1])
+  # Tolerance for the float sum: a share met exactly counts as met.
+  return int(np.searchsorted(cumulative, share * total * (1 - 1e-12)) + 1)
 
 
 def collect_expert_stats(model, dataset, max_batches=None, training=False):
@@ -89,13 +145,15 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
     {layer_name: dict} with per-expert lists 'importance', 'load',
     'token_counts' (summed over the split), 'cv_importance', 'cv_load',
     'max_over_mean_load' over those sums, the same three averaged over
-    batches ('batch_mean_cv_importance', ...), 'dropped_fraction', and
-    'num_batches'. Empty when the model has no MoE layer.
+    batches ('batch_mean_cv_importance', ...), 'unused_experts' (experts
+    that received no token in the whole split), 'experts_for_90pct_load'
+    (`experts_for_load_share`), 'dropped_fraction', and 'num_batches'.
+    Empty when the model has no MoE layer.
   """
   layers = moe_layers(model)
   if not layers:
     return {}
-  probe = _probe_model(model, layers)
+  probe, slots = probe_model(model, layers)
   sums = {layer.name: {key: 0.0 for key in STAT_KEYS} for layer in layers}
   batch_stats = {layer.name: [] for layer in layers}
   dropped = {layer.name: [0.0, 0.0] for layer in layers}
@@ -103,11 +161,11 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
   for batch in dataset:
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     x = keras.tree.map_structure(np.asarray, x)  # tf.data -> any backend
-    probed = probe(x, training=False)
-    for i, layer in enumerate(layers):
+    probed = probe(x)
+    for layer, (input_index, mask_index) in zip(layers, slots):
       stats = layer(
-          probed[2 * i],
-          mask=probed[2 * i + 1],
+          probed[input_index],
+          mask=None if mask_index is None else probed[mask_index],
           training=training,
           return_stats=True,
       )[1]
@@ -137,6 +195,9 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
   for layer in layers:
     s = sums[layer.name]
     per_batch = np.asarray(batch_stats[layer.name] or [(0.0, 0.0, 0.0)])
+    counts = np.broadcast_to(
+        np.asarray(s["token_counts"], np.float64), (layer.num_experts,)
+    )
     results[layer.name] = {
         "num_experts": layer.num_experts,
         "importance": np.asarray(s["importance"]).tolist(),
@@ -148,6 +209,8 @@ def collect_expert_stats(model, dataset, max_batches=None, training=False):
         "batch_mean_cv_importance": float(per_batch[:, 0].mean()),
         "batch_mean_cv_load": float(per_batch[:, 1].mean()),
         "batch_mean_max_over_mean_load": float(per_batch[:, 2].mean()),
+        "unused_experts": int(np.sum(counts == 0)),
+        "experts_for_90pct_load": experts_for_load_share(counts),
         "dropped_fraction": (
             dropped[layer.name][0] / max(dropped[layer.name][1], 1.0)
         ),

@@ -160,6 +160,9 @@ def summary(result):
         k: round(stats[k], 4)
         for k in ("cv_importance", "cv_load", "max_over_mean_load")
     }
+    for k in ("unused_experts", "experts_for_90pct_load"):
+      if k in stats:
+        short[name][k] = stats[k]
   return short
 
 

@@ -507,7 +507,12 @@ class StepCallback(keras.callbacks.Callback):
       for name, layer_stats in stats.items():
         for key in ("importance", "load"):
           tf.summary.histogram(f"{name}/{key}", np.asarray(layer_stats[key]))
-        for key in ("cv_importance", "cv_load", "max_over_mean_load"):
+        for key in (
+            "cv_importance",
+            "cv_load",
+            "max_over_mean_load",
+            "unused_experts",
+        ):
           tf.summary.scalar(f"{name}/{key}", layer_stats[key])
     writer.flush()
 
@@ -828,9 +833,7 @@ def load_translator(model_dir, beam_size, alpha, target_lang, gin_bindings=()):
         f"{model_dir} is a {type(task).__name__} experiment, not translation"
     )
   if beam_size is not None and beam_size < 1:
-    raise mt_task.TranslationError(
-        f"--beam_size must be >= 1, got {beam_size}"
-    )
+    raise mt_task.TranslationError(f"--beam_size must be >= 1, got {beam_size}")
   mt_task.check_target_language(task, target_lang)
   translator = task.translator(
       model, beam_size=beam_size, alpha=alpha, target_language=target_lang

@@ -195,6 +195,47 @@ def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
   assert f" {seconds / 120.0:.2f}x | - | - |" in partial
 
 
+def test_time_to_quality_ratios_use_the_baselines_own_first_crossing(
+    tmp_path,
+):
+  # Dense's mean curve dips to 95 at 3M tokens and ends at 100: it first
+  # reached its final quality at 2M + (110 - 100) / (110 - 95) * 1M tokens,
+  # and the MoE's ratio is against that point, not against the 4M budget.
+  lrs = {"dense": 1e-3, "moe": 1e-3}
+  dense = _curve(
+      [
+          (1, 1e6, 60.0, 200.0),
+          (2, 2e6, 120.0, 110.0),
+          (3, 3e6, 180.0, 95.0),
+          (4, 4e6, 240.0, 100.0),
+      ]
+  )
+  moe = _curve([(1, 1e6, 60.0, 120.0), (2, 2e6, 120.0, 90.0)])
+  _write(tmp_path, results_lib.Run("dense", 1e-3, 0, 4), 100.0, 1.0, dense)
+  _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 4), 80.0, 1.0, moe)
+  rows = results_lib.collect_rows(tmp_path, ["dense", "moe"], [0], 4, lrs)
+  steps = {
+      "dense": {"seconds_per_step": 0.5, "tokens_per_step": 1000.0},
+      "moe": {"seconds_per_step": 1.0, "tokens_per_step": 1000.0},
+  }
+  table = results_lib.time_to_quality_table(rows, steps)
+  dense_tokens = 2e6 + 10.0 / 15.0 * 1e6
+  dense_seconds = 120.0 + 10.0 / 15.0 * 60.0
+  moe_tokens = 1e6 + 20.0 / 30.0 * 1e6
+  moe_seconds = 60.0 + 20.0 / 30.0 * 60.0
+  assert (
+      f"| dense | 1 | {dense_tokens / 1e6:.2f}M | 1.00x |"
+      f" {dense_seconds / 60:.1f} min | 1.00x |"
+  ) in table
+  dense_idle = dense_tokens / 1000.0 * 0.5
+  moe_idle = moe_tokens / 1000.0 * 1.0
+  assert (
+      f"| moe | 1 | {moe_tokens / 1e6:.2f}M | {moe_tokens / dense_tokens:.2f}x"
+      f" | {moe_seconds / 60:.1f} min | {moe_seconds / dense_seconds:.2f}x |"
+      f" {moe_idle / 60:.1f} min | {moe_idle / dense_idle:.2f}x |"
+  ) in table
+
+
 def test_step_times_from_the_training_curve(tmp_path, monkeypatch):
   corpus = results_lib.Corpus(name="c", gin_dir="gin/mt/debian_en_fr")
   calls = []
