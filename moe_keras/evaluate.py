@@ -160,9 +160,8 @@ def summary(result):
         k: round(stats[k], 4)
         for k in ("cv_importance", "cv_load", "max_over_mean_load")
     }
-    for k in ("unused_experts", "experts_for_90pct_load"):
-      if k in stats:
-        short[name][k] = stats[k]
+    short[name]["unused_experts"] = stats["unused_experts"]
+    short[name]["experts_for_90pct_load"] = stats["experts_for_90pct_load"]
   return short
 
 
