@@ -57,6 +57,10 @@ VARIANTS = {
     "top_k": ("moe_spec.gating = 'top_k'",),
     "noisy_top_k": ("moe_spec.gating = 'noisy_top_k'",),
     "batchwise": ("moe_spec.gating = 'batchwise'",),
+    # The gate noise of eq. (4) at a tenth of its standard deviation (the
+    # paper's W_noise still learns it): is the routing in training decided
+    # by the noise rather than by the gate (README "Results", MoE-1024-h)?
+    "noise_x0.1": ("moe_spec.noise_scale = 0.1",),
     # 4x the tokens per step (the LM corpora's 4096 -> 16384-token batches;
     # dev batches unchanged): each of n experts sees 4x the ~k/n share of
     # the batch (section 3.1, the shrinking batch problem). Run it at 1/4

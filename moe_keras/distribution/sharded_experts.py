@@ -902,7 +902,12 @@ def _secondary_moe(
         gate_plan, x, tf.concat([w_gate, w_noise], axis=2)
     )  # [R, 2b]: x . W_i and x . W_noise_i in one grouped matmul
     gates, experts, probs = gating_lib.noisy_top_k(
-        both[:, :b], both[:, b:], noise, ks, layer.noise_epsilon
+        both[:, :b],
+        both[:, b:],
+        noise,
+        ks,
+        layer.noise_epsilon,
+        layer.noise_scale,
     )  # eqs. (3)-(5), (8)-(9)
     load_secondary = ops.segment_sum(probs, row_group, num_segments=num_groups)
   else:

@@ -84,22 +84,29 @@ def softmax_gates(logits):
   return ops.softmax(logits, axis=-1)
 
 
-def noisy_top_k_logits(clean_logits, raw_noise_stddev, noise, noise_epsilon):
+def noisy_top_k_logits(
+    clean_logits, raw_noise_stddev, noise, noise_epsilon, noise_scale=1.0
+):
   """Noisy logits H(x), eq. (4).
 
-  H(x)_i = (x . W_g)_i + StandardNormal() * (Softplus((x . W_noise)_i) + eps).
-  With eps = 0 this is the paper's equation verbatim.
+  H(x)_i = (x . W_g)_i
+           + StandardNormal() * c * (Softplus((x . W_noise)_i) + eps).
+  With eps = 0 and c = 1 this is the paper's equation verbatim.
 
   Args:
     clean_logits: float32 [N, n], x . W_g.
     raw_noise_stddev: float32 [N, n], x . W_noise.
     noise: float32 [N, n] of independent standard-normal draws.
     noise_epsilon: python float added to the Softplus.
+    noise_scale: python float c > 0 multiplying the noise's standard
+      deviation (1.0: the paper; an ablation knob, README "Results").
 
   Returns:
     (noisy_logits [N, n], noise_stddev [N, n]).
   """
   noise_stddev = ops.softplus(raw_noise_stddev) + noise_epsilon
+  if noise_scale != 1.0:
+    noise_stddev = noise_stddev * noise_scale
   return clean_logits + noise * noise_stddev, noise_stddev
 
 
@@ -481,7 +488,9 @@ def batchwise_threshold_loss(probabilities, thresholds, batch_mask, valid=None):
   return ops.sum(terms) / num_terms
 
 
-def noisy_top_k(clean_logits, raw_noise_stddev, noise, k, noise_epsilon):
+def noisy_top_k(
+    clean_logits, raw_noise_stddev, noise, k, noise_epsilon, noise_scale=1.0
+):
   """Noisy top-k gate with its smooth load, eqs. (3)-(5) and (8)-(10).
 
   The training path of the paper's gate in one place: H(x) (eq. 4), the
@@ -496,13 +505,15 @@ def noisy_top_k(clean_logits, raw_noise_stddev, noise, k, noise_epsilon):
     noise: float32 [N, n] standard-normal draws.
     k: python int, 1 <= k <= n.
     noise_epsilon: python float added to the Softplus.
+    noise_scale: python float multiplying the noise's standard deviation
+      (`noisy_top_k_logits`); P (eq. 9) uses the scaled one.
 
   Returns:
     (gates float32 [N, k], indices int32 [N, k], probabilities P float32
     [N, n]).
   """
   noisy, stddev = noisy_top_k_logits(
-      clean_logits, raw_noise_stddev, noise, noise_epsilon
+      clean_logits, raw_noise_stddev, noise, noise_epsilon, noise_scale
   )
   num_experts = noisy.shape[-1]
   top = ops.top_k(noisy, k=min(k + 1, num_experts), sorted=True)

@@ -158,6 +158,7 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
           self._noise(ops.shape(clean_p), primary_noise),
           kp,
           self.noise_epsilon,
+          self.noise_scale,
       )  # eqs. (3)-(5), (8)-(9)
       if valid_f is not None:
         probs_p = probs_p * valid_f[:, None]
@@ -210,7 +211,12 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
             axis=1,
         )
       gates_s, experts_s, probs_s = gating_lib.noisy_top_k(
-          flat(clean_s), flat(raw_s), flat(noise_s), ks, self.noise_epsilon
+          flat(clean_s),
+          flat(raw_s),
+          flat(noise_s),
+          ks,
+          self.noise_epsilon,
+          self.noise_scale,
       )  # eqs. (3)-(5), (8)-(9) inside each group
       probs_s = ops.reshape(probs_s, ops.shape(clean_s)) * routed_f[:, :, None]
       # Load_i(X^(i)): sum of P_i over the tokens sent to group i, [a, b].

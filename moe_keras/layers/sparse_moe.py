@@ -210,6 +210,7 @@ class MoEBase(keras.layers.Layer):
       capacity_factor=None,
       use_bias=False,
       noise_epsilon=gating_lib.DEFAULT_NOISE_EPSILON,
+      noise_scale=1.0,
       kernel_initializer=None,
       bias_initializer="zeros",
       kernel_regularizer=None,
@@ -264,6 +265,13 @@ class MoEBase(keras.layers.Layer):
       self.supports_jit = False
     self.use_bias = bool(use_bias)
     self.noise_epsilon = float(noise_epsilon)
+    if (
+        isinstance(noise_scale, bool)
+        or not isinstance(noise_scale, (int, float))
+        or not noise_scale > 0
+    ):
+      raise ValueError(f"noise_scale must be a number > 0, got {noise_scale!r}")
+    self.noise_scale = float(noise_scale)
     self.kernel_initializer = keras.initializers.get(
         kernel_initializer or ExpertKernelInitializer()
     )
@@ -744,6 +752,7 @@ class MoEBase(keras.layers.Layer):
             "capacity_factor": self.capacity_factor,
             "use_bias": self.use_bias,
             "noise_epsilon": self.noise_epsilon,
+            "noise_scale": self.noise_scale,
             "kernel_initializer": keras.initializers.serialize(
                 self.kernel_initializer
             ),
@@ -778,7 +787,8 @@ class SparseMoE(MoEBase):
 
   Gatings (`gating=`):
     "noisy_top_k": eqs. (3)-(5); N(0,1) noise scaled by Softplus(x W_noise)
-      (+ noise_epsilon) only in training; losses eqs. (6)-(11).
+      (+ noise_epsilon, times noise_scale: 1.0 is the paper, other values
+      are an ablation) only in training; losses eqs. (6)-(11).
     "top_k": eqs. (3), (5) without noise; importance loss only (without
       noise the load of eq. 10 has no smooth estimator; the statistic is the
       token count).
@@ -916,6 +926,7 @@ class SparseMoE(MoEBase):
             self._noise(ops.shape(clean), noise),
             self.k,
             self.noise_epsilon,
+            self.noise_scale,
         )  # eqs. (3)-(5), (8)-(9)
         if valid_f is not None:
           probs = probs * valid_f

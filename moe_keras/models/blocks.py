@@ -94,6 +94,7 @@ def moe_spec(
     w_load=0.1,
     capacity_factor=None,
     noise_epsilon=1e-2,
+    noise_scale=1.0,
     recompute_expert_activations=None,
     expert_dtype=None,
     dispatch_mode=None,
@@ -117,6 +118,8 @@ def moe_spec(
     w_load: weight of CV(Load)^2, eq. (11).
     capacity_factor: None (dropless) or a fixed per-expert capacity factor.
     noise_epsilon: added to the noise std (see BUILD.md).
+    noise_scale: multiplies the noise std of eq. (4) (1.0: the paper; an
+      ablation, README "Results").
     recompute_expert_activations: None (the layer's default) or a bool,
       passed to the layer when set (appendix D recomputation).
     expert_dtype: None (the layer's dtype) or e.g. "bfloat16": expert
@@ -158,6 +161,7 @@ def moe_spec(
       w_load=w_load,
       capacity_factor=capacity_factor,
       noise_epsilon=noise_epsilon,
+      noise_scale=noise_scale,
       recompute_expert_activations=recompute_expert_activations,
       expert_dtype=expert_dtype,
       dispatch_mode=dispatch_mode,
@@ -201,6 +205,7 @@ def build_moe(spec, name="moe", seed=None):
           "noise_epsilon",
       )
   }
+  common["noise_scale"] = spec.get("noise_scale", 1.0)
   common.update(
       {
           key: spec[key]

@@ -68,13 +68,15 @@ def cv(x):
 # --------------------------------------------------------------------------
 
 
-def noisy_logits(clean_logits, raw_noise_stddev, noise, noise_epsilon):
-  """Eq 4: H = clean + noise * (softplus(raw) + noise_epsilon).
+def noisy_logits(
+    clean_logits, raw_noise_stddev, noise, noise_epsilon, noise_scale=1.0
+):
+  """Eq 4: H = clean + noise * c * (softplus(raw) + noise_epsilon).
 
   Returns:
     (noisy_logits, noise_stddev), both [N, n] float64.
   """
-  std = softplus(raw_noise_stddev) + noise_epsilon
+  std = noise_scale * (softplus(raw_noise_stddev) + noise_epsilon)
   return (
       np.asarray(clean_logits, np.float64)
       + np.asarray(noise, np.float64) * std,
@@ -307,6 +309,7 @@ def sparse_moe(
     w_importance=0.1,
     w_load=0.1,
     w_batchwise=1.0,
+    noise_scale=1.0,
     capacity=None,
 ):
   """Reference forward pass of SparseMoE on flattened tokens.
@@ -321,6 +324,7 @@ def sparse_moe(
     noise_epsilon: added to softplus of the raw noise stddev.
     valid: optional [N] bool, False for padding tokens.
     w_importance, w_load, w_batchwise: loss weights.
+    noise_scale: multiplies the noise stddev (1.0: the paper).
     capacity: optional int per-expert capacity (token order).
 
   Returns:
@@ -338,7 +342,7 @@ def sparse_moe(
   load = None
   if gating == "noisy_top_k" and training:
     raw = x @ np.asarray(weights["w_noise"], np.float64)
-    noisy, std = noisy_logits(clean, raw, noise, noise_epsilon)
+    noisy, std = noisy_logits(clean, raw, noise, noise_epsilon, noise_scale)
     g, idx = top_k_gates(noisy, k)
     gates = dense_gates(idx, g, n)
     p = load_probabilities(clean, noisy, std, k)
@@ -413,6 +417,7 @@ def hierarchical_moe(
     valid=None,
     w_importance=0.1,
     w_load=0.1,
+    noise_scale=1.0,
 ):
   """Reference for HierarchicalSparseMoE, appendix B eqs 12-14.
 
@@ -437,6 +442,7 @@ def hierarchical_moe(
         x @ np.asarray(weights["w_noise"], np.float64),
         primary_noise,
         noise_epsilon,
+        noise_scale,
     )
   else:
     noisy_p = clean_p
@@ -457,6 +463,7 @@ def hierarchical_moe(
           x @ np.asarray(weights["w_noise_secondary"][i], np.float64),
           secondary_noise[:, i, :],
           noise_epsilon,
+          noise_scale,
       )
     else:
       noisy_s = clean_s

@@ -80,6 +80,21 @@ def test_noisy_top_k_logits_eq4(rng, noise_epsilon):
   np.testing.assert_allclose(_np(std0), np.log(2.0) + noise_epsilon, rtol=RTOL)
 
 
+def test_noisy_top_k_logits_noise_scale(rng):
+  """H = clean + z * c * (Softplus(raw) + eps), written out in numpy here."""
+  clean = rng.normal(size=(12, 6)).astype(np.float32)
+  raw = rng.normal(scale=2.0, size=(12, 6)).astype(np.float32)
+  z = rng.normal(size=(12, 6)).astype(np.float32)
+  noisy, std = gating.noisy_top_k_logits(
+      _f32(clean), _f32(raw), _f32(z), 0.01, 0.1
+  )
+  want_std = 0.1 * (np.log1p(np.exp(raw.astype(np.float64))) + 0.01)
+  np.testing.assert_allclose(_np(std), want_std, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+      _np(noisy), clean + z * want_std, rtol=RTOL, atol=ATOL
+  )
+
+
 # ---------------------------------------------------------------- eqs 3, 5
 
 

@@ -106,6 +106,24 @@ def test_eqs_12_13_14_training(rng, a, b, kp, ks):
   np.testing.assert_allclose(want["importance"].sum(), n_tok, rtol=1e-12)
 
 
+def test_noise_scale_both_levels(rng):
+  """noise_scale multiplies the noise stddev of both gates (eqs. 4, 9, 14)."""
+  a, b, n_tok, c = 4, 4, 48, 0.25
+  w = ref.random_hier_weights(rng, D, a, b, H, D)
+  x, pn, sn = data(rng, a, b, n_tok)
+  layer = make_layer(a, b, 2, 2, w, noise_scale=c)
+  y, stats = layer(x, training=True, noise=(pn, sn), return_stats=True)
+  total = float(sum(_np(l) for l in layer.losses))
+  want = ref.hierarchical_moe(
+      x, w, 2, 2, primary_noise=pn, secondary_noise=sn, noise_scale=c
+  )
+  paper = ref.hierarchical_moe(x, w, 2, 2, primary_noise=pn, secondary_noise=sn)
+  assert not np.allclose(want["load"], paper["load"], rtol=1e-3)
+  np.testing.assert_allclose(_np(y), want["output"], **OUT_TOL)
+  np.testing.assert_allclose(_np(stats["load"]), want["load"], **OUT_TOL)
+  np.testing.assert_allclose(total, want["total_loss"], **LOSS_TOL)
+
+
 def test_load_h_is_not_the_simple_form(rng):
   """Guards eq 14: Load_H must include the Load_primary / |X^(i)| factor."""
   a, b, n_tok = 4, 4, 48

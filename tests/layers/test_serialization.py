@@ -26,6 +26,7 @@ SPARSE_CONFIGS = [
         w_importance=0.25,
         w_load=0.75,
         noise_epsilon=0.05,
+        noise_scale=0.5,
         capacity_factor=1.5,
         balance_over="global",
     ),

@@ -171,6 +171,35 @@ def test_noise_epsilon(rng, noise_epsilon):
   np.testing.assert_allclose(total, want["total_loss"], **LOSS_TOL)
 
 
+@pytest.mark.parametrize("noise_scale", [0.1, 3.0])
+def test_noise_scale(rng, noise_scale):
+  """noise_scale c multiplies eq. (4)'s stddev, and eq. (9) uses c * std."""
+  n, k, N = 6, 2, 48
+  w = ref.random_flat_weights(rng, D, n, H, D, gate_scale=0.3, noise_scale=1.0)
+  x = rng.normal(size=(N, D)).astype(np.float32)
+  noise = rng.normal(size=(N, n)).astype(np.float32)
+  layer = make_layer(n, k, w, noise_scale=noise_scale)
+  y, stats, total, _ = run(layer, x, training=True, noise=noise)
+  want = ref.sparse_moe(x, w, k, noise=noise, noise_scale=noise_scale)
+  np.testing.assert_allclose(y, want["output"], **OUT_TOL)
+  np.testing.assert_allclose(stats["load"], want["load"], **STAT_TOL)
+  np.testing.assert_allclose(total, want["total_loss"], **LOSS_TOL)
+  # Not vacuous: the paper's scale routes or loads these tokens differently.
+  paper = ref.sparse_moe(x, w, k, noise=noise)
+  assert not np.allclose(want["load"], paper["load"], rtol=1e-3)
+  # At inference there is no noise, so the scale changes nothing.
+  y_clean = _np(layer(x, training=False))
+  np.testing.assert_allclose(
+      y_clean, ref.sparse_moe(x, w, k, training=False)["output"], **OUT_TOL
+  )
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, True, "1"])
+def test_noise_scale_must_be_positive(bad):
+  with pytest.raises(ValueError, match="noise_scale must be a number > 0"):
+    SparseMoE(num_experts=4, k=2, expert_hidden_dim=H, noise_scale=bad)
+
+
 def test_noise_actually_used_in_training(rng):
   """Guards the tests above: with these weights the noise changes the routing."""
   n, k, N = 5, 2, 32

@@ -137,6 +137,23 @@ def test_config_builds_and_counts_match_variables(path):
   keras.backend.clear_session()
 
 
+@pytest.mark.parametrize("name", ["moe_256", "moe_1024_h"])
+def test_noise_scale_binding_reaches_the_layer(name):
+  """The noise ablation's binding (benchmarks VARIANTS 'noise_x0.1')."""
+  path = os.path.join(REPO, "gin", "lm", "debian_docs", f"{name}.gin")
+  bindings = [
+      "MODEL_DIM = 8",
+      "moe_spec.expert_hidden_dim = 4",
+      "moe_spec.noise_scale = 0.1",
+  ]
+  config = _config_for(path, bindings)
+  model = lm.build_lm(vocab_size=50, config=config)
+  layer = model.get_layer("moe")
+  assert layer.noise_scale == 0.1
+  assert _config_for(path, bindings[:2])["moe"]["noise_scale"] == 1.0
+  keras.backend.clear_session()
+
+
 def test_ptb_moe_configs_are_compute_matched_with_4xlstm():
   """The PTB rows keep the paper's design: same ops/timestep +- gating."""
   dense = lm.count_lm(_config_for("gin/lm/ptb/4xlstm_128.gin"))
