@@ -6,7 +6,9 @@ import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 sys.path.insert(0, REPO)
 
 from benchmarks import routing_noise  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -47,6 +49,83 @@ def test_noise_decides_at_the_papers_initialization():
   assert abs(s["overlap"] - 0.25) < 0.015
   assert s["gap"] == 0.0 and s["logit_spread"] == 0.0
   # Clean ties all go to experts 0 and 1: max/mean = n / k = 4.
+  assert math.isclose(s["load_clean"], 4.0)
+  assert s["load_noisy"] < 1.1
+
+
+def test_noise_scale_multiplies_the_std():
+  # Gaps of ~0.01 against the paper's std of ~0.7: the noise decides; the
+  # same gate with the std scaled by 1e-6 decides itself.
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2000, 4))
+  w_gate = 0.01 * rng.standard_normal((4, 8))
+  zeros = np.zeros((4, 8))
+  paper = routing_noise.routing_noise_stats(
+      x, w_gate, zeros, 2, 0.01, np.random.default_rng(4)
+  )
+  scaled = routing_noise.routing_noise_stats(
+      x, w_gate, zeros, 2, 0.01, np.random.default_rng(4), noise_scale=1e-6
+  )
+  assert math.isclose(paper["noise_std"], math.log(2.0) + 0.01)
+  assert math.isclose(scaled["noise_std"], 1e-6 * (math.log(2.0) + 0.01))
+  assert paper["overlap"] < 0.5
+  assert scaled["overlap"] == 1.0
+
+
+def test_hierarchical_gate_decides_when_gaps_dwarf_the_noise():
+  # a = 2 groups of b = 3, k_primary = 1, k_secondary = 2; one-hot tokens.
+  # Token 0: primary logits [0, 5] -> group 1; group 1's logits for it
+  # [1, 7, 3] -> experts 1, 2 of group 1 = ids 4, 5. Token 1: [4, 0] ->
+  # group 0; [9, 0, 2] -> experts 0, 2 = ids 0, 2.
+  x = np.eye(2)
+  w_gate = np.array([[0.0, 5.0], [4.0, 0.0]])
+  w_gate_secondary = np.zeros((2, 2, 3))
+  w_gate_secondary[1, 0] = [1.0, 7.0, 3.0]
+  w_gate_secondary[0, 1] = [9.0, 0.0, 2.0]
+  s = routing_noise.hierarchical_routing_noise_stats(
+      x,
+      w_gate,
+      np.full((2, 2), -50.0),
+      w_gate_secondary,
+      np.full((2, 2, 3), -50.0),
+      1,
+      2,
+      0.0,
+      np.random.default_rng(0),
+  )
+  assert s["overlap"] == 1.0 and s["group_overlap"] == 1.0
+  assert s["noise_std"] < 1e-20
+  # Secondary 2nd minus 3rd logit in the token's group: 3 - 1, 2 - 0.
+  assert s["gap"] == 2.0
+  # Four distinct experts of 6, one assignment each: max/mean = 1 / (4/6).
+  assert math.isclose(s["load_clean"], 1.5)
+  assert math.isclose(s["load_noisy"], 1.5)
+  want_spread = np.mean([np.std([1.0, 7.0, 3.0]), np.std([9.0, 0.0, 2.0])])
+  assert math.isclose(s["logit_spread"], want_spread)
+
+
+def test_hierarchical_noise_decides_at_the_papers_initialization():
+  # All gates 0: the noisy routing is a uniform random k_p of a groups and
+  # k_s of b experts in each: expected group overlap k_p / a = 0.5 and
+  # expert overlap (k_p / a) (k_s / b) = 0.25 (a = b = 4, k_p = k_s = 2).
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((20000, 3))
+  s = routing_noise.hierarchical_routing_noise_stats(
+      x,
+      np.zeros((3, 4)),
+      np.zeros((3, 4)),
+      np.zeros((4, 3, 4)),
+      np.zeros((4, 3, 4)),
+      2,
+      2,
+      0.01,
+      np.random.default_rng(2),
+  )
+  assert abs(s["group_overlap"] - 0.5) < 0.015
+  assert abs(s["overlap"] - 0.25) < 0.015
+  assert math.isclose(s["noise_std"], math.log(2.0) + 0.01, rel_tol=1e-9)
+  # Clean ties: groups 0, 1 and experts 0, 1 of each (ids 0, 1, 4, 5) for
+  # every token: max/mean = 16 / 4.
   assert math.isclose(s["load_clean"], 4.0)
   assert s["load_noisy"] < 1.1
 
