@@ -203,9 +203,9 @@ def build_moe(spec, name="moe", seed=None):
           "w_load",
           "capacity_factor",
           "noise_epsilon",
+          "noise_scale",
       )
   }
-  common["noise_scale"] = spec.get("noise_scale", 1.0)
   common.update(
       {
           key: spec[key]
