@@ -162,9 +162,7 @@ def grouped_matmul(rows, weights, group_sizes):
   if backend == "tensorflow":
     return _grouped_matmul_tf(rows, weights, group_sizes)
   if backend == "jax":
-    import jax  # pylint: disable=g-import-not-at-top
-
-    return jax.lax.ragged_dot(rows, weights, group_sizes.astype("int32"))
+    return _jax_grouped_matmul(rows, weights, group_sizes)
   raise NotImplementedError(
       f"dropless dispatch is not implemented for the {backend!r} backend;"
       " set capacity_factor."
@@ -479,6 +477,73 @@ def _tf_after(x, after):
   return x + tf.cast(zero, x.dtype)
 
 
+# JAX's grouped matmul: "auto" (the Pallas kernels on GPUs when the shapes
+# allow, else `jax.lax.ragged_dot`), "ragged_dot", "pallas", or
+# "pallas_interpret" (the kernels in Pallas's interpreter, any backend).
+JAX_GROUPED_MATMUL_ENV = "MOE_KERAS_JAX_GROUPED_MATMUL"
+JAX_GROUPED_MATMUL_CHOICES = (
+    "auto",
+    "ragged_dot",
+    "pallas",
+    "pallas_interpret",
+)
+
+
+def jax_grouped_matmul_choice(rows_shape, weights_shape):
+  """Which JAX grouped matmul runs for these shapes.
+
+  Args:
+    rows_shape: (R, K).
+    weights_shape: (G, K, N).
+
+  Returns:
+    "ragged_dot", "pallas" or "pallas_interpret", from the environment
+    variable MOE_KERAS_JAX_GROUPED_MATMUL (default "auto").
+
+  Raises:
+    ValueError: an unknown setting, or "pallas*" for shapes the kernels do
+      not take (K or N not a multiple of 16).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import pallas_grouped_matmul  # pylint: disable=g-import-not-at-top
+
+  choice = os.environ.get(JAX_GROUPED_MATMUL_ENV, "auto")
+  if choice not in JAX_GROUPED_MATMUL_CHOICES:
+    raise ValueError(
+        f"{JAX_GROUPED_MATMUL_ENV}={choice!r} is not one of"
+        f" {', '.join(JAX_GROUPED_MATMUL_CHOICES)}"
+    )
+  fits = pallas_grouped_matmul.supports(tuple(rows_shape), tuple(weights_shape))
+  if choice == "auto":
+    return "pallas" if fits and jax.default_backend() == "gpu" else "ragged_dot"
+  if choice != "ragged_dot" and not fits:
+    raise ValueError(
+        f"{JAX_GROUPED_MATMUL_ENV}={choice}: the Pallas grouped matmul needs"
+        " both weight dimensions to be multiples of"
+        f" {pallas_grouped_matmul.MIN_BLOCK}, got weights"
+        f" {tuple(weights_shape)}"
+    )
+  return choice
+
+
+def _jax_grouped_matmul(rows, weights, group_sizes):
+  """JAX: rows [R, K] x weights [G, K, N] by group (`grouped_matmul`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import pallas_grouped_matmul  # pylint: disable=g-import-not-at-top
+
+  choice = jax_grouped_matmul_choice(rows.shape, weights.shape)
+  group_sizes = group_sizes.astype("int32")
+  if choice == "ragged_dot":
+    return jax.lax.ragged_dot(rows, weights, group_sizes)
+  return pallas_grouped_matmul.grouped_matmul(
+      rows, weights, group_sizes, interpret=choice == "pallas_interpret"
+  )
+
+
 def remat(fn):
   """Rematerialization of `fn(x, *weights)`: nothing inside is kept.
 
@@ -539,7 +604,7 @@ def remat(fn):
 
 
 def _grouped_ffn_jax(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
-  """JAX: two `jax.lax.ragged_dot` grouped matmuls (static shapes)."""
+  """JAX: two grouped matmuls (`_jax_grouped_matmul`; static shapes)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -551,10 +616,10 @@ def _grouped_ffn_jax(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
       total_repeat_length=num_rows,
   )
   in_group = jnp.arange(num_rows) < jnp.sum(group_sizes)
-  hidden = jax.lax.ragged_dot(rows, kernel_1, group_sizes)
+  hidden = _jax_grouped_matmul(rows, kernel_1, group_sizes)
   if bias_1 is not None:
     hidden = hidden + bias_1[row_group]
-  out = jax.lax.ragged_dot(jax.nn.relu(hidden), kernel_2, group_sizes)
+  out = _jax_grouped_matmul(jax.nn.relu(hidden), kernel_2, group_sizes)
   if bias_2 is not None:
     out = out + bias_2[row_group]
   return jnp.where(in_group[:, None], out, 0)

@@ -159,7 +159,8 @@ class MoEBase(keras.layers.Layer):
 
   Dispatch (`dispatch_mode`, dropless only; see moe_keras.layers.dispatch):
     "grouped" (default): one matmul pair per expert over exactly its rows
-      (JAX: `jax.lax.ragged_dot`).
+      (JAX: `jax.lax.ragged_dot`, or on GPUs the Pallas kernels of
+      `pallas_grouped_matmul`).
     "padded": TensorFlow only (JAX keeps "grouped"): one batched einsum
       over [n, C, d], C = this step's largest expert count rounded up; same
       values, nothing dropped. Slower than "grouped" in the PTB training

@@ -1,0 +1,291 @@
+"""The Pallas grouped matmul (GPU dropless experts).
+
+On CPU (CI) the kernels run in Pallas's interpreter; on a GPU the same tests
+run them compiled (Triton).
+
+References are numpy loops over the groups (values, and the hand-derived
+gradients d_lhs[r] = d_out[r] rhs[g(r)]^T, d_rhs[g] = lhs_g^T d_out_g), and
+`jax.lax.ragged_dot`, XLA's own implementation. The layer test runs SparseMoE
+(dropless) on the JAX backend in a subprocess with the kernels chosen by
+MOE_KERAS_JAX_GROUPED_MATMUL=pallas_interpret.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
+from moe_keras.layers import pallas_grouped_matmul as pgm  # pylint: disable=g-import-not-at-top
+
+# Compiled on GPUs, interpreted elsewhere.
+INTERPRET = jax.default_backend() != "gpu"
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+def _numpy_grouped(lhs, rhs, sizes):
+  """out, and a function of d_out giving (d_lhs, d_rhs), by group loops."""
+  out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float64)
+  bounds = np.concatenate([[0], np.cumsum(sizes)])
+  for g in range(len(sizes)):
+    lo, hi = bounds[g], bounds[g + 1]
+    out[lo:hi] = lhs[lo:hi].astype(np.float64) @ rhs[g]
+
+  def grads(d_out):
+    d_lhs = np.zeros(lhs.shape, np.float64)
+    d_rhs = np.zeros(rhs.shape, np.float64)
+    for g in range(len(sizes)):
+      lo, hi = bounds[g], bounds[g + 1]
+      d_lhs[lo:hi] = d_out[lo:hi] @ rhs[g].T.astype(np.float64)
+      d_rhs[g] = lhs[lo:hi].T.astype(np.float64) @ d_out[lo:hi]
+    return d_lhs, d_rhs
+
+  return out, grads
+
+
+def test_work_items_hand_derived():
+  # Rows by group: g1 0-16, g2 17-56, g4 57-59, g5 60-79 (g0, g3 empty);
+  # 16-row tiles: g1 spans tiles 0-1, g2 1-3, g4 3, g5 3-4.
+  sizes = jnp.array([0, 17, 40, 0, 3, 20], jnp.int32)
+  tile, group, valid = pgm.work_items(sizes, num_rows=96, block_m=16)
+  assert tile.shape == (6 + 6 - 1,)
+  pairs = [(int(t), int(g)) for t, g, v in zip(tile, group, valid) if int(v)]
+  assert pairs == [
+      (0, 1),
+      (1, 1),
+      (1, 2),
+      (2, 2),
+      (3, 2),
+      (3, 4),
+      (3, 5),
+      (4, 5),
+  ]
+  assert int(np.sum(np.asarray(valid))) == 8
+
+
+@pytest.mark.parametrize(
+    "sizes,num_rows",
+    [
+        ([0, 17, 40, 0, 3, 20], 100),  # empty groups, tiles shared, R % 16
+        ([64, 0, 0, 32], 96),  # groups on tile boundaries, all rows routed
+        ([5, 0, 0, 0, 0, 0, 0, 2], 40),  # most groups empty, most rows not
+        ([0, 0, 0], 16),  # nothing routed
+    ],
+)
+def test_values_and_gradients_match_numpy_and_ragged_dot(sizes, num_rows):
+  rng = np.random.default_rng(len(sizes) + num_rows)
+  k, n = 32, 48
+  sizes = np.array(sizes, np.int32)
+  lhs = rng.normal(size=(num_rows, k)).astype(np.float32)
+  rhs = rng.normal(size=(len(sizes), k, n)).astype(np.float32)
+  d_out = rng.normal(size=(num_rows, n)).astype(np.float32)
+  want, want_grads = _numpy_grouped(lhs, rhs, sizes)
+
+  def run(a, b):
+    return pgm.grouped_matmul(
+        a, b, jnp.asarray(sizes), interpret=INTERPRET, block_m=16
+    )
+
+  out, vjp = jax.vjp(run, jnp.asarray(lhs), jnp.asarray(rhs))
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(out)[int(sizes.sum()) :], 0.0)
+  d_lhs, d_rhs = vjp(jnp.asarray(d_out))
+  want_d_lhs, want_d_rhs = want_grads(d_out.astype(np.float64))
+  np.testing.assert_allclose(
+      np.asarray(d_lhs), want_d_lhs, rtol=1e-5, atol=1e-4
+  )
+  np.testing.assert_allclose(
+      np.asarray(d_rhs), want_d_rhs, rtol=1e-5, atol=1e-4
+  )
+  np.testing.assert_array_equal(np.asarray(d_lhs)[int(sizes.sum()) :], 0.0)
+  for g in np.flatnonzero(sizes == 0):
+    np.testing.assert_array_equal(np.asarray(d_rhs)[g], 0.0)
+
+  ragged, ragged_vjp = jax.vjp(
+      lambda a, b: jax.lax.ragged_dot(a, b, jnp.asarray(sizes)),
+      jnp.asarray(lhs),
+      jnp.asarray(rhs),
+  )
+  np.testing.assert_allclose(
+      np.asarray(out), np.asarray(ragged), rtol=1e-5, atol=1e-4
+  )
+  for mine, theirs in zip((d_lhs, d_rhs), ragged_vjp(jnp.asarray(d_out))):
+    np.testing.assert_allclose(
+        np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_bfloat16_accumulates_in_float32():
+  rng = np.random.default_rng(7)
+  sizes = np.array([20, 12], np.int32)
+  lhs = rng.normal(size=(32, 64)).astype(np.float32)
+  rhs = rng.normal(size=(2, 64, 16)).astype(np.float32)
+  lhs_bf, rhs_bf = jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(
+      rhs, jnp.bfloat16
+  )
+  out = pgm.grouped_matmul(
+      lhs_bf, rhs_bf, jnp.asarray(sizes), interpret=INTERPRET, block_m=16
+  )
+  assert out.dtype == jnp.bfloat16
+  # The reference from the bf16-rounded inputs in float64: only the final
+  # rounding to bf16 (relative 2^-8) separates them.
+  want, _ = _numpy_grouped(
+      np.asarray(lhs_bf, np.float32), np.asarray(rhs_bf, np.float32), sizes
+  )
+  np.testing.assert_allclose(
+      np.asarray(out, np.float32), want, rtol=8e-3, atol=8e-3
+  )
+
+
+def test_bad_inputs_raise_one_line_errors():
+  lhs = jnp.zeros((32, 24))
+  with pytest.raises(ValueError, match="multiples of 16"):
+    pgm.grouped_matmul(lhs, jnp.zeros((2, 24, 16)), jnp.array([1, 1]))
+  lhs = jnp.zeros((32, 16))
+  with pytest.raises(ValueError, match="block_m must be a power of two"):
+    pgm.grouped_matmul(
+        lhs, jnp.zeros((2, 16, 16)), jnp.array([1, 1]), block_m=24
+    )
+  with pytest.raises(ValueError, match=r"group_sizes must have shape \(2,\)"):
+    pgm.grouped_matmul(lhs, jnp.zeros((2, 16, 16)), jnp.array([1, 1, 1]))
+
+
+def test_choice_from_the_environment(monkeypatch):
+  env = backend_ops.JAX_GROUPED_MATMUL_ENV
+  monkeypatch.delenv(env, raising=False)
+  # auto: the kernels on GPUs, else ragged_dot.
+  assert backend_ops.jax_grouped_matmul_choice((8, 16), (2, 16, 32)) == (
+      "ragged_dot" if INTERPRET else "pallas"
+  )
+  # ragged_dot for weights the kernels do not take, even on GPUs.
+  assert backend_ops.jax_grouped_matmul_choice((8, 8), (2, 8, 32)) == (
+      "ragged_dot"
+  )
+  monkeypatch.setenv(env, "pallas_interpret")
+  assert backend_ops.jax_grouped_matmul_choice((8, 16), (2, 16, 32)) == (
+      "pallas_interpret"
+  )
+  with pytest.raises(ValueError, match="multiples of 16, got weights"):
+    backend_ops.jax_grouped_matmul_choice((8, 8), (2, 8, 32))
+  monkeypatch.setenv(env, "triton")
+  with pytest.raises(ValueError, match="'triton' is not one of auto"):
+    backend_ops.jax_grouped_matmul_choice((8, 16), (2, 16, 32))
+
+
+_LAYER_SCRIPT = textwrap.dedent("""
+    import os
+    import numpy as np
+    import keras, jax
+    assert keras.backend.backend() == "jax"
+    from moe_keras.layers import SparseMoE
+    from moe_keras.layers import pallas_grouped_matmul as pgm
+    import numpy_reference as ref
+
+    calls = []  # Which path ran: the kernels' entry point, counted.
+    kernels = pgm.grouped_matmul
+    def counted(*args, **kwargs):
+      calls.append(kwargs["interpret"])
+      return kernels(*args, **kwargs)
+    pgm.grouped_matmul = counted
+
+    rng = np.random.default_rng(5)
+    n, k, N, D, H = 6, 2, 40, 16, 32
+    w = ref.random_flat_weights(rng, D, n, H, D, gate_scale=2.0)
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    noise = rng.normal(size=(N, n)).astype(np.float32)
+    layer = SparseMoE(num_experts=n, k=k, expert_hidden_dim=H, use_bias=True)
+    layer.build((None, D))
+    ref.assign_weights(layer, w)
+    want = ref.sparse_moe(x, w, k, noise=noise)
+    tv = [v.value for v in layer.trainable_variables]
+    ntv = [v.value for v in layer.non_trainable_variables]
+
+    @jax.jit
+    def loss_fn(tv, x, noise):
+      y, _, losses = layer.stateless_call(tv, ntv, x, training=True,
+                                          noise=noise, return_losses=True)
+      return (y ** 2).sum() + sum(losses), y
+
+    results = {}
+    for choice in ("pallas_interpret", "ragged_dot"):
+      os.environ["MOE_KERAS_JAX_GROUPED_MATMUL"] = choice
+      jax.clear_caches()
+      results[choice] = jax.value_and_grad(loss_fn, has_aux=True)(tv, x, noise)
+      # The expert FFN's two matmuls, traced once; none with ragged_dot.
+      assert calls == [True, True], (choice, calls)
+    (val, y), grads = results["pallas_interpret"]
+    np.testing.assert_allclose(np.asarray(y), want["output"], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(float(val), float((want["output"] ** 2).sum())
+                               + want["total_loss"], rtol=1e-4)
+    (_, y_ragged), grads_ragged = results["ragged_dot"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ragged), rtol=1e-5,
+                               atol=1e-5)
+    for v, g, g_ragged in zip(layer.trainable_variables, grads, grads_ragged):
+      assert np.any(np.asarray(g) != 0), v.path
+      np.testing.assert_allclose(np.asarray(g), np.asarray(g_ragged),
+                                 rtol=1e-4, atol=1e-5, err_msg=v.path)
+    print("PALLAS_OK")
+""")
+
+
+def test_sparse_moe_dropless_with_the_kernels_matches_numpy_and_ragged_dot():
+  """KERAS_BACKEND=jax: the layer's training step (values, every gradient)."""
+  env = dict(
+      os.environ,
+      KERAS_BACKEND="jax",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=os.pathsep.join(
+          [REPO, HERE, os.environ.get("PYTHONPATH", "")]
+      ),
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", _LAYER_SCRIPT],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0 and "PALLAS_OK" in proc.stdout, (
+      proc.stdout + proc.stderr[-4000:]
+  )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kernels_lower_to_triton_for_cuda(dtype):
+  """Without a GPU: the forward and both gradients go through Pallas's
+  Triton lowering for CUDA (what is left unchecked here is Triton's own
+  compilation to PTX and the speed: benchmarks/gpu_check.sh)."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+
+  rows, k, n, groups = 512, 64, 256, 8
+  sizes = jnp.full((groups,), rows // groups, jnp.int32)
+
+  def step(lhs, rhs, d_out):
+    out, vjp = jax.vjp(lambda a, b: pgm.grouped_matmul(a, b, sizes), lhs, rhs)
+    return (out,) + vjp(d_out)
+
+  shapes = [
+      jax.ShapeDtypeStruct(s, jnp.dtype(dtype))
+      for s in ((rows, k), (groups, k, n), (rows, n))
+  ]
+  exported = export.export(
+      jax.jit(step),
+      platforms=["cuda"],
+      disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+      ],
+  )(*shapes)
+  text = exported.mlir_module()
+  assert text.count("@__gpu$xla.gpu.triton") == 3, text[:2000]
+  # Forward and input gradient (the same kernel), then the weight gradient.
+  assert text.count('name = "moe_grouped_matmul"') == 2
+  assert text.count('name = "moe_grouped_matmul_weight_grad"') == 1
