@@ -334,6 +334,8 @@ def grouped_matmul(
         f" {tuple(group_sizes.shape)}"
     )
   dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+  if lhs.shape[0] == 0:  # No rows: no grid to launch (gradients are zeros).
+    return jnp.zeros((0, rhs.shape[2]), dtype)
   return _grouped_matmul(
       lhs.astype(dtype),
       rhs.astype(dtype),

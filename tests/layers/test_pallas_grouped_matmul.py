@@ -122,6 +122,18 @@ def test_values_and_gradients_match_numpy_and_ragged_dot(sizes, num_rows):
     )
 
 
+def test_no_rows():
+  rhs = jnp.ones((3, 16, 32))
+  out, vjp = jax.vjp(
+      lambda b: pgm.grouped_matmul(
+          jnp.zeros((0, 16)), b, jnp.zeros((3,), jnp.int32)
+      ),
+      rhs,
+  )
+  assert out.shape == (0, 32)
+  np.testing.assert_array_equal(np.asarray(vjp(out)[0]), 0.0)
+
+
 def test_bfloat16_accumulates_in_float32():
   rng = np.random.default_rng(7)
   sizes = np.array([20, 12], np.int32)
