@@ -8,12 +8,9 @@ limit, different for each call (expert_kernel_1 and _2 share one
 initializer), and the same after the same keras.utils.set_random_seed.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import layer_testlib
 
 SCRIPT = textwrap.dedent("""
     import math
@@ -45,15 +42,5 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_unseeded_expert_initializer_under_jit():
-  env = dict(
-      os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=REPO
-  )
-  proc = subprocess.run(
-      [sys.executable, "-c", SCRIPT],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=REPO,
-      timeout=120,
-  )
+  proc = layer_testlib.run_script(SCRIPT, backend="jax", timeout=120)
   assert "JIT_INIT_OK" in proc.stdout, proc.stderr[-3000:]

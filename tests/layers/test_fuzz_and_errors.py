@@ -1,9 +1,6 @@
 """Fuzz matrix (no NaN/Inf), mixed precision, determinism, and argument errors."""
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import zlib
 
@@ -12,11 +9,10 @@ import numpy as np
 import pytest
 
 from moe_keras.layers import HierarchicalSparseMoE, SparseMoE
+import layer_testlib
 import numpy_reference as ref
 
 D, H = 8, 16
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def _np(x):
@@ -219,22 +215,9 @@ _DETERMINISM_SCRIPT = textwrap.dedent("""
 
 
 def test_determinism_with_op_determinism_subprocess():
-  env = dict(
-      os.environ,
-      KERAS_BACKEND="tensorflow",
-      TF_CPP_MIN_LOG_LEVEL="2",
-      PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-  )
   outs = []
   for _ in range(2):
-    proc = subprocess.run(
-        [sys.executable, "-c", _DETERMINISM_SCRIPT],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = layer_testlib.run_script(_DETERMINISM_SCRIPT, backend="tensorflow")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     outs.append([l for l in proc.stdout.splitlines() if l.startswith("DIGEST")])
   assert len(outs[0]) == 4

@@ -7,9 +7,6 @@ experts in bfloat16 while the gating stays float32.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -21,9 +18,8 @@ import tensorflow as tf
 from moe_keras.layers import HierarchicalSparseMoE
 from moe_keras.layers import SparseMoE
 from moe_keras.optimizers import factored_adam
+import layer_testlib
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
 D, H, B, T = 6, 7, 2, 5
 N_TOK = B * T
 
@@ -290,20 +286,7 @@ _JAX_SCRIPT = textwrap.dedent("""
 
 
 def test_recompute_equals_plain_path_jax_subprocess():
-  env = dict(
-      os.environ,
-      KERAS_BACKEND="jax",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-  )
-  proc = subprocess.run(
-      [sys.executable, "-c", _JAX_SCRIPT],
-      env=env,
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
+  proc = layer_testlib.run_script(_JAX_SCRIPT, backend="jax")
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
   result = json.loads(line[len("RESULT ") :])

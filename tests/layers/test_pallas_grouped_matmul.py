@@ -10,9 +10,6 @@ gradients d_lhs[r] = d_out[r] rhs[g(r)]^T, d_rhs[g] = lhs_g^T d_out_g), and
 MOE_KERAS_JAX_GROUPED_MATMUL=pallas_interpret.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -23,11 +20,10 @@ jnp = pytest.importorskip("jax.numpy")
 
 from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
 from moe_keras.layers import pallas_grouped_matmul as pgm  # pylint: disable=g-import-not-at-top
+import layer_testlib
 
 # Compiled on GPUs, interpreted elsewhere.
 INTERPRET = jax.default_backend() != "gpu"
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def _numpy_grouped(lhs, rhs, sizes):
@@ -250,22 +246,7 @@ _LAYER_SCRIPT = textwrap.dedent("""
 
 def test_sparse_moe_dropless_with_the_kernels_matches_numpy_and_ragged_dot():
   """KERAS_BACKEND=jax: the layer's training step (values, every gradient)."""
-  env = dict(
-      os.environ,
-      KERAS_BACKEND="jax",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=os.pathsep.join(
-          [REPO, HERE, os.environ.get("PYTHONPATH", "")]
-      ),
-  )
-  proc = subprocess.run(
-      [sys.executable, "-c", _LAYER_SCRIPT],
-      env=env,
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  proc = layer_testlib.run_script(_LAYER_SCRIPT, backend="jax", timeout=600)
   assert proc.returncode == 0 and "PALLAS_OK" in proc.stdout, (
       proc.stdout + proc.stderr[-4000:]
   )

@@ -9,10 +9,6 @@ weights (tokens*slots <= n) and the [n, C, d] buffer (TensorFlow).
 Tolerances as in test_dispatch_modes.py (float32 sums in another order).
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,12 +16,12 @@ import tensorflow as tf
 from moe_keras.layers import dispatch
 from moe_keras.layers import small_batch
 from moe_keras.layers import SparseMoE
+import layer_testlib
 import numpy_reference as ref
 
 D, H, N_EXPERTS, K = 8, 16, 6, 2
 OUT_TOL = dict(rtol=1e-5, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _layer(weights, gating, use_bias, limit):
@@ -55,7 +51,7 @@ def _run(layer, x, training, noise, mask=None):
       loss += tf.add_n(layer.losses)
   grads = tape.gradient(loss, layer.trainable_variables)
   named = {
-      v.name: (np.zeros(v.shape) if g is None else np.asarray(g))
+      v.name: np.zeros(v.shape) if g is None else np.asarray(g)
       for v, g in zip(layer.trainable_variables, grads)
   }
   return np.asarray(y), {k: np.asarray(v) for k, v in stats.items()}, named
@@ -85,7 +81,13 @@ def test_small_path_equals_plan_path_and_numpy(
 ):
   rng = np.random.default_rng(7 + num_tokens)
   weights = ref.random_flat_weights(
-      rng, D, N_EXPERTS, H, D, use_bias=use_bias, batchwise=gating == "batchwise"
+      rng,
+      D,
+      N_EXPERTS,
+      H,
+      D,
+      use_bias=use_bias,
+      batchwise=gating == "batchwise",
   )
   x = rng.normal(size=(num_tokens, D)).astype(np.float32)
   noise = None
@@ -105,8 +107,14 @@ def test_small_path_equals_plan_path_and_numpy(
     np.testing.assert_allclose(grad, grads_plan[name], **GRAD_TOL, err_msg=name)
 
   want = ref.sparse_moe(
-      x, weights, K, gating=gating, training=training, noise=noise,
-      w_importance=0.3, w_load=0.7,
+      x,
+      weights,
+      K,
+      gating=gating,
+      training=training,
+      noise=noise,
+      w_importance=0.3,
+      w_load=0.7,
   )
   np.testing.assert_allclose(y_small, want["output"], **OUT_TOL)
   np.testing.assert_allclose(
@@ -221,8 +229,16 @@ def test_padded_output_equals_numpy_and_gathered_path(slots_are_experts):
       )
   )
   np.testing.assert_allclose(y, y_gathered, **OUT_TOL)
-  for name, got, want in zip("x gates w1 w2 b1 b2".split(), grads, grads_gathered):
-    np.testing.assert_allclose(got, want, **GRAD_TOL, err_msg=name)
+  for name, got, want in zip(
+      "x gates w1 w2 b1 b2".split(), grads, grads_gathered
+  ):
+    # Two summation orders of float32 terms up to ~400 (sum of y^2 with
+    # unnormalized weights): an entry that cancels to ~3 can differ by
+    # ~1e-4 (measured on an AMD EPYC), so the absolute tolerance scales with
+    # the gradient's largest entry (float32: ~1e-7 relative per term).
+    np.testing.assert_allclose(
+        got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=name
+    )
 
 
 def test_compact_slots_keeps_routed_slots_in_order():
@@ -243,7 +259,9 @@ def test_bad_small_batch_limit_is_one_line_error(bad):
 
 
 def test_config_round_trip():
-  layer = SparseMoE(num_experts=4, k=2, expert_hidden_dim=8, small_batch_limit=7)
+  layer = SparseMoE(
+      num_experts=4, k=2, expert_hidden_dim=8, small_batch_limit=7
+  )
   clone = SparseMoE.from_config(layer.get_config())
   assert clone.small_batch_limit == 7
   assert clone.get_config() == layer.get_config()
@@ -280,15 +298,7 @@ print("JAX_OK")
 
 def test_jax_gathered_path_equals_plan_path():
   pytest.importorskip("jax")
-  env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run(
-      [sys.executable, "-c", JAX_CHECK],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=900,
-      check=False,
+  proc = layer_testlib.run_script(
+      JAX_CHECK, backend="jax", timeout=900, TF_CPP_MIN_LOG_LEVEL="3"
   )
   assert "JAX_OK" in proc.stdout, proc.stderr[-3000:]

@@ -13,9 +13,6 @@ Tolerances (float32 layer vs float64 reference):
 """
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -25,14 +22,13 @@ import pytest
 import tensorflow as tf
 
 from moe_keras.layers import SparseMoE
+import layer_testlib
 import numpy_reference as ref
 
 D, H = 8, 16
 OUT_TOL = dict(rtol=1e-5, atol=1e-5)
 STAT_TOL = dict(rtol=1e-5, atol=1e-5)
 LOSS_TOL = dict(rtol=1e-4, atol=1e-7)
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def _np(x):
@@ -656,22 +652,7 @@ def test_jax_backend_capacity_mode_matches_numpy(mode):
   """KERAS_BACKEND=jax subprocess: eager calls, and jax.jit + grad (capacity
   mode exists to give static shapes under XLA/JAX)."""
   pytest.importorskip("jax")
-  env = dict(
-      os.environ,
-      KERAS_BACKEND="jax",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=os.pathsep.join(
-          [REPO, HERE, os.environ.get("PYTHONPATH", "")]
-      ),
-  )
-  proc = subprocess.run(
-      [sys.executable, "-c", _JAX_SCRIPT, mode],
-      env=env,
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
+  proc = layer_testlib.run_script(_JAX_SCRIPT, mode, backend="jax")
   assert proc.returncode == 0 and "JAX_OK" in proc.stdout, (
       proc.stdout + proc.stderr[-4000:]
   )

@@ -7,9 +7,6 @@ as other_aux_loss and the minimized sum as total_loss. Values are checked
 against the numpy reference of the layers.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -19,10 +16,10 @@ import pytest
 
 from moe_keras.layers import SparseMoE
 from moe_keras.models import task_model
+import layer_testlib
 import numpy_reference as ref
 
 D, H, N = 8, 16, 64
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 TOL = dict(rtol=1e-4, atol=1e-6)
 
 
@@ -174,14 +171,7 @@ def test_other_backend_logs_the_same_names(backend):
       ):
         print("CHECK", name, h[name][0], want)
   """)
-  proc = subprocess.run(
-      [sys.executable, "-c", code],
-      env=dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=REPO),
-      capture_output=True,
-      text=True,
-      timeout=600,
-      cwd=REPO,
-  )
+  proc = layer_testlib.run_script(code, backend=backend, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   assert f"BACKEND {backend}" in lines
