@@ -84,6 +84,15 @@ def supports(lhs_shape: Tuple[int, ...], rhs_shape: Tuple[int, ...]) -> bool:
   )
 
 
+def _dot(a, b):
+  """a [m, k] @ b [k, n] accumulated in float32 (inside a kernel).
+
+  `jnp.dot` rather than a Triton-specific helper: Pallas lowers dot_general
+  (and the transposes before it) on every backend and in the interpreter.
+  """
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def _group_bounds(group_sizes):
   """(starts, ends): int32 [G] each, group g owns rows [starts[g], ends[g])."""
   ends = jnp.cumsum(group_sizes)
@@ -158,11 +167,11 @@ def _grouped_matmul_kernel(
         b = rhs_ref[
             group, pl.ds(j * block_n, block_n), pl.ds(i * block_k, block_k)
         ]
-        return acc + plgpu.dot(a, b, trans_b=True)
+        return acc + _dot(a, b.T)
       b = rhs_ref[
           group, pl.ds(i * block_k, block_k), pl.ds(j * block_n, block_n)
       ]
-      return acc + plgpu.dot(a, b)
+      return acc + _dot(a, b)
 
     acc = jax.lax.fori_loop(
         0, num_k, body, jnp.zeros((block_m, block_n), jnp.float32)
@@ -200,7 +209,7 @@ def _transposed_grouped_matmul_kernel(
     a = lhs_ref[pl.ds(row0, block_m), pl.ds(i * block_k, block_k)]
     a = jnp.where(in_group[:, None], a, jnp.zeros_like(a))
     b = d_out_ref[pl.ds(row0, block_m), pl.ds(j * block_n, block_n)]
-    return acc + plgpu.dot(a, b, trans_a=True)
+    return acc + _dot(a.T, b)
 
   acc = jax.lax.fori_loop(
       start // block_m,
