@@ -85,11 +85,15 @@ def test_inference_routing_does_not_depend_on_batch_position(gating_name):
   x = np.random.default_rng(5).normal(size=(24, D)).astype(np.float32)
   gates = _np(layer(x, training=False))[:, :n]
   reversed_gates = _np(layer(x[::-1].copy(), training=False))[:, :n]
-  np.testing.assert_array_equal(reversed_gates[::-1], gates)
   one_by_one = np.concatenate(
       [_np(layer(x[i : i + 1], training=False))[:, :n] for i in range(3)]
   )
-  np.testing.assert_array_equal(one_by_one, gates[:3])
+  # The chosen experts are exactly the same; the gate values may differ in
+  # the last bit, because a 1-row and a 24-row matmul are different BLAS
+  # kernels (oneDNN on an AMD EPYC: 0.5 against 0.49999997).
+  for got, want in ((reversed_gates[::-1], gates), (one_by_one, gates[:3])):
+    np.testing.assert_array_equal(got > 0, want > 0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_rotated_top_k_numbers_valid_rows_only():
