@@ -26,6 +26,24 @@ Columns:
   moe MB, dense MB: largest peak resident memory of the process over rounds
     (variables, gradients, activations and the framework runtime).
   bound MB: (dense MB + 2 x expert parameter bytes) x 1.3, the memory target.
+  experts alone: dense ms / the step time of the experts alone (median over
+    rounds): the same n experts' FFNs, forward and backward, each on an
+    equal share of the tokens x k rows, with separate weight tensors, no
+    gating, no routing plan, no gather/scatter beyond a split and a sum,
+    and no stacking of weight gradients. The ratio an MoE layer would reach
+    if everything but its experts' matmuls were free: below the target,
+    the per-expert matmuls themselves (their efficiency at tok/exp rows)
+    are what miss it.
+  traffic bound: the best ratio the MoE step could reach on this machine if
+    it cost only its expert weight traffic: dense ms / (3 x expert parameter
+    bytes / the measured read bandwidth). A step reads every expert weight
+    in the forward pass, reads it again for the input gradients and writes
+    its gradient, so at few tokens per expert (where the weights outweigh
+    the activations) no dispatch scheme moves less. The bandwidth is the
+    best of 5 full reductions (`keras.ops.sum`) of a --bandwidth_mb float32
+    buffer in a fresh worker, printed in the header; reads are at least as
+    fast as writes here, so the bound is generous. Where it is below the
+    target, the target is out of this machine's reach.
 
 Usage:
   python benchmarks/moe_layer.py                       # the issue's table
@@ -91,9 +109,28 @@ _DISPATCH_MODE = flags.DEFINE_enum(
 _DTYPE = flags.DEFINE_string(
     "dtype", "float32", "Layer dtype policy, e.g. float32, mixed_bfloat16."
 )
-_WORKER = flags.DEFINE_enum(
-    "worker", None, ["moe", "dense"], "Internal: run one measurement."
+_BANDWIDTH_MB = flags.DEFINE_integer(
+    "bandwidth_mb",
+    1024,
+    "Size of the buffer whose reduction measures the memory read bandwidth"
+    " for the traffic bound column (0: skip the measurement and the column).",
 )
+_EXPERTS_ALONE = flags.DEFINE_bool(
+    "experts_alone",
+    True,
+    "Also time the experts alone (no gating or routing) in every round, for"
+    " the experts alone column.",
+)
+_WORKER = flags.DEFINE_enum(
+    "worker",
+    None,
+    ["moe", "dense", "experts", "bandwidth"],
+    "Internal: run one measurement.",
+)
+
+# Expert weight passes per training step: forward read, input-gradient
+# read, weight-gradient write.
+WEIGHT_PASSES = 3
 
 
 def _peak_rss_mb():
@@ -115,7 +152,10 @@ def _measure(model, num_experts, tokens):
   x = keras.ops.convert_to_tensor(
       rng.standard_normal((tokens, d), dtype=np.float32)
   )
-  if model == "moe":
+  if model == "experts":
+    layer = _make_experts_alone(num_experts=num_experts, k=k, hidden=h)
+    layer.build(x.shape)
+  elif model == "moe":
     layer = SparseMoE(
         num_experts=num_experts,
         k=k,
@@ -149,6 +189,90 @@ def _measure(model, num_experts, tokens):
       "compile_s": compile_s,
       "peak_mb": _peak_rss_mb(),
   }
+
+
+def _make_experts_alone(num_experts, k, hidden):
+  """The experts-alone layer (defined here: keras is imported in workers)."""
+  import keras  # pylint: disable=g-import-not-at-top
+
+  class ExpertsAlone(keras.layers.Layer):
+    """n expert FFNs on equal shares of tokens x k rows, nothing else.
+
+    Input [tokens, d] -> each token repeated k times -> [tokens * k, d] split
+    into n pieces of tokens * k / n rows -> relu(piece @ w1_e) @ w2_e ->
+    concatenated, reshaped to [k, tokens, d] and summed over k: [tokens, d].
+    """
+
+    def __init__(self, num_experts, k, hidden, **kwargs):
+      super().__init__(**kwargs)
+      self.num_experts = num_experts
+      self.k = k
+      self.hidden = hidden
+
+    def build(self, input_shape):
+      d = input_shape[-1]
+      self.w1 = [
+          self.add_weight(shape=(d, self.hidden), name=f"w1_{e}")
+          for e in range(self.num_experts)
+      ]
+      self.w2 = [
+          self.add_weight(shape=(self.hidden, d), name=f"w2_{e}")
+          for e in range(self.num_experts)
+      ]
+
+    def call(self, x, training=None):
+      del training
+      ops = keras.ops
+      rows = ops.concatenate([x] * self.k, axis=0)
+      pieces = ops.split(rows, self.num_experts, axis=0)
+      outs = [
+          ops.matmul(ops.relu(ops.matmul(p, w1)), w2)
+          for p, w1, w2 in zip(pieces, self.w1, self.w2)
+      ]
+      y = ops.concatenate(outs, axis=0)
+      return ops.sum(ops.reshape(y, (self.k, -1, y.shape[-1])), axis=0)
+
+  return ExpertsAlone(num_experts=num_experts, k=k, hidden=hidden)
+
+
+def _measure_bandwidth(size_mb):
+  """Best read bandwidth in GB/s over 5 full reductions of a float32 buffer.
+
+  Args:
+    size_mb: buffer size in MiB; much larger than the last-level cache.
+
+  Returns:
+    {"read_gbs": float}.
+  """
+  import moe_keras  # pylint: disable=g-import-not-at-top,unused-import
+  import keras  # pylint: disable=g-import-not-at-top
+
+  buffer = keras.ops.ones((size_mb * 2**20 // 4,), dtype="float32")
+  keras.ops.convert_to_numpy(keras.ops.sum(buffer))  # warm-up
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    keras.ops.convert_to_numpy(keras.ops.sum(buffer))
+    times.append(time.perf_counter() - start)
+  return {"read_gbs": size_mb * 2**20 / min(times) / 1e9}
+
+
+def traffic_bound_ratio(dense_ms, num_experts, dim, hidden, read_gbs):
+  """Ratio (dense ms / MoE ms) of a MoE step that costs only weight traffic.
+
+  Args:
+    dense_ms: measured step time of the dense FFN of equal active FLOPs.
+    num_experts: n; each expert has a [d, h] and an [h, d] float32 kernel.
+    dim: d.
+    hidden: h.
+    read_gbs: memory read bandwidth in GB/s (1e9 bytes per second).
+
+  Returns:
+    dense_ms / (WEIGHT_PASSES x expert parameter bytes / bandwidth, in ms).
+  """
+  weight_bytes = num_experts * 2 * dim * hidden * 4
+  traffic_ms = 1000.0 * WEIGHT_PASSES * weight_bytes / (read_gbs * 1e9)
+  return dense_ms / traffic_ms
 
 
 def _make_step(layer):
@@ -200,6 +324,7 @@ def _spawn(model, num_experts, tokens):
       sys.executable,
       os.path.abspath(__file__),
       f"--worker={model}",
+      f"--bandwidth_mb={_BANDWIDTH_MB.value}",
       f"--num_experts={num_experts}",
       f"--tokens={tokens}",
       f"--dim={_DIM.value}",
@@ -242,6 +367,9 @@ def _rows(tokens, k):
 
 def main(argv):
   del argv
+  if _WORKER.value == "bandwidth":
+    print("RESULT " + json.dumps(_measure_bandwidth(_BANDWIDTH_MB.value)))
+    return
   if _WORKER.value:
     result = _measure(
         _WORKER.value, int(_NUM_EXPERTS.value[0]), int(_TOKENS.value[0])
@@ -251,6 +379,9 @@ def main(argv):
   import keras  # pylint: disable=g-import-not-at-top
 
   d, h, k = _DIM.value, _HIDDEN.value, _K.value
+  read_gbs = None
+  if _BANDWIDTH_MB.value > 0:
+    read_gbs = _spawn("bandwidth", 1, 1)["read_gbs"]
   print(
       f"SparseMoE training step (fwd+bwd), backend={keras.backend.backend()},"
       f" dtype={_DTYPE.value}, d={d}, h={h}, k={k},"
@@ -260,19 +391,27 @@ def main(argv):
       f" TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC')}),"
       f" rounds={_ROUNDS.value}, repeats={_REPEATS.value},"
       f" cpus={os.cpu_count()}"
+      + (
+          ""
+          if read_gbs is None
+          else f", read bandwidth {read_gbs:.1f} GB/s"
+          f" ({_BANDWIDTH_MB.value} MiB buffer)"
+      )
   )
   print(
       "| tokens | experts | tok/exp | moe ms | dense ms | ratio (min-max)"
-      " | target | GFLOP/s | moe MB | dense MB | bound MB |"
+      " | target | experts alone | traffic bound | GFLOP/s | moe MB | dense MB | bound MB |"
   )
-  print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+  print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
   for tokens in (int(t) for t in _TOKENS.value):
     useful_flops = 2.0 * tokens * k * (d * h + h * d) * 3.0
     for num_experts, per_expert in _rows(tokens, k):
-      dense, moe = [], []
+      dense, moe, alone = [], [], []
       for _ in range(_ROUNDS.value):
         dense.append(_spawn("dense", num_experts, tokens))
         moe.append(_spawn("moe", num_experts, tokens))
+        if _EXPERTS_ALONE.value:
+          alone.append(_spawn("experts", num_experts, tokens))
       ratios = [a["ms"] / b["ms"] for a, b in zip(dense, moe)]
       moe_ms = statistics.median(m["ms"] for m in moe)
       dense_ms = statistics.median(m["ms"] for m in dense)
@@ -281,10 +420,21 @@ def main(argv):
       param_mb = num_experts * 2 * d * h * 4 / 2**20
       bound = 1.3 * (dense_mb + 2 * param_mb)
       target = RATIO_TARGETS.get(per_expert)
+      alone_ratio = (
+          f"{dense_ms / statistics.median(m['ms'] for m in alone):.2f}"
+          if alone
+          else ""
+      )
+      traffic = (
+          ""
+          if read_gbs is None
+          else f"{traffic_bound_ratio(dense_ms, num_experts, d, h, read_gbs):.2f}"
+      )
       print(
           f"| {tokens} | {num_experts} | {per_expert} | {moe_ms:.0f} |"
           f" {dense_ms:.0f} | {min(ratios):.2f}-{max(ratios):.2f} |"
-          f" {'' if target is None else f'>= {target}'} |"
+          f" {'' if target is None else f'>= {target}'} | {alone_ratio} |"
+          f" {traffic} |"
           f" {useful_flops / moe_ms / 1e6:.1f} | {moe_mb:.0f} |"
           f" {dense_mb:.0f} | {bound:.0f} |",
           flush=True,

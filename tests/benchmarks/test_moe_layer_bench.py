@@ -1,0 +1,73 @@
+"""benchmarks/moe_layer.py: its bounds against hand-derived values, its run."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
+sys.path.insert(0, REPO)
+
+from benchmarks import moe_layer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_traffic_bound_ratio_is_dense_time_over_three_weight_passes():
+  # 2 experts of a [4, 8] and an [8, 4] float32 kernel: 2 * 2 * 32 * 4 B =
+  # 512 B; three passes at 1 GB/s take 1536 ns = 1.536e-3 ms.
+  ratio = moe_layer.traffic_bound_ratio(
+      dense_ms=100.0, num_experts=2, dim=4, hidden=8, read_gbs=1.0
+  )
+  np.testing.assert_allclose(ratio, 100.0 / 1.536e-3, rtol=1e-12)
+
+
+def test_experts_alone_layer_equals_numpy():
+  import keras  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 5)).astype(np.float32)
+  layer = moe_layer._make_experts_alone(num_experts=2, k=2, hidden=3)
+  layer.build(x.shape)
+  w1 = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(2)]
+  w2 = [rng.standard_normal((3, 5)).astype(np.float32) for _ in range(2)]
+  for variable, value in zip(layer.w1 + layer.w2, w1 + w2):
+    variable.assign(value)
+  y = keras.ops.convert_to_numpy(layer(x))
+  # Rows [x; x] split in two: expert 0 gets the first copy of every token,
+  # expert 1 the second; the k = 2 copies of a token are summed.
+  expected = sum(np.maximum(x @ w1[e], 0.0) @ w2[e] for e in range(2))
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_table_row_has_every_column():
+  result = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, "benchmarks", "moe_layer.py"),
+          "--tokens=64",
+          "--num_experts=8",
+          "--rounds=1",
+          "--repeats=1",
+          "--dim=16",
+          "--hidden=32",
+          "--bandwidth_mb=8",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=300,
+  )
+  assert re.search(
+      r"read bandwidth [\d.]+ GB/s \(8 MiB buffer\)", result.stdout
+  )
+  row = re.search(r"^\| 64 \| 8 \| 32 \|(.*)\|$", result.stdout, flags=re.M)
+  assert row, result.stdout
+  cells = [c.strip() for c in row.group(1).split("|")]
+  # moe ms, dense ms, ratio, target, experts alone, traffic bound, GFLOP/s,
+  # moe MB, dense MB, bound MB.
+  assert len(cells) == 10, cells
+  assert cells[3] == ">= 0.45"
+  assert float(cells[4]) > 0.0 and float(cells[5]) > 0.0
