@@ -32,5 +32,5 @@ done
 for cf in "" "--capacity_factor=1.25"; do
   timeout 150 python3 benchmarks/moe_layer.py --dtype=mixed_bfloat16 \
     --tokens=8192 --num_experts=16,64,256,1024 --rounds=1 --repeats=30 $cf \
-    2>&1 | grep "^|" | tee -a "$out/moe_layer.txt"
+    --noexperts_alone 2>&1 | grep "^|\|^SparseMoE" | tee -a "$out/moe_layer.txt"
 done
