@@ -41,9 +41,9 @@ Columns:
     its gradient, so at few tokens per expert (where the weights outweigh
     the activations) no dispatch scheme moves less. The bandwidth is the
     best of 5 full reductions (`keras.ops.sum`) of a --bandwidth_mb float32
-    buffer in a fresh worker, printed in the header; reads are at least as
-    fast as writes here, so the bound is generous. Where it is below the
-    target, the target is out of this machine's reach.
+    buffer in a fresh worker, printed in the header; the bound counts every
+    pass, the gradient write included, at that read speed. Where it is below
+    the target, the target is out of this machine's reach.
 
 Usage:
   python benchmarks/moe_layer.py                       # the table
@@ -379,6 +379,19 @@ def main(argv):
   import keras  # pylint: disable=g-import-not-at-top
 
   d, h, k = _DIM.value, _HIDDEN.value, _K.value
+  if _BANDWIDTH_MB.value < 0:
+    raise app.UsageError(
+        f"--bandwidth_mb={_BANDWIDTH_MB.value}: must be >= 0 (0 skips it)"
+    )
+  if _EXPERTS_ALONE.value:
+    for tokens in (int(t) for t in _TOKENS.value):
+      for num_experts, _ in _rows(tokens, k):
+        if (tokens * k) % num_experts:
+          raise app.UsageError(
+              f"--experts_alone needs tokens*k = {tokens * k} divisible by"
+              f" the {num_experts} experts (equal shares); pass"
+              " --noexperts_alone"
+          )
   read_gbs = None
   if _BANDWIDTH_MB.value > 0:
     read_gbs = _spawn("bandwidth", 1, 1)["read_gbs"]

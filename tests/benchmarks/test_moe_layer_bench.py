@@ -71,3 +71,23 @@ def test_table_row_has_every_column():
   assert len(cells) == 10, cells
   assert cells[3] == ">= 0.45"
   assert float(cells[4]) > 0.0 and float(cells[5]) > 0.0
+
+
+def test_unequal_expert_shares_are_a_one_line_error():
+  result = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, "benchmarks", "moe_layer.py"),
+          "--tokens=64",
+          "--num_experts=7",
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=300,
+  )
+  assert result.returncode != 0
+  assert (
+      "--experts_alone needs tokens*k = 256 divisible by the 7 experts"
+      in result.stderr
+  ), result.stderr
