@@ -1,31 +1,22 @@
 """benchmarks/decode_layer.py runs and compares at about k experts/token."""
 
-import os
 import re
-import subprocess
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+import bench_testlib
 
 
 def test_table_rows_route_about_k_experts_per_token():
-  result = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(REPO, "benchmarks", "decode_layer.py"),
-          "--tokens=8,32",
-          "--calls=2",
-          "--rounds=1",
-          "--num_experts=8",
-          "--k=2",
-          "--dim=16",
-          "--expert_hidden=8",
-      ],
-      capture_output=True,
-      text=True,
-      check=True,
-      timeout=300,
+  result = bench_testlib.run_benchmark(
+      "decode_layer.py",
+      "--tokens=8,32",
+      "--calls=2",
+      "--rounds=1",
+      "--num_experts=8",
+      "--k=2",
+      "--dim=16",
+      "--expert_hidden=8",
   )
+  assert result.returncode == 0, result.stderr
   rows = re.findall(
       r"^\| (\d+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
       result.stdout,

@@ -2,10 +2,11 @@
 
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
+
+import bench_testlib
 
 REPO = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,15 +44,7 @@ def test_experts_alone_layer_equals_numpy():
 
 
 def _run_benchmark(*flags):
-  """Runs benchmarks/moe_layer.py with `flags` in a fresh process."""
-  return subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "moe_layer.py")]
-      + list(flags),
-      capture_output=True,
-      text=True,
-      check=False,
-      timeout=300,
-  )
+  return bench_testlib.run_benchmark("moe_layer.py", *flags)
 
 
 def test_table_row_has_every_column():

@@ -1,0 +1,95 @@
+"""benchmarks/grouped_matmul.py --backend=tensorflow: its layout and its run."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+import bench_testlib
+
+
+def _padded_layouts(*group_sizes):
+  """benchmarks.grouped_matmul.padded_layout of each list, in a subprocess.
+
+  The module's absl flags (--repeats, ...) clash with other benchmarks'
+  when imported into one pytest process, so it is imported in its own.
+  """
+  code = (
+      "import json, sys\n"
+      "import numpy as np\n"
+      "from benchmarks import grouped_matmul\n"
+      "out = []\n"
+      "for sizes in json.loads(sys.argv[1]):\n"
+      "  g, v = grouped_matmul.padded_layout(np.array(sizes))\n"
+      "  out.append([g.tolist(), v.tolist()])\n"
+      "print(json.dumps(out))\n"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", code, json.dumps(list(group_sizes))],
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=300,
+      cwd=bench_testlib.REPO,
+  )
+  assert result.returncode == 0, result.stderr
+  return [
+      (np.array(g), np.array(v))
+      for g, v in json.loads(result.stdout.strip().splitlines()[-1])
+  ]
+
+
+def test_padded_layout_matches_hand_derived_slots_and_round_trips():
+  (gather, valid_slots), (gather_2, valid_2) = _padded_layouts(
+      [2, 0, 3], [3, 1, 0, 4]
+  )
+  # Groups of 2, 0 and 3 rows (R = 5): largest group 3, so a [3, 3] layout;
+  # slots past a group's size point at row 5 (the appended zero row).
+  np.testing.assert_array_equal(gather, [[0, 1, 5], [5, 5, 5], [2, 3, 4]])
+  np.testing.assert_array_equal(valid_slots, [0, 1, 6, 7, 8])
+  # Gathered into the layout, a batched matmul and back: per-row matmuls.
+  rng = np.random.default_rng(1)
+  sizes = np.array([3, 1, 0, 4])
+  rows = rng.standard_normal((8, 5))
+  w = rng.standard_normal((4, 5, 2))
+  padded = np.concatenate([rows, np.zeros((1, 5))])[gather_2]
+  out = np.einsum("gck,gkn->gcn", padded, w).reshape(-1, 2)[valid_2]
+  group = np.repeat(np.arange(4), sizes)
+  expected = np.stack([rows[r] @ w[group[r]] for r in range(8)])
+  np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
+def test_tensorflow_table_rows():
+  result = bench_testlib.run_benchmark(
+      "grouped_matmul.py",
+      "--backend=tensorflow",
+      "--rows=64",
+      "--k_dim=8",
+      "--n_dim=16",
+      "--groups=4,8",
+      "--group_sizes=multinomial",
+      "--repeats=1",
+  )
+  assert result.returncode == 0, result.stderr
+  for groups, per_group in ((4, 16), (8, 8)):
+    row = re.search(
+        rf"^\| {groups} \| {per_group} \|(.*)\|$", result.stdout, flags=re.M
+    )
+    assert row, result.stdout
+    cells = [float(c) for c in row.group(1).split("|")]
+    # largest, 3 ms, 3 GFLOP/s, 2 speed ratios, max abs diff.
+    assert len(cells) == 10, cells
+    assert cells[0] >= per_group
+    assert all(c > 0 for c in cells[1:9]), cells
+    # The padded BatchMatMul computes the per-group MatMuls' values.
+    assert cells[9] < 1e-5, cells
+
+
+def test_tensorflow_backend_rejects_jax_flags():
+  result = bench_testlib.run_benchmark(
+      "grouped_matmul.py", "--backend=tensorflow", "--methods=einsum"
+  )
+  assert result.returncode != 0
+  assert "--methods and --interpret are for --backend=jax" in result.stderr
