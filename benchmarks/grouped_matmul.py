@@ -223,12 +223,18 @@ def _main_tf():
       " | padded_bmm max abs diff |"
   )
   print("|---:|---:|---:|" + "---:|" * (2 * len(TF_METHODS) + 3))
+  try:
+    groups = [int(g) for g in _GROUPS.value]
+  except ValueError as e:
+    raise app.UsageError(f"--groups must be integers: {e}") from e
+  if any(not 1 <= g <= rows_n for g in groups):
+    raise app.UsageError(f"--groups must be in [1, --rows={rows_n}]: {groups}")
   rng = np.random.default_rng(_SEED.value)
-  # Three matmuls of 2 * rows * k * n FLOPs: forward, d_rows, d_w.
-  flops = 3 * 2 * rows_n * k * n
-  for num_groups in (int(g) for g in _GROUPS.value):
+  for num_groups in groups:
     group_sizes = _tf_group_sizes(num_groups)
     rows_used = int(group_sizes.sum())
+    # Three matmuls of 2 * rows * k * n FLOPs: forward, d_rows, d_w.
+    flops = 3 * 2 * rows_used * k * n
     rows = tf.constant(rng.standard_normal((rows_used, k)), tf.float32)
     w = tf.constant(0.03 * rng.standard_normal((num_groups, k, n)), tf.float32)
     d_out = tf.constant(rng.standard_normal((rows_used, n)), tf.float32)

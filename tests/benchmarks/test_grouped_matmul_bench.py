@@ -93,3 +93,12 @@ def test_tensorflow_backend_rejects_jax_flags():
   )
   assert result.returncode != 0
   assert "--methods and --interpret are for --backend=jax" in result.stderr
+
+
+def test_tensorflow_backend_rejects_bad_groups_in_one_line():
+  result = bench_testlib.run_benchmark(
+      "grouped_matmul.py", "--backend=tensorflow", "--rows=64", "--groups=0"
+  )
+  assert result.returncode != 0
+  assert "--groups must be in [1, --rows=64]: [0]" in result.stderr
+  assert "Traceback" not in result.stderr
