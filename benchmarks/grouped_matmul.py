@@ -195,6 +195,26 @@ def _tf_step(method, group_sizes):
   return step
 
 
+def _groups():
+  """--groups as integers, each in [1, --rows] (both backends).
+
+  Returns:
+    The group counts, in flag order.
+
+  Raises:
+    app.UsageError: a value is not an integer or not in [1, --rows].
+  """
+  try:
+    groups = [int(g) for g in _GROUPS.value]
+  except ValueError as e:
+    raise app.UsageError(f"--groups must be integers: {e}") from e
+  if any(not 1 <= g <= _ROWS.value for g in groups):
+    raise app.UsageError(
+        f"--groups must be in [1, --rows={_ROWS.value}]: {groups}"
+    )
+  return groups
+
+
 def _main_tf():
   """--backend=tensorflow: the table of the module docstring."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -209,6 +229,7 @@ def _main_tf():
   if _DTYPE.value != "float32" and _DTYPE.present:
     raise app.UsageError("--backend=tensorflow times float32 only")
   rows_n, k, n = _ROWS.value, _K.value, _N.value
+  groups = _groups()
   print(
       f"tensorflow {tf.__version__}, rows={rows_n}, k={k}, n={n}, float32,"
       f" group sizes {_GROUP_SIZES.value} (seed {_SEED.value}),"
@@ -223,12 +244,6 @@ def _main_tf():
       " | padded_bmm max abs diff |"
   )
   print("|---:|---:|---:|" + "---:|" * (2 * len(TF_METHODS) + 3))
-  try:
-    groups = [int(g) for g in _GROUPS.value]
-  except ValueError as e:
-    raise app.UsageError(f"--groups must be integers: {e}") from e
-  if any(not 1 <= g <= rows_n for g in groups):
-    raise app.UsageError(f"--groups must be in [1, --rows={rows_n}]: {groups}")
   rng = np.random.default_rng(_SEED.value)
   for num_groups in groups:
     group_sizes = _tf_group_sizes(num_groups)
@@ -279,6 +294,7 @@ def main(argv):
       )
     _main_tf()
     return
+  groups = _groups()
   dtype = jnp.dtype(_DTYPE.value)
   methods = list(_METHODS.value)
   if "pallas" in methods and jax.default_backend() != "gpu":
@@ -300,7 +316,7 @@ def main(argv):
   )
   print("|---:|---:|" + "---:|" * (2 * len(methods) - 1 + 2))
   itemsize = np.dtype(dtype).itemsize
-  for num_groups in (int(g) for g in _GROUPS.value):
+  for num_groups in groups:
     ms = {}
     for method in methods:
       try:

@@ -1,4 +1,4 @@
-"""benchmarks/grouped_matmul.py --backend=tensorflow: its layout and its run."""
+"""benchmarks/grouped_matmul.py: the TF layout and run; --groups checks."""
 
 import json
 import re
@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import bench_testlib
 
@@ -95,10 +96,23 @@ def test_tensorflow_backend_rejects_jax_flags():
   assert "--methods and --interpret are for --backend=jax" in result.stderr
 
 
-def test_tensorflow_backend_rejects_bad_groups_in_one_line():
+@pytest.mark.parametrize(
+    "backend, groups, message",
+    [
+        ("tensorflow", "0", "--groups must be in [1, --rows=64]: [0]"),
+        ("jax", "4,65", "--groups must be in [1, --rows=64]: [4, 65]"),
+        ("jax", "x", "--groups must be integers"),
+    ],
+)
+def test_bad_groups_give_one_line_usage_error(backend, groups, message):
   result = bench_testlib.run_benchmark(
-      "grouped_matmul.py", "--backend=tensorflow", "--rows=64", "--groups=0"
+      "grouped_matmul.py",
+      f"--backend={backend}",
+      "--rows=64",
+      f"--groups={groups}",
   )
   assert result.returncode != 0
-  assert "--groups must be in [1, --rows=64]: [0]" in result.stderr
+  assert message in result.stderr
   assert "Traceback" not in result.stderr
+  # Rejected before any table is started.
+  assert "| groups |" not in result.stdout
