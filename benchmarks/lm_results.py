@@ -74,22 +74,7 @@ flags.DEFINE_string(
     None,
     "For configs not swept: use this swept config's rate (e.g. moe_256).",
 )
-flags.DEFINE_enum(
-    "mode",
-    "all",
-    ["all", "sweep", "grid", "table", "speed"],
-    "sweep: the rate sweep; grid: the table's runs; all: both; table: print;"
-    " speed: measure each config's training step time (results_lib."
-    "measure_step_times; on an idle machine), then print.",
-)
-flags.DEFINE_string(
-    "output_dir", None, "Model dirs (default ~/moe_keras_runs/lm_<corpus>)."
-)
-flags.DEFINE_string(
-    "results_dir", None, "Summaries (default results/lm_<corpus>)."
-)
-flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
-results_lib.define_shared_flags(speed_period=100)
+results_lib.define_shared_flags(task="lm", speed_period=100)
 flags.adopt_module_key_flags(results_lib)
 
 
@@ -122,37 +107,24 @@ def _counts(corpus, configs, extra_bindings):
 
 
 def _main():
-  corpus = CORPORA[FLAGS.corpus]
-  configs = list(FLAGS.configs)
-  results_lib.check_configs(corpus, configs)
-  seeds = [int(s) for s in FLAGS.seeds]
-  lrs = [float(x) for x in FLAGS.lrs]
-  sweep_configs = FLAGS.sweep_configs or [c for c in configs if "@" not in c]
-  results_lib.check_configs(corpus, sweep_configs)
-  output_dir = os.path.expanduser(
-      FLAGS.output_dir or f"~/moe_keras_runs/lm_{corpus.name}"
+  grid = results_lib.grid_from_flags(
+      FLAGS, CORPORA, task="lm", sweep_variants=False
   )
-  results_dir = FLAGS.results_dir or os.path.join(
-      results_lib.REPO, "results", f"lm_{corpus.name}"
-  )
-  steps = FLAGS.train_steps
-  sweep_steps = FLAGS.sweep_steps or steps
+  corpus, configs, seeds = grid.corpus, grid.configs, grid.seeds
+  sweep_configs, lrs, steps = grid.sweep_configs, grid.lrs, grid.steps
+  sweep_steps, results_dir = grid.sweep_steps, grid.results_dir
 
   def execute(run):
-    summary = results_lib.execute(
-        corpus,
+    summary = results_lib.execute_in_grid(
+        grid,
         run,
-        output_dir=output_dir,
-        results_dir=results_dir,
-        steps_per_eval=FLAGS.steps_per_eval,
+        FLAGS,
         eval_flags=["--plot"],
         summarize=lambda r: {
             "perplexity": r["perplexity"],
             "tokens": r["tokens"],
             "experts": next(iter(r.get("experts", {}).values()), None),
         },
-        extra_bindings=FLAGS.gin_bindings,
-        continue_from=FLAGS.continue_from,
     )
     print(
         f"{run.run_id}: test perplexity {summary['test']['perplexity']:.2f},"
@@ -161,23 +133,7 @@ def _main():
         flush=True,
     )
 
-  rates = results_lib.run_procedure(
-      FLAGS.mode,
-      configs,
-      sweep_configs,
-      seeds,
-      lrs,
-      steps,
-      results_dir,
-      execute,
-      lr_from=FLAGS.lr_from,
-      sweep_steps=sweep_steps,
-      grid_lr=FLAGS.grid_lr,
-  )
-  if FLAGS.mode == "speed":
-    results_lib.run_speed_mode(
-        corpus, configs, rates, results_dir, output_dir, FLAGS
-    )
+  rates = results_lib.run_grid(grid, FLAGS, execute, lr_from=FLAGS.lr_from)
 
   print()
   print(
@@ -194,7 +150,7 @@ def _main():
     params, ops = counts[config]
     print(f"| {config} | {params / 1e6:.2f}M | {ops / 1e3:.0f}k |")
   print()
-  print(f"## Test perplexity, {FLAGS.corpus}, seeds {seeds}")
+  print(f"## Test perplexity, {corpus.name}, seeds {seeds}")
   # MoE-4 has the MoE models' architecture (LSTM, MoE, LSTM) with all 4
   # experts always used: MoE-n against it isolates the number of experts at
   # equal ops, as the paper's Table 7 does; against 4xLSTM, the whole change.
@@ -249,26 +205,14 @@ def _main():
           rows, results_lib.read_step_times(results_dir)
       )
   )
-  plots = results_lib.write_plots(
-      rows,
-      results_dir,
-      FLAGS.corpus,
-      sweep_configs,
-      lrs,
-      steps,
-      sweep_steps=sweep_steps,
-      grid_lr=FLAGS.grid_lr,
-  )
+  plots = results_lib.write_grid_plots(rows, grid, grid_lr=FLAGS.grid_lr)
   print()
   print("plots: " + ", ".join(plots))
 
 
 def main(argv):
   del argv
-  try:
-    _main()
-  except results_lib.GridError as e:
-    sys.exit(f"lm_results.py: error: {e}")
+  results_lib.run_main(_main, "lm_results.py")
 
 
 if __name__ == "__main__":

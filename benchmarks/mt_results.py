@@ -57,21 +57,7 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("steps_per_eval", 250, "Checkpoint + dev period.")
 flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Swept peak rates.")
 flags.DEFINE_list("sweep_configs", None, "Configs swept (default: --configs).")
-flags.DEFINE_enum(
-    "mode",
-    "all",
-    ["all", "sweep", "grid", "table", "speed"],
-    "What to do (speed: measure each config's training step time,"
-    " results_lib.measure_step_times, on an idle machine; then print).",
-)
-flags.DEFINE_string(
-    "output_dir", None, "Model dirs (default ~/moe_keras_runs/mt_<corpus>)."
-)
-flags.DEFINE_string(
-    "results_dir", None, "Summaries (default results/mt_<corpus>)."
-)
-flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
-results_lib.define_shared_flags(speed_period=20)
+results_lib.define_shared_flags(task="mt", speed_period=20)
 flags.adopt_module_key_flags(results_lib)
 
 
@@ -86,33 +72,16 @@ def _summarize(result):
 
 
 def _main():
-  corpus = CORPORA[FLAGS.corpus]
-  configs = list(FLAGS.configs)
-  results_lib.check_configs(corpus, configs)
-  sweep_configs = FLAGS.sweep_configs or configs
-  results_lib.check_configs(corpus, sweep_configs)
-  seeds = [int(s) for s in FLAGS.seeds]
-  lrs = [float(x) for x in FLAGS.lrs]
-  steps = FLAGS.train_steps
-  sweep_steps = FLAGS.sweep_steps or steps
-  output_dir = os.path.expanduser(
-      FLAGS.output_dir or f"~/moe_keras_runs/mt_{corpus.name}"
+  grid = results_lib.grid_from_flags(
+      FLAGS, CORPORA, task="mt", sweep_variants=True
   )
-  results_dir = FLAGS.results_dir or os.path.join(
-      results_lib.REPO, "results", f"mt_{corpus.name}"
-  )
+  configs, seeds, steps = grid.configs, grid.seeds, grid.steps
+  sweep_configs, lrs = grid.sweep_configs, grid.lrs
+  sweep_steps, results_dir = grid.sweep_steps, grid.results_dir
 
   def execute(run):
-    summary = results_lib.execute(
-        corpus,
-        run,
-        output_dir=output_dir,
-        results_dir=results_dir,
-        steps_per_eval=FLAGS.steps_per_eval,
-        eval_flags=[],
-        summarize=_summarize,
-        extra_bindings=FLAGS.gin_bindings,
-        continue_from=FLAGS.continue_from,
+    summary = results_lib.execute_in_grid(
+        grid, run, FLAGS, eval_flags=[], summarize=_summarize
     )
     print(
         f"{run.run_id}: test BLEU {summary['test']['bleu']:.2f}, perplexity"
@@ -120,22 +89,7 @@ def _main():
         flush=True,
     )
 
-  rates = results_lib.run_procedure(
-      FLAGS.mode,
-      configs,
-      sweep_configs,
-      seeds,
-      lrs,
-      steps,
-      results_dir,
-      execute,
-      sweep_steps=sweep_steps,
-      grid_lr=FLAGS.grid_lr,
-  )
-  if FLAGS.mode == "speed":
-    results_lib.run_speed_mode(
-        corpus, configs, rates, results_dir, output_dir, FLAGS
-    )
+  rates = results_lib.run_grid(grid, FLAGS, execute)
 
   print(
       f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED},"
@@ -145,7 +99,7 @@ def _main():
   rows = results_lib.collect_rows(results_dir, configs, seeds, steps, rates)
   for metric in ("bleu", "tokenized_bleu", "perplexity"):
     print()
-    print(f"## Test {metric}, {FLAGS.corpus}, seeds {seeds}")
+    print(f"## Test {metric}, {grid.corpus.name}, seeds {seeds}")
     print(results_lib.results_table(rows, metric))
     print()
     print(f"Seed by seed (same data order), test {metric}:")
@@ -172,25 +126,13 @@ def _main():
       " log2(tokens) over the last two doublings; extrapolated)"
   )
   print(results_lib.margin_trend_table(rows, rows[0]))
-  plots = results_lib.write_plots(
-      rows,
-      results_dir,
-      FLAGS.corpus,
-      sweep_configs,
-      lrs,
-      steps,
-      sweep_steps=sweep_steps,
-      grid_lr=FLAGS.grid_lr,
-  )
+  plots = results_lib.write_grid_plots(rows, grid, grid_lr=FLAGS.grid_lr)
   print("plots: " + ", ".join(plots))
 
 
 def main(argv):
   del argv
-  try:
-    _main()
-  except results_lib.GridError as e:
-    sys.exit(f"mt_results.py: error: {e}")
+  results_lib.run_main(_main, "mt_results.py")
 
 
 if __name__ == "__main__":

@@ -548,14 +548,36 @@ def _positive_float(text: str) -> bool:
     return False
 
 
-def define_shared_flags(speed_period: int) -> None:
-  """The absl flags both front ends take (--continue_from, --*_lr*, --speed_*).
+def define_shared_flags(task: str, speed_period: int) -> None:
+  """The absl flags both front ends take, with the same meaning.
+
+  --mode, --output_dir, --results_dir, --gin_bindings, --continue_from,
+  --grid_lr, --table_lrs and --speed_*; `grid_from_flags` reads them.
 
   Args:
+    task: "lm" or "mt", the prefix of the default directories
+      (~/moe_keras_runs/<task>_<corpus>, results/<task>_<corpus>).
     speed_period: the front end's default --speed_period (steps).
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
 
+  flags.DEFINE_enum(
+      "mode",
+      "all",
+      ["all", "sweep", "grid", "table", "speed"],
+      "sweep: the rate sweep; grid: the table's runs; all: both; table:"
+      " print; speed: measure each config's training step time"
+      " (results_lib.measure_step_times; on an idle machine), then print.",
+  )
+  flags.DEFINE_string(
+      "output_dir",
+      None,
+      f"Model dirs (default ~/moe_keras_runs/{task}_<corpus>).",
+  )
+  flags.DEFINE_string(
+      "results_dir", None, f"Summaries (default results/{task}_<corpus>)."
+  )
+  flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
   flags.DEFINE_integer(
       "continue_from",
       None,
@@ -599,6 +621,150 @@ def define_shared_flags(speed_period: int) -> None:
   flags.DEFINE_integer(
       "speed_rounds", 3, "--mode=speed: alternating rounds.", lower_bound=1
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """What a front end's flags select: its configs, seeds, rates and dirs."""
+
+  corpus: Corpus
+  configs: List[str]  # the table's rows; the first is the baseline
+  sweep_configs: List[str]
+  seeds: List[int]
+  lrs: List[float]
+  steps: int  # of every table run
+  sweep_steps: int  # of the sweep's runs
+  output_dir: str  # model dirs
+  results_dir: str  # summaries, rate choices, plots
+
+
+def grid_from_flags(
+    flag_values, corpora: Dict[str, Corpus], task: str, sweep_variants: bool
+) -> Grid:
+  """The `Grid` of a front end's flags (`define_shared_flags` and its own).
+
+  Args:
+    flag_values: the parsed flags (corpus, configs, sweep_configs, seeds,
+      lrs, train_steps, sweep_steps, output_dir, results_dir).
+    corpora: {--corpus value: Corpus}.
+    task: "lm" or "mt", as `define_shared_flags`.
+    sweep_variants: whether --sweep_configs defaults to every config (MT)
+      or only those without @variants (LM: a variant takes its base's rate).
+
+  Returns:
+    The grid.
+
+  Raises:
+    GridError: a config or swept config without its gin file.
+  """
+  corpus = corpora[flag_values.corpus]
+  configs = list(flag_values.configs)
+  check_configs(corpus, configs)
+  sweep_configs = flag_values.sweep_configs or [
+      c for c in configs if sweep_variants or "@" not in c
+  ]
+  check_configs(corpus, sweep_configs)
+  return Grid(
+      corpus=corpus,
+      configs=configs,
+      sweep_configs=list(sweep_configs),
+      seeds=[int(s) for s in flag_values.seeds],
+      lrs=[float(x) for x in flag_values.lrs],
+      steps=flag_values.train_steps,
+      sweep_steps=flag_values.sweep_steps or flag_values.train_steps,
+      output_dir=os.path.expanduser(
+          flag_values.output_dir or f"~/moe_keras_runs/{task}_{corpus.name}"
+      ),
+      results_dir=flag_values.results_dir
+      or os.path.join(REPO, "results", f"{task}_{corpus.name}"),
+  )
+
+
+def execute_in_grid(grid: Grid, run: Run, flag_values, eval_flags, summarize):
+  """`execute` with the grid's dirs and the flags' bindings and period.
+
+  Args:
+    grid: the front end's grid.
+    run: one run of it.
+    flag_values: the parsed flags (steps_per_eval, gin_bindings,
+      continue_from).
+    eval_flags, summarize: as `execute`.
+
+  Returns:
+    The run's summary, as `execute`.
+  """
+  return execute(
+      grid.corpus,
+      run,
+      output_dir=grid.output_dir,
+      results_dir=grid.results_dir,
+      steps_per_eval=flag_values.steps_per_eval,
+      eval_flags=eval_flags,
+      summarize=summarize,
+      extra_bindings=flag_values.gin_bindings,
+      continue_from=flag_values.continue_from,
+  )
+
+
+def run_grid(
+    grid: Grid, flag_values, execute_fn, lr_from=None
+) -> Dict[str, float]:
+  """--mode's runs (`run_procedure`), then --mode=speed's step times.
+
+  Args:
+    grid: the front end's grid.
+    flag_values: the parsed flags (mode, grid_lr, speed_*, gin_bindings).
+    execute_fn: trains and summarizes one `Run`.
+    lr_from: as `run_procedure`.
+
+  Returns:
+    {config: its table rate}.
+  """
+  rates = run_procedure(
+      flag_values.mode,
+      grid.configs,
+      grid.sweep_configs,
+      grid.seeds,
+      grid.lrs,
+      grid.steps,
+      grid.results_dir,
+      execute_fn,
+      lr_from=lr_from,
+      sweep_steps=grid.sweep_steps,
+      grid_lr=flag_values.grid_lr,
+  )
+  if flag_values.mode == "speed":
+    run_speed_mode(
+        grid.corpus,
+        grid.configs,
+        rates,
+        grid.results_dir,
+        grid.output_dir,
+        flag_values,
+    )
+  return rates
+
+
+def write_grid_plots(rows: List["Row"], grid: Grid, grid_lr=None) -> List[str]:
+  """`write_plots` for the grid's sweep and table (`grid_lr`: --grid_lr)."""
+  return write_plots(
+      rows,
+      grid.results_dir,
+      grid.corpus.name,
+      grid.sweep_configs,
+      grid.lrs,
+      grid.steps,
+      sweep_steps=grid.sweep_steps,
+      grid_lr=grid_lr,
+  )
+
+
+def run_main(main_fn: Callable[[], None], script: str) -> None:
+  """Runs a front end's main; a `GridError` exits with one line."""
+  try:
+    main_fn()
+  except GridError as e:
+    sys.exit(f"{script}: error: {e}")
 
 
 def run_speed_mode(corpus, configs, rates, results_dir, work_dir, flag_values):

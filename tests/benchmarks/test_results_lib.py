@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -849,3 +850,88 @@ def test_rate_grid_report_tables_the_dev_chosen_rows(tmp_path):
   assert "| moe | 2 | s0 -32.5%, s1 -30.0% | -31.2% |" in report
   grid_lines = [l for l in report.splitlines() if l.startswith("| moe | 0.002")]
   assert grid_lines and "| 21.00 | 1.41 | 20.00-22.00 |" in grid_lines[0]
+
+
+def _grid_flags(**overrides):
+  values = dict(
+      corpus="debian_docs",
+      configs=["4xlstm_128", "moe_256@nobalance"],
+      sweep_configs=None,
+      seeds=["0", "2"],
+      lrs=["1e-3", "4e-3"],
+      train_steps=50,
+      sweep_steps=None,
+      output_dir=None,
+      results_dir=None,
+  )
+  values.update(overrides)
+  return types.SimpleNamespace(**values)
+
+
+_DOCS = {
+    "debian_docs": results_lib.Corpus(
+        name="debian_docs",
+        gin_dir="gin/lm/debian_docs",
+        data_seed_binding="lm_batching.seed",
+    )
+}
+
+
+@pytest.mark.parametrize(
+    "task, sweep_variants, swept",
+    [
+        ("lm", False, ["4xlstm_128"]),
+        ("mt", True, ["4xlstm_128", "moe_256@nobalance"]),
+    ],
+)
+def test_grid_from_flags_defaults(task, sweep_variants, swept):
+  grid = results_lib.grid_from_flags(
+      _grid_flags(), _DOCS, task=task, sweep_variants=sweep_variants
+  )
+  assert grid.configs == ["4xlstm_128", "moe_256@nobalance"]
+  assert grid.sweep_configs == swept
+  assert grid.seeds == [0, 2]
+  assert grid.lrs == [1e-3, 4e-3]
+  assert (grid.steps, grid.sweep_steps) == (50, 50)
+  assert grid.output_dir == os.path.join(
+      os.path.expanduser("~"), "moe_keras_runs", f"{task}_debian_docs"
+  )
+  assert grid.results_dir == os.path.join(
+      REPO, "results", f"{task}_debian_docs"
+  )
+
+
+def test_grid_from_flags_takes_explicit_values_and_checks_configs(tmp_path):
+  grid = results_lib.grid_from_flags(
+      _grid_flags(
+          sweep_configs=["moe_32"],
+          sweep_steps=20,
+          output_dir="~/elsewhere",
+          results_dir=str(tmp_path),
+      ),
+      _DOCS,
+      task="lm",
+      sweep_variants=False,
+  )
+  assert (grid.sweep_configs, grid.sweep_steps) == (["moe_32"], 20)
+  assert grid.output_dir == os.path.join(os.path.expanduser("~"), "elsewhere")
+  assert grid.results_dir == str(tmp_path)
+  for bad in (
+      {"configs": ["4xlstm_128", "nope"]},
+      {"sweep_configs": ["moe_32@fast"]},
+  ):
+    with pytest.raises(results_lib.GridError):
+      results_lib.grid_from_flags(
+          _grid_flags(**bad), _DOCS, task="lm", sweep_variants=False
+      )
+
+
+def test_run_main_turns_a_grid_error_into_one_line():
+  def failing():
+    raise results_lib.GridError("no chosen rate for ['dense']")
+
+  with pytest.raises(SystemExit) as exit_info:
+    results_lib.run_main(failing, "lm_results.py")
+  assert exit_info.value.code == (
+      "lm_results.py: error: no chosen rate for ['dense']"
+  )
