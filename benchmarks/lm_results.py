@@ -205,7 +205,7 @@ def _main():
           rows, results_lib.read_step_times(results_dir)
       )
   )
-  plots = results_lib.write_grid_plots(rows, grid, grid_lr=FLAGS.grid_lr)
+  plots = results_lib.write_grid_plots(rows, grid)
   print()
   print("plots: " + ", ".join(plots))
 

@@ -126,7 +126,7 @@ def _main():
       " log2(tokens) over the last two doublings; extrapolated)"
   )
   print(results_lib.margin_trend_table(rows, rows[0]))
-  plots = results_lib.write_grid_plots(rows, grid, grid_lr=FLAGS.grid_lr)
+  plots = results_lib.write_grid_plots(rows, grid)
   print("plots: " + ", ".join(plots))
 
 

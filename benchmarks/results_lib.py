@@ -636,6 +636,7 @@ class Grid:
   sweep_steps: int  # of the sweep's runs
   output_dir: str  # model dirs
   results_dir: str  # summaries, rate choices, plots
+  grid_lr: Optional[float] = None  # --grid_lr: every table run's rate
 
 
 def grid_from_flags(
@@ -645,7 +646,7 @@ def grid_from_flags(
 
   Args:
     flag_values: the parsed flags (corpus, configs, sweep_configs, seeds,
-      lrs, train_steps, sweep_steps, output_dir, results_dir).
+      lrs, train_steps, sweep_steps, output_dir, results_dir, grid_lr).
     corpora: {--corpus value: Corpus}.
     task: "lm" or "mt", as `define_shared_flags`.
     sweep_variants: whether --sweep_configs defaults to every config (MT)
@@ -677,6 +678,7 @@ def grid_from_flags(
       ),
       results_dir=flag_values.results_dir
       or os.path.join(REPO, "results", f"{task}_{corpus.name}"),
+      grid_lr=flag_values.grid_lr,
   )
 
 
@@ -713,7 +715,7 @@ def run_grid(
 
   Args:
     grid: the front end's grid.
-    flag_values: the parsed flags (mode, grid_lr, speed_*, gin_bindings).
+    flag_values: the parsed flags (mode, speed_*, gin_bindings).
     execute_fn: trains and summarizes one `Run`.
     lr_from: as `run_procedure`.
 
@@ -731,7 +733,7 @@ def run_grid(
       execute_fn,
       lr_from=lr_from,
       sweep_steps=grid.sweep_steps,
-      grid_lr=flag_values.grid_lr,
+      grid_lr=grid.grid_lr,
   )
   if flag_values.mode == "speed":
     run_speed_mode(
@@ -745,8 +747,8 @@ def run_grid(
   return rates
 
 
-def write_grid_plots(rows: List["Row"], grid: Grid, grid_lr=None) -> List[str]:
-  """`write_plots` for the grid's sweep and table (`grid_lr`: --grid_lr)."""
+def write_grid_plots(rows: List["Row"], grid: Grid) -> List[str]:
+  """`write_plots` for the grid's sweep and table; returns the PNGs' paths."""
   return write_plots(
       rows,
       grid.results_dir,
@@ -755,7 +757,7 @@ def write_grid_plots(rows: List["Row"], grid: Grid, grid_lr=None) -> List[str]:
       grid.lrs,
       grid.steps,
       sweep_steps=grid.sweep_steps,
-      grid_lr=grid_lr,
+      grid_lr=grid.grid_lr,
   )
 
 

@@ -863,6 +863,7 @@ def _grid_flags(**overrides):
       sweep_steps=None,
       output_dir=None,
       results_dir=None,
+      grid_lr=None,
   )
   values.update(overrides)
   return types.SimpleNamespace(**values)
@@ -892,7 +893,7 @@ def test_grid_from_flags_defaults(task, sweep_variants, swept):
   assert grid.sweep_configs == swept
   assert grid.seeds == [0, 2]
   assert grid.lrs == [1e-3, 4e-3]
-  assert (grid.steps, grid.sweep_steps) == (50, 50)
+  assert (grid.steps, grid.sweep_steps, grid.grid_lr) == (50, 50, None)
   assert grid.output_dir == os.path.join(
       os.path.expanduser("~"), "moe_keras_runs", f"{task}_debian_docs"
   )
@@ -908,6 +909,7 @@ def test_grid_from_flags_takes_explicit_values_and_checks_configs(tmp_path):
           sweep_steps=20,
           output_dir="~/elsewhere",
           results_dir=str(tmp_path),
+          grid_lr=2e-3,
       ),
       _DOCS,
       task="lm",
@@ -915,7 +917,7 @@ def test_grid_from_flags_takes_explicit_values_and_checks_configs(tmp_path):
   )
   assert (grid.sweep_configs, grid.sweep_steps) == (["moe_32"], 20)
   assert grid.output_dir == os.path.join(os.path.expanduser("~"), "elsewhere")
-  assert grid.results_dir == str(tmp_path)
+  assert (grid.results_dir, grid.grid_lr) == (str(tmp_path), 2e-3)
   for bad in (
       {"configs": ["4xlstm_128", "nope"]},
       {"sweep_configs": ["moe_32@fast"]},
@@ -935,3 +937,41 @@ def test_run_main_turns_a_grid_error_into_one_line():
   assert exit_info.value.code == (
       "lm_results.py: error: no chosen rate for ['dense']"
   )
+
+
+def test_execute_in_grid_passes_the_grids_dirs_and_the_flags(monkeypatch):
+  calls = []
+  monkeypatch.setattr(
+      results_lib,
+      "execute",
+      lambda corpus, run, **kwargs: calls.append((corpus, run, kwargs)),
+  )
+  grid = results_lib.grid_from_flags(
+      _grid_flags(output_dir="/m", results_dir="/r"),
+      _DOCS,
+      task="lm",
+      sweep_variants=False,
+  )
+  run = results_lib.Run("moe_32", 1e-3, 0, 50)
+  flag_values = types.SimpleNamespace(
+      steps_per_eval=25, gin_bindings=["MODEL_DIM = 32"], continue_from=10
+  )
+  summarize = lambda result: result
+  results_lib.execute_in_grid(
+      grid, run, flag_values, eval_flags=["--plot"], summarize=summarize
+  )
+  assert calls == [
+      (
+          _DOCS["debian_docs"],
+          run,
+          dict(
+              output_dir="/m",
+              results_dir="/r",
+              steps_per_eval=25,
+              eval_flags=["--plot"],
+              summarize=summarize,
+              extra_bindings=["MODEL_DIM = 32"],
+              continue_from=10,
+          ),
+      )
+  ]
