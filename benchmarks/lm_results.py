@@ -27,6 +27,8 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CORPORA = {
     "ptb": results_lib.Corpus(
@@ -140,8 +142,10 @@ def _main():
       f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {sweep_steps}"
       " steps, final dev perplexity)"
   )
-  print(results_lib.sweep_table(results_dir, sweep_configs, lrs, sweep_steps))
-  rows = results_lib.collect_rows(results_dir, configs, seeds, steps, rates)
+  print(
+      results_tables.sweep_table(results_dir, sweep_configs, lrs, sweep_steps)
+  )
+  rows = results_tables.collect_rows(results_dir, configs, seeds, steps, rates)
   counts = _counts(corpus, configs, FLAGS.gin_bindings)
   print()
   print("| config | params excl. emb/softmax | ops/timestep |")
@@ -154,11 +158,13 @@ def _main():
   # MoE-4 has the MoE models' architecture (LSTM, MoE, LSTM) with all 4
   # experts always used: MoE-n against it isolates the number of experts at
   # equal ops, as the paper's Table 7 does; against 4xLSTM, the whole change.
-  print(results_lib.results_table(rows, "perplexity", second_reference="moe_4"))
+  print(
+      results_tables.results_table(rows, "perplexity", second_reference="moe_4")
+  )
   print()
   print("Seed by seed (same data order), test perplexity:")
-  print(results_lib.paired_table(rows, "perplexity"))
-  results_lib.print_table_lrs_report(
+  print(results_tables.paired_table(rows, "perplexity"))
+  results_tables.print_table_lrs_report(
       FLAGS,
       results_dir,
       configs,
@@ -173,7 +179,7 @@ def _main():
   for reference in (configs[0], "moe_4"):
     if reference in by_name:
       print()
-      print(results_lib.margin_table(rows, by_name[reference]))
+      print(results_tables.margin_table(rows, by_name[reference]))
   print()
   print(
       "## Margin trend (paired seeds; dev margin fitted as a line in"
@@ -182,7 +188,7 @@ def _main():
   for reference in (configs[0], "moe_4"):
     if reference in by_name:
       print()
-      print(results_lib.margin_trend_table(rows, by_name[reference]))
+      print(results_tables.margin_trend_table(rows, by_name[reference]))
   baseline = configs[0]
   if baseline in sweep_configs:
     for lr in lrs:
@@ -193,19 +199,19 @@ def _main():
             results_lib.Run(config, lr, results_lib.SWEEP_SEED, sweep_steps),
         )
         if summary is not None:
-          swept.append(results_lib.Row(config, lr, [summary]))
+          swept.append(results_tables.Row(config, lr, [summary]))
       if len(swept) > 1 and swept[0].config == baseline:
         print()
         print(f"Sweep, lr {lr:g}, seed {results_lib.SWEEP_SEED}:")
-        print(results_lib.margin_table(swept, swept[0]))
+        print(results_tables.margin_table(swept, swept[0]))
   print()
   print("## Time to the baseline's quality")
   print(
-      results_lib.time_to_quality_table(
+      results_tables.time_to_quality_table(
           rows, results_lib.read_step_times(results_dir)
       )
   )
-  plots = results_lib.write_grid_plots(rows, grid)
+  plots = results_plots.write_grid_plots(rows, grid)
   print()
   print("plots: " + ", ".join(plots))
 

@@ -25,6 +25,8 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CORPORA = {
     name: results_lib.Corpus(
@@ -95,16 +97,18 @@ def _main():
       f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED},"
       f" {sweep_steps} steps)"
   )
-  print(results_lib.sweep_table(results_dir, sweep_configs, lrs, sweep_steps))
-  rows = results_lib.collect_rows(results_dir, configs, seeds, steps, rates)
+  print(
+      results_tables.sweep_table(results_dir, sweep_configs, lrs, sweep_steps)
+  )
+  rows = results_tables.collect_rows(results_dir, configs, seeds, steps, rates)
   for metric in ("bleu", "tokenized_bleu", "perplexity"):
     print()
     print(f"## Test {metric}, {grid.corpus.name}, seeds {seeds}")
-    print(results_lib.results_table(rows, metric))
+    print(results_tables.results_table(rows, metric))
     print()
     print(f"Seed by seed (same data order), test {metric}:")
-    print(results_lib.paired_table(rows, metric))
-  results_lib.print_table_lrs_report(
+    print(results_tables.paired_table(rows, metric))
+  results_tables.print_table_lrs_report(
       FLAGS,
       results_dir,
       configs,
@@ -116,7 +120,7 @@ def _main():
   print()
   print("## Time to the baseline's dev perplexity")
   print(
-      results_lib.time_to_quality_table(
+      results_tables.time_to_quality_table(
           rows, results_lib.read_step_times(results_dir)
       )
   )
@@ -125,8 +129,8 @@ def _main():
       "## Margin trend (paired seeds; dev margin fitted as a line in"
       " log2(tokens) over the last two doublings; extrapolated)"
   )
-  print(results_lib.margin_trend_table(rows, rows[0]))
-  plots = results_lib.write_grid_plots(rows, grid)
+  print(results_tables.margin_trend_table(rows, rows[0]))
+  plots = results_plots.write_grid_plots(rows, grid)
   print("plots: " + ", ".join(plots))
 
 

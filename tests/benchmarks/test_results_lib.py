@@ -1,4 +1,5 @@
-"""results_lib: statistics, rate choice and time-to-quality, hand-checked."""
+"""results_lib, results_tables, results_plots: runs, statistics, rate choice
+and time-to-quality, hand-checked."""
 
 import json
 import math
@@ -14,6 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _curve(points):
@@ -46,10 +49,10 @@ def _write(results_dir, run, final_dev, test_ppl, curve=None, seconds=60.0):
 
 def test_mean_std_is_the_sample_std():
   values = [170.0, 172.5, 168.25]
-  mean, std = results_lib.mean_std(values)
+  mean, std = results_tables.mean_std(values)
   assert mean == pytest.approx(np.mean(values))
   assert std == pytest.approx(np.std(values, ddof=1))
-  assert results_lib.mean_std([3.0]) == (3.0, 0.0)
+  assert results_tables.mean_std([3.0]) == (3.0, 0.0)
 
 
 def test_first_crossing_interpolates_linearly():
@@ -61,11 +64,11 @@ def test_first_crossing_interpolates_linearly():
       ]
   )
   # 150 lies halfway between 200 (x=200) and 100 (x=300): x = 250.
-  assert results_lib.first_crossing(curve, 150.0, "tokens") == 250.0
-  assert results_lib.first_crossing(curve, 150.0, "train_seconds") == 25.0
+  assert results_tables.first_crossing(curve, 150.0, "tokens") == 250.0
+  assert results_tables.first_crossing(curve, 150.0, "train_seconds") == 25.0
   # Reached at the first point: that point's x, no extrapolation.
-  assert results_lib.first_crossing(curve, 400.0, "tokens") == 100.0
-  assert results_lib.first_crossing(curve, 50.0, "tokens") is None
+  assert results_tables.first_crossing(curve, 400.0, "tokens") == 100.0
+  assert results_tables.first_crossing(curve, 50.0, "tokens") is None
 
 
 def test_lr_choice_needs_every_rate_and_picks_the_lowest_dev(tmp_path):
@@ -77,7 +80,7 @@ def test_lr_choice_needs_every_rate_and_picks_the_lowest_dev(tmp_path):
     _write(tmp_path, results_lib.Run("moe", lr, seed, 100), dev, dev)
   choice = results_lib.choose_lrs(tmp_path, ["dense", "moe"], lrs, 100)
   assert choice == {"dense": 2e-3}
-  table = results_lib.sweep_table(tmp_path, ["dense", "moe"], lrs, 100)
+  table = results_tables.sweep_table(tmp_path, ["dense", "moe"], lrs, 100)
   assert "| dense | 180.00 | 170.00 | 175.00 | 0.002 |" in table
   assert "| moe | 150.00 | 160.00 | - | - |" in table
 
@@ -92,8 +95,10 @@ def test_results_table_mean_spread_and_significance(tmp_path):
   for config, ppls in values.items():
     for seed, ppl in enumerate(ppls):
       _write(tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl)
-  rows = results_lib.collect_rows(tmp_path, list(values), [0, 1, 2], 100, lrs)
-  table = results_lib.results_table(rows, "perplexity")
+  rows = results_tables.collect_rows(
+      tmp_path, list(values), [0, 1, 2], 100, lrs
+  )
+  table = results_tables.results_table(rows, "perplexity")
   lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
   assert "| 172.00 | 2.00 | 170.00-174.00 | - | - |" in lines["dense"]
   change = 100 * (151.0 - 172.0) / 172.0
@@ -111,8 +116,10 @@ def test_results_table_second_reference_columns(tmp_path):
     for seed, ppl in enumerate(ppls):
       _write(tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl)
   lrs = {c: 2e-3 for c in values}
-  rows = results_lib.collect_rows(tmp_path, list(values), [0, 1, 2], 100, lrs)
-  table = results_lib.results_table(
+  rows = results_tables.collect_rows(
+      tmp_path, list(values), [0, 1, 2], 100, lrs
+  )
+  table = results_tables.results_table(
       rows, "perplexity", second_reference="moe_4"
   )
   header = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
@@ -131,7 +138,7 @@ def test_results_table_second_reference_columns(tmp_path):
   head, rule = table.splitlines()[:2]
   assert len(rule.split("|")) == len(head.split("|"))
   # Without the reference present the table keeps its usual columns.
-  plain = results_lib.results_table(
+  plain = results_tables.results_table(
       rows[:1] + rows[2:], "perplexity", second_reference="moe_4"
   )
   assert "vs moe_4" not in plain
@@ -145,8 +152,10 @@ def test_results_table_one_seed_is_not_called_significant(tmp_path):
   _write(tmp_path, results_lib.Run("moe", 2e-3, 1, 100), 90.0, 90.0)
   lrs = {"dense": 2e-3, "moe": 2e-3}
   for seeds in ([0], [0, 1]):
-    rows = results_lib.collect_rows(tmp_path, ["dense", "moe"], seeds, 100, lrs)
-    table = results_lib.results_table(rows, "perplexity")
+    rows = results_tables.collect_rows(
+        tmp_path, ["dense", "moe"], seeds, 100, lrs
+    )
+    table = results_tables.results_table(rows, "perplexity")
     line = [l for l in table.splitlines() if l.startswith("| moe |")][0]
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[6:8] == ["-10.0%", "n<2"]
@@ -158,8 +167,8 @@ def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
   moe = _curve([(1, 1e6, 90.0, 150.0), (2, 2e6, 180.0, 80.0)])
   _write(tmp_path, results_lib.Run("dense", 1e-3, 0, 2), 100.0, 1.0, dense)
   _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 2), 80.0, 1.0, moe)
-  rows = results_lib.collect_rows(tmp_path, ["dense", "moe"], [0], 2, lrs)
-  table = results_lib.time_to_quality_table(rows)
+  rows = results_tables.collect_rows(tmp_path, ["dense", "moe"], [0], 2, lrs)
+  table = results_tables.time_to_quality_table(rows)
   # MoE crosses 100 at 1e6 + (150 - 100) / (150 - 80) * 1e6 tokens.
   tokens = 1e6 + 50.0 / 70.0 * 1e6
   seconds = 90.0 + 50.0 / 70.0 * 90.0
@@ -173,7 +182,7 @@ def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
       "dense": {"seconds_per_step": 0.5, "tokens_per_step": 2000.0},
       "moe": {"seconds_per_step": 0.8, "tokens_per_step": 2000.0},
   }
-  table = results_lib.time_to_quality_table(rows, steps)
+  table = results_tables.time_to_quality_table(rows, steps)
   dense_idle = 2e6 / 2000.0 * 0.5  # 500 s
   moe_idle = tokens / 2000.0 * 0.8
   assert (
@@ -186,13 +195,15 @@ def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
   ) in table
   # A config without a measured time gets dashes; none for the baseline:
   # no such columns.
-  assert "| moe | 1 |" in results_lib.time_to_quality_table(
+  assert "| moe | 1 |" in results_tables.time_to_quality_table(
       rows, {"moe": steps["moe"]}
   )
-  assert "at measured step time" not in results_lib.time_to_quality_table(
+  assert "at measured step time" not in results_tables.time_to_quality_table(
       rows, {"moe": steps["moe"]}
   )
-  partial = results_lib.time_to_quality_table(rows, {"dense": steps["dense"]})
+  partial = results_tables.time_to_quality_table(
+      rows, {"dense": steps["dense"]}
+  )
   assert f" {seconds / 120.0:.2f}x | - | - |" in partial
 
 
@@ -214,12 +225,12 @@ def test_time_to_quality_ratios_use_the_baselines_own_first_crossing(
   moe = _curve([(1, 1e6, 60.0, 120.0), (2, 2e6, 120.0, 90.0)])
   _write(tmp_path, results_lib.Run("dense", 1e-3, 0, 4), 100.0, 1.0, dense)
   _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 4), 80.0, 1.0, moe)
-  rows = results_lib.collect_rows(tmp_path, ["dense", "moe"], [0], 4, lrs)
+  rows = results_tables.collect_rows(tmp_path, ["dense", "moe"], [0], 4, lrs)
   steps = {
       "dense": {"seconds_per_step": 0.5, "tokens_per_step": 1000.0},
       "moe": {"seconds_per_step": 1.0, "tokens_per_step": 1000.0},
   }
-  table = results_lib.time_to_quality_table(rows, steps)
+  table = results_tables.time_to_quality_table(rows, steps)
   dense_tokens = 2e6 + 10.0 / 15.0 * 1e6
   dense_seconds = 120.0 + 10.0 / 15.0 * 60.0
   moe_tokens = 1e6 + 20.0 / 30.0 * 1e6
@@ -319,10 +330,10 @@ def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
     _write(tmp_path, results_lib.Run("dense", 1e-3, seed, 2), 1.0, 1.0, curve)
   _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 2), 1.0, 1.0, moe[0])
   _write(tmp_path, results_lib.Run("late", 1e-3, 0, 2), 1.0, 1.0, late[0])
-  rows = results_lib.collect_rows(
+  rows = results_tables.collect_rows(
       tmp_path, ["dense", "moe", "late"], [0, 1], 2, lrs
   )
-  table = results_lib.margin_table(rows, rows[0])
+  table = results_tables.margin_table(rows, rows[0])
   lines = table.splitlines()
   # Dense mean curve: 210 then 105. MoE: 231 / 210 = +10%, 94.5 / 105 = -10%.
   assert lines[0] == (
@@ -331,8 +342,8 @@ def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
   assert "| moe (n=1) | +10.0% | -10.0% |" in lines
   assert "| late (n=1) | - | +0.0% |" in lines
   assert not any(l.startswith("| dense") for l in lines)
-  empty = results_lib.Row("none", None, [])
-  assert results_lib.margin_table(rows, empty) == "(no none runs yet)"
+  empty = results_tables.Row("none", None, [])
+  assert results_tables.margin_table(rows, empty) == "(no none runs yet)"
 
 
 def test_paired_table_compares_seed_with_seed(tmp_path):
@@ -348,8 +359,10 @@ def test_paired_table_compares_seed_with_seed(tmp_path):
   for config, by_seed in values.items():
     for seed, ppl in by_seed.items():
       _write(tmp_path, results_lib.Run(config, 1e-3, seed, 100), ppl, ppl)
-  rows = results_lib.collect_rows(tmp_path, list(values), [0, 1, 2], 100, lrs)
-  table = results_lib.paired_table(rows, "perplexity")
+  rows = results_tables.collect_rows(
+      tmp_path, list(values), [0, 1, 2], 100, lrs
+  )
+  table = results_tables.paired_table(rows, "perplexity")
   lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
   assert lines["moe"] == (
       "| moe | 3 | s0 -10.0%, s1 -5.0%, s2 -7.5% | -7.5% | 2.5 | yes | yes |"
@@ -377,8 +390,10 @@ def test_paired_margins_compare_seed_with_seed(tmp_path):
     for seed, curve in curves.items():
       run = results_lib.Run(config, 1e-3, seed, 2)
       _write(tmp_path, run, 1.0, 1.0, curve)
-  rows = results_lib.collect_rows(tmp_path, ["dense", "moe"], [0, 1, 2], 2, lrs)
-  got = results_lib.paired_margins(rows[1], rows[0])
+  rows = results_tables.collect_rows(
+      tmp_path, ["dense", "moe"], [0, 1, 2], 2, lrs
+  )
+  got = results_tables.paired_margins(rows[1], rows[0])
   # Step 1: 220/200 - 1 = +10%, 250/250 - 1 = 0%; step 2: -5%, -20%.
   assert [p["step"] for p in got] == [1, 2]
   assert [p["seeds"] for p in got] == [2, 2]
@@ -387,9 +402,10 @@ def test_paired_margins_compare_seed_with_seed(tmp_path):
   np.testing.assert_allclose([p["high"] for p in got], [10.0, -5.0])
   np.testing.assert_allclose([p["tokens"] for p in got], [1e6, 2e6])
   assert (
-      results_lib.paired_margins(rows[0], results_lib.Row("x", None, [])) == []
+      results_tables.paired_margins(rows[0], results_tables.Row("x", None, []))
+      == []
   )
-  plots = results_lib.write_plots(
+  plots = results_plots.write_plots(
       rows, str(tmp_path), "c", ["dense"], [1e-3], 2
   )
   assert "margins_2steps_tokens.png" in [os.path.basename(p) for p in plots]
@@ -405,7 +421,7 @@ def test_mean_curve_averages_the_seeds_at_common_steps():
           [(1, 12.0, 3.0, 100.0), (2, 22.0, 4.0, 100.0), (3, 30.0, 5.0, 90.0)]
       )
   }
-  curve = results_lib.mean_curve([a, b])
+  curve = results_tables.mean_curve([a, b])
   assert [p["step"] for p in curve] == [1, 2]
   assert curve[0] == {
       "step": 1,
@@ -548,8 +564,8 @@ def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
       _write(tmp_path, results_lib.Run("a", 1e-3, seed, steps), 1.0, 1.0, curve)
 
   def write(steps, sweep_steps):
-    rows = results_lib.collect_rows(tmp_path, ["a"], [0], steps, {"a": 1e-3})
-    plots = results_lib.write_plots(
+    rows = results_tables.collect_rows(tmp_path, ["a"], [0], steps, {"a": 1e-3})
+    plots = results_plots.write_plots(
         rows, str(tmp_path), "c", ["a"], [1e-3], steps, sweep_steps=sweep_steps
     )
     return sorted(os.path.basename(p) for p in plots)
@@ -574,10 +590,10 @@ def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
   )
   every = set(os.listdir(tmp_path)) - {"runs"}
   assert len(every) == len(set(sum(written.values(), []))) == 10
-  assert results_lib.plot_names(400, 100)["margins"] == (
+  assert results_plots.plot_names(400, 100)["margins"] == (
       "margins_400steps_sweep100_tokens.png"
   )
-  assert results_lib.plot_names(400, 400, grid_lr=2e-3)["curves"] == (
+  assert results_plots.plot_names(400, 400, grid_lr=2e-3)["curves"] == (
       "curves_400steps_lr0.002"
   )
 
@@ -629,7 +645,7 @@ def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
   def line(a, b):  # margin = a + b * log2(tokens / 1M)
     return [a + b * math.log2(t / 1e6) for t in tokens]
 
-  reference = results_lib.Row(
+  reference = results_tables.Row(
       "dense", 1e-3, [summary(s, [0.0] * 5) for s in (0, 1)]
   )
   # Seed 0: 4 - 2 per doubling, but +50% at 1M (outside the fit window,
@@ -637,16 +653,16 @@ def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
   # no dense partner.
   seed0 = line(4.0, -2.0)
   seed0[0] = 50.0
-  moe = results_lib.Row(
+  moe = results_tables.Row(
       "moe",
       1e-3,
       [summary(0, seed0), summary(1, line(2.0, -4.0)), summary(2, [-90.0] * 5)],
   )
-  flat = results_lib.Row("flat", 1e-3, [summary(0, [1.0] * 5)])
+  flat = results_tables.Row("flat", 1e-3, [summary(0, [1.0] * 5)])
   # -0.1 per doubling from -4.9% at 16M: -5% one doubling on (32M), -15%
   # 101 doublings on.
-  slow = results_lib.Row("slow", 1e-3, [summary(0, line(-4.5, -0.1))])
-  table = results_lib.margin_trend_table(
+  slow = results_tables.Row("slow", 1e-3, [summary(0, line(-4.5, -0.1))])
+  table = results_tables.margin_trend_table(
       [reference, moe, flat, slow], reference
   )
   lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
@@ -661,12 +677,12 @@ def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
       " this trend |"
   )
   assert lines["slow"].endswith("| -4.9% | 32M (2x) | > 1000x |")
-  a, b = results_lib.fit_log2_line([2.0, 4.0, 8.0], [1.0, 3.0, 5.0])
+  a, b = results_tables.fit_log2_line([2.0, 4.0, 8.0], [1.0, 3.0, 5.0])
   assert (a, b) == pytest.approx((-1.0, 2.0))
   with pytest.raises(ValueError, match="two distinct"):
-    results_lib.fit_log2_line([4.0, 4.0], [1.0, 2.0])
-  unpaired = results_lib.Row("x", 1e-3, [summary(5, [1.0] * 5)])
-  assert "no seed" in results_lib.margin_trend_table([unpaired], reference)
+    results_tables.fit_log2_line([4.0, 4.0], [1.0, 2.0])
+  unpaired = results_tables.Row("x", 1e-3, [summary(5, [1.0] * 5)])
+  assert "no seed" in results_tables.margin_trend_table([unpaired], reference)
 
 
 def test_step_time_refuses_a_leftover_work_dir(tmp_path):
@@ -811,7 +827,7 @@ def _write_rate_grid(results_dir):
 
 def test_rate_grid_rows_are_config_major_with_missing_runs_kept(tmp_path):
   _write_rate_grid(tmp_path)
-  rows = results_lib.rate_grid_rows(
+  rows = results_tables.rate_grid_rows(
       tmp_path, ["dense", "moe"], [2e-3, 4e-3, 8e-3], [0, 1], 100
   )
   assert [(r.config, r.lr, [s["seed"] for s in r.summaries]) for r in rows] == [
@@ -828,10 +844,10 @@ def test_dev_chosen_rows_pick_the_lowest_mean_dev_over_complete_rates(
     tmp_path,
 ):
   _write_rate_grid(tmp_path)
-  rows = results_lib.rate_grid_rows(
+  rows = results_tables.rate_grid_rows(
       tmp_path, ["dense", "moe", "absent"], [2e-3, 4e-3, 8e-3], [0, 1], 100
   )
-  chosen, incomplete = results_lib.dev_chosen_rows(rows, [0, 1])
+  chosen, incomplete = results_tables.dev_chosen_rows(rows, [0, 1])
   # dense: dev means 30 (2e-3) < 40 (4e-3), although 4e-3's test is better;
   # moe: 20 (4e-3) < 25 (2e-3); 8e-3 (dev 5, one seed) does not compete.
   assert [(r.config, r.lr) for r in chosen] == [("dense", 2e-3), ("moe", 4e-3)]
@@ -840,7 +856,7 @@ def test_dev_chosen_rows_pick_the_lowest_mean_dev_over_complete_rates(
 
 def test_rate_grid_report_tables_the_dev_chosen_rows(tmp_path):
   _write_rate_grid(tmp_path)
-  report = results_lib.rate_grid_report(
+  report = results_tables.rate_grid_report(
       tmp_path, ["dense", "moe"], [2e-3, 4e-3], [0, 1], 100, ["perplexity"]
   )
   assert "(dense 0.002, moe 0.004): test perplexity" in report

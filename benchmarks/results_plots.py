@@ -1,0 +1,222 @@
+"""Results plots: learning curves and margins as PNG files.
+
+Dev perplexity against training tokens and wall clock, one line per config
+(mean over seeds, range shaded; `plot_curves`), and each config's dev margin
+against the baseline by seed pair (`plot_margins`), for the rows
+`results_tables` collects. matplotlib is imported only when a plot is drawn.
+"""
+
+import os
+import sys
+from typing import List
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def write_grid_plots(
+    rows: List[results_tables.Row], grid: results_lib.Grid
+) -> List[str]:
+  """`write_plots` for the grid's sweep and table; returns the PNGs' paths."""
+  return write_plots(
+      rows,
+      grid.results_dir,
+      grid.corpus.name,
+      grid.sweep_configs,
+      grid.lrs,
+      grid.steps,
+      sweep_steps=grid.sweep_steps,
+      grid_lr=grid.grid_lr,
+  )
+
+
+def _pyplot():
+  """matplotlib.pyplot on the file-only Agg backend."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  return plt
+
+
+def _banded_line(ax, xs, mid, low, high, label):
+  """One line with its [low, high] band shaded in the line's colour."""
+  (line,) = ax.plot(xs, mid, marker="o", ms=3, label=label)
+  ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
+
+
+def _finish_plot(plt, fig, ax, path, title, xlabel, ylabel):
+  """Labels, grid, legend (when there are lines); writes `path`."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_margins(
+    rows: List[results_tables.Row], path: str, title: str
+) -> List[str]:
+  """Writes a PNG of each row's paired margin vs rows[0] against tokens.
+
+  One line per row (`results_tables.paired_margins`, the seeds' range shaded) and the zero
+  line: below zero the row has the lower (better) dev perplexity. The trend
+  with training tokens that a final number hides.
+
+  Returns:
+    [path], or [] when no row shares a seed with the baseline.
+  """
+  if not rows:
+    return []
+  reference = rows[0]
+  margins = [
+      (row, results_tables.paired_margins(row, reference)) for row in rows[1:]
+  ]
+  margins = [(row, m) for row, m in margins if m]
+  if not margins:
+    return []
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for row, points in margins:
+    _banded_line(
+        ax,
+        [p["tokens"] / 1e6 for p in points],
+        [p["margin"] for p in points],
+        [p["low"] for p in points],
+        [p["high"] for p in points],
+        label=f"{row.config} (seeds paired: {points[0]['seeds']})",
+    )
+  ax.axhline(0.0, color="black", lw=0.8)
+  _finish_plot(
+      plt,
+      fig,
+      ax,
+      path,
+      title,
+      "training tokens (millions)",
+      f"dev perplexity vs {reference.config} (%)",
+  )
+  return [path]
+
+
+def plot_curves(
+    rows: List[results_tables.Row], path_prefix: str, title: str
+) -> List[str]:
+  """Writes <prefix>_tokens.png and <prefix>_wallclock.png; returns paths."""
+  written = []
+  if not any(row.summaries for row in rows):
+    return written
+  plt = _pyplot()
+  for key, label, scale in (
+      ("tokens", "training tokens (millions)", 1e6),
+      ("train_seconds", "training wall clock (minutes)", 60.0),
+  ):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+      curve = results_tables.mean_curve(row.summaries)
+      if curve:
+        _banded_line(
+            ax,
+            [p[key] / scale for p in curve],
+            [p["dev_perplexity"] for p in curve],
+            [p["dev_min"] for p in curve],
+            [p["dev_max"] for p in curve],
+            label=f"{row.config} (n={len(row.summaries)})",
+        )
+    ax.set_yscale("log")
+    path = f"{path_prefix}_{'tokens' if key == 'tokens' else 'wallclock'}.png"
+    _finish_plot(
+        plt, fig, ax, path, title, label, "dev perplexity (exact softmax)"
+    )
+    written.append(path)
+  return written
+
+
+def plot_names(steps, sweep_steps=None, grid_lr=None):
+  """The PNG names of a sweep of `sweep_steps` and a table of `steps`.
+
+  Every name carries the lengths it shows, so a longer sweep or table does
+  not replace a shorter one's plots: `curves_sweep_<S>steps_*.png` (the
+  sweep), `curves_<N>steps_*.png` and `margins_<N>steps_tokens.png` (the
+  table at the rates its own length's sweep chose), with `_sweep<S>` after
+  `<N>steps` when the table takes the rates of a sweep of S != N steps, or
+  `_lr<rate>` when every row runs at one given rate (`--grid_lr`).
+
+  Args:
+    steps: the table's runs' steps N.
+    sweep_steps: the sweep runs' steps S (None: N).
+    grid_lr: None, or the one rate of every row.
+
+  Returns:
+    {"sweep": prefix, "curves": prefix, "margins": file name}; the curve
+    prefixes get `_tokens.png` / `_wallclock.png` (`plot_curves`).
+  """
+  sweep_steps = sweep_steps or steps
+  table = f"{steps}steps"
+  if grid_lr is not None:
+    table += f"_lr{grid_lr:g}"
+  elif sweep_steps != steps:
+    table += f"_sweep{sweep_steps}"
+  return {
+      "sweep": f"curves_sweep_{sweep_steps}steps",
+      "curves": f"curves_{table}",
+      "margins": f"margins_{table}_tokens.png",
+  }
+
+
+def write_plots(
+    rows,
+    results_dir,
+    corpus_name,
+    sweep_configs,
+    lrs,
+    steps,
+    sweep_steps=None,
+    grid_lr=None,
+):
+  """The sweep's and the table's curve PNGs and the table's margin PNG.
+
+  Args:
+    rows: the table's rows (`results_tables.collect_rows`).
+    results_dir: where the PNGs go.
+    corpus_name: for the titles.
+    sweep_configs: the swept configs.
+    lrs: the swept rates.
+    steps: the table's runs' steps.
+    sweep_steps: the sweep runs' steps (None: `steps`). The PNGs are
+      named by both lengths (`plot_names`), so sweeps and tables of other
+      lengths in one results_dir keep their own plots.
+    grid_lr: None, or the one rate of every row (`--grid_lr`; in the
+      table's names).
+
+  Returns:
+    The written PNGs' paths relative to the repository.
+  """
+  names = plot_names(steps, sweep_steps, grid_lr)
+  sweep_steps = sweep_steps or steps
+  plots = plot_curves(
+      results_tables.sweep_rows(results_dir, sweep_configs, lrs, sweep_steps),
+      os.path.join(results_dir, names["sweep"]),
+      f"{corpus_name}: dev perplexity of the rate sweep (seed {results_lib.SWEEP_SEED},"
+      f" {sweep_steps} steps)",
+  )
+  plots += plot_curves(
+      rows,
+      os.path.join(results_dir, names["curves"]),
+      f"{corpus_name}: dev perplexity, mean over seeds (range shaded),"
+      f" {steps} steps",
+  )
+  plots += plot_margins(
+      rows,
+      os.path.join(results_dir, names["margins"]),
+      f"{corpus_name}: margin vs {rows[0].config} by seed pair (range"
+      f" shaded), {steps} steps",
+  )
+  return [os.path.relpath(p, results_lib.REPO) for p in plots]
