@@ -551,13 +551,17 @@ def fit_log2_line(xs: Sequence[float], ys: Sequence[float]):
 def _tokens_to_reach(intercept, slope, target, tokens_end):
   """Where a + b log2(t) = target, in tokens; None if the line never gets
   there going forward (b >= 0 with the end above target); tokens_end if
-  the line is already at or below target at the end."""
+  the line is already at or below target at the end; math.inf if it is
+  further on than a float can hold (a nearly flat line)."""
   at_end = intercept + slope * math.log2(tokens_end)
   if at_end <= target:
     return tokens_end
   if slope >= 0.0:
     return None
-  return 2.0 ** ((target - intercept) / slope)
+  log2_tokens = (target - intercept) / slope
+  if log2_tokens >= sys.float_info.max_exp:
+    return math.inf
+  return 2.0**log2_tokens
 
 
 def margin_trend_table(

@@ -662,8 +662,13 @@ def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
   # -0.1 per doubling from -4.9% at 16M: -5% one doubling on (32M), -15%
   # 101 doublings on.
   slow = results_tables.Row("slow", 1e-3, [summary(0, line(-4.5, -0.1))])
+  # Shrinking by 1e-6 points per doubling from +3%: the targets lie ~8e6 and
+  # ~1.8e7 doublings on, far past any float (2.0 ** 8e6 overflows).
+  nearly_flat = results_tables.Row(
+      "nearly_flat", 1e-3, [summary(0, line(3.0, -1e-6))]
+  )
   table = results_tables.margin_trend_table(
-      [reference, moe, flat, slow], reference
+      [reference, moe, flat, slow, nearly_flat], reference
   )
   lines = {l.split("|")[1].strip(): l for l in table.splitlines()[2:]}
   # Slopes -2 and -4 (mean -3); at 16M: -4% and -14% (mean -9%, already
@@ -677,6 +682,7 @@ def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
       " this trend |"
   )
   assert lines["slow"].endswith("| -4.9% | 32M (2x) | > 1000x |")
+  assert lines["nearly_flat"].endswith("| +3.0% | > 1000x | > 1000x |")
   a, b = results_tables.fit_log2_line([2.0, 4.0, 8.0], [1.0, 3.0, 5.0])
   assert (a, b) == pytest.approx((-1.0, 2.0))
   with pytest.raises(ValueError, match="two distinct"):
