@@ -9,13 +9,14 @@ REPO = os.path.dirname(
 )
 
 
-def run_benchmark(script, *flags, timeout=300):
+def run_benchmark(script, *flags, timeout=300, env=None):
   """Runs benchmarks/`script` with `flags` under this interpreter.
 
   Args:
     script: file name under benchmarks/, e.g. "moe_layer.py".
     *flags: its command-line flags.
     timeout: seconds before the run is killed (subprocess.TimeoutExpired).
+    env: the process's environment (None: this one's).
 
   Returns:
     subprocess.CompletedProcess with text stdout and stderr; the return code
@@ -27,4 +28,5 @@ def run_benchmark(script, *flags, timeout=300):
       text=True,
       check=False,
       timeout=timeout,
+      env=env,
   )
