@@ -9,7 +9,7 @@ tf.data and no `moe_keras.train`). Two steps:
   # there (JAX only; gpu_data/ carried): the grid, results as JSON summaries
   KERAS_BACKEND=jax python benchmarks/lm_gpu.py --mode=train \
     --arrays=gpu_data/debian_docs_lm.npz --configs=4xlstm_128,moe_32 \
-    --seeds=0,1 --lrs=2e-3 --train_steps=2000 --steps_per_eval=250 \
+    --seeds=0,1 --lrs=4e-3 --train_steps=2000 --steps_per_eval=250 \
     --gin_bindings="MODEL_DIM = 512" \
     --gin_bindings="moe_spec.expert_hidden_dim = 1024" \
     --results_dir=results/lm_debian_docs_gpu512 --time_budget_s=480
@@ -76,46 +76,53 @@ GIN_MODULES = (
 )
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "train", ["export", "train"], "What to do.")
-flags.DEFINE_string("arrays", DEFAULT_ARRAYS, "The exported corpus (.npz).")
-flags.DEFINE_string(
-    "cache_dir",
-    "~/.cache/moe_keras/debian_docs",
-    "export: the built corpus (`python -m"
-    " data_pipelines.build_debian_docs_corpus`).",
-)
-flags.DEFINE_list("configs", ["4xlstm_128", "moe_32"], "NAME[@VARIANT]s.")
-flags.DEFINE_list("seeds", ["0"], "Seeds (init and data order).")
-flags.DEFINE_list("lrs", ["2e-3"], "Peak learning rates (each config at each).")
-flags.DEFINE_integer("train_steps", 1000, "Steps per run.", lower_bound=1)
-flags.DEFINE_integer(
-    "steps_per_eval", 250, "Dev evaluation period.", lower_bound=1
-)
-flags.DEFINE_integer("rows", 128, "Rows per training batch.", lower_bound=1)
-flags.DEFINE_integer("pack_length", 64, "Timesteps per row.", lower_bound=2)
-flags.DEFINE_integer(
-    "eval_rows", None, "Rows per evaluation batch (default --rows)."
-)
-flags.DEFINE_multi_string(
-    "gin_bindings", [], "Extra bindings for every run (e.g. MODEL_DIM = 512)."
-)
-flags.DEFINE_string(
-    "results_dir",
-    "results/lm_debian_docs_gpu512",
-    "Summaries go to results_dir/runs/.",
-)
-flags.DEFINE_float(
-    "time_budget_s",
-    0.0,
-    "Skip a run that the previous run's duration says would end past this"
-    " many seconds from the start (0: no budget).",
-)
-flags.DEFINE_enum(
-    "dtype_policy",
-    "float32",
-    ["float32", "mixed_bfloat16"],
-    "Keras dtype policy of the models.",
-)
+
+
+def define_flags():
+  """Defines the flags; only when run as a program, so that importing this
+  module (the tests do) defines none that could clash with another's."""
+  flags.DEFINE_enum("mode", "train", ["export", "train"], "What to do.")
+  flags.DEFINE_string("arrays", DEFAULT_ARRAYS, "The exported corpus (.npz).")
+  flags.DEFINE_string(
+      "cache_dir",
+      "~/.cache/moe_keras/debian_docs",
+      "export: the built corpus (`python -m"
+      " data_pipelines.build_debian_docs_corpus`).",
+  )
+  flags.DEFINE_list("configs", ["4xlstm_128", "moe_32"], "NAME[@VARIANT]s.")
+  flags.DEFINE_list("seeds", ["0"], "Seeds (init and data order).")
+  flags.DEFINE_list(
+      "lrs", ["4e-3"], "Peak learning rates (each config at each)."
+  )
+  flags.DEFINE_integer("train_steps", 1000, "Steps per run.", lower_bound=1)
+  flags.DEFINE_integer(
+      "steps_per_eval", 250, "Dev evaluation period.", lower_bound=1
+  )
+  flags.DEFINE_integer("rows", 128, "Rows per training batch.", lower_bound=1)
+  flags.DEFINE_integer("pack_length", 64, "Timesteps per row.", lower_bound=2)
+  flags.DEFINE_integer(
+      "eval_rows", None, "Rows per evaluation batch (default --rows)."
+  )
+  flags.DEFINE_multi_string(
+      "gin_bindings", [], "Extra bindings for every run (e.g. MODEL_DIM = 512)."
+  )
+  flags.DEFINE_string(
+      "results_dir",
+      "results/lm_debian_docs_gpu512",
+      "Summaries go to results_dir/runs/.",
+  )
+  flags.DEFINE_float(
+      "time_budget_s",
+      0.0,
+      "Skip a run that the previous run's duration says would end past this"
+      " many seconds from the start (0: no budget).",
+  )
+  flags.DEFINE_enum(
+      "dtype_policy",
+      "float32",
+      ["float32", "mixed_bfloat16"],
+      "Keras dtype policy of the models.",
+  )
 
 
 class LmGpuError(ValueError):
@@ -569,4 +576,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
