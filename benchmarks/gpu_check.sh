@@ -12,15 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check}"
-mkdir -p "$out"
-if [ -d gpu_wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/gpu_pydeps \
-    gpu_wheels/*.whl && export PYTHONPATH="/tmp/gpu_pydeps"
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-export KERAS_BACKEND=jax
-python3 -c "import jax; print(jax.__version__, jax.devices())" \
-  | tee "$out/device.txt"
+source benchmarks/gpu_env.sh
 python3 -m pytest tests/layers/test_pallas_grouped_matmul.py -q \
   -p no:cacheprovider -k "not sparse_moe" 2>&1 | tail -15 \
   | tee "$out/kernel_tests.txt"
