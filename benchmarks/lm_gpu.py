@@ -181,13 +181,21 @@ def export_arrays(cache_dir, path):
   vocab = word_vocab.WordVocab.load(vocab_file)
   if vocab.size > np.iinfo(np.uint16).max + 1:
     raise LmGpuError(f"vocabulary of {vocab.size} does not fit in uint16")
+  build = results_lib.corpus_build(
+      results_lib.Corpus(
+          name=CORPUS.name,
+          gin_dir=CORPUS.gin_dir,
+          build_files=(os.path.join(cache_dir, "manifest.json"),),
+      )
+  )
   arrays = {
       "format": np.asarray(ARRAYS_FORMAT),
+      "corpus_build": np.asarray(build or ""),
       "vocab_size": np.asarray(vocab.size),
       "bos_id": np.asarray(vocab.bos_id),
       "eos_id": np.asarray(vocab.eos_id),
   }
-  report = {"vocab_size": vocab.size}
+  report = {"vocab_size": vocab.size, "corpus_build": build}
   for split, name in files.items():
     ids, offsets = _split_ids(name, vocab)
     arrays[f"{split}_ids"] = ids
@@ -467,6 +475,7 @@ def train_run(run, arrays, options):
       },
       "curve": curve,
       "code": results_lib.code_version(),
+      "corpus_build": str(arrays.get("corpus_build", "")) or None,
       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "process_seconds": time.process_time() - process_start,
       "backend": keras.backend.backend(),

@@ -38,6 +38,7 @@ CORPORA = {
         name="debian_docs",
         gin_dir="gin/lm/debian_docs",
         data_seed_binding="lm_batching.seed",
+        build_files=("~/.cache/moe_keras/debian_docs/manifest.json",),
     ),
 }
 BASELINE = {"ptb": "4xlstm_128", "debian_docs": "4xlstm_128"}
@@ -161,6 +162,9 @@ def _main():
   print(
       results_tables.results_table(rows, "perplexity", second_reference="moe_4")
   )
+  builds_note = results_tables.corpus_builds_note(rows)
+  if builds_note:
+    print(builds_note)
   print()
   print("Seed by seed (same data order), test perplexity:")
   print(results_tables.paired_table(rows, "perplexity"))

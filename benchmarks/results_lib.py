@@ -31,6 +31,7 @@ The procedure the tables follow:
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -98,12 +99,37 @@ class Corpus:
     data_seed_binding: gin parameter of the data order seed, bound to the
       run's seed (None: the data order is the config's).
     extra_bindings: bindings every run of this corpus gets.
+    build_files: files that identify a build of the corpus ('~' allowed),
+      e.g. the manifest listing every source package's version and hash:
+      a corpus built from an archive that has moved on differs, and so does
+      every seeded batch order. Their hash goes into each run's summary
+      (`corpus_build`); () for corpora that do not change (PTB) or whose
+      builds are not recorded.
   """
 
   name: str
   gin_dir: str
   data_seed_binding: Optional[str] = None
   extra_bindings: Sequence[str] = ()
+  build_files: Sequence[str] = ()
+
+
+def corpus_build(corpus: Corpus) -> Optional[str]:
+  """The first 12 hex digits of SHA-256 over the corpus's build files.
+
+  Returns:
+    None when the corpus names no build files or one of them is missing.
+  """
+  if not corpus.build_files:
+    return None
+  digest = hashlib.sha256()
+  for name in corpus.build_files:
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+      return None
+    with open(path, "rb") as f:
+      digest.update(f.read())
+  return digest.hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +366,7 @@ def execute(
           for r in curve
       ],
       "code": code,
+      "corpus_build": corpus_build(corpus),
       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "process_seconds": time.time() - started,
   }

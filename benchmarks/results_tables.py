@@ -9,6 +9,7 @@ to the baseline's final dev perplexity (`time_to_quality_table`), and the
 rate sweep and rate-grid reports. Plots: `results_plots`.
 """
 
+import collections
 import dataclasses
 import math
 import os
@@ -649,6 +650,38 @@ def margin_trend_table(
   if len(lines) == 2:
     return f"(no seed of a row is paired with a {reference.config} seed)"
   return "\n".join(lines)
+
+
+def corpus_builds_note(rows: List[Row]) -> Optional[str]:
+  """One line when the rows' runs come from more than one corpus build.
+
+  A run's summary records the hash of its corpus's build files
+  (`results_lib.corpus_build`); a rebuilt corpus (the source archive moved
+  on) changes every seeded batch order, so runs of different builds differ
+  by more than their seeds alone would.
+
+  Args:
+    rows: the table's rows.
+
+  Returns:
+    The note, or None when every run has the same build (or none records
+    one).
+  """
+  builds = collections.Counter(
+      summary.get("corpus_build") or "unrecorded"
+      for row in rows
+      for summary in row.summaries
+  )
+  if len(builds) < 2:
+    return None
+  parts = ", ".join(
+      f"{build} ({n} runs)" for build, n in sorted(builds.items())
+  )
+  return (
+      f"Note: these runs come from {len(builds)} corpus builds: {parts}"
+      " (unrecorded: finished before builds were recorded); a rebuilt"
+      " corpus changes every seeded batch order."
+  )
 
 
 def time_to_quality_table(

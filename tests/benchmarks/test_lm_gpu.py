@@ -1,6 +1,7 @@
 """benchmarks/lm_gpu.py: the LM grid on JAX without TensorFlow."""
 
 import collections
+import hashlib
 import json
 import math
 import os
@@ -123,6 +124,7 @@ def test_export_writes_the_corpus_as_ids_of_its_vocabulary(tmp_path):
   path = str(tmp_path / "corpus.npz")
   report = lm_gpu.export_arrays(FIXTURE, path)
   arrays = lm_gpu.load_arrays(path)
+  assert report["corpus_build"] == str(arrays["corpus_build"]) == _build()
   with open(os.path.join(FIXTURE, "vocab.txt"), encoding="utf-8") as f:
     tokens = [line.split("\t")[0] for line in f.read().splitlines()]
   assert int(arrays["vocab_size"]) == len(tokens) == report["vocab_size"]
@@ -152,6 +154,12 @@ def test_export_writes_the_corpus_as_ids_of_its_vocabulary(tmp_path):
   with pytest.raises(lm_gpu.LmGpuError, match="build the corpus"):
     lm_gpu.export_arrays(str(tmp_path), str(tmp_path / "x.npz"))
   assert not os.path.exists(tmp_path / "x.npz")
+
+
+def _build():
+  """The fixture corpus's build id: its manifest's SHA-256, 12 hex digits."""
+  with open(os.path.join(FIXTURE, "manifest.json"), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def _no_tensorflow_env(tmp_path):
@@ -196,6 +204,7 @@ def test_trains_a_grid_on_jax_without_tensorflow(tmp_path):
   run = results_lib.Run("moe_4", 1e-2, 0, 4)
   summary = results_lib.load_summary(results_dir, run)
   assert summary["backend"] == "jax"
+  assert summary["corpus_build"] == _build()
   assert [p["step"] for p in summary["curve"]] == [2, 4]
   assert [p["tokens"] for p in summary["curve"]] == [64.0, 128.0]
   # The fixture's test split: 231 words in 24 sentences, each with </S>.

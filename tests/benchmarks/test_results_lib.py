@@ -720,8 +720,46 @@ def _finished_run_dir(model_dir, steps):
       f.write(name)
 
 
+def test_corpus_build_hashes_the_build_files_and_tables_note_a_mix(tmp_path):
+  first, second = tmp_path / "manifest.json", tmp_path / "vocab.txt"
+  first.write_bytes(b'{"packages": []}')
+  second.write_bytes(b"<S>\n</S>\n")
+  corpus = results_lib.Corpus(
+      name="c", gin_dir="g", build_files=(str(first), str(second))
+  )
+  # SHA-256 of the two files' bytes one after the other, 12 hex digits.
+  assert results_lib.corpus_build(corpus) == "71f58d722b85"
+  assert (
+      results_lib.corpus_build(results_lib.Corpus(name="c", gin_dir="g"))
+      is None
+  )
+  missing = results_lib.Corpus(
+      name="c", gin_dir="g", build_files=(str(tmp_path / "nope"),)
+  )
+  assert results_lib.corpus_build(missing) is None
+
+  def row(config, builds):
+    return results_tables.Row(
+        config, 1e-3, [{"corpus_build": b} if b else {} for b in builds]
+    )
+
+  assert results_tables.corpus_builds_note([row("a", ["x1", "x1"])]) is None
+  assert results_tables.corpus_builds_note([row("a", [None])]) is None
+  note = results_tables.corpus_builds_note(
+      [row("a", ["x1", None]), row("b", ["x1"])]
+  )
+  assert note.startswith(
+      "Note: these runs come from 2 corpus builds: unrecorded (1 runs),"
+      " x1 (2 runs)"
+  )
+
+
 def test_a_longer_run_continues_the_finished_shorter_one(tmp_path, monkeypatch):
-  corpus = results_lib.Corpus(name="c", gin_dir="gin/mt/debian_en_fr")
+  manifest = tmp_path / "manifest.json"
+  manifest.write_bytes(b'{"packages": []}')
+  corpus = results_lib.Corpus(
+      name="c", gin_dir="gin/mt/debian_en_fr", build_files=(str(manifest),)
+  )
   output_dir = os.path.join(tmp_path, "runs")
   shorter = results_lib.Run("gnmt_dense", 1e-3, 0, 10)
   longer = results_lib.Run("gnmt_dense", 1e-3, 0, 20)
@@ -755,6 +793,8 @@ def test_a_longer_run_continues_the_finished_shorter_one(tmp_path, monkeypatch):
   assert seen["files"] == ["checkpoints", "config.gin", "curve.jsonl"]
   assert seen["checkpoints"] == ["ckpt-10.h5"]
   assert [p["step"] for p in summary["curve"]] == [5, 10, 15, 20]
+  # The corpus build it trained on: SHA-256 of the manifest's bytes.
+  assert summary["corpus_build"] == "f251a533f4bd"
   assert not os.path.exists(
       os.path.join(output_dir, longer.run_id + ".partial")
   )
