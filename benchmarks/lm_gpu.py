@@ -47,6 +47,7 @@ import logging
 import os
 import sys
 import time
+import zipfile
 
 from absl import app
 from absl import flags
@@ -181,13 +182,7 @@ def export_arrays(cache_dir, path):
   vocab = word_vocab.WordVocab.load(vocab_file)
   if vocab.size > np.iinfo(np.uint16).max + 1:
     raise LmGpuError(f"vocabulary of {vocab.size} does not fit in uint16")
-  build = results_lib.corpus_build(
-      results_lib.Corpus(
-          name=CORPUS.name,
-          gin_dir=CORPUS.gin_dir,
-          build_files=(os.path.join(cache_dir, "manifest.json"),),
-      )
-  )
+  build = results_lib.build_hash([os.path.join(cache_dir, "manifest.json")])
   arrays = {
       "format": np.asarray(ARRAYS_FORMAT),
       "corpus_build": np.asarray(build or ""),
@@ -216,15 +211,21 @@ def load_arrays(path):
   """The exported corpus as a dict of numpy arrays.
 
   Raises:
-    LmGpuError: missing file or another format.
+    LmGpuError: missing, unreadable (empty, truncated) or another format.
   """
   if not os.path.exists(path):
     raise LmGpuError(
         f"{path} does not exist: export it with `python"
         f" benchmarks/lm_gpu.py --mode=export --arrays={path}`"
     )
-  with np.load(path) as data:
-    arrays = {key: data[key] for key in data.files}
+  try:
+    with np.load(path) as data:
+      arrays = {key: data[key] for key in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise LmGpuError(
+        f"{path} is not a readable .npz export ({type(e).__name__}); export"
+        " it again"
+    ) from None
   if int(arrays.get("format", -1)) != ARRAYS_FORMAT:
     raise LmGpuError(
         f"{path} is not an export of format {ARRAYS_FORMAT}; export it again"
@@ -352,8 +353,13 @@ def eval_batches(arrays, split, rows, pack_length):
   return x, x["weights"]
 
 
-def build_run_model(run, vocab_size, steps_per_eval, extra_bindings):
+def build_run_model(run, vocab_size, bindings):
   """The compiled LM of one run, configured by its gin file and bindings.
+
+  Args:
+    run: results_lib.Run (its config's gin file, its seed).
+    vocab_size: V.
+    bindings: every gin binding of the run.
 
   Returns:
     keras.Model compiled with the optimizer and schedule gin configures,
@@ -378,8 +384,7 @@ def build_run_model(run, vocab_size, steps_per_eval, extra_bindings):
   try:
     gin.parse_config_files_and_bindings(
         [os.path.join(REPO, CORPUS.gin_dir, f"{run.base_config}.gin")],
-        results_lib.run_bindings(CORPUS, run, steps_per_eval)
-        + list(extra_bindings),
+        bindings,
         skip_unknown=True,
     )
   finally:
@@ -416,12 +421,10 @@ def train_run(run, arrays, options):
 
   rows, length = options["rows"], options["pack_length"]
   eval_rows = options["eval_rows"] or rows
-  model = build_run_model(
-      run,
-      int(arrays["vocab_size"]),
-      options["steps_per_eval"],
-      options["gin_bindings"],
-  )
+  bindings = results_lib.run_bindings(
+      CORPUS, run, options["steps_per_eval"]
+  ) + list(options["gin_bindings"])
+  model = build_run_model(run, int(arrays["vocab_size"]), bindings)
   train = TrainBatches(arrays, run.seed, rows, length)
   dev = eval_batches(arrays, "valid", eval_rows, length)
   curve, train_seconds, step = [], 0.0, 0
@@ -461,10 +464,7 @@ def train_run(run, arrays, options):
       "seed": run.seed,
       "steps": run.steps,
       "gin_file": os.path.join(CORPUS.gin_dir, f"{run.base_config}.gin"),
-      "bindings": (
-          results_lib.run_bindings(CORPUS, run, options["steps_per_eval"])
-          + list(options["gin_bindings"])
-      ),
+      "bindings": bindings,
       "tokens": curve[-1]["tokens"],
       "train_seconds": train_seconds,
       "final_dev_perplexity": curve[-1]["dev_perplexity"],
@@ -522,9 +522,6 @@ def run_grid():
       "steps_per_eval": FLAGS.steps_per_eval,
       "gin_bindings": FLAGS.gin_bindings,
   }
-  os.makedirs(
-      os.path.join(FLAGS.results_dir, results_lib.SUMMARY_DIR), exist_ok=True
-  )
   start, last_duration = time.perf_counter(), 0.0
   for run in runs:
     if results_lib.load_summary(FLAGS.results_dir, run) is not None:
@@ -541,11 +538,7 @@ def run_grid():
       print(f"{run.run_id}: failed: {type(e).__name__}: {str(e)[:300]}")
       continue
     last_duration = time.perf_counter() - began
-    path = results_lib.summary_path(FLAGS.results_dir, run)
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "w") as f:
-      json.dump(summary, f, indent=1)
-    os.replace(tmp_path, path)
+    results_lib.write_summary(FLAGS.results_dir, run, summary)
     print(f"{run.run_id}: test perplexity {summary['test']['perplexity']:.2f}")
   _print_tables(runs)
 

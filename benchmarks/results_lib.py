@@ -120,10 +120,22 @@ def corpus_build(corpus: Corpus) -> Optional[str]:
   Returns:
     None when the corpus names no build files or one of them is missing.
   """
-  if not corpus.build_files:
+  return build_hash(corpus.build_files)
+
+
+def build_hash(build_files: Sequence[str]) -> Optional[str]:
+  """The first 12 hex digits of SHA-256 over the files' bytes, in order.
+
+  Args:
+    build_files: paths ('~' allowed).
+
+  Returns:
+    None when there are no files or one of them is missing.
+  """
+  if not build_files:
     return None
   digest = hashlib.sha256()
-  for name in corpus.build_files:
+  for name in build_files:
     path = os.path.expanduser(name)
     if not os.path.exists(path):
       return None
@@ -275,6 +287,13 @@ def summary_path(results_dir: str, run: Run) -> str:
   return os.path.join(results_dir, SUMMARY_DIR, f"{run.run_id}.json")
 
 
+def write_summary(results_dir: str, run: Run, summary: dict) -> None:
+  """Writes a finished run's summary to `summary_path`, atomically."""
+  path = summary_path(results_dir, run)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  _write_json(path, summary)
+
+
 def load_summary(results_dir: str, run: Run) -> Optional[dict]:
   path = summary_path(results_dir, run)
   if not os.path.exists(path):
@@ -370,9 +389,7 @@ def execute(
       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "process_seconds": time.time() - started,
   }
-  path = summary_path(results_dir, run)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  _write_json(path, summary)
+  write_summary(results_dir, run, summary)
   return summary
 
 

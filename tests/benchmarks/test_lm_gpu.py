@@ -151,6 +151,11 @@ def test_export_writes_the_corpus_as_ids_of_its_vocabulary(tmp_path):
     np.savez(f, other=np.zeros(1))
   with pytest.raises(lm_gpu.LmGpuError, match="not an export"):
     lm_gpu.load_arrays(path)
+  for content in (b"", b"PK\x03\x04 truncated"):
+    with open(path, "wb") as f:
+      f.write(content)
+    with pytest.raises(lm_gpu.LmGpuError, match="not a readable .npz export"):
+      lm_gpu.load_arrays(path)
   with pytest.raises(lm_gpu.LmGpuError, match="build the corpus"):
     lm_gpu.export_arrays(str(tmp_path), str(tmp_path / "x.npz"))
   assert not os.path.exists(tmp_path / "x.npz")
