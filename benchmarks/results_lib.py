@@ -52,6 +52,9 @@ SUMMARY_DIR = "runs"
 # One rate choice per sweep length: lr_choice_<steps>steps.json.
 LR_CHOICE_FILE = "lr_choice_{steps}steps.json"
 STEP_TIME_FILE = "step_time.json"
+# Manifest keys that describe how a corpus build ran, not what it built
+# (data_pipelines.debian_docs records its wall time): not part of its hash.
+BUILD_TIMING_KEYS = ("build_seconds",)
 # Named variants: NAME@VARIANT trains NAME with these extra bindings.
 VARIANTS = {
     "nobalance": ("moe_spec.w_importance = 0.0", "moe_spec.w_load = 0.0"),
@@ -124,13 +127,21 @@ def corpus_build(corpus: Corpus) -> Optional[str]:
 
 
 def build_hash(build_files: Sequence[str]) -> Optional[str]:
-  """The first 12 hex digits of SHA-256 over the files' bytes, in order.
+  """The first 12 hex digits of SHA-256 over what the build files say.
+
+  A `.json` file (a corpus manifest) is hashed as its canonical JSON (keys
+  sorted, no whitespace) without `BUILD_TIMING_KEYS`, so two builds of the
+  same sources to the same files hash alike however long each took; any
+  other file is hashed as its bytes.
 
   Args:
     build_files: paths ('~' allowed).
 
   Returns:
     None when there are no files or one of them is missing.
+
+  Raises:
+    GridError: a `.json` build file that is not a JSON object.
   """
   if not build_files:
     return None
@@ -140,8 +151,26 @@ def build_hash(build_files: Sequence[str]) -> Optional[str]:
     if not os.path.exists(path):
       return None
     with open(path, "rb") as f:
-      digest.update(f.read())
+      content = f.read()
+    if path.endswith(".json"):
+      content = _canonical_manifest(content, path=path)
+    digest.update(content)
   return digest.hexdigest()[:12]
+
+
+def _canonical_manifest(content: bytes, *, path: str) -> bytes:
+  """A JSON object's bytes, keys sorted, without `BUILD_TIMING_KEYS`."""
+  try:
+    manifest = json.loads(content)
+  except ValueError as e:
+    raise GridError(
+        f"corpus build file {path} is not valid JSON: {e}"
+    ) from None
+  if not isinstance(manifest, dict):
+    raise GridError(f"corpus build file {path} is not a JSON object")
+  for key in BUILD_TIMING_KEYS:
+    manifest.pop(key, None)
+  return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclasses.dataclass(frozen=True)

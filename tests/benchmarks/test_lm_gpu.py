@@ -162,9 +162,17 @@ def test_export_writes_the_corpus_as_ids_of_its_vocabulary(tmp_path):
 
 
 def _build():
-  """The fixture corpus's build id: its manifest's SHA-256, 12 hex digits."""
-  with open(os.path.join(FIXTURE, "manifest.json"), "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()[:12]
+  """The fixture corpus's build id: SHA-256 of its manifest, 12 hex digits.
+
+  The manifest hashed as compact JSON with sorted keys, without the build's
+  wall time (the fixture's `"build_seconds": 0.1` removed by hand here).
+  """
+  with open(os.path.join(FIXTURE, "manifest.json"), encoding="utf-8") as f:
+    text = f.read()
+  assert '"build_seconds": 0.1,\n' in text
+  manifest = json.loads(text.replace('"build_seconds": 0.1,\n', ""))
+  compact = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(compact.encode()).hexdigest()[:12]
 
 
 def _no_tensorflow_env(tmp_path):

@@ -722,13 +722,24 @@ def _finished_run_dir(model_dir, steps):
 
 def test_corpus_build_hashes_the_build_files_and_tables_note_a_mix(tmp_path):
   first, second = tmp_path / "manifest.json", tmp_path / "vocab.txt"
-  first.write_bytes(b'{"packages": []}')
+  first.write_bytes(b'{"packages": [], "build_seconds": 323.9}')
   second.write_bytes(b"<S>\n</S>\n")
   corpus = results_lib.Corpus(
       name="c", gin_dir="g", build_files=(str(first), str(second))
   )
-  # SHA-256 of the two files' bytes one after the other, 12 hex digits.
-  assert results_lib.corpus_build(corpus) == "71f58d722b85"
+  # SHA-256 of b'{"packages":[]}' (the manifest as compact JSON, without
+  # its build time) then the vocabulary's bytes, 12 hex digits (hashlib).
+  assert results_lib.corpus_build(corpus) == "fba2e5b47fdf"
+  # The same build that took another time, written with other whitespace
+  # and key order, is the same build; other contents are another.
+  first.write_bytes(b'{\n "build_seconds": 136.4,\n "packages": []\n}')
+  assert results_lib.corpus_build(corpus) == "fba2e5b47fdf"
+  first.write_bytes(b'{"packages": [{"version": "2"}], "build_seconds": 1}')
+  assert results_lib.corpus_build(corpus) != "fba2e5b47fdf"
+  for bad, why in ((b'{"packages": [', "is not valid JSON"), (b"[]", "object")):
+    first.write_bytes(bad)
+    with pytest.raises(results_lib.GridError, match=why):
+      results_lib.corpus_build(corpus)
   assert (
       results_lib.corpus_build(results_lib.Corpus(name="c", gin_dir="g"))
       is None
@@ -793,8 +804,8 @@ def test_a_longer_run_continues_the_finished_shorter_one(tmp_path, monkeypatch):
   assert seen["files"] == ["checkpoints", "config.gin", "curve.jsonl"]
   assert seen["checkpoints"] == ["ckpt-10.h5"]
   assert [p["step"] for p in summary["curve"]] == [5, 10, 15, 20]
-  # The corpus build it trained on: SHA-256 of the manifest's bytes.
-  assert summary["corpus_build"] == "f251a533f4bd"
+  # The corpus build it trained on: SHA-256 of b'{"packages":[]}'.
+  assert summary["corpus_build"] == "454eea274ef7"
   assert not os.path.exists(
       os.path.join(output_dir, longer.run_id + ".partial")
   )
