@@ -56,17 +56,16 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks import lm_corpora  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ARRAYS_FORMAT = 1
 SPLITS = ("train", "valid", "test")
 DEFAULT_ARRAYS = "gpu_data/debian_docs_lm.npz"
-CORPUS = results_lib.Corpus(
-    name="debian_docs",
-    gin_dir="gin/lm/debian_docs",
-    data_seed_binding="lm_batching.seed",
-)
+# The corpus lm_results.py trains on this machine (its build is read from
+# the export here, not from the manifest).
+CORPUS = lm_corpora.CORPORA["debian_docs"]
 # Modules whose gin configurables the LM needs (the gin files' other
 # imports are TensorFlow-only and skipped).
 GIN_MODULES = (

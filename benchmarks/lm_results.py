@@ -26,22 +26,12 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import lm_corpora  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-CORPORA = {
-    "ptb": results_lib.Corpus(
-        name="ptb", gin_dir="gin/lm/ptb", data_seed_binding="lm_batching.seed"
-    ),
-    "debian_docs": results_lib.Corpus(
-        name="debian_docs",
-        gin_dir="gin/lm/debian_docs",
-        data_seed_binding="lm_batching.seed",
-        build_files=("~/.cache/moe_keras/debian_docs/manifest.json",),
-    ),
-}
-BASELINE = {"ptb": "4xlstm_128", "debian_docs": "4xlstm_128"}
+CORPORA = lm_corpora.CORPORA
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("corpus", "ptb", sorted(CORPORA), "Which corpus's configs.")
