@@ -130,11 +130,7 @@ def _main():
 
   print()
   print(
-      f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {sweep_steps}"
-      " steps, final dev perplexity)"
-  )
-  print(
-      results_tables.sweep_table(results_dir, sweep_configs, lrs, sweep_steps)
+      results_tables.sweep_section(results_dir, sweep_configs, lrs, sweep_steps)
   )
   rows = results_tables.collect_rows(results_dir, configs, seeds, steps, rates)
   counts = _counts(corpus, configs, FLAGS.gin_bindings)
@@ -184,7 +180,10 @@ def _main():
       print()
       print(results_tables.margin_trend_table(rows, by_name[reference]))
   baseline = configs[0]
-  if baseline in sweep_configs:
+  swept_lrs = results_tables.swept_rates(
+      results_dir, sweep_configs, lrs, sweep_steps
+  )
+  if baseline in sweep_configs and len(swept_lrs) > 1:
     for lr in lrs:
       swept = []
       for config in sweep_configs:

@@ -94,11 +94,7 @@ def _main():
   rates = results_lib.run_grid(grid, FLAGS, execute)
 
   print(
-      f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED},"
-      f" {sweep_steps} steps)"
-  )
-  print(
-      results_tables.sweep_table(results_dir, sweep_configs, lrs, sweep_steps)
+      results_tables.sweep_section(results_dir, sweep_configs, lrs, sweep_steps)
   )
   rows = results_tables.collect_rows(results_dir, configs, seeds, steps, rates)
   for metric in ("bleu", "tokenized_bleu", "perplexity"):

@@ -183,6 +183,9 @@ def write_plots(
 ):
   """The sweep's and the table's curve PNGs and the table's margin PNG.
 
+  The sweep's only when its finished runs span two or more rates
+  (`results_tables.swept_rates`).
+
   Args:
     rows: the table's rows (`results_tables.collect_rows`).
     results_dir: where the PNGs go.
@@ -201,12 +204,21 @@ def write_plots(
   """
   names = plot_names(steps, sweep_steps, grid_lr)
   sweep_steps = sweep_steps or steps
-  plots = plot_curves(
-      results_tables.sweep_rows(results_dir, sweep_configs, lrs, sweep_steps),
-      os.path.join(results_dir, names["sweep"]),
-      f"{corpus_name}: dev perplexity of the rate sweep (seed {results_lib.SWEEP_SEED},"
-      f" {sweep_steps} steps)",
-  )
+  plots = []
+  if (
+      len(
+          results_tables.swept_rates(
+              results_dir, sweep_configs, lrs, sweep_steps
+          )
+      )
+      > 1
+  ):
+    plots += plot_curves(
+        results_tables.sweep_rows(results_dir, sweep_configs, lrs, sweep_steps),
+        os.path.join(results_dir, names["sweep"]),
+        f"{corpus_name}: dev perplexity of the rate sweep (seed"
+        f" {results_lib.SWEEP_SEED}, {sweep_steps} steps)",
+    )
   plots += plot_curves(
       rows,
       os.path.join(results_dir, names["curves"]),

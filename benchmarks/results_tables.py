@@ -22,6 +22,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+def sweep_section(results_dir, configs, lrs, steps) -> str:
+  """Markdown: a heading and `sweep_table`, or one line when no sweep.
+
+  Returns:
+    The section; "no rate sweep at N steps ..." when the finished sweep
+    runs span fewer than two rates (`swept_rates`).
+  """
+  heading = (
+      f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps}"
+      " steps, final dev perplexity)"
+  )
+  if len(swept_rates(results_dir, configs, lrs, steps)) < 2:
+    return (
+        f"{heading}\nno rate sweep at {steps} steps: the finished seed"
+        f" {results_lib.SWEEP_SEED} runs span fewer than two rates."
+    )
+  return heading + "\n" + sweep_table(results_dir, configs, lrs, steps)
+
+
 def sweep_table(results_dir, configs, lrs, steps) -> str:
   """Markdown: final dev perplexity per config (rows) and rate (columns)."""
   lines = [
@@ -252,6 +271,28 @@ def print_table_lrs_report(
           second_reference=second_reference,
       )
   )
+
+
+def swept_rates(results_dir, configs, lrs, steps) -> List[float]:
+  """The rates of `lrs` at which some config's sweep run finished.
+
+  A sweep is shown (table, plot, per-rate margins) only when this holds two
+  or more rates: with `--grid_lr`, a table's seed-`SWEEP_SEED` runs at one
+  rate and the sweep's length are found like sweep runs, but compare no
+  rates.
+  """
+  return [
+      lr
+      for lr in lrs
+      if any(
+          results_lib.load_summary(
+              results_dir,
+              results_lib.Run(config, lr, results_lib.SWEEP_SEED, steps),
+          )
+          is not None
+          for config in configs
+      )
+  ]
 
 
 def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:

@@ -562,11 +562,24 @@ def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
       curve = _curve([(100, 1e5, 10.0, 200.0), (400, 4e5, 40.0, 150.0)])
     for seed in (results_lib.SWEEP_SEED, 0):
       _write(tmp_path, results_lib.Run("a", 1e-3, seed, steps), 1.0, 1.0, curve)
+    _write(
+        tmp_path,
+        results_lib.Run("a", 2e-3, results_lib.SWEEP_SEED, steps),
+        1.0,
+        1.0,
+        curve,
+    )
 
   def write(steps, sweep_steps):
     rows = results_tables.collect_rows(tmp_path, ["a"], [0], steps, {"a": 1e-3})
     plots = results_plots.write_plots(
-        rows, str(tmp_path), "c", ["a"], [1e-3], steps, sweep_steps=sweep_steps
+        rows,
+        str(tmp_path),
+        "c",
+        ["a"],
+        [1e-3, 2e-3],
+        steps,
+        sweep_steps=sweep_steps,
     )
     return sorted(os.path.basename(p) for p in plots)
 
@@ -593,6 +606,46 @@ def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
   assert results_plots.plot_names(400, 100)["margins"] == (
       "margins_400steps_sweep100_tokens.png"
   )
+
+
+def test_a_sweep_is_shown_only_when_it_spans_two_rates(tmp_path):
+  """A --grid_lr table's seed-SWEEP_SEED runs at one rate are no sweep."""
+  curve = _curve([(100, 1e5, 10.0, 200.0)])
+  for seed in (results_lib.SWEEP_SEED, 0):
+    _write(tmp_path, results_lib.Run("a", 1e-3, seed, 100), 1.0, 1.0, curve)
+  rows = results_tables.collect_rows(tmp_path, ["a"], [0], 100, {"a": 1e-3})
+  lrs = [5e-4, 1e-3, 2e-3]
+  assert results_tables.swept_rates(tmp_path, ["a"], lrs, 100) == [1e-3]
+  plots = results_plots.write_plots(
+      rows, str(tmp_path), "c", ["a"], lrs, 100, grid_lr=1e-3
+  )
+  assert sorted(os.path.basename(p) for p in plots) == [
+      "curves_100steps_lr0.001_tokens.png",
+      "curves_100steps_lr0.001_wallclock.png",
+  ]
+  assert not [f for f in os.listdir(tmp_path) if "sweep" in f]
+  section = results_tables.sweep_section(tmp_path, ["a"], lrs, 100)
+  assert section.splitlines()[1] == (
+      "no rate sweep at 100 steps: the finished seed"
+      f" {results_lib.SWEEP_SEED} runs span fewer than two rates."
+  )
+  # A second rate makes it a sweep: its table, and its plot.
+  _write(
+      tmp_path,
+      results_lib.Run("a", 2e-3, results_lib.SWEEP_SEED, 100),
+      1.0,
+      1.0,
+      curve,
+  )
+  assert results_tables.swept_rates(tmp_path, ["a"], lrs, 100) == [1e-3, 2e-3]
+  section = results_tables.sweep_section(tmp_path, ["a"], lrs, 100)
+  assert section.splitlines()[1].startswith("| config | lr 0.0005 | lr 0.001 |")
+  plots = results_plots.write_plots(
+      rows, str(tmp_path), "c", ["a"], lrs, 100, grid_lr=1e-3
+  )
+  assert "curves_sweep_100steps_tokens.png" in [
+      os.path.basename(p) for p in plots
+  ]
   assert results_plots.plot_names(400, 400, grid_lr=2e-3)["curves"] == (
       "curves_400steps_lr0.002"
   )
