@@ -205,16 +205,12 @@ def write_plots(
   names = plot_names(steps, sweep_steps, grid_lr)
   sweep_steps = sweep_steps or steps
   plots = []
-  if (
-      len(
-          results_tables.swept_rates(
-              results_dir, sweep_configs, lrs, sweep_steps
-          )
-      )
-      > 1
-  ):
+  swept = results_tables.sweep_rows(
+      results_dir, sweep_configs, lrs, sweep_steps
+  )
+  if len({row.lr for row in swept}) > 1:  # `results_tables.swept_rates`
     plots += plot_curves(
-        results_tables.sweep_rows(results_dir, sweep_configs, lrs, sweep_steps),
+        swept,
         os.path.join(results_dir, names["sweep"]),
         f"{corpus_name}: dev perplexity of the rate sweep (seed"
         f" {results_lib.SWEEP_SEED}, {sweep_steps} steps)",

@@ -281,18 +281,8 @@ def swept_rates(results_dir, configs, lrs, steps) -> List[float]:
   rate and the sweep's length are found like sweep runs, but compare no
   rates.
   """
-  return [
-      lr
-      for lr in lrs
-      if any(
-          results_lib.load_summary(
-              results_dir,
-              results_lib.Run(config, lr, results_lib.SWEEP_SEED, steps),
-          )
-          is not None
-          for config in configs
-      )
-  ]
+  swept = {row.lr for row in sweep_rows(results_dir, configs, lrs, steps)}
+  return [lr for lr in lrs if lr in swept]
 
 
 def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
