@@ -179,24 +179,12 @@ def _main():
     if reference in by_name:
       print()
       print(results_tables.margin_trend_table(rows, by_name[reference]))
-  baseline = configs[0]
-  swept_lrs = results_tables.swept_rates(
+  swept = results_tables.sweep_rows(
       results_dir, sweep_configs, lrs, sweep_steps
   )
-  if baseline in sweep_configs and len(swept_lrs) > 1:
-    for lr in lrs:
-      swept = []
-      for config in sweep_configs:
-        summary = results_lib.load_summary(
-            results_dir,
-            results_lib.Run(config, lr, results_lib.SWEEP_SEED, sweep_steps),
-        )
-        if summary is not None:
-          swept.append(results_tables.Row(config, lr, [summary]))
-      if len(swept) > 1 and swept[0].config == baseline:
-        print()
-        print(f"Sweep, lr {lr:g}, seed {results_lib.SWEEP_SEED}:")
-        print(results_tables.margin_table(swept, swept[0]))
+  for section in results_tables.sweep_margin_sections(swept, configs[0]):
+    print()
+    print(section)
   print()
   print("## Time to the baseline's quality")
   print(

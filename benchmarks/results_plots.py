@@ -210,7 +210,12 @@ def write_plots(
   )
   if len({row.lr for row in swept}) > 1:  # `results_tables.swept_rates`
     plots += plot_curves(
-        swept,
+        [
+            results_tables.Row(
+                f"{row.config} lr {row.lr:g}", row.lr, row.summaries
+            )
+            for row in swept
+        ],
         os.path.join(results_dir, names["sweep"]),
         f"{corpus_name}: dev perplexity of the rate sweep (seed"
         f" {results_lib.SWEEP_SEED}, {sweep_steps} steps)",

@@ -286,7 +286,15 @@ def swept_rates(results_dir, configs, lrs, steps) -> List[float]:
 
 
 def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
-  """One Row per swept (config, rate) that finished, for the sweep's plot."""
+  """One Row per swept (config, rate) that finished.
+
+  The one loader of the sweep's summaries: `swept_rates`, the per-rate
+  margins (`sweep_margin_sections`) and the sweep's plot use its rows.
+
+  Returns:
+    Rows in `lrs` order, then `configs` order; each row's `config` is the
+    plain config name and `lr` its rate, one seed-`SWEEP_SEED` summary.
+  """
   rows = []
   for lr in lrs:
     for config in configs:
@@ -295,8 +303,34 @@ def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
           results_lib.Run(config, lr, results_lib.SWEEP_SEED, steps),
       )
       if summary is not None:
-        rows.append(Row(f"{config} lr {lr:g}", lr, [summary]))
+        rows.append(Row(config, lr, [summary]))
   return rows
+
+
+def sweep_margin_sections(swept: List[Row], baseline: str) -> List[str]:
+  """Markdown: per swept rate, each config's dev margin vs the baseline.
+
+  Args:
+    swept: `sweep_rows`.
+    baseline: the config every margin is against.
+
+  Returns:
+    One "Sweep, lr R, seed S:" heading plus `margin_table` per rate at which
+    the baseline and at least one other config finished; none when the
+    sweep spans fewer than two rates (`swept_rates`).
+  """
+  rates = list(dict.fromkeys(row.lr for row in swept))
+  if len(rates) < 2:
+    return []
+  sections = []
+  for lr in rates:
+    at_rate = [row for row in swept if row.lr == lr]
+    if len(at_rate) > 1 and at_rate[0].config == baseline:
+      sections.append(
+          f"Sweep, lr {lr:g}, seed {results_lib.SWEEP_SEED}:\n"
+          + margin_table(at_rate, at_rate[0])
+      )
+  return sections
 
 
 def _versus(row: Row, reference: Row, metric: str):

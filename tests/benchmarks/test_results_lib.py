@@ -915,6 +915,47 @@ def test_rate_flags_that_are_not_positive_rates_are_one_line_flag_errors(
   assert "Traceback" not in done.stderr
 
 
+def test_sweep_margins_are_per_rate_against_the_baseline(tmp_path):
+  """Per swept rate, moe's dev margin vs dense: 100 * (ppl / dense - 1)."""
+  sweep = results_lib.SWEEP_SEED
+  # (config, lr): dev perplexity at step 100. At 2e-3: 90 vs 100 = -10.0%;
+  # at 4e-3: 126 vs 120 = +5.0%. At 8e-3 only moe finished: no section.
+  dev = {
+      ("dense", 2e-3): 100.0,
+      ("moe", 2e-3): 90.0,
+      ("dense", 4e-3): 120.0,
+      ("moe", 4e-3): 126.0,
+      ("moe", 8e-3): 50.0,
+  }
+  for (config, lr), ppl in dev.items():
+    _write(
+        tmp_path,
+        results_lib.Run(config, lr, sweep, 100),
+        ppl,
+        ppl,
+        _curve([(100, 1e5, 10.0, ppl)]),
+    )
+  lrs = [2e-3, 4e-3, 8e-3]
+  swept = results_tables.sweep_rows(tmp_path, ["dense", "moe"], lrs, 100)
+  assert [(r.config, r.lr) for r in swept] == [
+      ("dense", 2e-3),
+      ("moe", 2e-3),
+      ("dense", 4e-3),
+      ("moe", 4e-3),
+      ("moe", 8e-3),
+  ]
+  sections = results_tables.sweep_margin_sections(swept, "dense")
+  assert [s.splitlines()[0] for s in sections] == [
+      f"Sweep, lr 0.002, seed {sweep}:",
+      f"Sweep, lr 0.004, seed {sweep}:",
+  ]
+  assert sections[0].splitlines()[-1].split("|")[2].strip() == "-10.0%"
+  assert sections[1].splitlines()[-1].split("|")[2].strip() == "+5.0%"
+  # One rate is no sweep: no per-rate margins.
+  one_rate = [r for r in swept if r.lr == 2e-3]
+  assert not results_tables.sweep_margin_sections(one_rate, "dense")
+
+
 def _write_rate_grid(results_dir):
   """dense: 2e-3 wins on dev (mean 30 vs 40); moe: 4e-3 wins (20 vs 25).
 
