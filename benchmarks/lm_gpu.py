@@ -90,9 +90,11 @@ def define_flags():
       " data_pipelines.build_debian_docs_corpus`).",
   )
   flags.DEFINE_list("configs", ["4xlstm_128", "moe_32"], "NAME[@VARIANT]s.")
-  flags.DEFINE_list("seeds", ["0"], "Seeds (init and data order).")
-  flags.DEFINE_list(
-      "lrs", ["4e-3"], "Peak learning rates (each config at each)."
+  results_lib.define_seed_and_rate_flags(
+      seeds=["0"],
+      lrs=["4e-3"],
+      seeds_help="Seeds (init and data order).",
+      lrs_help="Peak learning rates (each config at each).",
   )
   flags.DEFINE_integer("train_steps", 1000, "Steps per run.", lower_bound=1)
   flags.DEFINE_integer(
@@ -484,11 +486,8 @@ def train_run(run, arrays, options):
 
 
 def _grid_runs():
-  try:
-    lrs = [float(lr) for lr in FLAGS.lrs]
-    seeds = [int(seed) for seed in FLAGS.seeds]
-  except ValueError as e:
-    raise LmGpuError(f"--lrs and --seeds take numbers ({e})") from None
+  lrs = [float(lr) for lr in FLAGS.lrs]  # validated when parsed
+  seeds = [int(seed) for seed in FLAGS.seeds]
   try:
     results_lib.check_configs(CORPUS, FLAGS.configs)
   except results_lib.GridError as e:

@@ -41,7 +41,6 @@ flags.DEFINE_list(
     "Table rows (gin/lm/<corpus>/<name>.gin; NAME@nobalance for no"
     " balancing losses). The first is the baseline.",
 )
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the table.")
 flags.DEFINE_integer(
     "train_steps", 1000, "Steps of every table run.", lower_bound=1
 )
@@ -55,7 +54,6 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "steps_per_eval", 200, "Checkpoint + dev evaluation period (the curve)."
 )
-flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Swept peak rates.")
 flags.DEFINE_list(
     "sweep_configs",
     None,
@@ -66,6 +64,12 @@ flags.DEFINE_string(
     "lr_from",
     None,
     "For configs not swept: use this swept config's rate (e.g. moe_256).",
+)
+results_lib.define_seed_and_rate_flags(
+    seeds=["0", "1", "2"],
+    lrs=["1e-3", "2e-3", "4e-3"],
+    seeds_help="Seeds of the table.",
+    lrs_help="Swept peak rates.",
 )
 results_lib.define_shared_flags(task="lm", speed_period=100)
 flags.adopt_module_key_flags(results_lib)

@@ -45,7 +45,6 @@ flags.DEFINE_list(
     "Rows (gin/mt/<corpus>/<name>.gin, NAME@<gating>); the first is the"
     " baseline.",
 )
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds of the table.")
 flags.DEFINE_integer(
     "train_steps", 2000, "Steps of every table run.", lower_bound=1
 )
@@ -57,8 +56,13 @@ flags.DEFINE_integer(
     lower_bound=1,
 )
 flags.DEFINE_integer("steps_per_eval", 250, "Checkpoint + dev period.")
-flags.DEFINE_list("lrs", ["1e-3", "2e-3", "4e-3"], "Swept peak rates.")
 flags.DEFINE_list("sweep_configs", None, "Configs swept (default: --configs).")
+results_lib.define_seed_and_rate_flags(
+    seeds=["0", "1"],
+    lrs=["1e-3", "2e-3", "4e-3"],
+    seeds_help="Seeds of the table.",
+    lrs_help="Swept peak rates.",
+)
 results_lib.define_shared_flags(task="mt", speed_period=20)
 flags.adopt_module_key_flags(results_lib)
 

@@ -621,6 +621,48 @@ def _positive_float(text: str) -> bool:
     return False
 
 
+def _is_int(text: str) -> bool:
+  try:
+    int(text)
+    return True
+  except ValueError:
+    return False
+
+
+def define_seed_and_rate_flags(
+    seeds: List[str], lrs: List[str], seeds_help: str, lrs_help: str
+) -> None:
+  """--seeds and --lrs, validated when the flags are parsed.
+
+  A value that is not a number (or not a positive rate), an empty list or a
+  repeated entry (which would count one run twice in a table's mean and
+  spread) stops the program with a one-line flags error naming the flag.
+
+  Args:
+    seeds: the default seeds, as strings.
+    lrs: the default peak learning rates, as strings.
+    seeds_help, lrs_help: the flags' help.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_list("seeds", seeds, seeds_help)
+  flags.register_validator(
+      "seeds",
+      lambda value: bool(value)
+      and all(_is_int(v) for v in value)
+      and len({int(v) for v in value}) == len(value),
+      message="--seeds must be distinct integers, e.g. 0,1,2",
+  )
+  flags.DEFINE_list("lrs", lrs, lrs_help)
+  flags.register_validator(
+      "lrs",
+      lambda value: bool(value)
+      and all(_positive_float(v) for v in value)
+      and len({float(v) for v in value}) == len(value),
+      message="--lrs must be distinct positive learning rates, e.g. 1e-3,2e-3",
+  )
+
+
 def define_shared_flags(task: str, speed_period: int) -> None:
   """The absl flags both front ends take, with the same meaning.
 

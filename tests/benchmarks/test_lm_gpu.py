@@ -244,7 +244,6 @@ def test_trains_a_grid_on_jax_without_tensorflow(tmp_path):
         (["--arrays=/nonexistent/x.npz"], "jax", "does not exist: export it"),
         ([], "tensorflow", "runs on KERAS_BACKEND=jax"),
         (["--configs=moe_7"], "jax", "no config"),
-        (["--lrs=fast"], "jax", "take numbers"),
     ],
 )
 def test_bad_requests_are_one_line(flags, backend, message, tmp_path):
@@ -255,3 +254,21 @@ def test_bad_requests_are_one_line(flags, backend, message, tmp_path):
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("lm_gpu.py: ") and message in last, result.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--lrs=fast", "--lrs must be distinct positive learning rates"),
+        ("--seeds=0,0", "--seeds must be distinct integers"),
+    ],
+)
+def test_bad_seeds_and_rates_are_flag_errors(flag, message, tmp_path):
+  env = dict(os.environ, KERAS_BACKEND="jax")
+  result = bench_testlib.run_benchmark(
+      "lm_gpu.py", "--mode=train", f"--results_dir={tmp_path}", flag, env=env
+  )
+  assert result.returncode == 1
+  assert "Flags parsing error" in result.stderr and message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.listdir(tmp_path)

@@ -893,6 +893,12 @@ def test_continuing_an_unfinished_or_missing_run_is_one_line(tmp_path):
             "--table_lrs=2e-3,-1e-3",
             "--table_lrs must be positive learning rates",
         ),
+        ("--lrs=1e-3,fast", "--lrs must be distinct positive learning rates"),
+        ("--lrs=1e-3,0", "--lrs must be distinct positive learning rates"),
+        ("--lrs=1e-3,0.001", "--lrs must be distinct positive learning rates"),
+        ("--seeds=0,x", "--seeds must be distinct integers"),
+        ("--seeds=0,1,0", "--seeds must be distinct integers"),
+        ("--seeds=", "--seeds must be distinct integers"),
     ],
 )
 def test_rate_flags_that_are_not_positive_rates_are_one_line_flag_errors(
