@@ -621,12 +621,17 @@ def _positive_float(text: str) -> bool:
     return False
 
 
-def _is_int(text: str) -> bool:
+def _distinct_list(texts: List[str], parse, valid) -> bool:
+  """Whether texts is non-empty, each parses and is valid, none repeated."""
   try:
-    int(text)
-    return True
+    values = [parse(t) for t in texts]
   except ValueError:
     return False
+  return (
+      bool(values)
+      and all(map(valid, values))
+      and len(set(values)) == len(values)
+  )
 
 
 def define_seed_and_rate_flags(
@@ -648,17 +653,13 @@ def define_seed_and_rate_flags(
   flags.DEFINE_list("seeds", seeds, seeds_help)
   flags.register_validator(
       "seeds",
-      lambda value: bool(value)
-      and all(_is_int(v) for v in value)
-      and len({int(v) for v in value}) == len(value),
+      lambda value: _distinct_list(value, int, lambda seed: True),
       message="--seeds must be distinct integers, e.g. 0,1,2",
   )
   flags.DEFINE_list("lrs", lrs, lrs_help)
   flags.register_validator(
       "lrs",
-      lambda value: bool(value)
-      and all(_positive_float(v) for v in value)
-      and len({float(v) for v in value}) == len(value),
+      lambda value: _distinct_list(value, float, lambda lr: lr > 0),
       message="--lrs must be distinct positive learning rates, e.g. 1e-3,2e-3",
   )
 
