@@ -170,19 +170,21 @@ def _main():
   print()
   print("## Margin along training (dev perplexity, mean over seeds)")
   by_name = {row.config: row for row in rows}
-  for reference in (configs[0], "moe_4"):
-    if reference in by_name:
-      print()
-      print(results_tables.margin_table(rows, by_name[reference]))
+  # The baseline, and MoE-4 where it is a row and not the baseline itself.
+  references = [
+      by_name[c] for c in dict.fromkeys((configs[0], "moe_4")) if c in by_name
+  ]
+  for reference in references:
+    print()
+    print(results_tables.margin_table(rows, reference))
   print()
   print(
       "## Margin trend (paired seeds; dev margin fitted as a line in"
       " log2(tokens) over the last two doublings; extrapolated)"
   )
-  for reference in (configs[0], "moe_4"):
-    if reference in by_name:
-      print()
-      print(results_tables.margin_trend_table(rows, by_name[reference]))
+  for reference in references:
+    print()
+    print(results_tables.margin_trend_table(rows, reference))
   swept = results_tables.sweep_rows(
       results_dir, sweep_configs, lrs, sweep_steps
   )

@@ -49,3 +49,26 @@ def test_counts_follow_the_grids_width_bindings(tmp_path):
   assert rows["moe_256"] == moe == ("1.08", "49")
   # The variant zeroes loss weights only: same model.
   assert rows["moe_256@nobalance"] == moe
+
+
+def test_moe_4_as_the_baseline_is_one_reference_not_two(tmp_path):
+  """The margins are against the baseline and MoE-4: once each, not twice."""
+  env = dict(os.environ, HOME=str(tmp_path))
+  result = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, "benchmarks", "lm_results.py"),
+          "--corpus=debian_docs",
+          "--mode=table",
+          f"--results_dir={tmp_path / 'results'}",
+          "--configs=moe_4,moe_32",
+          "--grid_lr=1e-3",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=300,
+      env=env,
+  )
+  assert result.stdout.count("(no moe_4 runs yet)") == 1, result.stdout
+  assert result.stdout.count("paired with a moe_4 seed") == 1, result.stdout
