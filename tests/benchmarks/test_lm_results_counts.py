@@ -13,24 +13,32 @@ def _lstm(d):
   return 4 * (d + d) * d
 
 
-def test_counts_follow_the_grids_width_bindings(tmp_path):
+def _table(tmp_path, *flags):
+  """lm_results.py --mode=table on debian_docs with no runs; its result."""
   env = dict(os.environ, HOME=str(tmp_path))  # no corpus needed to count
-  result = subprocess.run(
+  return subprocess.run(
       [
           sys.executable,
           os.path.join(REPO, "benchmarks", "lm_results.py"),
           "--corpus=debian_docs",
           "--mode=table",
           f"--results_dir={tmp_path / 'results'}",
-          "--configs=4xlstm_128,moe_256,moe_256@nobalance",
-          "--gin_bindings=MODEL_DIM = 32",
-          "--gin_bindings=moe_spec.expert_hidden_dim = 64",
+          *flags,
       ],
       capture_output=True,
       text=True,
       check=True,
       timeout=300,
       env=env,
+  )
+
+
+def test_counts_follow_the_grids_width_bindings(tmp_path):
+  result = _table(
+      tmp_path,
+      "--configs=4xlstm_128,moe_256,moe_256@nobalance",
+      "--gin_bindings=MODEL_DIM = 32",
+      "--gin_bindings=moe_spec.expert_hidden_dim = 64",
   )
   rows = dict(
       (name, (params, ops))
@@ -53,22 +61,6 @@ def test_counts_follow_the_grids_width_bindings(tmp_path):
 
 def test_moe_4_as_the_baseline_is_one_reference_not_two(tmp_path):
   """The margins are against the baseline and MoE-4: once each, not twice."""
-  env = dict(os.environ, HOME=str(tmp_path))
-  result = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(REPO, "benchmarks", "lm_results.py"),
-          "--corpus=debian_docs",
-          "--mode=table",
-          f"--results_dir={tmp_path / 'results'}",
-          "--configs=moe_4,moe_32",
-          "--grid_lr=1e-3",
-      ],
-      capture_output=True,
-      text=True,
-      check=True,
-      timeout=300,
-      env=env,
-  )
+  result = _table(tmp_path, "--configs=moe_4,moe_32", "--grid_lr=1e-3")
   assert result.stdout.count("(no moe_4 runs yet)") == 1, result.stdout
   assert result.stdout.count("paired with a moe_4 seed") == 1, result.stdout
