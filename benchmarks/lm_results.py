@@ -133,9 +133,10 @@ def _main():
   rates = results_lib.run_grid(grid, FLAGS, execute, lr_from=FLAGS.lr_from)
 
   print()
-  print(
-      results_tables.sweep_section(results_dir, sweep_configs, lrs, sweep_steps)
+  swept = results_tables.sweep_rows(
+      results_dir, sweep_configs, lrs, sweep_steps
   )
+  print(results_tables.sweep_section(swept, sweep_configs, lrs, sweep_steps))
   rows = results_tables.collect_rows(results_dir, configs, seeds, steps, rates)
   counts = _counts(corpus, configs, FLAGS.gin_bindings)
   print()
@@ -185,9 +186,6 @@ def _main():
   for reference in references:
     print()
     print(results_tables.margin_trend_table(rows, reference))
-  swept = results_tables.sweep_rows(
-      results_dir, sweep_configs, lrs, sweep_steps
-  )
   for section in results_tables.sweep_margin_sections(swept, configs[0]):
     print()
     print(section)
@@ -198,7 +196,7 @@ def _main():
           rows, results_lib.read_step_times(results_dir)
       )
   )
-  plots = results_plots.write_grid_plots(rows, grid)
+  plots = results_plots.write_grid_plots(rows, swept, grid)
   print()
   print("plots: " + ", ".join(plots))
 

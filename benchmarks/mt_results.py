@@ -97,9 +97,10 @@ def _main():
 
   rates = results_lib.run_grid(grid, FLAGS, execute)
 
-  print(
-      results_tables.sweep_section(results_dir, sweep_configs, lrs, sweep_steps)
+  swept = results_tables.sweep_rows(
+      results_dir, sweep_configs, lrs, sweep_steps
   )
+  print(results_tables.sweep_section(swept, sweep_configs, lrs, sweep_steps))
   rows = results_tables.collect_rows(results_dir, configs, seeds, steps, rates)
   for metric in ("bleu", "tokenized_bleu", "perplexity"):
     print()
@@ -130,7 +131,7 @@ def _main():
       " log2(tokens) over the last two doublings; extrapolated)"
   )
   print(results_tables.margin_trend_table(rows, rows[0]))
-  plots = results_plots.write_grid_plots(rows, grid)
+  plots = results_plots.write_grid_plots(rows, swept, grid)
   print("plots: " + ", ".join(plots))
 
 

@@ -906,20 +906,32 @@ def sweep_runs(configs, lrs, steps) -> List[Run]:
 
 
 def choose_lrs(results_dir, configs, lrs, steps) -> Dict[str, float]:
+  """`lowest_dev_rates` of the finished sweep runs in `results_dir`."""
+  dev = {}
+  for config in configs:
+    for lr in lrs:
+      summary = load_summary(results_dir, Run(config, lr, SWEEP_SEED, steps))
+      if summary is not None:
+        dev[(config, lr)] = summary["final_dev_perplexity"]
+  return lowest_dev_rates(dev, configs, lrs)
+
+
+def lowest_dev_rates(dev, configs, lrs) -> Dict[str, float]:
   """Per config the swept rate of lowest final dev perplexity (all present).
 
+  Args:
+    dev: {(config, lr): final dev perplexity or None} of the finished sweep
+      runs.
+    configs: the swept configs.
+    lrs: the swept rates.
+
   Returns:
-    {config: lr} for every config whose sweep runs are all finished.
+    {config: lr} for every config with a dev perplexity at every rate.
   """
   choice = {}
   for config in configs:
-    scores = {}
-    for lr in lrs:
-      summary = load_summary(results_dir, Run(config, lr, SWEEP_SEED, steps))
-      if summary is None or summary["final_dev_perplexity"] is None:
-        break
-      scores[lr] = summary["final_dev_perplexity"]
-    else:
+    scores = {lr: dev.get((config, lr)) for lr in lrs}
+    if all(score is not None for score in scores.values()):
       choice[config] = min(scores, key=scores.get)
   return choice
 

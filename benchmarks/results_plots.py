@@ -17,15 +17,16 @@ from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wro
 
 
 def write_grid_plots(
-    rows: List[results_tables.Row], grid: results_lib.Grid
+    rows: List[results_tables.Row],
+    swept: List[results_tables.Row],
+    grid: results_lib.Grid,
 ) -> List[str]:
   """`write_plots` for the grid's sweep and table; returns the PNGs' paths."""
   return write_plots(
       rows,
+      swept,
       grid.results_dir,
       grid.corpus.name,
-      grid.sweep_configs,
-      grid.lrs,
       grid.steps,
       sweep_steps=grid.sweep_steps,
       grid_lr=grid.grid_lr,
@@ -173,10 +174,9 @@ def plot_names(steps, sweep_steps=None, grid_lr=None):
 
 def write_plots(
     rows,
+    swept,
     results_dir,
     corpus_name,
-    sweep_configs,
-    lrs,
     steps,
     sweep_steps=None,
     grid_lr=None,
@@ -188,10 +188,9 @@ def write_plots(
 
   Args:
     rows: the table's rows (`results_tables.collect_rows`).
+    swept: the sweep's rows (`results_tables.sweep_rows`).
     results_dir: where the PNGs go.
     corpus_name: for the titles.
-    sweep_configs: the swept configs.
-    lrs: the swept rates.
     steps: the table's runs' steps.
     sweep_steps: the sweep runs' steps (None: `steps`). The PNGs are
       named by both lengths (`plot_names`), so sweeps and tables of other
@@ -205,10 +204,7 @@ def write_plots(
   names = plot_names(steps, sweep_steps, grid_lr)
   sweep_steps = sweep_steps or steps
   plots = []
-  swept = results_tables.sweep_rows(
-      results_dir, sweep_configs, lrs, sweep_steps
-  )
-  if len({row.lr for row in swept}) > 1:  # `results_tables.swept_rates`
+  if len(results_tables.swept_rates(swept)) > 1:
     plots += plot_curves(
         [
             results_tables.Row(

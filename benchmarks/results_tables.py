@@ -21,51 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
-def sweep_section(results_dir, configs, lrs, steps) -> str:
-  """Markdown: a heading and `sweep_table`, or one line when no sweep.
-
-  Returns:
-    The section; "no rate sweep at N steps ..." when the finished sweep
-    runs span fewer than two rates (`swept_rates`).
-  """
-  heading = (
-      f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps}"
-      " steps, final dev perplexity)"
-  )
-  if len(swept_rates(results_dir, configs, lrs, steps)) < 2:
-    return (
-        f"{heading}\nno rate sweep at {steps} steps: the finished seed"
-        f" {results_lib.SWEEP_SEED} runs span fewer than two rates."
-    )
-  return heading + "\n" + sweep_table(results_dir, configs, lrs, steps)
-
-
-def sweep_table(results_dir, configs, lrs, steps) -> str:
-  """Markdown: final dev perplexity per config (rows) and rate (columns)."""
-  lines = [
-      "| config | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
-      "|---|" + "---:|" * (len(lrs) + 1),
-  ]
-  choice = results_lib.choose_lrs(results_dir, configs, lrs, steps)
-  for config in configs:
-    cells = []
-    for lr in lrs:
-      s = results_lib.load_summary(
-          results_dir,
-          results_lib.Run(config, lr, results_lib.SWEEP_SEED, steps),
-      )
-      ppl = None if s is None else s["final_dev_perplexity"]
-      cells.append("-" if ppl is None else f"{ppl:.2f}")
-    chosen = choice.get(config)
-    lines.append(
-        f"| {config} | "
-        + " | ".join(cells)
-        + f" | {'-' if chosen is None else f'{chosen:g}'} |"
-    )
-  return "\n".join(lines)
-
-
 # -- statistics ------------------------------------------------------------
 
 
@@ -273,23 +228,24 @@ def print_table_lrs_report(
   )
 
 
-def swept_rates(results_dir, configs, lrs, steps) -> List[float]:
-  """The rates of `lrs` at which some config's sweep run finished.
+def swept_rates(swept: List[Row]) -> List[float]:
+  """The distinct rates of `sweep_rows`' rows, in their order.
 
   A sweep is shown (table, plot, per-rate margins) only when this holds two
   or more rates: with `--grid_lr`, a table's seed-`SWEEP_SEED` runs at one
   rate and the sweep's length are found like sweep runs, but compare no
   rates.
   """
-  swept = {row.lr for row in sweep_rows(results_dir, configs, lrs, steps)}
-  return [lr for lr in lrs if lr in swept]
+  return list(dict.fromkeys(row.lr for row in swept))
 
 
 def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
   """One Row per swept (config, rate) that finished.
 
-  The one loader of the sweep's summaries: `swept_rates`, the per-rate
-  margins (`sweep_margin_sections`) and the sweep's plot use its rows.
+  The one loader of the sweep's summaries: a front end loads them once and
+  passes the rows to the sweep's table (`sweep_section`), its per-rate
+  margins (`sweep_margin_sections`) and its plot
+  (`results_plots.write_plots`).
 
   Returns:
     Rows in `lrs` order, then `configs` order; each row's `config` is the
@@ -307,6 +263,66 @@ def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
   return rows
 
 
+def sweep_section(swept: List[Row], configs, lrs, steps) -> str:
+  """Markdown: a heading and `sweep_table`, or one line when no sweep.
+
+  Args:
+    swept: `sweep_rows` of `configs` at `lrs` and `steps`.
+    configs: the swept configs (the table's rows).
+    lrs: the swept rates (its columns).
+    steps: the sweep runs' steps (for the heading).
+
+  Returns:
+    The section; "no rate sweep at N steps ..." when the finished sweep
+    runs span fewer than two rates (`swept_rates`).
+  """
+  heading = (
+      f"## Learning-rate sweep (seed {results_lib.SWEEP_SEED}, {steps}"
+      " steps, final dev perplexity)"
+  )
+  if len(swept_rates(swept)) < 2:
+    return (
+        f"{heading}\nno rate sweep at {steps} steps: the finished seed"
+        f" {results_lib.SWEEP_SEED} runs span fewer than two rates."
+    )
+  return heading + "\n" + sweep_table(swept, configs, lrs)
+
+
+def sweep_table(swept: List[Row], configs, lrs) -> str:
+  """Markdown: final dev perplexity per config (rows) and rate (columns).
+
+  Args:
+    swept: `sweep_rows` of `configs` at `lrs`.
+    configs: the table's rows.
+    lrs: its columns.
+
+  Returns:
+    The table; "-" where a run is missing, and a "chosen" column with the
+    rate `results_lib.lowest_dev_rates` chooses (the grid's rule).
+  """
+  lines = [
+      "| config | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+      "|---|" + "---:|" * (len(lrs) + 1),
+  ]
+  dev = {
+      (row.config, row.lr): row.summaries[0]["final_dev_perplexity"]
+      for row in swept
+  }
+  choice = results_lib.lowest_dev_rates(dev, configs, lrs)
+  for config in configs:
+    cells = []
+    for lr in lrs:
+      ppl = dev.get((config, lr))
+      cells.append("-" if ppl is None else f"{ppl:.2f}")
+    chosen = choice.get(config)
+    lines.append(
+        f"| {config} | "
+        + " | ".join(cells)
+        + f" | {'-' if chosen is None else f'{chosen:g}'} |"
+    )
+  return "\n".join(lines)
+
+
 def sweep_margin_sections(swept: List[Row], baseline: str) -> List[str]:
   """Markdown: per swept rate, each config's dev margin vs the baseline.
 
@@ -319,7 +335,7 @@ def sweep_margin_sections(swept: List[Row], baseline: str) -> List[str]:
     the baseline and at least one other config finished; none when the
     sweep spans fewer than two rates (`swept_rates`).
   """
-  rates = list(dict.fromkeys(row.lr for row in swept))
+  rates = swept_rates(swept)
   if len(rates) < 2:
     return []
   sections = []

@@ -80,9 +80,25 @@ def test_lr_choice_needs_every_rate_and_picks_the_lowest_dev(tmp_path):
     _write(tmp_path, results_lib.Run("moe", lr, seed, 100), dev, dev)
   choice = results_lib.choose_lrs(tmp_path, ["dense", "moe"], lrs, 100)
   assert choice == {"dense": 2e-3}
-  table = results_tables.sweep_table(tmp_path, ["dense", "moe"], lrs, 100)
+  swept = results_tables.sweep_rows(tmp_path, ["dense", "moe"], lrs, 100)
+  table = results_tables.sweep_table(swept, ["dense", "moe"], lrs)
   assert "| dense | 180.00 | 170.00 | 175.00 | 0.002 |" in table
   assert "| moe | 150.00 | 160.00 | - | - |" in table
+
+
+def test_lowest_dev_rates_needs_a_dev_perplexity_at_every_rate():
+  lrs = [1e-3, 2e-3]
+  dev = {
+      ("a", 1e-3): 50.0,
+      ("a", 2e-3): 40.0,  # a: 2e-3
+      ("b", 1e-3): 30.0,
+      ("b", 2e-3): None,  # a run without a dev evaluation: no choice
+      ("c", 1e-3): 60.0,  # c: one rate missing
+      ("d", 1e-3): 70.0,
+      ("d", 2e-3): 70.0,  # a tie goes to the first rate of lrs
+  }
+  got = results_lib.lowest_dev_rates(dev, ["a", "b", "c", "d"], lrs)
+  assert got == {"a": 2e-3, "d": 1e-3}
 
 
 def test_results_table_mean_spread_and_significance(tmp_path):
@@ -405,9 +421,7 @@ def test_paired_margins_compare_seed_with_seed(tmp_path):
       results_tables.paired_margins(rows[0], results_tables.Row("x", None, []))
       == []
   )
-  plots = results_plots.write_plots(
-      rows, str(tmp_path), "c", ["dense"], [1e-3], 2
-  )
+  plots = results_plots.write_plots(rows, [], str(tmp_path), "c", 2)
   assert "margins_2steps_tokens.png" in [os.path.basename(p) for p in plots]
   assert (
       os.path.getsize(os.path.join(tmp_path, "margins_2steps_tokens.png")) > 0
@@ -572,14 +586,11 @@ def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
 
   def write(steps, sweep_steps):
     rows = results_tables.collect_rows(tmp_path, ["a"], [0], steps, {"a": 1e-3})
+    swept = results_tables.sweep_rows(
+        tmp_path, ["a"], [1e-3, 2e-3], sweep_steps or steps
+    )
     plots = results_plots.write_plots(
-        rows,
-        str(tmp_path),
-        "c",
-        ["a"],
-        [1e-3, 2e-3],
-        steps,
-        sweep_steps=sweep_steps,
+        rows, swept, str(tmp_path), "c", steps, sweep_steps=sweep_steps
     )
     return sorted(os.path.basename(p) for p in plots)
 
@@ -615,16 +626,17 @@ def test_a_sweep_is_shown_only_when_it_spans_two_rates(tmp_path):
     _write(tmp_path, results_lib.Run("a", 1e-3, seed, 100), 1.0, 1.0, curve)
   rows = results_tables.collect_rows(tmp_path, ["a"], [0], 100, {"a": 1e-3})
   lrs = [5e-4, 1e-3, 2e-3]
-  assert results_tables.swept_rates(tmp_path, ["a"], lrs, 100) == [1e-3]
+  swept = results_tables.sweep_rows(tmp_path, ["a"], lrs, 100)
+  assert results_tables.swept_rates(swept) == [1e-3]
   plots = results_plots.write_plots(
-      rows, str(tmp_path), "c", ["a"], lrs, 100, grid_lr=1e-3
+      rows, swept, str(tmp_path), "c", 100, grid_lr=1e-3
   )
   assert sorted(os.path.basename(p) for p in plots) == [
       "curves_100steps_lr0.001_tokens.png",
       "curves_100steps_lr0.001_wallclock.png",
   ]
   assert not [f for f in os.listdir(tmp_path) if "sweep" in f]
-  section = results_tables.sweep_section(tmp_path, ["a"], lrs, 100)
+  section = results_tables.sweep_section(swept, ["a"], lrs, 100)
   assert section.splitlines()[1] == (
       "no rate sweep at 100 steps: the finished seed"
       f" {results_lib.SWEEP_SEED} runs span fewer than two rates."
@@ -637,11 +649,12 @@ def test_a_sweep_is_shown_only_when_it_spans_two_rates(tmp_path):
       1.0,
       curve,
   )
-  assert results_tables.swept_rates(tmp_path, ["a"], lrs, 100) == [1e-3, 2e-3]
-  section = results_tables.sweep_section(tmp_path, ["a"], lrs, 100)
+  swept = results_tables.sweep_rows(tmp_path, ["a"], lrs, 100)
+  assert results_tables.swept_rates(swept) == [1e-3, 2e-3]
+  section = results_tables.sweep_section(swept, ["a"], lrs, 100)
   assert section.splitlines()[1].startswith("| config | lr 0.0005 | lr 0.001 |")
   plots = results_plots.write_plots(
-      rows, str(tmp_path), "c", ["a"], lrs, 100, grid_lr=1e-3
+      rows, swept, str(tmp_path), "c", 100, grid_lr=1e-3
   )
   assert "curves_sweep_100steps_tokens.png" in [
       os.path.basename(p) for p in plots
