@@ -303,13 +303,43 @@ def _write_json(path, value):
   os.replace(tmp_path, path)
 
 
+def _read_json(path, fields):
+  """The JSON object in `path`, which must hold every key of `fields`.
+
+  Args:
+    path: a file this module wrote (`_write_json`).
+    fields: the keys its readers use.
+
+  Returns:
+    The object.
+
+  Raises:
+    GridError: the file cannot be read, is not a JSON object, or lacks a
+      field (written by hand or by another tool; `_write_json` never
+      leaves half a file). The message names the file, so it can be
+      removed or restored.
+  """
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise GridError(f"cannot read {path}: {e}") from e
+  if not isinstance(value, dict):
+    raise GridError(f"{path} is not a results file of this tool: not an object")
+  missing = [k for k in fields if k not in value]
+  if missing:
+    raise GridError(
+        f"{path} is not a results file of this tool: no {', '.join(missing)}"
+    )
+  return value
+
+
 def _read_json_field(results_dir, name, field):
   """results_dir/name's `field`, or {} when the file does not exist."""
   path = os.path.join(results_dir, name)
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)[field]
+  return _read_json(path, [field])[field]
 
 
 def summary_path(results_dir: str, run: Run) -> str:
@@ -323,12 +353,31 @@ def write_summary(results_dir: str, run: Run, summary: dict) -> None:
   _write_json(path, summary)
 
 
+# The fields of a run's summary that the tables, plots and resumption read.
+SUMMARY_FIELDS = (
+    "config",
+    "lr",
+    "seed",
+    "steps",
+    "curve",
+    "final_dev_perplexity",
+    "test",
+    "tokens",
+    "train_seconds",
+)
+
+
 def load_summary(results_dir: str, run: Run) -> Optional[dict]:
+  """The run's summary, or None when it has not finished.
+
+  Raises:
+    GridError: the summary file exists but is unreadable or lacks one of
+      `SUMMARY_FIELDS` (one line naming the file).
+  """
   path = summary_path(results_dir, run)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return _read_json(path, SUMMARY_FIELDS)
 
 
 def execute(
@@ -781,6 +830,15 @@ def grid_from_flags(
       c for c in configs if sweep_variants or "@" not in c
   ]
   check_configs(corpus, sweep_configs)
+  results_dir = flag_values.results_dir or os.path.join(
+      REPO, "results", f"{task}_{corpus.name}"
+  )
+  output_dir = os.path.expanduser(
+      flag_values.output_dir or f"~/moe_keras_runs/{task}_{corpus.name}"
+  )
+  for name, path in (("results_dir", results_dir), ("output_dir", output_dir)):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise GridError(f"--{name}={path} exists and is not a directory")
   return Grid(
       corpus=corpus,
       configs=configs,
@@ -789,11 +847,8 @@ def grid_from_flags(
       lrs=[float(x) for x in flag_values.lrs],
       steps=flag_values.train_steps,
       sweep_steps=flag_values.sweep_steps or flag_values.train_steps,
-      output_dir=os.path.expanduser(
-          flag_values.output_dir or f"~/moe_keras_runs/{task}_{corpus.name}"
-      ),
-      results_dir=flag_values.results_dir
-      or os.path.join(REPO, "results", f"{task}_{corpus.name}"),
+      output_dir=output_dir,
+      results_dir=results_dir,
       grid_lr=flag_values.grid_lr,
   )
 
@@ -956,8 +1011,7 @@ def write_lr_choice(results_dir, choice, lrs, steps):
   os.makedirs(results_dir, exist_ok=True)
   merged = {}
   if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+    previous = _read_json(path, ())
     if previous.get("steps") == steps and previous.get("lrs") == list(lrs):
       merged.update(previous.get("choice", {}))
   merged.update(choice)

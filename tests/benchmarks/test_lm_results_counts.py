@@ -1,4 +1,5 @@
-"""lm_results.py counts each row's model with the grid's own bindings."""
+"""lm_results.py --mode=table end to end: each row's model counted with the
+grid's own bindings, the margin references, a bad summary file."""
 
 import os
 import re
@@ -13,7 +14,7 @@ def _lstm(d):
   return 4 * (d + d) * d
 
 
-def _table(tmp_path, *flags):
+def _table(tmp_path, *flags, check=True):
   """lm_results.py --mode=table on debian_docs with no runs; its result."""
   env = dict(os.environ, HOME=str(tmp_path))  # no corpus needed to count
   return subprocess.run(
@@ -27,7 +28,7 @@ def _table(tmp_path, *flags):
       ],
       capture_output=True,
       text=True,
-      check=True,
+      check=check,
       timeout=300,
       env=env,
   )
@@ -64,3 +65,26 @@ def test_moe_4_as_the_baseline_is_one_reference_not_two(tmp_path):
   result = _table(tmp_path, "--configs=moe_4,moe_32", "--grid_lr=1e-3")
   assert result.stdout.count("(no moe_4 runs yet)") == 1, result.stdout
   assert result.stdout.count("paired with a moe_4 seed") == 1, result.stdout
+
+
+def test_a_corrupt_summary_is_one_line_naming_the_file(tmp_path):
+  runs = tmp_path / "results" / "runs"
+  runs.mkdir(parents=True)
+  bad = runs / "4xlstm_128_lr0.001_s0_3000.json"
+  bad.write_text('{"config": "4xl')  # e.g. cut short by a copy
+  result = _table(
+      tmp_path,
+      "--configs=4xlstm_128",
+      "--grid_lr=1e-3",
+      "--seeds=0",
+      "--train_steps=3000",
+      check=False,
+  )
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  assert (
+      result.stderr.strip()
+      .splitlines()[-1]
+      .startswith(f"lm_results.py: error: cannot read {bad}: ")
+  ), result.stderr
+  assert bad.read_text() == '{"config": "4xl'

@@ -1114,6 +1114,63 @@ def test_grid_from_flags_takes_explicit_values_and_checks_configs(tmp_path):
       )
 
 
+def test_a_results_or_output_dir_that_is_a_file_is_refused(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory\n")
+  for name in ("results_dir", "output_dir"):
+    with pytest.raises(
+        results_lib.GridError,
+        match=f"--{name}=.*a_file exists and is not a directory",
+    ):
+      results_lib.grid_from_flags(
+          _grid_flags(**{name: str(a_file)}),
+          _DOCS,
+          task="lm",
+          sweep_variants=False,
+      )
+  assert a_file.read_text() == "not a directory\n"
+
+
+def test_a_bad_summary_file_is_one_error_naming_it_and_is_left_alone(
+    tmp_path,
+):
+  run = results_lib.Run("dense", 1e-3, 0, 100)
+  _write(tmp_path, run, 50.0, 51.0)
+  assert results_lib.load_summary(tmp_path, run)["test"] == {"perplexity": 51.0}
+  path = results_lib.summary_path(tmp_path, run)
+  for content, why in (
+      ('{"config": "den', "cannot read .*dense_lr0.001_s0_100.json"),
+      ("[1, 2]", "dense_lr0.001_s0_100.json is not a results file.*object"),
+      (
+          '{"config": "dense", "lr": 0.001}',
+          "not a results file of this tool: no seed, steps, curve,"
+          " final_dev_perplexity, test, tokens, train_seconds$",
+      ),
+  ):
+    with open(path, "w") as f:
+      f.write(content)
+    with pytest.raises(results_lib.GridError, match=why):
+      results_lib.load_summary(tmp_path, run)
+    with open(path) as f:
+      assert f.read() == content
+  assert results_lib.load_summary(tmp_path, results_lib.Run("x", 1, 0, 1)) is (
+      None
+  )
+
+
+def test_a_bad_rate_choice_file_is_an_error_and_is_not_replaced(tmp_path):
+  results_lib.write_lr_choice(tmp_path, {"dense": 2e-3}, [1e-3, 2e-3], 100)
+  path = os.path.join(tmp_path, results_lib.LR_CHOICE_FILE.format(steps=100))
+  with open(path, "w") as f:
+    f.write('{"choice": ')
+  with pytest.raises(results_lib.GridError, match="cannot read .*lr_choice"):
+    results_lib.read_lr_choice(tmp_path, 100)
+  with pytest.raises(results_lib.GridError, match="cannot read .*lr_choice"):
+    results_lib.write_lr_choice(tmp_path, {"moe": 1e-3}, [1e-3, 2e-3], 100)
+  with open(path) as f:
+    assert f.read() == '{"choice": '
+
+
 def test_run_main_turns_a_grid_error_into_one_line():
   def failing():
     raise results_lib.GridError("no chosen rate for ['dense']")
