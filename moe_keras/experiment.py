@@ -571,8 +571,9 @@ def train(model_dir, verbose="auto", distribution=None):
     dict: step (final), resumed_from, history (Keras logs), words_per_sec.
 
   Raises:
-    ExperimentError: a model_dir of another architecture, unreadable
-      checkpoints, empty training data, a failed checkpoint write.
+    ExperimentError: a model_dir that is a file or of another architecture,
+      unreadable checkpoints, empty training data, a failed checkpoint
+      write.
     reliability.ModelDirBusy: another live process trains model_dir.
     reliability.Diverged: a NaN/Inf loss or weight (the latest checkpoint
       stays the last good one).
@@ -580,6 +581,10 @@ def train(model_dir, verbose="auto", distribution=None):
   """
   config = training()
   keras.utils.set_random_seed(config.seed)
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise ExperimentError(
+        f"model_dir {model_dir} exists and is not a directory"
+    )
   if not distribution_lib.is_primary():
     # A JAX process other than 0 reads model_dir (a shared file system)
     # and writes nothing; process 0 holds the lock.

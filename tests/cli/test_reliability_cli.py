@@ -100,6 +100,19 @@ def test_empty_train_file_is_one_line_and_writes_nothing(corpus, tmp_path):
   assert not model_dir.exists()
 
 
+def test_a_model_dir_that_is_a_file_is_one_line_and_left_alone(
+    corpus, tmp_path
+):
+  a_file = tmp_path / "run"
+  a_file.write_text("notes\n")
+  last = _fail(lib.train_args(corpus, a_file))
+  assert last == (
+      f"moe_keras.train: error: model_dir {a_file} exists and is not a"
+      " directory"
+  )
+  assert a_file.read_text() == "notes\n"
+
+
 def test_no_tensorflow_startup_noise(corpus, tmp_path):
   proc = lib.run(
       "moe_keras.train",
@@ -110,7 +123,11 @@ def test_no_tensorflow_startup_noise(corpus, tmp_path):
       "moe_keras.train: error: gin file not found: nope.gin"
   )
   for noise in (
-      "InitializeLog", "cuInit", "cudart_stub", "cpu_feature_guard", "oneDNN"
+      "InitializeLog",
+      "cuInit",
+      "cudart_stub",
+      "cpu_feature_guard",
+      "oneDNN",
   ):
     assert noise not in proc.stderr, proc.stderr[-2000:]
 
@@ -131,8 +148,9 @@ def _event_steps(log_dir):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   found = {}
-  for path in sorted(glob.glob(os.path.join(log_dir, "**", "events.*"),
-                               recursive=True)):
+  for path in sorted(
+      glob.glob(os.path.join(log_dir, "**", "events.*"), recursive=True)
+  ):
     tags = {}
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
@@ -247,7 +265,10 @@ def test_two_writers_refused_and_stale_lock_ignored(corpus, tmp_path):
   lib.run(
       "moe_keras.train",
       *lib.train_args(
-          corpus, model_dir, STEPS, f"--gin_bindings=training.train_steps={step + 2}"
+          corpus,
+          model_dir,
+          STEPS,
+          f"--gin_bindings=training.train_steps={step + 2}",
       ),
   )
   assert lib.checkpoint_step(model_dir) == step + 2
@@ -280,10 +301,21 @@ def test_divergence_keeps_the_last_good_checkpoint(
 
 def _mount_tmpfs(path, size_bytes):
   os.makedirs(path, exist_ok=True)
-  return subprocess.run(
-      ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
-      capture_output=True,
-  ).returncode == 0
+  return (
+      subprocess.run(
+          [
+              "mount",
+              "-t",
+              "tmpfs",
+              "-o",
+              f"size={size_bytes}",
+              "tmpfs",
+              str(path),
+          ],
+          capture_output=True,
+      ).returncode
+      == 0
+  )
 
 
 @pytest.mark.skipif(
@@ -325,9 +357,7 @@ def test_full_disk_keeps_the_previous_checkpoint(corpus, trained_10, tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
-def test_signal_during_startup_is_one_line_and_writes_nothing(
-    corpus, tmp_path
-):
+def test_signal_during_startup_is_one_line_and_writes_nothing(corpus, tmp_path):
   """SIGTERM after the model_dir is locked but before fit: nothing is left."""
   model_dir = tmp_path / "startup"
   err = tmp_path / "stderr"
