@@ -59,6 +59,7 @@ sys.path.insert(0, REPO)
 from benchmarks import lm_corpora  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+from moe_keras import atomic_file  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ARRAYS_FORMAT = 1
 SPLITS = ("train", "valid", "test")
@@ -198,13 +199,12 @@ def export_arrays(cache_dir, path):
     arrays[f"{split}_offsets"] = offsets
     report[split] = {"sentences": len(offsets) - 1, "words": len(ids)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp_path = f"{path}.tmp{os.getpid()}.npz"
-  try:
-    np.savez_compressed(tmp_path, **arrays)
-    os.replace(tmp_path, path)
-  finally:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
+
+  def write(tmp):
+    with open(tmp, "wb") as f:  # a file object: no ".npz" appended
+      np.savez_compressed(f, **arrays)
+
+  atomic_file.write_atomic(path, write)
   return report
 
 

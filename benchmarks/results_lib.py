@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from moe_keras import atomic_file  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moe_keras import learning_curve  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SWEEP_SEED = 100
@@ -296,11 +297,7 @@ def code_version() -> str:
 
 def _write_json(path, value):
   """Writes `value` to `path` atomically (a reader never sees half of it)."""
-  tmp_path = f"{path}.tmp{os.getpid()}"
-  with open(tmp_path, "w") as f:
-    json.dump(value, f, indent=1)
-    f.write("\n")
-  os.replace(tmp_path, path)
+  atomic_file.write_json(path, value, indent=1)
 
 
 def _read_json(path, fields):

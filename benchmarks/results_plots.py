@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
+from moe_keras import atomic_file  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def write_grid_plots(
@@ -58,7 +59,7 @@ def _finish_plot(plt, fig, ax, path, title, xlabel, ylabel):
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  atomic_file.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
   plt.close(fig)
 
 

@@ -568,15 +568,15 @@ def build_debian_translations(
       pairs, dev_fraction=dev_fraction, test_fraction=test_fraction
   )
   os.makedirs(out_dir, exist_ok=True)
+  if os.path.exists(stats_path):  # a rebuild: the old build is unfinished
+    os.remove(stats_path)
   for split, path in files.items():
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-      for src, tgt in splits[split]:
-        f.write(f"{src}\t{tgt}\n")
-    os.replace(tmp, path)
+    text_io.write_lines(path, (f"{src}\t{tgt}" for src, tgt in splits[split]))
     counts[f"{split}_pairs"] = len(splits[split])
-  with open(stats_path, "w") as f:
-    json.dump(counts, f, indent=1, sort_keys=True)
+  # Written last and whole: its presence marks a finished build.
+  text_io.write_lines(
+      stats_path, json.dumps(counts, indent=1, sort_keys=True).splitlines()
+  )
   logging.info(
       "Debian %s-%s corpus: %s",
       source_lang,

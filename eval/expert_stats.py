@@ -18,11 +18,12 @@ This module imports no moe_keras code: an MoE layer is any Keras layer with
 """
 
 import inspect
-import json
 import os
 
 import keras
 import numpy as np
+
+from moe_keras import atomic_file
 
 STAT_KEYS = ("importance", "load", "token_counts")
 
@@ -240,7 +241,9 @@ def plot_expert_stats(stats, output_dir, prefix="experts"):
   for name, layer_stats in stats.items():
     fig = expert_figure(name, layer_stats)
     path = os.path.join(output_dir, f"{prefix}_{name}.png")
-    fig.savefig(path, dpi=PLOT_DPI)
+    atomic_file.write_atomic(
+        path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=PLOT_DPI)
+    )
     plt.close(fig)
     paths.append(path)
   return paths
@@ -300,12 +303,3 @@ def expert_figure(name, layer_stats):
   )
   fig.tight_layout()
   return fig
-
-
-def write_json_atomic(path, payload):
-  """Writes JSON to `path` through a temporary file and a rename."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)

@@ -28,6 +28,7 @@ from absl import app  # pylint: disable=g-bad-import-order
 from absl import flags
 from absl import logging
 
+from moe_keras import atomic_file
 from moe_keras.tasks import mt_task
 
 FLAGS = flags.FLAGS
@@ -90,17 +91,14 @@ def count_too_long(task, texts):
 
 def write_lines_atomic(path, lines):
   """Writes lines (newline-terminated, inner newlines as spaces) atomically."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      for line in lines:
-        f.write(line.replace("\r", " ").replace("\n", " ") + "\n")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  atomic_file.write_text(
+      path,
+      "".join(
+          line.replace("\r", " ").replace("\n", " ") + "\n" for line in lines
+      ),
+  )
 
 
 def main(argv):

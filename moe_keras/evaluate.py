@@ -20,6 +20,8 @@ from absl import app  # pylint: disable=g-bad-import-order
 from absl import flags
 import gin
 
+from moe_keras import atomic_file
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "A run directory of moe_keras.train.")
 flags.DEFINE_string(
@@ -92,7 +94,6 @@ def main(argv):
   import os  # pylint: disable=g-import-not-at-top
 
   experiment = cli_common.import_tensorflow_quietly()
-  from eval import expert_stats  # pylint: disable=g-import-not-at-top
   import data_pipelines  # pylint: disable=g-import-not-at-top
 
   model_dir = FLAGS.model_dir
@@ -138,7 +139,7 @@ def main(argv):
       {"model_dir": model_dir, "step": step, "eval_file": FLAGS.eval_file}
   )
   output = FLAGS.output or os.path.join(model_dir, f"eval_{FLAGS.split}.json")
-  expert_stats.write_json_atomic(output, result)
+  atomic_file.write_json(output, result, indent=2, sort_keys=True)
   print(json.dumps(summary(result), indent=1))
   print(f"wrote {output}")
 

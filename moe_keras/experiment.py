@@ -38,6 +38,7 @@ import contextlib
 
 import data_pipelines
 from eval import expert_stats
+from moe_keras import atomic_file
 from moe_keras import distribution as distribution_lib
 from moe_keras import learning_curve
 from moe_keras import reliability
@@ -199,18 +200,6 @@ def _seed_variables(model):
   return found
 
 
-def _write_atomic(path, write_fn):
-  """Calls write_fn(tmp) then renames tmp to path (tmp keeps the suffix)."""
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
-  try:
-    write_fn(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 class CheckpointManager:
   """Saves and restores checkpoints in DIR/checkpoints (see module doc)."""
 
@@ -337,7 +326,7 @@ class CheckpointManager:
   def _save(self, model, step):
     name = f"ckpt-{step}.weights.h5"
     path = os.path.join(self.directory, name)
-    _write_atomic(path, model.save_weights)
+    atomic_file.write_atomic(path, model.save_weights)
     seeds = {
         f"s{i}": keras.ops.convert_to_numpy(v)
         for i, v in enumerate(_seed_variables(model))
@@ -348,7 +337,7 @@ class CheckpointManager:
       with open(tmp, "wb") as f:
         np.savez(f, **seeds)
 
-    _write_atomic(seeds_path, write_seeds)
+    atomic_file.write_atomic(seeds_path, write_seeds)
     previous = self.state()
     checkpoints = [
         c for c in (previous or {}).get("checkpoints", []) if c != name
@@ -361,10 +350,7 @@ class CheckpointManager:
         "architecture": architecture_signature(model),
         "time": time.time(),
     }
-    _write_atomic(
-        self.state_path,
-        lambda tmp: open(tmp, "w").write(json.dumps(state, indent=1) + "\n"),
-    )
+    atomic_file.write_json(self.state_path, state, indent=1)
     for old in checkpoints[: -self.keep]:
       for suffix in (".weights.h5", ".seeds.npz"):
         old_path = os.path.join(self.directory, old).replace(
@@ -549,7 +535,7 @@ def write_config(model_dir):
   """Writes the operative gin config to DIR/config.gin (atomically)."""
   path = os.path.join(model_dir, CONFIG_FILE)
   text = gin.operative_config_str()
-  _write_atomic(path, lambda tmp: open(tmp, "w").write(text))
+  atomic_file.write_text(path, text)
   return path
 
 

@@ -20,6 +20,8 @@ import math
 import os
 from typing import Dict, List
 
+from moe_keras import atomic_file
+
 CURVE_FILE = "curve.jsonl"
 
 
@@ -57,16 +59,9 @@ def read_curve(model_dir: str) -> List[Dict[str, float]]:
 
 
 def _write_records(path, records):
-  directory, name = os.path.split(path)
-  tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
-  try:
-    with open(tmp, "w") as f:
-      for record in records:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic_file.write_text(
+      path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+  )
 
 
 def truncate_curve(model_dir: str, step: int) -> Dict[str, float]:

@@ -25,6 +25,7 @@ TIERS = (
     ("moe_keras.layers",),
     ("data_pipelines", "eval", "moe_keras.reliability",
      "moe_keras.learning_curve", "moe_keras.__init__"),
+    ("moe_keras.atomic_file",),  # files written whole: used by all above
     ("moe_keras.tf_allocator",),  # imported by moe_keras/__init__.py first
 )  # pyformat: disable
 

@@ -1,5 +1,6 @@
 """Tests of the Debian translations corpus builder (no network unless asked)."""
 
+import json
 import os
 
 import dp_testlib as testlib
@@ -140,6 +141,37 @@ def test_cache_is_reused_unless_rebuild(tmp_path):
   )
   assert ("marker", "Marke") not in _read_tsv(rebuilt.files["train"])
   assert rebuilt.counts == result.counts
+
+
+def test_an_interrupted_rebuild_is_not_taken_for_a_finished_one(
+    tmp_path, monkeypatch
+):
+  kwargs = dict(
+      target_lang="de", lists_dir=str(testlib.DEBIAN_LISTS), fetch=False
+  )
+  result = debian.build_debian_translations(str(tmp_path), **kwargs)
+  stats = os.path.join(os.path.dirname(result.files["train"]), "stats.json")
+  with open(stats) as f:
+    assert json.load(f) == result.counts
+  write_lines = debian.text_io.write_lines
+  written = []
+
+  def dies_on_the_second_file(path, lines):
+    written.append(path)
+    if len(written) == 2:
+      raise KeyboardInterrupt("killed")
+    write_lines(path, lines)
+
+  monkeypatch.setattr(debian.text_io, "write_lines", dies_on_the_second_file)
+  with pytest.raises(KeyboardInterrupt):
+    debian.build_debian_translations(str(tmp_path), rebuild=True, **kwargs)
+  monkeypatch.undo()
+  # One split is new, the others old: no stats.json, so no cache hit.
+  assert not os.path.exists(stats)
+  again = debian.build_debian_translations(str(tmp_path), **kwargs)
+  assert again.counts == result.counts
+  assert os.path.exists(stats)
+  assert not [n for n in os.listdir(os.path.dirname(stats)) if "tmp" in n]
 
 
 def test_missing_lists_are_clear_errors(tmp_path):
