@@ -21,7 +21,6 @@ corpus.
 """
 
 import bz2
-import glob
 import gzip
 import lzma
 import os
@@ -360,6 +359,10 @@ def read_text_lines(path: str) -> Iterable[str]:
 def write_lines(path: str, lines: Iterable[str]) -> None:
   """Writes `lines` (no newlines) to `path` atomically; creates parents.
 
+  Through a temporary sibling (one per process, so two builders never
+  share it) and a rename; when writing fails the temporary file is removed
+  and `path` is left as it was.
+
   Args:
     path: the file (any tf.io.gfile path).
     lines: the lines.
@@ -367,8 +370,12 @@ def write_lines(path: str, lines: Iterable[str]) -> None:
   parent = os.path.dirname(path)
   if parent:
     tf.io.gfile.makedirs(parent)
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    for line in lines:
-      f.write(line + "\n")
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      for line in lines:
+        f.write(line + "\n")
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  finally:
+    if tf.io.gfile.exists(tmp):
+      tf.io.gfile.remove(tmp)

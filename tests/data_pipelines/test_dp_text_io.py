@@ -3,6 +3,7 @@ the batching helpers."""
 
 import collections
 import gzip
+import os
 
 import dp_testlib as testlib
 import numpy as np
@@ -102,6 +103,21 @@ def test_line_dataset_shards_disjoint_and_complete(
     for b in range(a + 1, pipelines):
       assert not set(shards[a]) & set(shards[b])
   assert sorted(sum(shards, [])) == sorted(expected)
+
+
+def test_write_lines_is_whole_or_not_at_all(tmp_path):
+  path = tmp_path / "sub" / "vocab.txt"
+  text_io.write_lines(str(path), ["a", "b"])
+  assert path.read_text() == "a\nb\n"
+
+  def lines_then_failure():
+    yield "half"
+    raise OSError(28, "No space left on device")
+
+  with pytest.raises(OSError, match="No space left"):
+    text_io.write_lines(str(path), lines_then_failure())
+  assert path.read_text() == "a\nb\n"
+  assert os.listdir(path.parent) == ["vocab.txt"]
 
 
 def test_word_vocab_from_counts_order_cutoff_and_cap():
