@@ -11,7 +11,8 @@ In evaluation (`training=False`) there is no noise, so the load of an expert
 is the number of tokens it receives; with `training=True` the noisy gates and
 the smooth load estimator of eq. (10) are used, as in a training step.
 
-This module imports no moe_keras code: an MoE layer is any Keras layer with
+This module imports no moe_keras model code (only `moe_keras.atomic_file`,
+which writes its plots whole): an MoE layer is any Keras layer with
 `num_experts` whose `call` takes `return_stats` and then returns
 (outputs, stats) with the per-expert STAT_KEYS and "dropped_fraction"
 (what `moe_keras.layers.SparseMoE` and `HierarchicalSparseMoE` do).
