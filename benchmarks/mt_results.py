@@ -131,6 +131,9 @@ def _main():
       " log2(tokens) over the last two doublings; extrapolated)"
   )
   print(results_tables.margin_trend_table(rows, rows[0]))
+  for section in results_tables.sweep_margin_sections(swept, configs[0]):
+    print()
+    print(section)
   plots = results_plots.write_grid_plots(rows, swept, grid)
   print("plots: " + ", ".join(plots))
 

@@ -975,6 +975,55 @@ def test_sweep_margins_are_per_rate_against_the_baseline(tmp_path):
   assert not results_tables.sweep_margin_sections(one_rate, "dense")
 
 
+def test_mt_results_prints_the_sweeps_margins_per_rate(tmp_path):
+  """mt_results.py --mode=table: moe_32's dev margin vs gnmt_dense per rate."""
+  sweep = results_lib.SWEEP_SEED
+  # (config, lr): dev perplexity at steps 50 and 100. At 1e-3: 99/90 vs
+  # 100/100 = -1.0%, -10.0%; at 2e-3: 84/96 vs 80/80 = +5.0%, +20.0%.
+  dev = {
+      ("gnmt_dense", 1e-3): (100.0, 100.0),
+      ("moe_32", 1e-3): (99.0, 90.0),
+      ("gnmt_dense", 2e-3): (80.0, 80.0),
+      ("moe_32", 2e-3): (84.0, 96.0),
+  }
+  results_dir = tmp_path / "results"
+  for (config, lr), (at_50, at_100) in dev.items():
+    _write(
+        results_dir,
+        results_lib.Run(config, lr, sweep, 100),
+        at_100,
+        at_100,
+        _curve([(50, 5e4, 5.0, at_50), (100, 1e5, 10.0, at_100)]),
+    )
+  done = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(results_lib.REPO, "benchmarks", "mt_results.py"),
+          "--mode=table",
+          "--corpus=debian_en_fr",
+          "--configs=gnmt_dense,moe_32",
+          "--sweep_configs=gnmt_dense,moe_32",
+          "--lrs=1e-3,2e-3",
+          "--train_steps=100",
+          "--seeds=0",
+          f"--results_dir={results_dir}",
+          f"--output_dir={tmp_path / 'runs'}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=True,
+      env=dict(os.environ, HOME=str(tmp_path)),
+  )
+  lines = done.stdout.splitlines()
+  for heading, margins in (
+      (f"Sweep, lr 0.001, seed {sweep}:", ["-1.0%", "-10.0%"]),
+      (f"Sweep, lr 0.002, seed {sweep}:", ["+5.0%", "+20.0%"]),
+  ):
+    row = lines[lines.index(heading) + 3]
+    assert [c.strip() for c in row.split("|")[2:-1]] == margins, done.stdout
+
+
 def _write_rate_grid(results_dir):
   """dense: 2e-3 wins on dev (mean 30 vs 40); moe: 4e-3 wins (20 vs 25).
 
