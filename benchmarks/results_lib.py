@@ -960,11 +960,10 @@ def sweep_runs(configs, lrs, steps) -> List[Run]:
 def choose_lrs(results_dir, configs, lrs, steps) -> Dict[str, float]:
   """`lowest_dev_rates` of the finished sweep runs in `results_dir`."""
   dev = {}
-  for config in configs:
-    for lr in lrs:
-      summary = load_summary(results_dir, Run(config, lr, SWEEP_SEED, steps))
-      if summary is not None:
-        dev[(config, lr)] = summary["final_dev_perplexity"]
+  for run in sweep_runs(configs, lrs, steps):
+    summary = load_summary(results_dir, run)
+    if summary is not None:
+      dev[(run.config, run.lr)] = summary["final_dev_perplexity"]
   return lowest_dev_rates(dev, configs, lrs)
 
 

@@ -252,14 +252,10 @@ def sweep_rows(results_dir, configs, lrs, steps) -> List[Row]:
     plain config name and `lr` its rate, one seed-`SWEEP_SEED` summary.
   """
   rows = []
-  for lr in lrs:
-    for config in configs:
-      summary = results_lib.load_summary(
-          results_dir,
-          results_lib.Run(config, lr, results_lib.SWEEP_SEED, steps),
-      )
-      if summary is not None:
-        rows.append(Row(config, lr, [summary]))
+  for run in results_lib.sweep_runs(configs, lrs, steps):
+    summary = results_lib.load_summary(results_dir, run)
+    if summary is not None:
+      rows.append(Row(run.config, run.lr, [summary]))
   return rows
 
 
