@@ -57,6 +57,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import lm_corpora  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moe_keras import atomic_file  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -91,7 +92,7 @@ def define_flags():
       " data_pipelines.build_debian_docs_corpus`).",
   )
   flags.DEFINE_list("configs", ["4xlstm_128", "moe_32"], "NAME[@VARIANT]s.")
-  results_lib.define_seed_and_rate_flags(
+  results_flags.define_seed_and_rate_flags(
       seeds=["0"],
       lrs=["4e-3"],
       seeds_help="Seeds (init and data order).",

@@ -27,8 +27,10 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import lm_corpora  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CORPORA = lm_corpora.CORPORA
@@ -65,13 +67,13 @@ flags.DEFINE_string(
     None,
     "For configs not swept: use this swept config's rate (e.g. moe_256).",
 )
-results_lib.define_seed_and_rate_flags(
+results_flags.define_seed_and_rate_flags(
     seeds=["0", "1", "2"],
     lrs=["1e-3", "2e-3", "4e-3"],
     seeds_help="Seeds of the table.",
     lrs_help="Swept peak rates.",
 )
-results_lib.define_shared_flags(task="lm", speed_period=100)
+results_flags.define_shared_flags(task="lm", speed_period=100)
 flags.adopt_module_key_flags(results_lib)
 
 
@@ -104,7 +106,7 @@ def _counts(corpus, configs, extra_bindings):
 
 
 def _main():
-  grid = results_lib.grid_from_flags(
+  grid = results_flags.grid_from_flags(
       FLAGS, CORPORA, task="lm", sweep_variants=False
   )
   corpus, configs, seeds = grid.corpus, grid.configs, grid.seeds
@@ -112,7 +114,7 @@ def _main():
   sweep_steps, results_dir = grid.sweep_steps, grid.results_dir
 
   def execute(run):
-    summary = results_lib.execute_in_grid(
+    summary = results_flags.execute_in_grid(
         grid,
         run,
         FLAGS,
@@ -130,7 +132,7 @@ def _main():
         flush=True,
     )
 
-  rates = results_lib.run_grid(grid, FLAGS, execute, lr_from=FLAGS.lr_from)
+  rates = results_flags.run_grid(grid, FLAGS, execute, lr_from=FLAGS.lr_from)
 
   print()
   swept = results_tables.sweep_rows(
@@ -193,7 +195,7 @@ def _main():
   print("## Time to the baseline's quality")
   print(
       results_tables.time_to_quality_table(
-          rows, results_lib.read_step_times(results_dir)
+          rows, results_step_time.read_step_times(results_dir)
       )
   )
   plots = results_plots.write_grid_plots(rows, swept, grid)
@@ -203,7 +205,7 @@ def _main():
 
 def main(argv):
   del argv
-  results_lib.run_main(_main, "lm_results.py")
+  results_flags.run_main(_main, "lm_results.py")
 
 
 if __name__ == "__main__":

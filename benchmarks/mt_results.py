@@ -25,7 +25,9 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CORPORA = {
@@ -57,13 +59,13 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("steps_per_eval", 250, "Checkpoint + dev period.")
 flags.DEFINE_list("sweep_configs", None, "Configs swept (default: --configs).")
-results_lib.define_seed_and_rate_flags(
+results_flags.define_seed_and_rate_flags(
     seeds=["0", "1"],
     lrs=["1e-3", "2e-3", "4e-3"],
     seeds_help="Seeds of the table.",
     lrs_help="Swept peak rates.",
 )
-results_lib.define_shared_flags(task="mt", speed_period=20)
+results_flags.define_shared_flags(task="mt", speed_period=20)
 flags.adopt_module_key_flags(results_lib)
 
 
@@ -78,7 +80,7 @@ def _summarize(result):
 
 
 def _main():
-  grid = results_lib.grid_from_flags(
+  grid = results_flags.grid_from_flags(
       FLAGS, CORPORA, task="mt", sweep_variants=True
   )
   configs, seeds, steps = grid.configs, grid.seeds, grid.steps
@@ -86,7 +88,7 @@ def _main():
   sweep_steps, results_dir = grid.sweep_steps, grid.results_dir
 
   def execute(run):
-    summary = results_lib.execute_in_grid(
+    summary = results_flags.execute_in_grid(
         grid, run, FLAGS, eval_flags=[], summarize=_summarize
     )
     print(
@@ -95,7 +97,7 @@ def _main():
         flush=True,
     )
 
-  rates = results_lib.run_grid(grid, FLAGS, execute)
+  rates = results_flags.run_grid(grid, FLAGS, execute)
 
   swept = results_tables.sweep_rows(
       results_dir, sweep_configs, lrs, sweep_steps
@@ -122,7 +124,7 @@ def _main():
   print("## Time to the baseline's dev perplexity")
   print(
       results_tables.time_to_quality_table(
-          rows, results_lib.read_step_times(results_dir)
+          rows, results_step_time.read_step_times(results_dir)
       )
   )
   print()
@@ -140,7 +142,7 @@ def _main():
 
 def main(argv):
   del argv
-  results_lib.run_main(_main, "mt_results.py")
+  results_flags.run_main(_main, "mt_results.py")
 
 
 if __name__ == "__main__":

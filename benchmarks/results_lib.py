@@ -1,8 +1,10 @@
 """Results methodology, once: grids of configs x learning rates x seeds.
 
 `benchmarks/lm_results.py` and `benchmarks/mt_results.py` are thin front
-ends over this module (running the grid), `results_tables` (statistics and
-tables) and `results_plots` (PNG curves). A grid is a list of `Run`s; each trains with
+ends over this module (running the grid), `results_flags` (their shared
+flags), `results_step_time` (step times for the wall-clock view),
+`results_tables` (statistics and tables) and `results_plots` (PNG curves).
+A grid is a list of `Run`s; each trains with
 `python -m moe_keras.train` in a fresh process (one at a time: this is what
 wall clock is measured on), validates every checkpoint period (the learning
 curve, `moe_keras.learning_curve`), evaluates the test split, and writes one
@@ -34,9 +36,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +52,6 @@ SWEEP_SEED = 100
 SUMMARY_DIR = "runs"
 # One rate choice per sweep length: lr_choice_<steps>steps.json.
 LR_CHOICE_FILE = "lr_choice_{steps}steps.json"
-STEP_TIME_FILE = "step_time.json"
 # Manifest keys that describe how a corpus build ran, not what it built
 # (data_pipelines.debian_docs records its wall time): not part of its hash.
 BUILD_TIMING_KEYS = ("build_seconds",)
@@ -197,6 +196,22 @@ class Run:
     return self.config.partition("@")[2]
 
 
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """What a front end's flags select: its configs, seeds, rates and dirs."""
+
+  corpus: Corpus
+  configs: List[str]  # the table's rows; the first is the baseline
+  sweep_configs: List[str]
+  seeds: List[int]
+  lrs: List[float]
+  steps: int  # of every table run
+  sweep_steps: int  # of the sweep's runs
+  output_dir: str  # model dirs
+  results_dir: str  # summaries, rate choices, plots
+  grid_lr: Optional[float] = None  # --grid_lr: every table run's rate
+
+
 def check_configs(corpus: Corpus, configs: Sequence[str]) -> None:
   """Raises GridError for a config file that does not exist or a variant."""
   for config in configs:
@@ -249,7 +264,7 @@ def _subprocess(args, log_path):
     )
 
 
-def _train(gin_file, model_dir, bindings, log_path):
+def train(gin_file, model_dir, bindings, log_path):
   """`python -m moe_keras.train` of one run (or its resumption)."""
   _subprocess(
       [
@@ -295,7 +310,7 @@ def code_version() -> str:
   return commit + ("+dirty" if dirty else "")
 
 
-def _write_json(path, value):
+def write_json(path, value):
   """Writes `value` to `path` atomically (a reader never sees half of it)."""
   atomic_file.write_json(path, value, indent=1)
 
@@ -304,7 +319,7 @@ def _read_json(path, fields):
   """The JSON object in `path`, which must hold every key of `fields`.
 
   Args:
-    path: a file this module wrote (`_write_json`).
+    path: a file this module wrote (`write_json`).
     fields: the keys its readers use.
 
   Returns:
@@ -312,7 +327,7 @@ def _read_json(path, fields):
 
   Raises:
     GridError: the file cannot be read, is not a JSON object, or lacks a
-      field (written by hand or by another tool; `_write_json` never
+      field (written by hand or by another tool; `write_json` never
       leaves half a file). The message names the file, so it can be
       removed or restored.
   """
@@ -331,7 +346,7 @@ def _read_json(path, fields):
   return value
 
 
-def _read_json_field(results_dir, name, field):
+def read_json_field(results_dir, name, field):
   """results_dir/name's `field`, or {} when the file does not exist."""
   path = os.path.join(results_dir, name)
   if not os.path.exists(path):
@@ -347,7 +362,7 @@ def write_summary(results_dir: str, run: Run, summary: dict) -> None:
   """Writes a finished run's summary to `summary_path`, atomically."""
   path = summary_path(results_dir, run)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  _write_json(path, summary)
+  write_json(path, summary)
 
 
 # The fields of a run's summary that the tables, plots and resumption read.
@@ -426,7 +441,7 @@ def execute(
   bindings = run_bindings(corpus, run, steps_per_eval) + list(extra_bindings)
   started = time.time()
   code = code_version()
-  _train(gin_file, model_dir, bindings, log_path)
+  train(gin_file, model_dir, bindings, log_path)
   _subprocess(
       ["moe_keras.evaluate", f"--model_dir={model_dir}", "--split=test"]
       + list(eval_flags),
@@ -520,435 +535,6 @@ def continue_run(output_dir: str, run: Run, shorter_steps: int) -> str:
   return target
 
 
-# -- step time on this machine ---------------------------------------------
-
-
-def measure_step_time(
-    corpus: Corpus,
-    config: str,
-    lr: Optional[float],
-    work_dir: str,
-    period: int,
-    extra_bindings: Sequence[str] = (),
-) -> dict:
-  """Seconds and tokens per training step of `config`, measured now.
-
-  Trains 3 * `period` steps (seed 0, the real data pipeline, model and
-  optimizer, through `moe_keras.train` as every grid run, without
-  validation) in `work_dir`, which is removed afterwards, and reads the
-  learning curve's training wall clock: the steps from `period` to
-  3 * `period` (the first period, with tracing and warm-up, is left out;
-  checkpoints are not in the curve's training seconds).
-
-  Args:
-    corpus: the corpus the config belongs to.
-    config: NAME or NAME@VARIANT.
-    lr: its rate (None: the config's own); it does not change the time.
-    work_dir: a directory that does not exist yet.
-    period: steps per curve point.
-    extra_bindings: bindings of every run of the grid (--gin_bindings).
-
-  Returns:
-    {"seconds_per_step", "tokens_per_step"}.
-  """
-  if os.path.exists(work_dir):
-    raise GridError(
-        f"step-time work dir {work_dir} exists already (left by an"
-        " interrupted --mode=speed, or one running now): remove it and rerun"
-    )
-  run = Run(config, lr, 0, 3 * period)
-  os.makedirs(work_dir)
-  try:
-    _train(
-        os.path.join(REPO, corpus.gin_dir, f"{run.base_config}.gin"),
-        work_dir,
-        run_bindings(corpus, run, period)
-        + list(extra_bindings)
-        + ["training.steps_per_eval = None"],  # no validation
-        os.path.join(work_dir, "run.log"),
-    )
-    points = {p["step"]: p for p in learning_curve.read_curve(work_dir)}
-  finally:
-    shutil.rmtree(work_dir, ignore_errors=True)
-  first, last = points[period], points[3 * period]
-  steps = 2 * period
-  return {
-      "seconds_per_step": (
-          (last["train_seconds"] - first["train_seconds"]) / steps
-      ),
-      "tokens_per_step": (last["tokens"] - first["tokens"]) / steps,
-  }
-
-
-def measure_step_times(
-    corpus: Corpus,
-    configs: Sequence[str],
-    rates: Dict[str, float],
-    results_dir: str,
-    work_dir: str,
-    period: int,
-    rounds: int,
-    extra_bindings: Sequence[str] = (),
-) -> Dict[str, dict]:
-  """Step time of every config, `rounds` alternating rounds; writes a file.
-
-  The configs alternate within each round, so that a change of machine load
-  hits all of them alike; the median over rounds is kept. The result goes
-  to `STEP_TIME_FILE` in results_dir with the machine it was measured on.
-  Take it on an otherwise idle machine: it is what turns the tables' tokens
-  into wall clock (`results_tables.time_to_quality_table`), where the runs' own training
-  seconds include whatever else shared the machine.
-
-  Returns:
-    {config: {"seconds_per_step", "tokens_per_step", "rounds": [...],
-    "timed_steps", "measured", "code"}}.
-  """
-  measured = {config: [] for config in configs}
-  for r in range(rounds):
-    for config in configs:
-      measured[config].append(
-          measure_step_time(
-              corpus,
-              config,
-              rates.get(config),
-              os.path.join(work_dir, f"step_time_{config}_{r}"),
-              period,
-              extra_bindings,
-          )
-      )
-  # Each config's entry says when and how it was measured: a later
-  # measurement of some configs keeps the others' entries.
-  provenance = {
-      "timed_steps": 2 * period,
-      "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      "code": code_version(),
-  }
-  result = {
-      config: {
-          "seconds_per_step": statistics.median(
-              m["seconds_per_step"] for m in values
-          ),
-          "tokens_per_step": statistics.median(
-              m["tokens_per_step"] for m in values
-          ),
-          "rounds": [m["seconds_per_step"] for m in values],
-          **provenance,
-      }
-      for config, values in measured.items()
-  }
-  os.makedirs(results_dir, exist_ok=True)
-  configs_measured = read_step_times(results_dir)
-  configs_measured.update(result)
-  _write_json(
-      os.path.join(results_dir, STEP_TIME_FILE),
-      {
-          "host": platform.node(),
-          "cpus": os.cpu_count(),
-          "configs": configs_measured,
-      },
-  )
-  return result
-
-
-def step_time_lines(step_times: Dict[str, dict]) -> str:
-  """One line per config of `measure_step_times`' result."""
-  return "\n".join(
-      f"{config}: {t['seconds_per_step']:.3f} s/step (rounds:"
-      f" {', '.join(f'{r:.3f}' for r in t['rounds'])}),"
-      f" {t['tokens_per_step']:.0f} tokens/step"
-      for config, t in step_times.items()
-  )
-
-
-def _positive_float(text: str) -> bool:
-  try:
-    return float(text) > 0
-  except ValueError:
-    return False
-
-
-def _distinct_list(texts: List[str], parse, valid) -> bool:
-  """Whether texts is non-empty, each parses and is valid, none repeated."""
-  try:
-    values = [parse(t) for t in texts]
-  except ValueError:
-    return False
-  return (
-      bool(values)
-      and all(map(valid, values))
-      and len(set(values)) == len(values)
-  )
-
-
-def define_seed_and_rate_flags(
-    seeds: List[str], lrs: List[str], seeds_help: str, lrs_help: str
-) -> None:
-  """--seeds and --lrs, validated when the flags are parsed.
-
-  A value that is not a number (or not a positive rate), an empty list or a
-  repeated entry (which would count one run twice in a table's mean and
-  spread) stops the program with a one-line flags error naming the flag.
-
-  Args:
-    seeds: the default seeds, as strings.
-    lrs: the default peak learning rates, as strings.
-    seeds_help, lrs_help: the flags' help.
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_list("seeds", seeds, seeds_help)
-  flags.register_validator(
-      "seeds",
-      lambda value: _distinct_list(value, int, lambda seed: True),
-      message="--seeds must be distinct integers, e.g. 0,1,2",
-  )
-  flags.DEFINE_list("lrs", lrs, lrs_help)
-  flags.register_validator(
-      "lrs",
-      lambda value: _distinct_list(value, float, lambda lr: lr > 0),
-      message="--lrs must be distinct positive learning rates, e.g. 1e-3,2e-3",
-  )
-
-
-def define_shared_flags(task: str, speed_period: int) -> None:
-  """The absl flags both front ends take, with the same meaning.
-
-  --mode, --output_dir, --results_dir, --gin_bindings, --continue_from,
-  --grid_lr, --table_lrs and --speed_*; `grid_from_flags` reads them.
-
-  Args:
-    task: "lm" or "mt", the prefix of the default directories
-      (~/moe_keras_runs/<task>_<corpus>, results/<task>_<corpus>).
-    speed_period: the front end's default --speed_period (steps).
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_enum(
-      "mode",
-      "all",
-      ["all", "sweep", "grid", "table", "speed"],
-      "sweep: the rate sweep; grid: the table's runs; all: both; table:"
-      " print; speed: measure each config's training step time"
-      " (results_lib.measure_step_times; on an idle machine), then print.",
-  )
-  flags.DEFINE_string(
-      "output_dir",
-      None,
-      f"Model dirs (default ~/moe_keras_runs/{task}_<corpus>).",
-  )
-  flags.DEFINE_string(
-      "results_dir", None, f"Summaries (default results/{task}_<corpus>)."
-  )
-  flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every run.")
-  flags.DEFINE_integer(
-      "continue_from",
-      None,
-      "A run not started yet starts from the finished run of the same config,"
-      " rate and seed with this many steps (its checkpoints and curve:"
-      " results_lib.continue_run), e.g. 2000-step runs from the 1000-step"
-      " ones.",
-      lower_bound=1,
-  )
-  flags.DEFINE_float(
-      "grid_lr",
-      None,
-      "Grid and table runs of every config at this rate instead of the rate"
-      " its sweep chose (e.g. every config at a second rate, when one sweep"
-      " seed's choice is in doubt); the sweep itself is unchanged.",
-  )
-  flags.register_validator(
-      "grid_lr",
-      lambda value: value is None or value > 0,
-      message="--grid_lr must be a positive learning rate",
-  )
-  flags.DEFINE_list(
-      "table_lrs",
-      None,
-      "Also print every config at each of these rates (grid runs made with"
-      " --grid_lr, once per rate) and each config at its rate of lowest mean"
-      " final dev perplexity over --seeds (results_tables.rate_grid_report).",
-  )
-  flags.register_validator(
-      "table_lrs",
-      lambda value: value is None or all(_positive_float(v) for v in value),
-      message="--table_lrs must be positive learning rates",
-  )
-  flags.DEFINE_integer(
-      "speed_period",
-      speed_period,
-      "--mode=speed: steps per timing period (3 periods run, the last 2"
-      " timed).",
-      lower_bound=1,
-  )
-  flags.DEFINE_integer(
-      "speed_rounds", 3, "--mode=speed: alternating rounds.", lower_bound=1
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class Grid:
-  """What a front end's flags select: its configs, seeds, rates and dirs."""
-
-  corpus: Corpus
-  configs: List[str]  # the table's rows; the first is the baseline
-  sweep_configs: List[str]
-  seeds: List[int]
-  lrs: List[float]
-  steps: int  # of every table run
-  sweep_steps: int  # of the sweep's runs
-  output_dir: str  # model dirs
-  results_dir: str  # summaries, rate choices, plots
-  grid_lr: Optional[float] = None  # --grid_lr: every table run's rate
-
-
-def grid_from_flags(
-    flag_values, corpora: Dict[str, Corpus], task: str, sweep_variants: bool
-) -> Grid:
-  """The `Grid` of a front end's flags (`define_shared_flags` and its own).
-
-  Args:
-    flag_values: the parsed flags (corpus, configs, sweep_configs, seeds,
-      lrs, train_steps, sweep_steps, output_dir, results_dir, grid_lr).
-    corpora: {--corpus value: Corpus}.
-    task: "lm" or "mt", as `define_shared_flags`.
-    sweep_variants: whether --sweep_configs defaults to every config (MT)
-      or only those without @variants (LM: a variant takes its base's rate).
-
-  Returns:
-    The grid.
-
-  Raises:
-    GridError: a config or swept config without its gin file.
-  """
-  corpus = corpora[flag_values.corpus]
-  configs = list(flag_values.configs)
-  check_configs(corpus, configs)
-  sweep_configs = flag_values.sweep_configs or [
-      c for c in configs if sweep_variants or "@" not in c
-  ]
-  check_configs(corpus, sweep_configs)
-  results_dir = flag_values.results_dir or os.path.join(
-      REPO, "results", f"{task}_{corpus.name}"
-  )
-  output_dir = os.path.expanduser(
-      flag_values.output_dir or f"~/moe_keras_runs/{task}_{corpus.name}"
-  )
-  for name, path in (("results_dir", results_dir), ("output_dir", output_dir)):
-    if os.path.exists(path) and not os.path.isdir(path):
-      raise GridError(f"--{name}={path} exists and is not a directory")
-  return Grid(
-      corpus=corpus,
-      configs=configs,
-      sweep_configs=list(sweep_configs),
-      seeds=[int(s) for s in flag_values.seeds],
-      lrs=[float(x) for x in flag_values.lrs],
-      steps=flag_values.train_steps,
-      sweep_steps=flag_values.sweep_steps or flag_values.train_steps,
-      output_dir=output_dir,
-      results_dir=results_dir,
-      grid_lr=flag_values.grid_lr,
-  )
-
-
-def execute_in_grid(grid: Grid, run: Run, flag_values, eval_flags, summarize):
-  """`execute` with the grid's dirs and the flags' bindings and period.
-
-  Args:
-    grid: the front end's grid.
-    run: one run of it.
-    flag_values: the parsed flags (steps_per_eval, gin_bindings,
-      continue_from).
-    eval_flags, summarize: as `execute`.
-
-  Returns:
-    The run's summary, as `execute`.
-  """
-  return execute(
-      grid.corpus,
-      run,
-      output_dir=grid.output_dir,
-      results_dir=grid.results_dir,
-      steps_per_eval=flag_values.steps_per_eval,
-      eval_flags=eval_flags,
-      summarize=summarize,
-      extra_bindings=flag_values.gin_bindings,
-      continue_from=flag_values.continue_from,
-  )
-
-
-def run_grid(
-    grid: Grid, flag_values, execute_fn, lr_from=None
-) -> Dict[str, float]:
-  """--mode's runs (`run_procedure`), then --mode=speed's step times.
-
-  Args:
-    grid: the front end's grid.
-    flag_values: the parsed flags (mode, speed_*, gin_bindings).
-    execute_fn: trains and summarizes one `Run`.
-    lr_from: as `run_procedure`.
-
-  Returns:
-    {config: its table rate}.
-  """
-  rates = run_procedure(
-      flag_values.mode,
-      grid.configs,
-      grid.sweep_configs,
-      grid.seeds,
-      grid.lrs,
-      grid.steps,
-      grid.results_dir,
-      execute_fn,
-      lr_from=lr_from,
-      sweep_steps=grid.sweep_steps,
-      grid_lr=grid.grid_lr,
-  )
-  if flag_values.mode == "speed":
-    run_speed_mode(
-        grid.corpus,
-        grid.configs,
-        rates,
-        grid.results_dir,
-        grid.output_dir,
-        flag_values,
-    )
-  return rates
-
-
-def run_main(main_fn: Callable[[], None], script: str) -> None:
-  """Runs a front end's main; a `GridError` exits with one line."""
-  try:
-    main_fn()
-  except GridError as e:
-    sys.exit(f"{script}: error: {e}")
-
-
-def run_speed_mode(corpus, configs, rates, results_dir, work_dir, flag_values):
-  """--mode=speed of the front ends: measures, writes and prints step times.
-
-  Args:
-    corpus, configs, rates, results_dir, work_dir: as `measure_step_times`.
-    flag_values: the front end's flags (speed_period, speed_rounds,
-      gin_bindings).
-  """
-  measured = measure_step_times(
-      corpus,
-      configs,
-      rates,
-      results_dir,
-      work_dir,
-      period=flag_values.speed_period,
-      rounds=flag_values.speed_rounds,
-      extra_bindings=flag_values.gin_bindings,
-  )
-  print(step_time_lines(measured), flush=True)
-
-
-def read_step_times(results_dir) -> Dict[str, dict]:
-  """{config: {"seconds_per_step", "tokens_per_step", ...}} or {}."""
-  return _read_json_field(results_dir, STEP_TIME_FILE, "configs")
-
-
 # -- learning-rate choice ----------------------------------------------------
 
 
@@ -1011,7 +597,7 @@ def write_lr_choice(results_dir, choice, lrs, steps):
     if previous.get("steps") == steps and previous.get("lrs") == list(lrs):
       merged.update(previous.get("choice", {}))
   merged.update(choice)
-  _write_json(
+  write_json(
       path,
       {
           "rule": "lowest final dev perplexity",
@@ -1025,7 +611,7 @@ def write_lr_choice(results_dir, choice, lrs, steps):
 
 def read_lr_choice(results_dir, steps) -> Dict[str, float]:
   """{config: rate} chosen by the `steps`-step sweep, or {}."""
-  return _read_json_field(
+  return read_json_field(
       results_dir, LR_CHOICE_FILE.format(steps=steps), "choice"
   )
 

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # -- statistics ------------------------------------------------------------
 
@@ -809,7 +810,7 @@ def time_to_quality_table(
       + (
           " At measured step time: tokens to target at each config's"
           " seconds per step measured on an idle machine"
-          f" ({results_lib.STEP_TIME_FILE})."
+          f" ({results_step_time.STEP_TIME_FILE})."
           if timed
           else ""
       ),

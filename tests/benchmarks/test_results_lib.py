@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -262,76 +261,6 @@ def test_time_to_quality_ratios_use_the_baselines_own_first_crossing(
       f" | {moe_seconds / 60:.1f} min | {moe_seconds / dense_seconds:.2f}x |"
       f" {moe_idle / 60:.1f} min | {moe_idle / dense_idle:.2f}x |"
   ) in table
-
-
-def test_step_times_from_the_training_curve(tmp_path, monkeypatch):
-  corpus = results_lib.Corpus(name="c", gin_dir="gin/mt/debian_en_fr")
-  calls = []
-
-  def fake_train(args, log_path):
-    # The trainer's curve: the first period slow (tracing), then per
-    # config a fixed time and tokens per step.
-    model_dir = next(a for a in args if a.startswith("--model_dir="))
-    model_dir = model_dir.split("=", 1)[1]
-    config = os.path.basename(model_dir).split("_")[2]
-    calls.append((config, args))
-    per_step = {"dense": 0.5, "moe": 0.75}[config]
-    with open(os.path.join(model_dir, "curve.jsonl"), "w") as f:
-      for step, seconds in (
-          (10, 30.0),
-          (20, 30.0 + 10 * per_step),
-          (30, 30.0 + 20 * per_step),
-      ):
-        f.write(
-            json.dumps(
-                {
-                    "step": step,
-                    "tokens": 4096.0 * step,
-                    "train_seconds": seconds,
-                }
-            )
-            + "\n"
-        )
-    assert os.path.dirname(log_path) == model_dir
-
-  monkeypatch.setattr(results_lib, "_subprocess", fake_train)
-  result = results_lib.measure_step_times(
-      corpus,
-      ["dense", "moe"],
-      {"dense": 1e-3},
-      results_dir=os.path.join(tmp_path, "results"),
-      work_dir=str(tmp_path),
-      period=10,
-      rounds=2,
-  )
-  assert [c for c, _ in calls] == ["dense", "moe", "dense", "moe"]
-  assert "--gin_bindings=TRAIN_STEPS = 30" in calls[0][1]
-  assert calls[0][1][-1] == "--gin_bindings=training.steps_per_eval = None"
-  assert "--gin_bindings=PEAK_LEARNING_RATE = 0.001" in calls[0][1]
-  assert not any("PEAK_LEARNING_RATE" in a for a in calls[1][1])
-  assert result["dense"]["seconds_per_step"] == pytest.approx(0.5)
-  assert result["moe"]["seconds_per_step"] == pytest.approx(0.75)
-  assert result["moe"]["tokens_per_step"] == pytest.approx(4096.0)
-  # The work dirs are gone; the file keeps every config.
-  assert sorted(os.listdir(tmp_path)) == ["results"]
-  assert results_lib.read_step_times(os.path.join(tmp_path, "results")) == (
-      result
-  )
-  assert result["dense"]["timed_steps"] == 20
-  # Measuring one config again keeps the other's entry, with its own
-  # provenance.
-  again = results_lib.measure_step_times(
-      corpus,
-      ["moe"],
-      {},
-      results_dir=os.path.join(tmp_path, "results"),
-      work_dir=str(tmp_path),
-      period=10,
-      rounds=1,
-  )
-  stored = results_lib.read_step_times(os.path.join(tmp_path, "results"))
-  assert stored == {"dense": result["dense"], "moe": again["moe"]}
-  assert stored["moe"]["rounds"] == [pytest.approx(0.75)]
 
 
 def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
@@ -757,15 +686,6 @@ def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
   assert "no seed" in results_tables.margin_trend_table([unpaired], reference)
 
 
-def test_step_time_refuses_a_leftover_work_dir(tmp_path):
-  corpus = results_lib.Corpus(name="c", gin_dir="gin/mt/debian_en_fr")
-  work_dir = os.path.join(tmp_path, "step_time_dense_0")
-  os.makedirs(work_dir)
-  with pytest.raises(results_lib.GridError, match="exists already.*remove it"):
-    results_lib.measure_step_time(corpus, "dense", None, work_dir, period=10)
-  assert os.path.isdir(work_dir)  # not removed: it may be another run's
-
-
 def _append_curve(model_dir, steps):
   """Appends learning-curve records (100 tokens and 1 s per step)."""
   with open(os.path.join(model_dir, "curve.jsonl"), "a") as f:
@@ -1087,99 +1007,6 @@ def test_rate_grid_report_tables_the_dev_chosen_rows(tmp_path):
   assert grid_lines and "| 21.00 | 1.41 | 20.00-22.00 |" in grid_lines[0]
 
 
-def _grid_flags(**overrides):
-  values = dict(
-      corpus="debian_docs",
-      configs=["4xlstm_128", "moe_256@nobalance"],
-      sweep_configs=None,
-      seeds=["0", "2"],
-      lrs=["1e-3", "4e-3"],
-      train_steps=50,
-      sweep_steps=None,
-      output_dir=None,
-      results_dir=None,
-      grid_lr=None,
-  )
-  values.update(overrides)
-  return types.SimpleNamespace(**values)
-
-
-_DOCS = {
-    "debian_docs": results_lib.Corpus(
-        name="debian_docs",
-        gin_dir="gin/lm/debian_docs",
-        data_seed_binding="lm_batching.seed",
-    )
-}
-
-
-@pytest.mark.parametrize(
-    "task, sweep_variants, swept",
-    [
-        ("lm", False, ["4xlstm_128"]),
-        ("mt", True, ["4xlstm_128", "moe_256@nobalance"]),
-    ],
-)
-def test_grid_from_flags_defaults(task, sweep_variants, swept):
-  grid = results_lib.grid_from_flags(
-      _grid_flags(), _DOCS, task=task, sweep_variants=sweep_variants
-  )
-  assert grid.configs == ["4xlstm_128", "moe_256@nobalance"]
-  assert grid.sweep_configs == swept
-  assert grid.seeds == [0, 2]
-  assert grid.lrs == [1e-3, 4e-3]
-  assert (grid.steps, grid.sweep_steps, grid.grid_lr) == (50, 50, None)
-  assert grid.output_dir == os.path.join(
-      os.path.expanduser("~"), "moe_keras_runs", f"{task}_debian_docs"
-  )
-  assert grid.results_dir == os.path.join(
-      REPO, "results", f"{task}_debian_docs"
-  )
-
-
-def test_grid_from_flags_takes_explicit_values_and_checks_configs(tmp_path):
-  grid = results_lib.grid_from_flags(
-      _grid_flags(
-          sweep_configs=["moe_32"],
-          sweep_steps=20,
-          output_dir="~/elsewhere",
-          results_dir=str(tmp_path),
-          grid_lr=2e-3,
-      ),
-      _DOCS,
-      task="lm",
-      sweep_variants=False,
-  )
-  assert (grid.sweep_configs, grid.sweep_steps) == (["moe_32"], 20)
-  assert grid.output_dir == os.path.join(os.path.expanduser("~"), "elsewhere")
-  assert (grid.results_dir, grid.grid_lr) == (str(tmp_path), 2e-3)
-  for bad in (
-      {"configs": ["4xlstm_128", "nope"]},
-      {"sweep_configs": ["moe_32@fast"]},
-  ):
-    with pytest.raises(results_lib.GridError):
-      results_lib.grid_from_flags(
-          _grid_flags(**bad), _DOCS, task="lm", sweep_variants=False
-      )
-
-
-def test_a_results_or_output_dir_that_is_a_file_is_refused(tmp_path):
-  a_file = tmp_path / "a_file"
-  a_file.write_text("not a directory\n")
-  for name in ("results_dir", "output_dir"):
-    with pytest.raises(
-        results_lib.GridError,
-        match=f"--{name}=.*a_file exists and is not a directory",
-    ):
-      results_lib.grid_from_flags(
-          _grid_flags(**{name: str(a_file)}),
-          _DOCS,
-          task="lm",
-          sweep_variants=False,
-      )
-  assert a_file.read_text() == "not a directory\n"
-
-
 def test_a_bad_summary_file_is_one_error_naming_it_and_is_left_alone(
     tmp_path,
 ):
@@ -1218,52 +1045,3 @@ def test_a_bad_rate_choice_file_is_an_error_and_is_not_replaced(tmp_path):
     results_lib.write_lr_choice(tmp_path, {"moe": 1e-3}, [1e-3, 2e-3], 100)
   with open(path) as f:
     assert f.read() == '{"choice": '
-
-
-def test_run_main_turns_a_grid_error_into_one_line():
-  def failing():
-    raise results_lib.GridError("no chosen rate for ['dense']")
-
-  with pytest.raises(SystemExit) as exit_info:
-    results_lib.run_main(failing, "lm_results.py")
-  assert exit_info.value.code == (
-      "lm_results.py: error: no chosen rate for ['dense']"
-  )
-
-
-def test_execute_in_grid_passes_the_grids_dirs_and_the_flags(monkeypatch):
-  calls = []
-  monkeypatch.setattr(
-      results_lib,
-      "execute",
-      lambda corpus, run, **kwargs: calls.append((corpus, run, kwargs)),
-  )
-  grid = results_lib.grid_from_flags(
-      _grid_flags(output_dir="/m", results_dir="/r"),
-      _DOCS,
-      task="lm",
-      sweep_variants=False,
-  )
-  run = results_lib.Run("moe_32", 1e-3, 0, 50)
-  flag_values = types.SimpleNamespace(
-      steps_per_eval=25, gin_bindings=["MODEL_DIM = 32"], continue_from=10
-  )
-  summarize = lambda result: result
-  results_lib.execute_in_grid(
-      grid, run, flag_values, eval_flags=["--plot"], summarize=summarize
-  )
-  assert calls == [
-      (
-          _DOCS["debian_docs"],
-          run,
-          dict(
-              output_dir="/m",
-              results_dir="/r",
-              steps_per_eval=25,
-              eval_flags=["--plot"],
-              summarize=summarize,
-              extra_bindings=["MODEL_DIM = 32"],
-              continue_from=10,
-          ),
-      )
-  ]
