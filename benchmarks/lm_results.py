@@ -198,9 +198,8 @@ def _main():
           rows, results_step_time.read_step_times(results_dir)
       )
   )
-  plots = results_plots.write_grid_plots(rows, swept, grid)
   print()
-  print("plots: " + ", ".join(plots))
+  print(results_plots.write_grid_plots(rows, swept, grid, FLAGS.mode))
 
 
 def main(argv):

@@ -136,8 +136,7 @@ def _main():
   for section in results_tables.sweep_margin_sections(swept, configs[0]):
     print()
     print(section)
-  plots = results_plots.write_grid_plots(rows, swept, grid)
-  print("plots: " + ", ".join(plots))
+  print(results_plots.write_grid_plots(rows, swept, grid, FLAGS.mode))
 
 
 def main(argv):

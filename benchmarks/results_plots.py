@@ -16,21 +16,45 @@ from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moe_keras import atomic_file  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# The front ends' --mode values that write the plots: those that cover the
+# whole table. A --mode=grid or --mode=sweep run is often one lane of some
+# configs (README "Results"), and its plots would replace the whole table's
+# with those configs alone; --mode=speed trains no table run.
+PLOT_MODES = ("all", "table")
+
 
 def write_grid_plots(
     rows: List[results_tables.Row],
     swept: List[results_tables.Row],
     grid: results_lib.Grid,
-) -> List[str]:
-  """`write_plots` for the grid's sweep and table; returns the PNGs' paths."""
-  return write_plots(
-      rows,
-      swept,
-      grid.results_dir,
-      grid.corpus.name,
-      grid.steps,
-      sweep_steps=grid.sweep_steps,
-      grid_lr=grid.grid_lr,
+    mode: str,
+) -> str:
+  """`write_plots` for the grid's sweep and table in `PLOT_MODES`.
+
+  Args:
+    rows: the table's rows (`results_tables.collect_rows`).
+    swept: the sweep's rows (`results_tables.sweep_rows`).
+    grid: the front end's grid.
+    mode: the front end's --mode.
+
+  Returns:
+    The line to print: the written PNGs' paths, or why none were written.
+  """
+  if mode not in PLOT_MODES:
+    return (
+        f"plots: not written by --mode={mode} (it may run some of the"
+        " table's configs); --mode=table writes them for the whole table"
+    )
+  return "plots: " + ", ".join(
+      write_plots(
+          rows,
+          swept,
+          grid.results_dir,
+          grid.corpus.name,
+          grid.steps,
+          sweep_steps=grid.sweep_steps,
+          grid_lr=grid.grid_lr,
+      )
   )
 
 

@@ -1,6 +1,7 @@
 """lm_results.py --mode=table end to end: each row's model counted with the
 grid's own bindings, the margin references, a bad summary file."""
 
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,10 @@ def _lstm(d):
 
 
 def _table(tmp_path, *flags, check=True):
-  """lm_results.py --mode=table on debian_docs with no runs; its result."""
+  """lm_results.py --mode=table on debian_docs with no runs; its result.
+
+  A --mode among `flags` replaces --mode=table (absl keeps the last).
+  """
   env = dict(os.environ, HOME=str(tmp_path))  # no corpus needed to count
   return subprocess.run(
       [
@@ -88,3 +92,42 @@ def test_a_corrupt_summary_is_one_line_naming_the_file(tmp_path):
       .startswith(f"lm_results.py: error: cannot read {bad}: ")
   ), result.stderr
   assert bad.read_text() == '{"config": "4xl'
+
+
+def test_only_the_modes_of_the_whole_table_write_its_plots(tmp_path):
+  """A --mode=grid lane of one config leaves the table's PNGs alone."""
+  runs = tmp_path / "results" / "runs"
+  runs.mkdir(parents=True)
+  for seed in (0, 1, 100):  # 100: the sweep's (results_lib.SWEEP_SEED)
+    curve = [
+        {"step": s, "tokens": 1e3 * s, "train_seconds": s, "dev_perplexity": p}
+        for s, p in ((50, 300.0 + seed), (100, 200.0 + seed))
+    ]
+    summary = {
+        "config": "4xlstm_128",
+        "lr": 1e-3,
+        "seed": seed,
+        "steps": 100,
+        "curve": curve,
+        "final_dev_perplexity": 200.0 + seed,
+        "test": {"perplexity": 190.0 + seed},
+        "tokens": 1e5,
+        "train_seconds": 100.0,
+    }
+    (runs / f"4xlstm_128_lr0.001_s{seed}_100.json").write_text(
+        json.dumps(summary)
+    )
+  flags = ("--configs=4xlstm_128", "--grid_lr=1e-3", "--seeds=0,1")
+  flags += ("--train_steps=100",)
+  for mode in ("grid", "sweep"):  # every run finished: nothing trains
+    result = _table(tmp_path, *flags, f"--mode={mode}", "--lrs=1e-3")
+    assert (
+        f"plots: not written by --mode={mode} (it may run some of the table's"
+        " configs); --mode=table writes them for the whole table"
+    ) in result.stdout, result.stdout
+    assert not list((tmp_path / "results").glob("*.png"))
+  result = _table(tmp_path, *flags, "--lrs=1e-3")
+  assert sorted(p.name for p in (tmp_path / "results").glob("*.png")) == [
+      "curves_100steps_lr0.001_tokens.png",
+      "curves_100steps_lr0.001_wallclock.png",
+  ], result.stdout  # no margins: one row has no baseline to compare
