@@ -271,8 +271,8 @@ def run_grid(
 
 
 def run_main(main_fn: Callable[[], None], script: str) -> None:
-  """Runs a front end's main; a `GridError` exits with one line."""
+  """Runs a front end's main; a `GridError` or `RunFailed` is one line."""
   try:
     main_fn()
-  except results_lib.GridError as e:
+  except (results_lib.GridError, results_lib.RunFailed) as e:
     sys.exit(f"{script}: error: {e}")

@@ -92,6 +92,14 @@ class GridError(ValueError):
   """A bad grid specification (one-line message)."""
 
 
+class RunFailed(RuntimeError):
+  """A run's training or evaluation process failed (one-line message).
+
+  The message names the run's log and quotes the log's last line, where
+  the CLIs write the cause (e.g. `moe_keras.train: error: ...`).
+  """
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """Where a task's configs live and how a run is bound to it.
@@ -244,7 +252,20 @@ def run_bindings(corpus: Corpus, run: Run, steps_per_eval: int) -> List[str]:
   return bindings
 
 
+def _last_line(path):
+  """The last non-blank line of the text file `path` ('' if none)."""
+  with open(path, errors="replace") as f:
+    lines = [line.strip() for line in f if line.strip()]
+  return lines[-1] if lines else ""
+
+
 def _subprocess(args, log_path):
+  """`python -m ARGS` with its output appended to `log_path`.
+
+  Raises:
+    RunFailed: it exited with an error (the message quotes the log's last
+      line, which says why).
+  """
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   with open(log_path, "a") as log:
@@ -259,8 +280,9 @@ def _subprocess(args, log_path):
         check=False,
     )
   if result.returncode:
-    raise RuntimeError(
-        f"python -m {args[0]} exited {result.returncode}; see {log_path}"
+    raise RunFailed(
+        f"python -m {args[0]} exited {result.returncode}:"
+        f" {_last_line(log_path)} (log: {log_path})"
     )
 
 
@@ -424,6 +446,8 @@ def execute(
 
   Raises:
     GridError: `continue_from`'s run is missing or unfinished.
+    RunFailed: training or the test evaluation failed, or the curve does
+      not reach `run.steps`.
   """
   existing = load_summary(results_dir, run)
   if existing is not None:
@@ -451,7 +475,7 @@ def execute(
     test = json.load(f)
   curve = learning_curve.read_curve(model_dir)
   if not curve or curve[-1]["step"] != run.steps:
-    raise RuntimeError(f"{model_dir}: the curve does not reach {run.steps}")
+    raise RunFailed(f"{model_dir}: the curve does not reach {run.steps}")
   summary = {
       "run_id": run.run_id,
       "config": run.config,

@@ -131,3 +131,25 @@ def test_only_the_modes_of_the_whole_table_write_its_plots(tmp_path):
       "curves_100steps_lr0.001_tokens.png",
       "curves_100steps_lr0.001_wallclock.png",
   ], result.stdout  # no margins: one row has no baseline to compare
+
+
+def test_a_failing_run_is_one_line_with_the_cause_from_its_log(tmp_path):
+  result = _table(
+      tmp_path,
+      "--configs=4xlstm_128",
+      "--grid_lr=1e-3",
+      "--seeds=0",
+      "--train_steps=10",
+      "--mode=grid",
+      f"--output_dir={tmp_path / 'runs'}",
+      "--gin_bindings=NOPE.x = 1",  # the trainer refuses it
+      check=False,
+  )
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  log = tmp_path / "runs" / "4xlstm_128_lr0.001_s0_10" / "run.log"
+  assert result.stderr.strip().splitlines()[-1] == (
+      "lm_results.py: error: python -m moe_keras.train exited 1:"
+      " moe_keras.train: error: bad gin config: No configurable matching"
+      f" 'NOPE'. (log: {log})"
+  ), result.stderr
