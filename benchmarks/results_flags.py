@@ -1,12 +1,12 @@
 """The results front ends' shared flags, and the grid they select.
 
-`benchmarks/lm_results.py`, `benchmarks/mt_results.py` and
-`benchmarks/lm_gpu.py` define these flags (`define_seed_and_rate_flags`,
-`define_shared_flags`) with the same meaning and validation, read them into
-a `Grid` (`grid_from_flags`), and run it (`run_grid`: the methodology's
-sweep and table runs, `results_lib.run_procedure`, or --mode=speed's step
-times, `results_step_time`). `run_main` turns a `results_lib.GridError` into
-one line.
+`benchmarks/lm_results.py` and `benchmarks/mt_results.py` define these flags
+(`define_seed_and_rate_flags`, `define_shared_flags`; `benchmarks/lm_gpu.py`
+the first) with the same meaning and validation, read them into a
+`results_lib.Grid` (`grid_from_flags`), and run it (`run_grid`: the
+methodology's sweep and table runs, `results_lib.run_procedure`, or
+--mode=speed's step times, `results_step_time`). `run_main` turns a
+`results_lib.GridError` or `results_lib.RunFailed` into one line.
 """
 
 import os
