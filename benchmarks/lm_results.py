@@ -180,15 +180,9 @@ def _main():
   for reference in references:
     print()
     print(results_tables.margin_table(rows, reference))
-  print()
-  print(
-      "## Margin trend (paired seeds; dev margin fitted as a line in"
-      " log2(tokens) over the last two doublings; extrapolated)"
-  )
-  for reference in references:
-    print()
-    print(results_tables.margin_trend_table(rows, reference))
-  for section in results_tables.sweep_margin_sections(swept, configs[0]):
+  for section in results_tables.trend_sections(
+      rows, references, swept, configs[0]
+  ):
     print()
     print(section)
   print()

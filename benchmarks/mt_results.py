@@ -127,13 +127,9 @@ def _main():
           rows, results_step_time.read_step_times(results_dir)
       )
   )
-  print()
-  print(
-      "## Margin trend (paired seeds; dev margin fitted as a line in"
-      " log2(tokens) over the last two doublings; extrapolated)"
-  )
-  print(results_tables.margin_trend_table(rows, rows[0]))
-  for section in results_tables.sweep_margin_sections(swept, configs[0]):
+  for section in results_tables.trend_sections(
+      rows, rows[:1], swept, configs[0]
+  ):
     print()
     print(section)
   print(results_plots.write_grid_plots(rows, swept, grid, FLAGS.mode))

@@ -643,6 +643,36 @@ def _tokens_to_reach(intercept, slope, target, tokens_end):
   return 2.0**log2_tokens
 
 
+MARGIN_TREND_HEADING = (
+    "## Margin trend (paired seeds; dev margin fitted as a line in"
+    " log2(tokens) over the last two doublings; extrapolated)"
+)
+
+
+def trend_sections(
+    rows: List[Row], references: List[Row], swept: List[Row], baseline: str
+) -> List[str]:
+  """The margin-trend sections both front ends print, in order.
+
+  Args:
+    rows: the table's rows.
+    references: the rows the trends are against (`margin_trend_table`,
+      one table each).
+    swept: the sweep's rows (`sweep_rows`), for the per-rate margins
+      against `baseline` (`sweep_margin_sections`).
+    baseline: the sweep's baseline config.
+
+  Returns:
+    `MARGIN_TREND_HEADING`, a trend table per reference, then the sweep's
+    per-rate margin sections (none with fewer than two rates).
+  """
+  return (
+      [MARGIN_TREND_HEADING]
+      + [margin_trend_table(rows, reference) for reference in references]
+      + sweep_margin_sections(swept, baseline)
+  )
+
+
 def margin_trend_table(
     rows: List[Row], reference: Row, targets=(-5.0, -15.0)
 ) -> str:
