@@ -74,7 +74,7 @@ results_flags.define_seed_and_rate_flags(
     lrs_help="Swept peak rates.",
 )
 results_flags.define_shared_flags(task="lm", speed_period=100)
-flags.adopt_module_key_flags(results_lib)
+flags.adopt_module_key_flags(results_flags)
 
 
 def _counts(corpus, configs, extra_bindings):

@@ -66,7 +66,7 @@ results_flags.define_seed_and_rate_flags(
     lrs_help="Swept peak rates.",
 )
 results_flags.define_shared_flags(task="mt", speed_period=20)
-flags.adopt_module_key_flags(results_lib)
+flags.adopt_module_key_flags(results_flags)
 
 
 def _summarize(result):

@@ -153,3 +153,21 @@ def test_a_failing_run_is_one_line_with_the_cause_from_its_log(tmp_path):
       " moe_keras.train: error: bad gin config: No configurable matching"
       f" 'NOPE'. (log: {log})"
   ), result.stderr
+
+
+def test_both_front_ends_list_the_shared_flags_in_their_short_help():
+  """--helpshort shows results_flags' flags (key flags of each front end)."""
+  for script in ("lm_results.py", "mt_results.py"):
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "benchmarks", script),
+            "--helpshort",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,  # absl's --helpshort exits 1 after printing
+        timeout=300,
+    )
+    for flag in ("--mode", "--seeds", "--lrs", "--grid_lr", "--results_dir"):
+      assert f"\n  {flag}:" in result.stdout, (script, flag, result.stdout)
