@@ -385,7 +385,7 @@ def build_run_model(run, vocab_size, bindings):
   root_logger.setLevel(logging.WARNING)
   try:
     gin.parse_config_files_and_bindings(
-        [os.path.join(REPO, CORPUS.gin_dir, f"{run.base_config}.gin")],
+        [results_lib.gin_file(CORPUS, run.config)],
         bindings,
         skip_unknown=True,
     )
@@ -465,7 +465,9 @@ def train_run(run, arrays, options):
       "lr": run.lr,
       "seed": run.seed,
       "steps": run.steps,
-      "gin_file": os.path.join(CORPUS.gin_dir, f"{run.base_config}.gin"),
+      "gin_file": os.path.relpath(
+          results_lib.gin_file(CORPUS, run.config), results_lib.REPO
+      ),
       "bindings": bindings,
       "tokens": curve[-1]["tokens"],
       "train_seconds": train_seconds,

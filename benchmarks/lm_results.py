@@ -91,10 +91,9 @@ def _counts(corpus, configs, extra_bindings):
   counts = {}
   for config in configs:
     gin.clear_config()
-    base = config.partition("@")[0]
     variant = config.partition("@")[2]
     experiment.parse_gin(
-        [os.path.join(results_lib.REPO, corpus.gin_dir, f"{base}.gin")],
+        [results_lib.gin_file(corpus, config)],
         list(corpus.extra_bindings)
         + list(extra_bindings)
         + list(results_lib.VARIANTS.get(variant, ())),

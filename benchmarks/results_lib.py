@@ -220,11 +220,16 @@ class Grid:
   grid_lr: Optional[float] = None  # --grid_lr: every table run's rate
 
 
+def gin_file(corpus: Corpus, config: str) -> str:
+  """The absolute path of `config`'s gin file (NAME@VARIANT: NAME's)."""
+  return os.path.join(REPO, corpus.gin_dir, f"{config.partition('@')[0]}.gin")
+
+
 def check_configs(corpus: Corpus, configs: Sequence[str]) -> None:
   """Raises GridError for a config file that does not exist or a variant."""
   for config in configs:
-    name, _, variant = config.partition("@")
-    path = os.path.join(REPO, corpus.gin_dir, f"{name}.gin")
+    variant = config.partition("@")[2]
+    path = gin_file(corpus, config)
     if not os.path.exists(path):
       raise GridError(f"no config {path} for {config!r}")
     if variant and variant not in VARIANTS:
@@ -286,12 +291,12 @@ def _subprocess(args, log_path):
     )
 
 
-def train(gin_file, model_dir, bindings, log_path):
+def train(config_file, model_dir, bindings, log_path):
   """`python -m moe_keras.train` of one run (or its resumption)."""
   _subprocess(
       [
           "moe_keras.train",
-          f"--gin_file={gin_file}",
+          f"--gin_file={config_file}",
           f"--model_dir={model_dir}",
           "--verbose=2",
       ]
@@ -461,11 +466,11 @@ def execute(
     continue_run(output_dir, run, continue_from)
   os.makedirs(model_dir, exist_ok=True)
   log_path = os.path.join(model_dir, "run.log")
-  gin_file = os.path.join(REPO, corpus.gin_dir, f"{run.base_config}.gin")
+  config_file = gin_file(corpus, run.config)
   bindings = run_bindings(corpus, run, steps_per_eval) + list(extra_bindings)
   started = time.time()
   code = code_version()
-  train(gin_file, model_dir, bindings, log_path)
+  train(config_file, model_dir, bindings, log_path)
   _subprocess(
       ["moe_keras.evaluate", f"--model_dir={model_dir}", "--split=test"]
       + list(eval_flags),
@@ -482,7 +487,7 @@ def execute(
       "lr": run.lr,
       "seed": run.seed,
       "steps": run.steps,
-      "gin_file": os.path.relpath(gin_file, REPO),
+      "gin_file": os.path.relpath(config_file, REPO),
       "bindings": bindings,
       "tokens": curve[-1]["tokens"],
       "train_seconds": curve[-1]["train_seconds"],

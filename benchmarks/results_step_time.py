@@ -64,9 +64,7 @@ def measure_step_time(
   os.makedirs(work_dir)
   try:
     results_lib.train(
-        os.path.join(
-            results_lib.REPO, corpus.gin_dir, f"{run.base_config}.gin"
-        ),
+        results_lib.gin_file(corpus, config),
         work_dir,
         results_lib.run_bindings(corpus, run, period)
         + list(extra_bindings)
