@@ -45,8 +45,15 @@ Columns:
     pass, the gradient write included, at that read speed. Where it is below
     the target, the target is out of this machine's reach.
 
+With --profile the script prints, instead of that table, where each row's
+step spends its time: op time by op type under TensorFlow's profiler, for the
+MoE and the experts alone (`op_profile.op_times`; summed over threads, so not
+wall clock). The MoE's op types that the experts alone lack (the weight
+gradients' stacking, gating, routing) are its overhead over them.
+
 Usage:
   python benchmarks/moe_layer.py                       # the issue's table
+  python benchmarks/moe_layer.py --profile --tokens=8192 --tokens_per_expert=128
   python benchmarks/moe_layer.py --tokens=4096 --tokens_per_expert=32 --rounds=1
   python benchmarks/moe_layer.py --tf_cpu_allocator=default   # TF's default
   python benchmarks/moe_layer.py --dispatch_mode=padded    # one batched matmul
@@ -63,6 +70,10 @@ import time
 
 from absl import app
 from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import op_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Ratio targets (dense ms / MoE ms) by tokens per expert, issue 15.
 RATIO_TARGETS = {1024: 0.9, 256: 0.85, 128: 0.7, 32: 0.45}
@@ -120,6 +131,20 @@ _EXPERTS_ALONE = flags.DEFINE_bool(
     True,
     "Also time the experts alone (no gating or routing) in every round, for"
     " the experts alone column.",
+)
+_PROFILE = flags.DEFINE_bool(
+    "profile",
+    False,
+    "Instead of the timing table, print each row's op time by op type"
+    " (TensorFlow profiler, --repeats steps after the timed ones) for the MoE"
+    " and, with --experts_alone, the experts alone. TensorFlow backend only.",
+)
+_PROFILE_OPS = flags.DEFINE_integer(
+    "profile_ops",
+    14,
+    "--profile: op types listed one per line, the MoE's largest (the rest"
+    " are summed into one line).",
+    lower_bound=1,
 )
 _WORKER = flags.DEFINE_enum(
     "worker",
@@ -184,11 +209,15 @@ def _measure(model, num_experts, tokens):
     start = time.perf_counter()
     step(x)
     times.append(time.perf_counter() - start)
-  return {
+  result = {
       "ms": 1000.0 * statistics.median(times),
       "compile_s": compile_s,
       "peak_mb": _peak_rss_mb(),
   }
+  if _PROFILE.value:
+    ops = op_profile.op_times(lambda: step(x), _REPEATS.value)
+    result["ops"] = {name: [t.ms, t.count] for name, t in ops.items()}
+  return result
 
 
 def _make_experts_alone(num_experts, k, hidden):
@@ -333,6 +362,7 @@ def _spawn(model, num_experts, tokens):
       f"--repeats={_REPEATS.value}",
       f"--dtype={_DTYPE.value}",
       f"--dispatch_mode={_DISPATCH_MODE.value}",
+      f"--profile={_PROFILE.value}",
   ]
   if _CAPACITY_FACTOR.value is not None:
     argv.append(f"--capacity_factor={_CAPACITY_FACTOR.value}")
@@ -348,6 +378,72 @@ def _spawn(model, num_experts, tokens):
   raise RuntimeError(
       f"benchmark worker {model} n={num_experts} failed:\n{proc.stderr[-2000:]}"
   )
+
+
+def profile_lines(moe_ops, alone_ops, top):
+  """The --profile table of one row: op time by op type, MoE and alone.
+
+  Args:
+    moe_ops: {op type: (ms per step, ops per step)} of the MoE step.
+    alone_ops: the same for the experts alone, or None (not profiled).
+    top: op types listed one per line, the MoE's largest; the others are
+      summed into one line.
+
+  Returns:
+    Markdown table lines: header, separator, the `top` op types by MoE time
+    (ties by name), "other (N op types)" when there are more, and "all ops".
+  """
+  columns = ["MoE ms/step", "MoE ops/step"]
+  if alone_ops is not None:
+    columns += ["experts alone ms/step", "experts alone ops/step"]
+  lines = [
+      "| op type | " + " | ".join(columns) + " |",
+      "|---|" + "---:|" * len(columns),
+  ]
+  alone_ops = alone_ops or {}
+  # Every op type of either step, the MoE's largest first.
+  names = sorted(
+      set(moe_ops) | set(alone_ops),
+      key=lambda name: (-moe_ops.get(name, (0.0, 0))[0], name),
+  )
+
+  def cells(selected):
+    out = []
+    for ops in [moe_ops] + ([alone_ops] if len(columns) > 2 else []):
+      ms = sum(ops[name][0] for name in selected if name in ops)
+      count = sum(ops[name][1] for name in selected if name in ops)
+      out += [f"{ms:.1f}", f"{count:g}"]
+    return " | ".join(out)
+
+  for name in names[:top]:
+    lines.append(f"| {name} | {cells([name])} |")
+  if len(names) > top:
+    lines.append(
+        f"| other ({len(names) - top} op types) | {cells(names[top:])} |"
+    )
+  lines.append(f"| all ops | {cells(names)} |")
+  return lines
+
+
+def _print_profiles(tokens, k):
+  """--profile: each row's op-time table (one MoE and one alone worker)."""
+  for num_experts, per_expert in _rows(tokens, k):
+    moe = _spawn("moe", num_experts, tokens)
+    alone = (
+        _spawn("experts", num_experts, tokens) if _EXPERTS_ALONE.value else None
+    )
+    print(
+        f"\n{tokens} tokens, {num_experts} experts ({per_expert} tokens per"
+        f" expert): step {moe['ms']:.0f} ms"
+        + ("" if alone is None else f", experts alone {alone['ms']:.0f} ms")
+        + f" (median of {_REPEATS.value} unprofiled steps); op time summed"
+        f" over threads, mean of {_REPEATS.value} profiled steps:"
+    )
+    for line in profile_lines(
+        moe["ops"], None if alone is None else alone["ops"], _PROFILE_OPS.value
+    ):
+      print(line)
+    sys.stdout.flush()
 
 
 def _rows(tokens, k):
@@ -392,6 +488,21 @@ def main(argv):
               f" the {num_experts} experts (equal shares); pass"
               " --noexperts_alone"
           )
+  if _PROFILE.value:
+    if keras.backend.backend() != "tensorflow":
+      raise app.UsageError(
+          "--profile reads TensorFlow's profiler; run with"
+          f" KERAS_BACKEND=tensorflow (this is {keras.backend.backend()})"
+      )
+    print(
+        f"SparseMoE training step (fwd+bwd) op profile, dtype={_DTYPE.value},"
+        f" d={d}, h={h}, k={k}, capacity_factor={_CAPACITY_FACTOR.value},"
+        f" dispatch_mode={_DISPATCH_MODE.value},"
+        f" tf_cpu_allocator={_TF_CPU_ALLOCATOR.value}, cpus={os.cpu_count()}"
+    )
+    for tokens in (int(t) for t in _TOKENS.value):
+      _print_profiles(tokens, k)
+    return
   read_gbs = None
   if _BANDWIDTH_MB.value > 0:
     read_gbs = _spawn("bandwidth", 1, 1)["read_gbs"]

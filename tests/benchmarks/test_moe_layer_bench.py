@@ -78,3 +78,58 @@ def test_unequal_expert_shares_are_a_one_line_error():
       "--experts_alone needs tokens*k = 256 divisible by the 7 experts"
       in result.stderr
   ), result.stderr
+
+
+def test_profile_lines_list_the_moes_largest_op_types_then_the_rest():
+  moe = {"MatMul": (10.0, 8), "InplaceUpdate": (3.0, 4), "Relu": (1.0, 2)}
+  alone = {"MatMul": (9.0, 8), "Relu": (1.5, 2), "AddN": (0.5, 1)}
+  assert moe_layer.profile_lines(moe, alone, top=2) == [
+      "| op type | MoE ms/step | MoE ops/step | experts alone ms/step |"
+      " experts alone ops/step |",
+      "|---|---:|---:|---:|---:|",
+      "| MatMul | 10.0 | 8 | 9.0 | 8 |",
+      "| InplaceUpdate | 3.0 | 4 | 0.0 | 0 |",
+      # Relu (1.0 + 1.5) and AddN, which only the experts alone ran.
+      "| other (2 op types) | 1.0 | 2 | 2.0 | 3 |",
+      "| all ops | 14.0 | 14 | 11.0 | 11 |",
+  ]
+  assert moe_layer.profile_lines(moe, None, top=5)[-2:] == [
+      "| Relu | 1.0 | 2 |",
+      "| all ops | 14.0 | 14 |",
+  ]
+
+
+def test_profile_prints_each_rows_op_table():
+  result = _run_benchmark(
+      "--profile",
+      "--tokens=256",
+      "--num_experts=8",
+      "--repeats=1",
+      "--dim=16",
+      "--hidden=32",
+      "--profile_ops=1000",
+  )
+  assert result.returncode == 0, result.stderr
+  assert (
+      "256 tokens, 8 experts (128 tokens per expert): step " in result.stdout
+  ), result.stdout
+  rows = re.findall(
+      r"^\| (\S+) \| [\d.]+ \| (\d+) \| [\d.]+ \| (\d+) \|$",
+      result.stdout,
+      flags=re.M,
+  )
+  ops = {name: (int(moe), int(alone)) for name, moe, alone in rows}
+  # 1024 routed rows > small_batch_limit: the grouped path, whose weight
+  # gradients are written in place (2 kernels x 8 experts); the experts
+  # alone have separate weights and stack nothing.
+  assert ops["InplaceUpdate"] == (16, 0), result.stdout
+  assert "all ops" in result.stdout
+
+
+def test_profile_on_jax_is_a_one_line_error():
+  env = dict(os.environ, KERAS_BACKEND="jax")
+  result = bench_testlib.run_benchmark(
+      "moe_layer.py", "--profile", "--tokens=64", "--num_experts=8", env=env
+  )
+  assert result.returncode != 0
+  assert "--profile reads TensorFlow's profiler" in result.stderr, result.stderr
