@@ -10,12 +10,14 @@ methodology's sweep and table runs, `results_lib.run_procedure`, or
 """
 
 import os
+import re
 import sys
 from typing import Callable, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -121,6 +123,21 @@ def define_shared_flags(task: str, speed_period: int) -> None:
       lambda value: value is None or value > 0,
       message="--grid_lr must be a positive learning rate",
   )
+  flags.DEFINE_string(
+      "plot_tag",
+      None,
+      "A name for this table's PNGs (curves_<N>steps..._<tag>_*.png), so"
+      " that a table of other configs at the same lengths and rate writes its"
+      " plots beside the existing ones; without it, plots that show configs"
+      " this table lacks are kept and this table's not written"
+      " (results_plots.check_plot_conflicts).",
+  )
+  flags.register_validator(
+      "plot_tag",
+      lambda value: value is None
+      or bool(re.fullmatch(results_plots.PLOT_TAG_PATTERN, value)),
+      message="--plot_tag must match " + results_plots.PLOT_TAG_PATTERN,
+  )
   flags.DEFINE_list(
       "table_lrs",
       None,
@@ -196,6 +213,7 @@ def grid_from_flags(
       output_dir=output_dir,
       results_dir=results_dir,
       grid_lr=flag_values.grid_lr,
+      plot_tag=flag_values.plot_tag,
   )
 
 

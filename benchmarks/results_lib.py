@@ -218,6 +218,7 @@ class Grid:
   output_dir: str  # model dirs
   results_dir: str  # summaries, rate choices, plots
   grid_lr: Optional[float] = None  # --grid_lr: every table run's rate
+  plot_tag: Optional[str] = None  # --plot_tag: in the PNGs' names
 
 
 def gin_file(corpus: Corpus, config: str) -> str:

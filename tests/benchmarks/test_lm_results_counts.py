@@ -1,5 +1,6 @@
 """lm_results.py --mode=table end to end: each row's model counted with the
-grid's own bindings, the margin references, a bad summary file."""
+grid's own bindings, the margin references, a bad summary file, and which
+runs write or keep the plots."""
 
 import json
 import os
@@ -8,6 +9,9 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _lstm(d):
@@ -94,17 +98,16 @@ def test_a_corrupt_summary_is_one_line_naming_the_file(tmp_path):
   assert bad.read_text() == '{"config": "4xl'
 
 
-def test_only_the_modes_of_the_whole_table_write_its_plots(tmp_path):
-  """A --mode=grid lane of one config leaves the table's PNGs alone."""
-  runs = tmp_path / "results" / "runs"
-  runs.mkdir(parents=True)
-  for seed in (0, 1, 100):  # 100: the sweep's (results_lib.SWEEP_SEED)
+def _write_finished_runs(runs, config, seeds):
+  """Summaries of finished 100-step runs of `config` at 1e-3, by hand."""
+  runs.mkdir(parents=True, exist_ok=True)
+  for seed in seeds:
     curve = [
         {"step": s, "tokens": 1e3 * s, "train_seconds": s, "dev_perplexity": p}
         for s, p in ((50, 300.0 + seed), (100, 200.0 + seed))
     ]
     summary = {
-        "config": "4xlstm_128",
+        "config": config,
         "lr": 1e-3,
         "seed": seed,
         "steps": 100,
@@ -114,9 +117,15 @@ def test_only_the_modes_of_the_whole_table_write_its_plots(tmp_path):
         "tokens": 1e5,
         "train_seconds": 100.0,
     }
-    (runs / f"4xlstm_128_lr0.001_s{seed}_100.json").write_text(
+    (runs / f"{config}_lr0.001_s{seed}_100.json").write_text(
         json.dumps(summary)
     )
+
+
+def test_only_the_modes_of_the_whole_table_write_its_plots(tmp_path):
+  """A --mode=grid lane of one config leaves the table's PNGs alone."""
+  # 100: the sweep's seed (results_lib.SWEEP_SEED).
+  _write_finished_runs(tmp_path / "results" / "runs", "4xlstm_128", (0, 1, 100))
   flags = ("--configs=4xlstm_128", "--grid_lr=1e-3", "--seeds=0,1")
   flags += ("--train_steps=100",)
   for mode in ("grid", "sweep"):  # every run finished: nothing trains
@@ -171,3 +180,45 @@ def test_both_front_ends_list_the_shared_flags_in_their_short_help():
     )
     for flag in ("--mode", "--seeds", "--lrs", "--grid_lr", "--results_dir"):
       assert f"\n  {flag}:" in result.stdout, (script, flag, result.stdout)
+
+
+def test_a_table_of_fewer_configs_does_not_replace_the_plots(tmp_path):
+  """Same lengths and rate: a subset is written beside (--plot_tag) or not."""
+  _write_finished_runs(tmp_path / "results" / "runs", "4xlstm_128", (0, 1))
+  _write_finished_runs(tmp_path / "results" / "runs", "moe_4", (0, 1))
+  flags = ("--grid_lr=1e-3", "--seeds=0,1", "--train_steps=100", "--lrs=1e-3")
+  results = tmp_path / "results"
+  _table(tmp_path, "--configs=4xlstm_128,moe_4", *flags)
+  pngs = {p.name: p.read_bytes() for p in results.glob("*.png")}
+  assert sorted(pngs) == [
+      "curves_100steps_lr0.001_tokens.png",
+      "curves_100steps_lr0.001_wallclock.png",
+      "margins_100steps_lr0.001_tokens.png",
+  ]
+  # One lane's configs (e.g. --mode=all of one config): tables, no plots.
+  result = _table(tmp_path, "--configs=4xlstm_128", *flags)
+  assert (
+      f"plots: not written: {results}/curves_100steps_lr0.001_tokens.png"
+      " shows configs 4xlstm_128,moe_4, and this table's (4xlstm_128) lack"
+      " moe_4: --plot_tag=NAME writes its plots beside it"
+  ) in result.stdout.splitlines(), result.stdout
+  assert {p.name: p.read_bytes() for p in results.glob("*.png")} == pngs
+  _table(tmp_path, "--configs=4xlstm_128", *flags, "--plot_tag=dense_only")
+  assert sorted(p.name for p in results.glob("*.png")) == sorted(
+      list(pngs)
+      + [
+          "curves_100steps_lr0.001_dense_only_tokens.png",
+          "curves_100steps_lr0.001_dense_only_wallclock.png",
+      ]
+  )
+  # The same configs or more (the whole table after a lane) replace them.
+  result = _table(tmp_path, "--configs=moe_4,4xlstm_128,moe_32", *flags)
+  assert "plots: not written" not in result.stdout, result.stdout
+  assert results_plots.recorded_configs(
+      str(results / "curves_100steps_lr0.001_tokens.png")
+  ) == ["moe_4", "4xlstm_128", "moe_32"]
+  bad = _table(
+      tmp_path, "--configs=4xlstm_128", *flags, "--plot_tag=a/b", check=False
+  )
+  assert bad.returncode == 1
+  assert "--plot_tag must match" in bad.stderr, bad.stderr

@@ -25,6 +25,7 @@ def _grid_flags(**overrides):
       output_dir=None,
       results_dir=None,
       grid_lr=None,
+      plot_tag=None,
   )
   values.update(overrides)
   return types.SimpleNamespace(**values)
@@ -55,6 +56,7 @@ def test_grid_from_flags_defaults(task, sweep_variants, swept):
   assert grid.seeds == [0, 2]
   assert grid.lrs == [1e-3, 4e-3]
   assert (grid.steps, grid.sweep_steps, grid.grid_lr) == (50, 50, None)
+  assert grid.plot_tag is None
   assert grid.output_dir == os.path.join(
       os.path.expanduser("~"), "moe_keras_runs", f"{task}_debian_docs"
   )
@@ -71,6 +73,7 @@ def test_grid_from_flags_takes_explicit_values_and_checks_configs(tmp_path):
           output_dir="~/elsewhere",
           results_dir=str(tmp_path),
           grid_lr=2e-3,
+          plot_tag="ptb_rows",
       ),
       _DOCS,
       task="lm",
@@ -79,6 +82,7 @@ def test_grid_from_flags_takes_explicit_values_and_checks_configs(tmp_path):
   assert (grid.sweep_configs, grid.sweep_steps) == (["moe_32"], 20)
   assert grid.output_dir == os.path.join(os.path.expanduser("~"), "elsewhere")
   assert (grid.results_dir, grid.grid_lr) == (str(tmp_path), 2e-3)
+  assert grid.plot_tag == "ptb_rows"
   for bad in (
       {"configs": ["4xlstm_128", "nope"]},
       {"sweep_configs": ["moe_32@fast"]},

@@ -1045,3 +1045,78 @@ def test_a_bad_rate_choice_file_is_an_error_and_is_not_replaced(tmp_path):
     results_lib.write_lr_choice(tmp_path, {"moe": 1e-3}, [1e-3, 2e-3], 100)
   with open(path) as f:
     assert f.read() == '{"choice": '
+
+
+def test_plots_record_their_configs_and_refuse_other_configs(tmp_path):
+  curve = _curve([(100, 1e5, 10.0, 200.0)])
+  for config in ("a", "b"):
+    for lr in (1e-3, 2e-3):
+      _write(
+          tmp_path,
+          results_lib.Run(config, lr, results_lib.SWEEP_SEED, 100),
+          1.0,
+          1.0,
+          curve,
+      )
+    _write(tmp_path, results_lib.Run(config, 1e-3, 0, 100), 1.0, 1.0, curve)
+
+  def write(configs, sweep_configs, tag=None):
+    rows = results_tables.collect_rows(
+        tmp_path, configs, [0], 100, {c: 1e-3 for c in configs}
+    )
+    swept = results_tables.sweep_rows(
+        tmp_path, sweep_configs, [1e-3, 2e-3], 100
+    )
+    return results_plots.write_plots(
+        rows, swept, str(tmp_path), "c", 100, configs=configs, tag=tag
+    )
+
+  # A PNG from before the record (no text chunk) is replaced.
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  legacy = os.path.join(tmp_path, "curves_100steps_tokens.png")
+  plt.figure().savefig(legacy)
+  assert results_plots.recorded_configs(legacy) is None
+  assert results_plots.recorded_configs(str(tmp_path / "none.png")) is None
+  write(["a", "b"], ["a"])
+  assert results_plots.recorded_configs(legacy) == ["a", "b"]
+  sweep_png = os.path.join(tmp_path, "curves_sweep_100steps_wallclock.png")
+  assert results_plots.recorded_configs(sweep_png) == ["a"]
+  before = {
+      name: (tmp_path / name).read_bytes()
+      for name in os.listdir(tmp_path)
+      if name.endswith(".png")
+  }
+  # Fewer configs at the same length: nothing written. The sweep's PNGs
+  # (configs ["a"], as before) come first and pass.
+  with pytest.raises(results_plots.PlotConflict) as conflict:
+    write(["b"], ["a"])
+  assert str(conflict.value) == (
+      f"{tmp_path}/curves_100steps_tokens.png shows configs a,b, and this"
+      " table's (b) lack a: --plot_tag=NAME writes its plots beside it"
+  )
+  with pytest.raises(
+      results_plots.PlotConflict,
+      match=r"curves_sweep_100steps_tokens.png shows configs a, and this"
+      r" table's \(b\) lack a:",
+  ):
+    write(["a", "b"], ["b"])  # the sweep's PNGs lose "a"
+  assert {
+      name: (tmp_path / name).read_bytes()
+      for name in os.listdir(tmp_path)
+      if name.endswith(".png")
+  } == before
+  tagged = write(["b"], ["b"], tag="b_only")
+  assert sorted(os.path.basename(p) for p in tagged) == [
+      "curves_100steps_b_only_tokens.png",
+      "curves_100steps_b_only_wallclock.png",
+      "curves_sweep_100steps_b_only_tokens.png",
+      "curves_sweep_100steps_b_only_wallclock.png",
+  ]  # one row: no margins
+  # The same configs in another order, or more, replace them.
+  write(["b", "a"], ["b", "a"])
+  assert results_plots.recorded_configs(legacy) == ["b", "a"]
+  assert results_plots.recorded_configs(sweep_png) == ["b", "a"]
