@@ -2,7 +2,6 @@
 grid's own bindings, the margin references, a bad summary file, and which
 runs write or keep the plots."""
 
-import json
 import os
 import re
 import subprocess
@@ -11,6 +10,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 sys.path.insert(0, REPO)
 
+import bench_testlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -98,34 +100,26 @@ def test_a_corrupt_summary_is_one_line_naming_the_file(tmp_path):
   assert bad.read_text() == '{"config": "4xl'
 
 
-def _write_finished_runs(runs, config, seeds):
-  """Summaries of finished 100-step runs of `config` at 1e-3, by hand."""
-  runs.mkdir(parents=True, exist_ok=True)
+def _write_finished_runs(results_dir, config, seeds):
+  """Summaries of finished 100-step runs of `config` at 1e-3."""
   for seed in seeds:
-    curve = [
-        {"step": s, "tokens": 1e3 * s, "train_seconds": s, "dev_perplexity": p}
-        for s, p in ((50, 300.0 + seed), (100, 200.0 + seed))
-    ]
-    summary = {
-        "config": config,
-        "lr": 1e-3,
-        "seed": seed,
-        "steps": 100,
-        "curve": curve,
-        "final_dev_perplexity": 200.0 + seed,
-        "test": {"perplexity": 190.0 + seed},
-        "tokens": 1e5,
-        "train_seconds": 100.0,
-    }
-    (runs / f"{config}_lr0.001_s{seed}_100.json").write_text(
-        json.dumps(summary)
+    bench_testlib.write_summary(
+        results_dir,
+        results_lib.Run(config, 1e-3, seed, 100),
+        final_dev=200.0 + seed,
+        test_ppl=190.0 + seed,
+        curve=bench_testlib.curve(
+            [(50, 5e4, 50.0, 300.0 + seed), (100, 1e5, 100.0, 200.0 + seed)]
+        ),
+        seconds=100.0,
+        tokens=1e5,
     )
 
 
 def test_only_the_modes_of_the_whole_table_write_its_plots(tmp_path):
   """A --mode=grid lane of one config leaves the table's PNGs alone."""
   # 100: the sweep's seed (results_lib.SWEEP_SEED).
-  _write_finished_runs(tmp_path / "results" / "runs", "4xlstm_128", (0, 1, 100))
+  _write_finished_runs(tmp_path / "results", "4xlstm_128", (0, 1, 100))
   flags = ("--configs=4xlstm_128", "--grid_lr=1e-3", "--seeds=0,1")
   flags += ("--train_steps=100",)
   for mode in ("grid", "sweep"):  # every run finished: nothing trains
@@ -184,8 +178,8 @@ def test_both_front_ends_list_the_shared_flags_in_their_short_help():
 
 def test_a_table_of_fewer_configs_does_not_replace_the_plots(tmp_path):
   """Same lengths and rate: a subset is written beside (--plot_tag) or not."""
-  _write_finished_runs(tmp_path / "results" / "runs", "4xlstm_128", (0, 1))
-  _write_finished_runs(tmp_path / "results" / "runs", "moe_4", (0, 1))
+  _write_finished_runs(tmp_path / "results", "4xlstm_128", (0, 1))
+  _write_finished_runs(tmp_path / "results", "moe_4", (0, 1))
   flags = ("--grid_lr=1e-3", "--seeds=0,1", "--train_steps=100", "--lrs=1e-3")
   results = tmp_path / "results"
   _table(tmp_path, "--configs=4xlstm_128,moe_4", *flags)

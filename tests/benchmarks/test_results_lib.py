@@ -10,40 +10,14 @@ import sys
 import numpy as np
 import pytest
 
+import bench_testlib
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import results_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import results_tables  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _curve(points):
-  return [
-      {"step": s, "tokens": t, "train_seconds": w, "dev_perplexity": p}
-      for s, t, w, p in points
-  ]
-
-
-def _write(results_dir, run, final_dev, test_ppl, curve=None, seconds=60.0):
-  path = results_lib.summary_path(results_dir, run)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(
-        {
-            "run_id": run.run_id,
-            "config": run.config,
-            "lr": run.lr,
-            "seed": run.seed,
-            "steps": run.steps,
-            "tokens": 1e6,
-            "train_seconds": seconds,
-            "final_dev_perplexity": final_dev,
-            "test": {"perplexity": test_ppl},
-            "curve": curve or [],
-        },
-        f,
-    )
 
 
 def test_mean_std_is_the_sample_std():
@@ -55,7 +29,7 @@ def test_mean_std_is_the_sample_std():
 
 
 def test_first_crossing_interpolates_linearly():
-  curve = _curve(
+  curve = bench_testlib.curve(
       [
           (1, 100.0, 10.0, 300.0),
           (2, 200.0, 20.0, 200.0),
@@ -74,9 +48,13 @@ def test_lr_choice_needs_every_rate_and_picks_the_lowest_dev(tmp_path):
   lrs = [1e-3, 2e-3, 4e-3]
   seed = results_lib.SWEEP_SEED
   for lr, dev in zip(lrs, [180.0, 170.0, 175.0]):
-    _write(tmp_path, results_lib.Run("dense", lr, seed, 100), dev, dev)
+    bench_testlib.write_summary(
+        tmp_path, results_lib.Run("dense", lr, seed, 100), dev, dev
+    )
   for lr, dev in zip(lrs[:2], [150.0, 160.0]):  # one rate missing
-    _write(tmp_path, results_lib.Run("moe", lr, seed, 100), dev, dev)
+    bench_testlib.write_summary(
+        tmp_path, results_lib.Run("moe", lr, seed, 100), dev, dev
+    )
   choice = results_lib.choose_lrs(tmp_path, ["dense", "moe"], lrs, 100)
   assert choice == {"dense": 2e-3}
   swept = results_tables.sweep_rows(tmp_path, ["dense", "moe"], lrs, 100)
@@ -109,7 +87,9 @@ def test_results_table_mean_spread_and_significance(tmp_path):
   }
   for config, ppls in values.items():
     for seed, ppl in enumerate(ppls):
-      _write(tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl)
+      bench_testlib.write_summary(
+          tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl
+      )
   rows = results_tables.collect_rows(
       tmp_path, list(values), [0, 1, 2], 100, lrs
   )
@@ -129,7 +109,9 @@ def test_results_table_second_reference_columns(tmp_path):
   }
   for config, ppls in values.items():
     for seed, ppl in enumerate(ppls):
-      _write(tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl)
+      bench_testlib.write_summary(
+          tmp_path, results_lib.Run(config, 2e-3, seed, 100), ppl, ppl
+      )
   lrs = {c: 2e-3 for c in values}
   rows = results_tables.collect_rows(
       tmp_path, list(values), [0, 1, 2], 100, lrs
@@ -162,9 +144,15 @@ def test_results_table_second_reference_columns(tmp_path):
 def test_results_table_one_seed_is_not_called_significant(tmp_path):
   # One seed each: a 10% difference with no measured spread is "n<2", not
   # "yes"; two seeds of the MoE against one of dense still are.
-  _write(tmp_path, results_lib.Run("dense", 2e-3, 0, 100), 100.0, 100.0)
-  _write(tmp_path, results_lib.Run("moe", 2e-3, 0, 100), 90.0, 90.0)
-  _write(tmp_path, results_lib.Run("moe", 2e-3, 1, 100), 90.0, 90.0)
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("dense", 2e-3, 0, 100), 100.0, 100.0
+  )
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("moe", 2e-3, 0, 100), 90.0, 90.0
+  )
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("moe", 2e-3, 1, 100), 90.0, 90.0
+  )
   lrs = {"dense": 2e-3, "moe": 2e-3}
   for seeds in ([0], [0, 1]):
     rows = results_tables.collect_rows(
@@ -178,10 +166,14 @@ def test_results_table_one_seed_is_not_called_significant(tmp_path):
 
 def test_time_to_quality_uses_the_baselines_mean_final_dev(tmp_path):
   lrs = {"dense": 1e-3, "moe": 1e-3}
-  dense = _curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)])
-  moe = _curve([(1, 1e6, 90.0, 150.0), (2, 2e6, 180.0, 80.0)])
-  _write(tmp_path, results_lib.Run("dense", 1e-3, 0, 2), 100.0, 1.0, dense)
-  _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 2), 80.0, 1.0, moe)
+  dense = bench_testlib.curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)])
+  moe = bench_testlib.curve([(1, 1e6, 90.0, 150.0), (2, 2e6, 180.0, 80.0)])
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("dense", 1e-3, 0, 2), 100.0, 1.0, dense
+  )
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("moe", 1e-3, 0, 2), 80.0, 1.0, moe
+  )
   rows = results_tables.collect_rows(tmp_path, ["dense", "moe"], [0], 2, lrs)
   table = results_tables.time_to_quality_table(rows)
   # MoE crosses 100 at 1e6 + (150 - 100) / (150 - 80) * 1e6 tokens.
@@ -229,7 +221,7 @@ def test_time_to_quality_ratios_use_the_baselines_own_first_crossing(
   # reached its final quality at 2M + (110 - 100) / (110 - 95) * 1M tokens,
   # and the MoE's ratio is against that point, not against the 4M budget.
   lrs = {"dense": 1e-3, "moe": 1e-3}
-  dense = _curve(
+  dense = bench_testlib.curve(
       [
           (1, 1e6, 60.0, 200.0),
           (2, 2e6, 120.0, 110.0),
@@ -237,9 +229,13 @@ def test_time_to_quality_ratios_use_the_baselines_own_first_crossing(
           (4, 4e6, 240.0, 100.0),
       ]
   )
-  moe = _curve([(1, 1e6, 60.0, 120.0), (2, 2e6, 120.0, 90.0)])
-  _write(tmp_path, results_lib.Run("dense", 1e-3, 0, 4), 100.0, 1.0, dense)
-  _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 4), 80.0, 1.0, moe)
+  moe = bench_testlib.curve([(1, 1e6, 60.0, 120.0), (2, 2e6, 120.0, 90.0)])
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("dense", 1e-3, 0, 4), 100.0, 1.0, dense
+  )
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("moe", 1e-3, 0, 4), 80.0, 1.0, moe
+  )
   rows = results_tables.collect_rows(tmp_path, ["dense", "moe"], [0], 4, lrs)
   steps = {
       "dense": {"seconds_per_step": 0.5, "tokens_per_step": 1000.0},
@@ -266,15 +262,23 @@ def test_time_to_quality_ratios_use_the_baselines_own_first_crossing(
 def test_margin_table_follows_the_curve_against_the_reference(tmp_path):
   lrs = {"dense": 1e-3, "moe": 1e-3, "late": 1e-3}
   dense = [
-      _curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)]),
-      _curve([(1, 1e6, 60.0, 220.0), (2, 2e6, 120.0, 110.0)]),
+      bench_testlib.curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)]),
+      bench_testlib.curve([(1, 1e6, 60.0, 220.0), (2, 2e6, 120.0, 110.0)]),
   ]
-  moe = [_curve([(1, 1e6, 90.0, 231.0), (2, 2e6, 180.0, 94.5)])]
-  late = [_curve([(2, 2e6, 180.0, 105.0)])]  # validated at step 2 only
+  moe = [bench_testlib.curve([(1, 1e6, 90.0, 231.0), (2, 2e6, 180.0, 94.5)])]
+  late = [
+      bench_testlib.curve([(2, 2e6, 180.0, 105.0)])
+  ]  # validated at step 2 only
   for seed, curve in enumerate(dense):
-    _write(tmp_path, results_lib.Run("dense", 1e-3, seed, 2), 1.0, 1.0, curve)
-  _write(tmp_path, results_lib.Run("moe", 1e-3, 0, 2), 1.0, 1.0, moe[0])
-  _write(tmp_path, results_lib.Run("late", 1e-3, 0, 2), 1.0, 1.0, late[0])
+    bench_testlib.write_summary(
+        tmp_path, results_lib.Run("dense", 1e-3, seed, 2), 1.0, 1.0, curve
+    )
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("moe", 1e-3, 0, 2), 1.0, 1.0, moe[0]
+  )
+  bench_testlib.write_summary(
+      tmp_path, results_lib.Run("late", 1e-3, 0, 2), 1.0, 1.0, late[0]
+  )
   rows = results_tables.collect_rows(
       tmp_path, ["dense", "moe", "late"], [0, 1], 2, lrs
   )
@@ -303,7 +307,9 @@ def test_paired_table_compares_seed_with_seed(tmp_path):
   }
   for config, by_seed in values.items():
     for seed, ppl in by_seed.items():
-      _write(tmp_path, results_lib.Run(config, 1e-3, seed, 100), ppl, ppl)
+      bench_testlib.write_summary(
+          tmp_path, results_lib.Run(config, 1e-3, seed, 100), ppl, ppl
+      )
   rows = results_tables.collect_rows(
       tmp_path, list(values), [0, 1, 2], 100, lrs
   )
@@ -322,19 +328,19 @@ def test_paired_table_compares_seed_with_seed(tmp_path):
 def test_paired_margins_compare_seed_with_seed(tmp_path):
   lrs = {"dense": 1e-3, "moe": 1e-3}
   dense = {
-      0: _curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)]),
-      1: _curve([(1, 1e6, 60.0, 250.0), (2, 2e6, 120.0, 125.0)]),
-      2: _curve([(1, 1e6, 60.0, 300.0), (2, 2e6, 120.0, 150.0)]),
+      0: bench_testlib.curve([(1, 1e6, 60.0, 200.0), (2, 2e6, 120.0, 100.0)]),
+      1: bench_testlib.curve([(1, 1e6, 60.0, 250.0), (2, 2e6, 120.0, 125.0)]),
+      2: bench_testlib.curve([(1, 1e6, 60.0, 300.0), (2, 2e6, 120.0, 150.0)]),
   }
   # Seed 2 of the MoE is missing: only seeds 0 and 1 are paired.
   moe = {
-      0: _curve([(1, 1e6, 90.0, 220.0), (2, 2e6, 180.0, 95.0)]),
-      1: _curve([(1, 1e6, 90.0, 250.0), (2, 2e6, 180.0, 100.0)]),
+      0: bench_testlib.curve([(1, 1e6, 90.0, 220.0), (2, 2e6, 180.0, 95.0)]),
+      1: bench_testlib.curve([(1, 1e6, 90.0, 250.0), (2, 2e6, 180.0, 100.0)]),
   }
   for config, curves in (("dense", dense), ("moe", moe)):
     for seed, curve in curves.items():
       run = results_lib.Run(config, 1e-3, seed, 2)
-      _write(tmp_path, run, 1.0, 1.0, curve)
+      bench_testlib.write_summary(tmp_path, run, 1.0, 1.0, curve)
   rows = results_tables.collect_rows(
       tmp_path, ["dense", "moe"], [0, 1, 2], 2, lrs
   )
@@ -358,9 +364,13 @@ def test_paired_margins_compare_seed_with_seed(tmp_path):
 
 
 def test_mean_curve_averages_the_seeds_at_common_steps():
-  a = {"curve": _curve([(1, 10.0, 1.0, 300.0), (2, 20.0, 2.0, 200.0)])}
+  a = {
+      "curve": bench_testlib.curve(
+          [(1, 10.0, 1.0, 300.0), (2, 20.0, 2.0, 200.0)]
+      )
+  }
   b = {
-      "curve": _curve(
+      "curve": bench_testlib.curve(
           [(1, 12.0, 3.0, 100.0), (2, 22.0, 4.0, 100.0), (3, 30.0, 5.0, 90.0)]
       )
   }
@@ -468,7 +478,7 @@ def test_longer_grid_takes_the_rate_chosen_at_the_sweeps_length(tmp_path):
       dev = {("a", 1e-3): 90.0, ("a", 2e-3): 80.0}.get(
           (run.config, run.lr), 70.0 if run.lr == 1e-3 else 75.0
       )
-      _write(tmp_path, run, dev, dev)
+      bench_testlib.write_summary(tmp_path, run, dev, dev)
 
   rates = results_lib.run_procedure(
       "all",
@@ -500,12 +510,16 @@ def test_longer_grid_takes_the_rate_chosen_at_the_sweeps_length(tmp_path):
 def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
   """Sweeps and tables of 100 and 400 steps, in one results_dir."""
   for steps in (100, 400):
-    curve = _curve([(100, 1e5, 10.0, 200.0)])
+    curve = bench_testlib.curve([(100, 1e5, 10.0, 200.0)])
     if steps == 400:
-      curve = _curve([(100, 1e5, 10.0, 200.0), (400, 4e5, 40.0, 150.0)])
+      curve = bench_testlib.curve(
+          [(100, 1e5, 10.0, 200.0), (400, 4e5, 40.0, 150.0)]
+      )
     for seed in (results_lib.SWEEP_SEED, 0):
-      _write(tmp_path, results_lib.Run("a", 1e-3, seed, steps), 1.0, 1.0, curve)
-    _write(
+      bench_testlib.write_summary(
+          tmp_path, results_lib.Run("a", 1e-3, seed, steps), 1.0, 1.0, curve
+      )
+    bench_testlib.write_summary(
         tmp_path,
         results_lib.Run("a", 2e-3, results_lib.SWEEP_SEED, steps),
         1.0,
@@ -550,9 +564,11 @@ def test_plots_of_other_lengths_do_not_replace_each_other(tmp_path):
 
 def test_a_sweep_is_shown_only_when_it_spans_two_rates(tmp_path):
   """A --grid_lr table's seed-SWEEP_SEED runs at one rate are no sweep."""
-  curve = _curve([(100, 1e5, 10.0, 200.0)])
+  curve = bench_testlib.curve([(100, 1e5, 10.0, 200.0)])
   for seed in (results_lib.SWEEP_SEED, 0):
-    _write(tmp_path, results_lib.Run("a", 1e-3, seed, 100), 1.0, 1.0, curve)
+    bench_testlib.write_summary(
+        tmp_path, results_lib.Run("a", 1e-3, seed, 100), 1.0, 1.0, curve
+    )
   rows = results_tables.collect_rows(tmp_path, ["a"], [0], 100, {"a": 1e-3})
   lrs = [5e-4, 1e-3, 2e-3]
   swept = results_tables.sweep_rows(tmp_path, ["a"], lrs, 100)
@@ -571,7 +587,7 @@ def test_a_sweep_is_shown_only_when_it_spans_two_rates(tmp_path):
       f" {results_lib.SWEEP_SEED} runs span fewer than two rates."
   )
   # A second rate makes it a sweep: its table, and its plot.
-  _write(
+  bench_testlib.write_summary(
       tmp_path,
       results_lib.Run("a", 2e-3, results_lib.SWEEP_SEED, 100),
       1.0,
@@ -629,7 +645,7 @@ def test_margin_trend_fits_a_line_per_doubling_and_extrapolates(tmp_path):
   tokens = [1e6, 2e6, 4e6, 8e6, 16e6]
 
   def summary(seed, margins):
-    curve = _curve(
+    curve = bench_testlib.curve(
         [
             (i + 1, t, 10.0 * (i + 1), 100.0 * (1.0 + m / 100.0))
             for i, (t, m) in enumerate(zip(tokens, margins))
@@ -867,12 +883,12 @@ def test_sweep_margins_are_per_rate_against_the_baseline(tmp_path):
       ("moe", 8e-3): 50.0,
   }
   for (config, lr), ppl in dev.items():
-    _write(
+    bench_testlib.write_summary(
         tmp_path,
         results_lib.Run(config, lr, sweep, 100),
         ppl,
         ppl,
-        _curve([(100, 1e5, 10.0, ppl)]),
+        bench_testlib.curve([(100, 1e5, 10.0, ppl)]),
     )
   lrs = [2e-3, 4e-3, 8e-3]
   swept = results_tables.sweep_rows(tmp_path, ["dense", "moe"], lrs, 100)
@@ -908,12 +924,12 @@ def test_mt_results_prints_the_sweeps_margins_per_rate(tmp_path):
   }
   results_dir = tmp_path / "results"
   for (config, lr), (at_50, at_100) in dev.items():
-    _write(
+    bench_testlib.write_summary(
         results_dir,
         results_lib.Run(config, lr, sweep, 100),
         at_100,
         at_100,
-        _curve([(50, 5e4, 5.0, at_50), (100, 1e5, 10.0, at_100)]),
+        bench_testlib.curve([(50, 5e4, 5.0, at_50), (100, 1e5, 10.0, at_100)]),
     )
   done = subprocess.run(
       [
@@ -961,7 +977,9 @@ def _write_rate_grid(results_dir):
   }
   for (config, lr), by_seed in grid.items():
     for seed, (dev, test) in by_seed.items():
-      _write(results_dir, results_lib.Run(config, lr, seed, 100), dev, test)
+      bench_testlib.write_summary(
+          results_dir, results_lib.Run(config, lr, seed, 100), dev, test
+      )
 
 
 def test_rate_grid_rows_are_config_major_with_missing_runs_kept(tmp_path):
@@ -1011,7 +1029,7 @@ def test_a_bad_summary_file_is_one_error_naming_it_and_is_left_alone(
     tmp_path,
 ):
   run = results_lib.Run("dense", 1e-3, 0, 100)
-  _write(tmp_path, run, 50.0, 51.0)
+  bench_testlib.write_summary(tmp_path, run, 50.0, 51.0)
   assert results_lib.load_summary(tmp_path, run)["test"] == {"perplexity": 51.0}
   path = results_lib.summary_path(tmp_path, run)
   for content, why in (
@@ -1048,17 +1066,19 @@ def test_a_bad_rate_choice_file_is_an_error_and_is_not_replaced(tmp_path):
 
 
 def test_plots_record_their_configs_and_refuse_other_configs(tmp_path):
-  curve = _curve([(100, 1e5, 10.0, 200.0)])
+  curve = bench_testlib.curve([(100, 1e5, 10.0, 200.0)])
   for config in ("a", "b"):
     for lr in (1e-3, 2e-3):
-      _write(
+      bench_testlib.write_summary(
           tmp_path,
           results_lib.Run(config, lr, results_lib.SWEEP_SEED, 100),
           1.0,
           1.0,
           curve,
       )
-    _write(tmp_path, results_lib.Run(config, 1e-3, 0, 100), 1.0, 1.0, curve)
+    bench_testlib.write_summary(
+        tmp_path, results_lib.Run(config, 1e-3, 0, 100), 1.0, 1.0, curve
+    )
 
   def write(configs, sweep_configs, tag=None):
     rows = results_tables.collect_rows(
