@@ -11,34 +11,16 @@ builder (`build_debian_docs`):
    `apt-get download` (a `.deb` already there is reused; an extracted package
    tree `CACHE/debs/NAME/` stands for a `.deb` too);
 2. reads the selected files straight from the `.deb` (`dpkg-deb
-   --fsys-tarfile`, `.gz` members decompressed) and extracts text:
-   * HTML (stdlib `html.parser`): `<head>`, scripts, styles, `<pre>`,
-     tables, navigation, headers/footers, sidebars, code listings and API
-     signatures (by tag, class, role or id, see `SKIP_TAGS`,
-     `SKIP_CLASS_RE`) are removed; block elements end paragraphs;
-   * reStructuredText (Sphinx `_sources/*.rst.txt`) and plain text:
-     comments, code-like directives (`code-block`, `kernel-doc`, `toctree`,
-     tables, ...) and literal blocks (after `::`), doctests, tables, section
-     adornments and option-list lines are removed, the bodies of prose
-     directives (`note`, `function`, `versionadded`, ...) kept, inline markup
-     reduced to its text (`` :ref:`Title <label>` `` -> `Title`);
-   * POD (`perl-doc`): commands give headings/items, verbatim paragraphs
-     are dropped, formatting codes reduced to their text;
+   --fsys-tarfile`, `.gz` members decompressed) and keeps their prose
+   paragraphs (`doc_markup`: HTML without navigation, code listings and
+   tables; reStructuredText and plain text without code-like directives,
+   literal blocks and inline markup; POD without verbatim paragraphs);
    files whose name says license/copyright are skipped;
-3. splits paragraphs into sentences (after `.`, `!`, `?` followed by a
-   capital, a digit or an opening quote; not after `e.g.`, `i.e.`, `etc.`,
-   initials, ...) and tokenizes them PTB-style (`tokenize`): lowercased,
-   punctuation split into its own tokens, clitics split (`don't` -> `do
-   n't`), numbers -> `N`, URLs -> `<url>`, e-mail addresses -> `<email>`;
-   words joined by `.`, `-`, `_` or `'` stay one token (`os.path`,
-   `x86-64`), and so do command-line options (`--input`) and `c++`. A
-   sentence is kept if it has `MIN_SENTENCE_TOKENS` to
-   `MAX_SENTENCE_TOKENS` tokens (so it fits `max_length=128` with `</S>`),
-   at least half of its tokens are alphabetic words, and it contains an
-   English function word (`ENGLISH_MARKERS`), which drops code, option
-   tables, and the other languages of multilingual packages; a sentence
-   seen before anywhere in the corpus is dropped (global deduplication, so
-   no sentence is in two splits);
+3. splits the paragraphs into sentences, tokenizes them PTB-style and keeps
+   the English prose sentences of 3 to 127 tokens (`english_sentences`,
+   which drops code, option tables and the other languages of multilingual
+   packages); a sentence seen before anywhere in the corpus is dropped
+   (global deduplication, so no sentence is in two splits);
 4. splits by document (file): a document goes to test / valid / train by a
    SHA-256 hash of `package:path` (`split_of`), 1.25% of the documents
    each for test and valid by default (about 120k words each on the default
@@ -72,8 +54,6 @@ import collections
 import dataclasses
 import gzip
 import hashlib
-import html
-import html.parser
 import json
 import os
 import random
@@ -82,13 +62,14 @@ import shutil
 import subprocess
 import tarfile
 import time
-import unicodedata
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from absl import logging
 import gin
 
 from data_pipelines import debian_translations
+from data_pipelines import doc_markup
+from data_pipelines import english_sentences
 from data_pipelines import lm
 from data_pipelines import text_io
 from data_pipelines import word_vocab as word_vocab_lib
@@ -113,20 +94,6 @@ DEFAULT_TEST_FRACTION = 0.0125
 # (sampled) softmax over words can afford; OOV rates are in the manifest.
 DEFAULT_VOCAB_SIZE = 32000
 DEFAULT_MIN_TRAIN_WORDS = 10_000_000
-MIN_SENTENCE_TOKENS = 3
-# max_length 128 = tokens + </S>: every kept sentence fits.
-MAX_SENTENCE_TOKENS = 127
-# A sentence must contain one of these (lowercased) words to count as English.
-ENGLISH_MARKERS = frozenset(
-    "the a an is are was were be been to of and in on for with this that"
-    " these it its as by or not can if you we they which from at will should"
-    " must may has have".split()
-)
-# A sentence needs this share of alphabetic word tokens.
-MIN_WORD_FRACTION = 0.5
-NUMBER_TOKEN = "N"
-URL_TOKEN = "<url>"
-EMAIL_TOKEN = "<email>"
 DOCS_LAYOUT = (
     f"CACHE/{{train,valid,test}}.txt, CACHE/{VOCAB_FILE} and CACHE/{MANIFEST}"
     f" written by `{BUILD_COMMAND}`"
@@ -606,476 +573,7 @@ def package_documents(
       raise DataError(f"dpkg-deb cannot read {package_file.path!r}: {stderr}")
 
 
-# -------------------------------------------------------- text extraction
-BLOCK_TAGS = frozenset(
-    "p div li ul ol dl dt dd h1 h2 h3 h4 h5 h6 br hr tr td th blockquote"
-    " section article aside caption figcaption body main center".split()
-)
-SKIP_TAGS = frozenset(
-    "head script style pre table nav header footer form select button"
-    " textarea svg math noscript iframe object map sup".split()
-)
-SKIP_CLASS_RE = re.compile(
-    r"(?:^|\s)(?:sphinxsidebar\w*|related|footer|header|navigation|nav\w*"
-    r"|toc\w*|breadcrumbs?|headerlink|highlight[\w-]*|sig(?:nature)?"
-    r"|sourceCode|programlisting|screen|synopsis|cmdsynopsis|funcsynopsis"
-    r"|literallayout|example-contents|doctest|rst-footer-buttons|sidebar"
-    r"|menu|footnotes?|index|contents|topic|example|lilypond\w*"
-    r"|rustdoc-toggle|mobile-topbar|sidebar-elems|search\w*)(?:\s|$)"
-)
-SKIP_ID_RE = re.compile(
-    r"^(?:sidebar|toc|nav\w*|footer|header|searchbox|menu|breadcrumbs?)$"
-)
-VOID_TAGS = frozenset(
-    "area base br col embed hr img input link meta param source track"
-    " wbr".split()
-)
-
-
-class _HtmlText(html.parser.HTMLParser):
-  """Collects the paragraphs of an HTML page outside skipped elements."""
-
-  def __init__(self):
-    super().__init__(convert_charrefs=True)
-    self.paragraphs: List[str] = []
-    self._buffer: List[str] = []
-    self._skip_tag: Optional[str] = None
-    self._skip_depth = 0
-
-  def _flush(self):
-    text = " ".join("".join(self._buffer).split())
-    if text:
-      self.paragraphs.append(text)
-    self._buffer = []
-
-  def handle_starttag(self, tag, attrs):
-    if tag in VOID_TAGS:
-      if self._skip_tag is None and tag in BLOCK_TAGS:
-        self._flush()
-      return
-    if self._skip_tag is not None:
-      if tag == self._skip_tag:
-        self._skip_depth += 1
-      return
-    attributes = dict(attrs) if tag not in ("html", "body") else {}
-    if (
-        tag in SKIP_TAGS
-        or SKIP_CLASS_RE.search(attributes.get("class") or "")
-        or SKIP_ID_RE.match(attributes.get("id") or "")
-        or attributes.get("role") in ("navigation", "search", "banner")
-    ):
-      self._flush()
-      self._skip_tag = tag
-      self._skip_depth = 1
-      return
-    if tag in BLOCK_TAGS:
-      self._flush()
-
-  def handle_startendtag(self, tag, attrs):
-    if self._skip_tag is None and tag in BLOCK_TAGS:
-      self._flush()
-
-  def handle_endtag(self, tag):
-    if self._skip_tag is not None:
-      if tag == self._skip_tag:
-        self._skip_depth -= 1
-        if self._skip_depth == 0:
-          self._skip_tag = None
-      return
-    if tag in BLOCK_TAGS:
-      self._flush()
-
-  def handle_data(self, data):
-    if self._skip_tag is None:
-      self._buffer.append(data)
-
-  def close(self):
-    super().close()
-    self._flush()
-
-
-def html_paragraphs(text: str) -> List[str]:
-  """Prose paragraphs of an HTML page (see module docstring, step 2).
-
-  Args:
-    text: the page.
-
-  Returns:
-    Paragraphs with whitespace collapsed.
-  """
-  parser = _HtmlText()
-  parser.feed(text)
-  parser.close()
-  return parser.paragraphs
-
-
-# Directives whose body is prose (kept); every other directive is dropped
-# with its indented body.
-PROSE_DIRECTIVES = frozenset(
-    "note warning seealso tip important attention caution danger error hint"
-    " admonition versionadded versionchanged deprecated function method"
-    " class attribute data exception decorator decoratormethod classmethod"
-    " staticmethod describe object module currentmodule py:function py:method"
-    " py:class py:attribute py:data py:exception py:module c:function"
-    " c:macro c:type c:member c:var c:struct c:union c:enum c:enumerator"
-    " cpp:function cpp:class cpp:type cpp:member envvar option cmdoption"
-    " program rst:directive rst:role confval event opcode abstractmethod"
-    " coroutinefunction coroutinemethod glossary topic sidebar rubric only"
-    " container compound centered hlist".split()
-)
-# Directives whose argument on the directive line is text
-# ('.. note:: Text.'); the version directives' argument starts with a version.
-VERSION_DIRECTIVES = frozenset(("versionadded", "versionchanged", "deprecated"))
-INLINE_TEXT_DIRECTIVES = VERSION_DIRECTIVES | frozenset(
-    "note warning tip important attention caution danger hint"
-    " seealso".split()
-)
-_DIRECTIVE_RE = re.compile(r"^(\s*)\.\.\s+([\w:.-]+)::(.*)$")
-_COMMENT_RE = re.compile(r"^(\s*)\.\.(\s|$)")
-_ADORNMENT_RE = re.compile(r"^\s*([=\-`:'\"~^_*+#<>.])\1{2,}\s*$")
-_SIMPLE_TABLE_RE = re.compile(r"^\s*=+(\s+=+)+\s*$")
-_GRID_TABLE_RE = re.compile(r"^\s*[+|]")
-_OPTION_LINE_RE = re.compile(r"^\s*--?[A-Za-z0-9][\w-]*(?:[ =]\S+)?(\s{2,}|$)")
-_FIELD_RE = re.compile(r"^\s*:[^:`\s][^:`]*:(\s+|$)")
-_BULLET_RE = re.compile(r"^\s*(?:[-*+\u2022]|\d+[.)]|#\.|\(\w\))\s+")
-_ROLE_TARGET_RE = re.compile(r":[\w:.+-]+:`([^`<]*?)\s*<[^`>]*>`")
-_ROLE_RE = re.compile(r":[\w:.+-]+:`[~!]?([^`]*)`")
-_LINK_RE = re.compile(r"`([^`<]*?)\s*<[^`>]*>`__?")
-_LITERAL_RE = re.compile(r"``([^`]*)``")
-_INTERPRETED_RE = re.compile(r"`([^`]*)`_{0,2}")
-_EMPHASIS_RE = re.compile(r"\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*")
-_FOOTNOTE_REF_RE = re.compile(r"\s*\[(?:#\w*|\*|\d+)\]_")
-_SUBSTITUTION_RE = re.compile(r"\|([^|\s][^|]*)\|_{0,2}")
-
-
-def _indent(line: str) -> int:
-  return len(line) - len(line.lstrip())
-
-
-def rst_inline(text: str) -> str:
-  """reST inline markup reduced to its text."""
-  text = _ROLE_TARGET_RE.sub(r"\1", text)
-  text = _ROLE_RE.sub(r"\1", text)
-  text = _LINK_RE.sub(r"\1", text)
-  text = _LITERAL_RE.sub(r"\1", text)
-  text = _INTERPRETED_RE.sub(r"\1", text)
-  text = _EMPHASIS_RE.sub(lambda m: m.group(1) or m.group(2), text)
-  text = _FOOTNOTE_REF_RE.sub("", text)
-  text = _SUBSTITUTION_RE.sub(r"\1", text)
-  return text.replace("\\ ", "").replace("\\", "")
-
-
-def rst_paragraphs(text: str) -> List[str]:
-  """Prose paragraphs of reStructuredText or plain text (module docstring).
-
-  Args:
-    text: the document.
-
-  Returns:
-    Paragraphs (inline markup reduced to text, whitespace collapsed).
-  """
-  lines = text.expandtabs(8).splitlines()
-  paragraphs: List[str] = []
-  current: List[str] = []
-  literal_indent = None
-  para_indent = 0
-
-  def flush():
-    joined = " ".join(" ".join(current).split())
-    if joined:
-      paragraphs.append(rst_inline(joined))
-    current.clear()
-
-  def skip_block(start: int, indent: int) -> int:
-    """Index of the first line after the block indented more than indent."""
-    j = start
-    while j < len(lines) and (
-        not lines[j].strip() or _indent(lines[j]) > indent
-    ):
-      j += 1
-    return j
-
-  i = 0
-  while i < len(lines):
-    line = lines[i]
-    stripped = line.strip()
-    if not stripped:
-      flush()
-      i += 1
-      continue
-    if literal_indent is not None:
-      # The literal block: lines indented more than the paragraph that
-      # ended with '::'.
-      indent, literal_indent = literal_indent, None
-      if _indent(line) > indent:
-        i = skip_block(i, indent)
-        continue
-    directive = _DIRECTIVE_RE.match(line)
-    if directive:
-      flush()
-      name = directive.group(2).lower()
-      indent = _indent(line)
-      if name in PROSE_DIRECTIVES:
-        rest = directive.group(3).strip()
-        i += 1
-        # Options (':opt: value') directly after the directive line.
-        while i < len(lines) and _FIELD_RE.match(lines[i]):
-          i += 1
-        if name in VERSION_DIRECTIVES:
-          rest = " ".join(rest.split()[1:])  # drop the version number
-        if rest and name in INLINE_TEXT_DIRECTIVES:
-          current.append(rest)
-        continue
-      i = skip_block(i + 1, indent)
-      continue
-    if _COMMENT_RE.match(line):
-      flush()
-      i = skip_block(i + 1, _indent(line))
-      continue
-    if stripped.startswith(">>>"):
-      flush()
-      while i < len(lines) and lines[i].strip():
-        i += 1
-      continue
-    if _SIMPLE_TABLE_RE.match(line):
-      flush()
-      i += 1
-      while i < len(lines):
-        if _SIMPLE_TABLE_RE.match(lines[i]) and (
-            i + 1 >= len(lines) or not lines[i + 1].strip()
-        ):
-          i += 1
-          break
-        i += 1
-      continue
-    if _ADORNMENT_RE.match(line):
-      flush()
-      i += 1
-      continue
-    if _GRID_TABLE_RE.match(line) and (
-        stripped.startswith("+-") or stripped.startswith("+=")
-    ):
-      flush()
-      while i < len(lines) and lines[i].strip():
-        i += 1
-      continue
-    if _OPTION_LINE_RE.match(line):
-      flush()
-      i += 1
-      continue
-    bullet = _BULLET_RE.match(line)
-    if bullet:
-      flush()
-      line = line[bullet.end() :]
-    field = _FIELD_RE.match(line)
-    if field:
-      flush()
-      line = line[field.end() :]
-    if line.rstrip().endswith("::"):
-      body = line.rstrip()[:-2].rstrip()
-      if not current:
-        para_indent = _indent(lines[i])
-      current.append(body + ":" if body else "")
-      flush()
-      literal_indent = para_indent
-      i += 1
-      continue
-    if not current:
-      para_indent = _indent(lines[i])
-    current.append(line)
-    i += 1
-  flush()
-  return paragraphs
-
-
-_POD_CODE_RE = re.compile(r"([A-Z])<([^<>]*)>")
-_POD_MULTI_RE = re.compile(r"([A-Z])<{2,}\s+(.*?)\s+>{2,}", re.S)
-_POD_ESCAPES = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/"}
-
-
-def _pod_code(match: re.Match) -> str:
-  code, body = match.group(1), match.group(2)
-  if code in ("X", "Z"):
-    return ""
-  if code == "E":
-    if body.isdigit():
-      return chr(int(body))
-    return _POD_ESCAPES.get(body, html.unescape(f"&{body};"))
-  if code == "L":
-    body = body.split("|", 1)[0] if "|" in body else body
-    return body.replace("/", " ").replace('"', "").strip()
-  return body
-
-
-def pod_inline(text: str) -> str:
-  """POD formatting codes reduced to their text."""
-  text = _POD_MULTI_RE.sub(_pod_code, text)
-  previous = None
-  while previous != text:
-    previous = text
-    text = _POD_CODE_RE.sub(_pod_code, text)
-  return text
-
-
-def pod_paragraphs(text: str) -> List[str]:
-  """Prose paragraphs of a POD document.
-
-  Args:
-    text: the document.
-
-  Returns:
-    Headings, items and text paragraphs (verbatim paragraphs, =begin/=end
-    and =for blocks dropped), formatting codes reduced to text.
-  """
-  out = []
-  in_begin = False
-  for block in re.split(r"\n\s*\n", text):
-    if not block.strip():
-      continue
-    if block.startswith("="):
-      command, _, rest = block.partition(" ")
-      command = command.split("\n", 1)[0]
-      if command == "=begin":
-        in_begin = True
-      elif command == "=end":
-        in_begin = False
-      elif command in ("=head1", "=head2", "=head3", "=head4", "=item"):
-        if not in_begin and rest.strip() not in ("*", ""):
-          out.append(" ".join(pod_inline(rest).split()))
-      continue
-    if in_begin or block[0] in " \t":
-      continue
-    out.append(" ".join(pod_inline(block).split()))
-  return [p for p in out if p]
-
-
-def document_paragraphs(path: str, text: str) -> List[str]:
-  """Paragraphs of one document, by file type (HTML, POD, else reST/text)."""
-  lower = path.lower()
-  if re.search(r"\.html?(\.[a-z]{2}(-[a-z]{2})?)?$", lower):
-    return html_paragraphs(text)
-  if lower.endswith(".pod"):
-    return pod_paragraphs(text)
-  return rst_paragraphs(text)
-
-
-# ----------------------------------------------- sentences and tokenization
-ABBREVIATIONS = frozenset(
-    "e.g i.e etc vs cf mr mrs ms dr prof fig figs no nos sec ch approx eq"
-    " st jr sr inc ltd co al resp ca viz esp vol pp op cit ex incl".split()
-)
-_SENTENCE_END_RE = re.compile(
-    r"[.!?]+[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])"
-)
-_URL_RE = re.compile(r"\b(?:https?|ftp)://[^\s<>\"')\]]+|\bwww\.[^\s<>\"')\]]+")
-_EMAIL_RE = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
-_TOKEN_RE = re.compile(
-    r"<url>|<email>|(?<!\S)--?[^\W\d_][\w\-]*|[^\W\d_]\+\+"
-    r"|[^\W_](?:\w|['.\-](?=[^\W_]))*|\.{2,}|-{2,}|\S"
-)
-_NUMBER_RE = re.compile(r"^\d+(?:[.,:\-]\d+)*$")
-_CLITIC_RE = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
-_ALPHA_RE = re.compile(r"^[^\W\d_][^\W\d_'\-]*(?:['\-][^\W\d_]+)*$")
-_NORMALIZE = str.maketrans(
-    {
-        "\u2018": "'",
-        "\u2019": "'",
-        "\u201c": '"',
-        "\u201d": '"',
-        "\u00ab": '"',
-        "\u00bb": '"',
-        "\u2013": " -- ",
-        "\u2014": " -- ",
-        "\u2026": "...",
-        "\u00a0": " ",
-        "\u00b6": " ",
-    }
-)
-
-
-def normalize(text: str) -> str:
-  """NFKC, ASCII quotes and dashes, URLs / e-mails as placeholder tokens."""
-  text = unicodedata.normalize("NFKC", text).translate(_NORMALIZE)
-  text = _URL_RE.sub(f" {URL_TOKEN} ", text)
-  return _EMAIL_RE.sub(f" {EMAIL_TOKEN} ", text)
-
-
-def split_sentences(paragraph: str) -> List[str]:
-  """Sentences of one paragraph (see module docstring, step 3).
-
-  Args:
-    paragraph: text with whitespace collapsed.
-
-  Returns:
-    The sentences, stripped.
-  """
-  out = []
-  start = 0
-  for match in _SENTENCE_END_RE.finditer(paragraph):
-    before = paragraph[start : match.start()].rsplit(None, 1)
-    last = before[-1].lower() if before else ""
-    last = last.lstrip("\"'([")
-    if paragraph[match.start()] == "." and (
-        last in ABBREVIATIONS or (len(last) == 1 and last.isalpha())
-    ):
-      continue
-    out.append(paragraph[start : match.end()].strip())
-    start = match.end()
-  out.append(paragraph[start:].strip())
-  return [s for s in out if s]
-
-
-def tokenize(sentence: str) -> List[str]:
-  """PTB-style tokens of one sentence (see module docstring, step 3).
-
-  Args:
-    sentence: raw sentence text (already normalized or not).
-
-  Returns:
-    Lowercased tokens: words, `N` for numbers, punctuation, `<url>`,
-    `<email>`; clitics split.
-  """
-  tokens = []
-  text = normalize(sentence)
-  for match in _TOKEN_RE.finditer(text):
-    token = match.group(0)
-    end = match.end()
-    lower = token.lower()
-    if (
-        lower in ABBREVIATIONS
-        and end < len(text)
-        and text[end] == "."
-        and lower not in ("no", "co", "op", "ex", "al")
-    ):
-      # The abbreviation keeps its period ('e.g.'), so the '.' regex match
-      # that follows is consumed here.
-      tokens.append(lower + ".")
-      continue
-    if token == "." and tokens and tokens[-1].endswith(".") and (
-        tokens[-1][:-1] in ABBREVIATIONS
-    ) and match.start() > 0 and text[match.start() - 1] != " ":
-      continue
-    if _NUMBER_RE.match(token):
-      tokens.append(NUMBER_TOKEN)
-      continue
-    clitic = _CLITIC_RE.match(lower)
-    if clitic and _ALPHA_RE.match(clitic.group(1)):
-      tokens.extend(clitic.groups())
-      continue
-    tokens.append(lower)
-  return tokens
-
-
-def keep_sentence(tokens: Sequence[str]) -> bool:
-  """Whether a tokenized sentence is English prose (module docstring)."""
-  if not MIN_SENTENCE_TOKENS <= len(tokens) <= MAX_SENTENCE_TOKENS:
-    return False
-  words = sum(1 for t in tokens if _ALPHA_RE.match(t))
-  if words < MIN_SENTENCE_TOKENS or words < MIN_WORD_FRACTION * len(tokens):
-    return False
-  return any(t in ENGLISH_MARKERS for t in tokens)
-
-
+# ------------------------------------------------- sentences of a document
 def document_sentences(path: str, text: str) -> Iterator[List[str]]:
   """Kept tokenized sentences of one document, in order (not deduplicated).
 
@@ -1086,10 +584,12 @@ def document_sentences(path: str, text: str) -> Iterator[List[str]]:
   Yields:
     Token lists.
   """
-  for paragraph in document_paragraphs(path, text):
-    for sentence in split_sentences(normalize(paragraph)):
-      tokens = tokenize(sentence)
-      if keep_sentence(tokens):
+  for paragraph in doc_markup.document_paragraphs(path, text):
+    for sentence in english_sentences.split_sentences(
+        english_sentences.normalize(paragraph)
+    ):
+      tokens = english_sentences.tokenize(sentence)
+      if english_sentences.keep_sentence(tokens):
         yield tokens
 
 
@@ -1434,9 +934,7 @@ def build_debian_docs(
   logging.info(
       "Debian docs corpus in %s: %s, vocab %d",
       cache_dir,
-      ", ".join(
-          f"{s}={manifest['splits'][s]['words']} words" for s in SPLITS
-      ),
+      ", ".join(f"{s}={manifest['splits'][s]['words']} words" for s in SPLITS),
       vocab.size,
   )
   return BuildResult(cache_dir, files, vocab_path, manifest)

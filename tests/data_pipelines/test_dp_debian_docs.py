@@ -118,86 +118,7 @@ def _lines(path):
   return testlib.read_lines(path)
 
 
-# ------------------------------------------------------- text and tokens
-def test_tokenize_ptb_style():
-  assert dd.tokenize(
-      "Don't use e.g. 3.5 GB, see https://example.org/x or mail a@b.org!"
-  ) == [
-      "do", "n't", "use", "e.g.", "N", "gb", ",", "see", "<url>", "or",
-      "mail", "<email>", "!",
-  ]  # fmt: skip
-  assert dd.tokenize(
-      "It's the users' 2nd x86-64 os.path.join() call \u2014 \u201cfast\u201d"
-      " --verbose..."
-  ) == [
-      "it", "'s", "the", "users", "'", "2nd", "x86-64", "os.path.join", "(",
-      ")", "call", "--", '"', "fast", '"', "--verbose", "...",
-  ]  # fmt: skip
-
-
-def test_split_sentences():
-  assert dd.split_sentences(
-      "It works, e.g. on Linux. See Fig. 3 for details! Does it? Yes."
-      ' (J. R. R. Tolkien wrote it.) "Quoted." next one.'
-  ) == [
-      "It works, e.g. on Linux.",
-      "See Fig. 3 for details!",
-      "Does it?",
-      "Yes.",
-      "(J. R. R. Tolkien wrote it.)",
-      '"Quoted." next one.',
-  ]
-
-
-def test_keep_sentence_drops_code_and_other_languages():
-  assert dd.keep_sentence(dd.tokenize("The tool is fast."))
-  assert not dd.keep_sentence(dd.tokenize("x = 1; y = 2; z = [3, 4]"))
-  assert not dd.keep_sentence(dd.tokenize("Das Werkzeug ist schnell."))
-  assert not dd.keep_sentence(dd.tokenize("Too short."))
-  assert not dd.keep_sentence(["the"] * (dd.MAX_SENTENCE_TOKENS + 1))
-
-
-def test_html_boilerplate_and_code_removed():
-  text = (PKG_TREE / "usr/share/doc/alpha-doc/html/intro.html").read_text()
-  assert dd.html_paragraphs(text) == [
-      "Introduction to Alpha",
-      "Alpha is a small tool. It reads the input files, e.g. logs, and"
-      " writes a report!",
-      "Use the alpha --fast option when you are in a hurry.",
-      "The first item is a sentence of its own",
-      "and so is the second item",
-      "x = 1; y = 2; z = [3, 4]",
-  ]
-
-
-def test_rst_markup_directives_and_literal_blocks():
-  path = PKG_TREE / "usr/share/doc/alpha-doc/html/_sources/guide/usage.rst.txt"
-  assert dd.rst_paragraphs(path.read_text()) == [
-      "Using Alpha",
-      "Alpha reads a configuration file and the --input files. See the home"
-      " page for news.",
-      "To run it, type:",
-      "The report is written to the standard output.",
-      "Runs the tool on the given path.",
-      "Don't panic if it doesn't work at first.",
-  ]
-
-
-def test_pod_paragraphs():
-  pod = (
-      "=head1 NAME\n\nperlfoo - the B<foo> manual\n\n=head2 Using"
-      " C<< $x->foo >>\n\nCall I<foo> with L<perlfunc/open> or"
-      ' L<the guide|perlguide>; 1 E<lt> 2.\n\n    my $x = 1;  # verbatim\n\n'
-      "=begin html\n\n<p>skipped</p>\n\n=end html\n\n=cut\n"
-  )
-  assert dd.pod_paragraphs(pod) == [
-      "NAME",
-      "perlfoo - the foo manual",
-      "Using $x->foo",
-      "Call foo with perlfunc open or the guide; 1 < 2.",
-  ]
-
-
+# ---------------------------------------------------- sentences of a document
 def test_document_sentences_of_fixture_package():
   package_file = dd._find_local(str(PKG_TREE.parent), "alpha-doc")
   got = {
@@ -405,9 +326,7 @@ def test_too_few_words_is_a_one_line_error_and_writes_nothing(tmp_path):
   with pytest.raises(DataError, match="fewer than min_train_words") as e:
     _build(tmp_path, min_train_words=10**6)
   assert "\n" not in str(e.value)
-  assert not [
-      f for f in os.listdir(tmp_path / "cache") if f not in ("debs",)
-  ]
+  assert not [f for f in os.listdir(tmp_path / "cache") if f not in ("debs",)]
 
 
 def test_package_not_downloadable(tmp_path, monkeypatch):
