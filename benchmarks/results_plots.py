@@ -260,14 +260,18 @@ def recorded_configs(path: str) -> Optional[List[str]]:
 
   Returns:
     The `CONFIGS_METADATA_KEY` text split at commas; None when the file does
-    not exist or has no such text (e.g. written before the key existed).
+    not exist, is not an image PIL reads (e.g. cut short), or has no such
+    text (e.g. written before the key existed): such a file is replaced.
   """
   if not os.path.exists(path):
     return None
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  with Image.open(path) as image:
-    text = getattr(image, "text", {}).get(CONFIGS_METADATA_KEY)
+  try:
+    with Image.open(path) as image:
+      text = getattr(image, "text", {}).get(CONFIGS_METADATA_KEY)
+  except OSError:  # PIL.UnidentifiedImageError, a truncated file
+    return None
   return None if text is None else text.split(",")
 
 

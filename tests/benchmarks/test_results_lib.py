@@ -1101,6 +1101,9 @@ def test_plots_record_their_configs_and_refuse_other_configs(tmp_path):
   plt.figure().savefig(legacy)
   assert results_plots.recorded_configs(legacy) is None
   assert results_plots.recorded_configs(str(tmp_path / "none.png")) is None
+  cut_short = tmp_path / "cut_short.png"
+  cut_short.write_bytes(b"\x89PNG\r\n")  # not an image PIL reads
+  assert results_plots.recorded_configs(str(cut_short)) is None
   write(["a", "b"], ["a"])
   assert results_plots.recorded_configs(legacy) == ["a", "b"]
   sweep_png = os.path.join(tmp_path, "curves_sweep_100steps_wallclock.png")
