@@ -437,7 +437,7 @@ def measure_memory(args, workers):
             f" {MEMORY_TIMEOUT_S} s"
         ) from None
       found = [
-          json.loads(line[len(MEMORY_ROW):])
+          json.loads(line[len(MEMORY_ROW) :])
           for line in stdout.splitlines()
           if line.startswith(MEMORY_ROW)
       ]
@@ -587,14 +587,16 @@ def parse_ss(text):
       fields = line.split()
       local, peer = fields[2], fields[3]
       pid = _SS_PID.search(line)
-      sockets.append({
-          "local": local,
-          "peer": peer,
-          "local_port": int(local.rsplit(":", 1)[1]),
-          "peer_port": int(peer.rsplit(":", 1)[1]),
-          "pid": int(pid.group(1)) if pid else None,
-          "bytes_acked": 0,
-      })
+      sockets.append(
+          {
+              "local": local,
+              "peer": peer,
+              "local_port": int(local.rsplit(":", 1)[1]),
+              "peer_port": int(peer.rsplit(":", 1)[1]),
+              "pid": int(pid.group(1)) if pid else None,
+              "bytes_acked": 0,
+          }
+      )
     elif sockets:
       counters = dict(_SS_COUNTER.findall(line))
       sockets[-1]["bytes_acked"] = int(counters.get("bytes_acked", 0))
@@ -613,9 +615,7 @@ def directed_bytes(sockets, roles):
     whose both ends belong to `roles`. Each end counts what it sent
     (bytes_acked), so each connection is counted once per direction.
   """
-  port_owner = {
-      s["local_port"]: s["pid"] for s in sockets if s["pid"] in roles
-  }
+  port_owner = {s["local_port"]: s["pid"] for s in sockets if s["pid"] in roles}
   sent = {}
   for s in sockets:
     receiver = port_owner.get(s["peer_port"])
@@ -684,7 +684,8 @@ def predicted_bytes(tokens, d, n, k, phase):
     outputs = 2 * d * s * cross * tokens
     return {
         "client <-> server0": (
-            half * d * s + tokens * d * s, "x half, y: T/2·d·s + T·d·s"
+            half * d * s + tokens * d * s,
+            "x half, y: T/2·d·s + T·d·s",
         ),
         "client <-> server1": (half * d * s, "x half: T/2·d·s"),
         "server0 <-> server1": (
@@ -911,7 +912,7 @@ def measure_tf_network(args):
           f"tf_network: the client ran past {TF_NETWORK_TIMEOUT_S} s"
       ) from None
     rows = [
-        json.loads(line[len(TF_NETWORK_ROW):])
+        json.loads(line[len(TF_NETWORK_ROW) :])
         for line in stdout.splitlines()
         if line.startswith(TF_NETWORK_ROW)
     ]
@@ -922,7 +923,7 @@ def measure_tf_network(args):
       )
     for line in stdout.splitlines():
       if line.startswith(TF_NETWORK_PLACEMENT):
-        placement = json.loads(line[len(TF_NETWORK_PLACEMENT):])
+        placement = json.loads(line[len(TF_NETWORK_PLACEMENT) :])
         for row in rows:
           row["gradient_ops"] = placement
     return rows
@@ -1041,8 +1042,13 @@ def main():
   )
   parser.add_argument(
       "--part",
-      choices=("steps", "memory", "memory_worker", "tf_network",
-               "tf_network_client"),
+      choices=(
+          "steps",
+          "memory",
+          "memory_worker",
+          "tf_network",
+          "tf_network_client",
+      ),
       default="steps",
       help="steps: parts 1 and 2 (bytes per token, step times, TF);"
       " memory: part 3 (memory per JAX worker); memory_worker: one of its"

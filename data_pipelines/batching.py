@@ -148,8 +148,9 @@ def quality_rates(record: Dict[str, int]) -> Dict[str, float]:
   """
   return {
       "unk_rate": record[STAT_UNK] / max(record[STAT_TOKENS], 1),
-      "invalid_utf8_rate": record[STAT_INVALID_UTF8]
-      / max(record[STAT_LINES], 1),
+      "invalid_utf8_rate": (
+          record[STAT_INVALID_UTF8] / max(record[STAT_LINES], 1)
+      ),
   }
 
 

@@ -340,9 +340,7 @@ def _window_pairs(
   tgt_width = batching.padded_width(tgt_len, spec.length_multiple)
   payload = {
       "source": batching.sorted_padded(src_ids, order, src_width, PAD_ID),
-      "target_in": batching.sorted_padded(
-          target_in, order, tgt_width, PAD_ID
-      ),
+      "target_in": batching.sorted_padded(target_in, order, tgt_width, PAD_ID),
       "target_out": batching.sorted_padded(
           target_out, order, tgt_width, PAD_ID
       ),

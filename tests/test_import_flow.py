@@ -15,16 +15,26 @@ ROOTS = ("moe_keras", "data_pipelines", "eval")
 # Tiers, top to bottom; each tier lists its units (a package or a module;
 # "moe_keras.__init__" is the package's own __init__.py only).
 TIERS = (
-    ("moe_keras.train", "moe_keras.evaluate", "moe_keras.decode",
-     "moe_keras.export", "moe_keras.tf_server"),
+    (
+        "moe_keras.train",
+        "moe_keras.evaluate",
+        "moe_keras.decode",
+        "moe_keras.export",
+        "moe_keras.tf_server",
+    ),
     ("moe_keras.cli_common",),
     ("moe_keras.experiment",),
     ("moe_keras.tasks",),
     ("moe_keras.distribution",),
     ("moe_keras.models", "moe_keras.optimizers", "moe_keras.schedules"),
     ("moe_keras.layers",),
-    ("data_pipelines", "eval", "moe_keras.reliability",
-     "moe_keras.learning_curve", "moe_keras.__init__"),
+    (
+        "data_pipelines",
+        "eval",
+        "moe_keras.reliability",
+        "moe_keras.learning_curve",
+        "moe_keras.__init__",
+    ),
     ("moe_keras.atomic_file",),  # files written whole: used by all above
     ("moe_keras.tf_allocator",),  # imported by moe_keras/__init__.py first
 )  # pyformat: disable

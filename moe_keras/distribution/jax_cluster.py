@@ -103,8 +103,7 @@ def cluster_from_env(environ=None):
   pid = _int_env(PROCESS_ID_ENV, environ, 0)
   if pid >= num:
     raise ClusterError(
-        f"{PROCESS_ID_ENV}={pid} is not below"
-        f" {NUM_PROCESSES_ENV}={num}"
+        f"{PROCESS_ID_ENV}={pid} is not below" f" {NUM_PROCESSES_ENV}={num}"
     )
   addresses = [a.strip() for a in environ[ADDRESSES_ENV].split(",")]
   if len(addresses) > 1 and len(addresses) != num:

@@ -25,7 +25,6 @@ from keras import ops
 from keras.src.losses import loss as loss_module
 from keras.src.utils import tracking
 
-
 TASK_LOSS = "loss"
 TOTAL_LOSS = "total_loss"
 OTHER_AUX_LOSS = "other_aux_loss"

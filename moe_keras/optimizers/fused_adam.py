@@ -71,7 +71,9 @@ class FusedAdam(keras.optimizers.Adam):
     super().build(variables)
     # Per variable index: update_step gets the backend's variable (on
     # TensorFlow a tf.Variable without the Keras path).
-    self._variable_scales = [self.learning_rate_scale(v.path) for v in variables]
+    self._variable_scales = [
+        self.learning_rate_scale(v.path) for v in variables
+    ]
 
   def update_step(self, gradient, variable, learning_rate):
     scale = (

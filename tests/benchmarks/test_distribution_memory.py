@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 sys.path.insert(0, REPO)
 
 from benchmarks import distribution  # pylint: disable=g-import-not-at-top,wrong-import-position

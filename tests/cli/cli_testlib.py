@@ -49,9 +49,7 @@ def run(module, *args, check=True, timeout=300):
   return proc
 
 
-def train_args(
-    corpus, model_dir, *extra, gin_file="gin/lm/tiny/moe_flat.gin"
-):
+def train_args(corpus, model_dir, *extra, gin_file="gin/lm/tiny/moe_flat.gin"):
   """moe_keras.train flags for the tiny LM on `corpus`."""
   return [
       f"--gin_file={gin_file}",

@@ -62,7 +62,10 @@ def test_curve_continues_across_resume(tmp_path):
   # Every word and every </S> of the valid file is a validation target.
   valid_tokens = sum(len(l.split()) + 1 for l in lines["valid"])
   assert [r.get("val_tokens") for r in curve] == [
-      None, valid_tokens, None, valid_tokens
+      None,
+      valid_tokens,
+      None,
+      valid_tokens,
   ]
   # Training tokens: cumulative, at most 256 (batch_tokens) per step, and
   # never the validation count (Keras's logs used to read a shared variable).
@@ -82,10 +85,15 @@ def test_truncate_and_append(tmp_path):
     )
   learning_curve.append_record(tmp_path, {"step": 10, "tokens": 7.0})
   assert [r["tokens"] for r in learning_curve.read_curve(tmp_path)] == [
-      10.0, 7.0, 30.0
+      10.0,
+      7.0,
+      30.0,
   ]
   assert learning_curve.read_curve(tmp_path)[0]["loss"] is None  # NaN -> null
-  assert learning_curve.truncate_curve(tmp_path, 12) == {"step": 10, "tokens": 7.0}
+  assert learning_curve.truncate_curve(tmp_path, 12) == {
+      "step": 10,
+      "tokens": 7.0,
+  }
   assert [r["step"] for r in learning_curve.read_curve(tmp_path)] == [5, 10]
   assert learning_curve.truncate_curve(tmp_path, 0) == {}
   (tmp_path / "curve.jsonl").write_text("{not json}\n")

@@ -147,9 +147,10 @@ def _ptb_options(monkeypatch, bindings):
 def test_batching_is_one_gin_value_with_the_corpus_defaults(monkeypatch):
   options = _ptb_options(monkeypatch, [])
   assert options == lm.LmBatching(batch_tokens=4096, max_length=128)
-  assert lm.LmBatching.resolve(
-      None, {}, owner="ptb_lm_data", batch_tokens=4096
-  ) == options  # the gin file binds the defaults
+  assert (
+      lm.LmBatching.resolve(None, {}, owner="ptb_lm_data", batch_tokens=4096)
+      == options
+  )  # the gin file binds the defaults
   bound = _ptb_options(monkeypatch, ["lm_batching.batch_tokens = 512"])
   assert bound == dataclasses.replace(options, batch_tokens=512)
 

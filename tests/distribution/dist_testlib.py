@@ -30,7 +30,11 @@ def scenario_env(backend="tensorflow", extra=None):
 
 
 def run_scenario(
-    name, backend="tensorflow", args=(), timeout=TIMEOUT_S, script="scenarios.py"
+    name,
+    backend="tensorflow",
+    args=(),
+    timeout=TIMEOUT_S,
+    script="scenarios.py",
 ):
   """Runs `script name args...` (default scenarios.py); fails the test with
   its output.

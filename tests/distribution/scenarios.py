@@ -571,7 +571,7 @@ def _requested_device(ops_by_name, op):
   if op.device:
     return op.device
   for group in op.colocation_groups():
-    other = ops_by_name.get(group.decode()[len("loc:@"):])
+    other = ops_by_name.get(group.decode()[len("loc:@") :])
     if other is not None and other is not op and other.device:
       return other.device
   return ""
@@ -623,9 +623,7 @@ def scenario_step_device():
       .graph
   )
   ops_by_name = {op.name: op for op in graph.get_operations()}
-  block_shapes = {
-      tuple(v.shape) for vs in shards.blocks.values() for v in vs
-  }
+  block_shapes = {tuple(v.shape) for vs in shards.blocks.values() for v in vs}
   crossing = []
   for op in graph.get_operations():
     here = _short(_requested_device(ops_by_name, op))

@@ -79,13 +79,18 @@ def _train_two(corpus, model_dir, steps, port):
   """Starts both processes of `moe_keras.train`; returns them (_Running)."""
   train = test_train_cli_mesh._train  # pylint: disable=protected-access
   return [
-      _Running(train(
-          corpus, model_dir, steps, "--mesh_shape=batch:1,expert:2",
-          *test_jax_processes.CLI_BINDINGS,
-          backend="jax",
-          env=test_jax_processes._cluster_env(port, pid),  # pylint: disable=protected-access
-          popen=True,
-      ))
+      _Running(
+          train(
+              corpus,
+              model_dir,
+              steps,
+              "--mesh_shape=batch:1,expert:2",
+              *test_jax_processes.CLI_BINDINGS,
+              backend="jax",
+              env=test_jax_processes._cluster_env(port, pid),  # pylint: disable=protected-access
+              popen=True,
+          )
+      )
       for pid in range(2)
   ]
 
@@ -130,17 +135,20 @@ def _kill_after_checkpoint(corpus, model_dir, victim, after_step):
   finally:
     _stop(runs)
   lines = output[1].strip().splitlines() or [""]
-  print(f"process {1 - victim} ended {took:.1f} s after process {victim} was"
-        f" killed (status {survivor.proc.returncode}); last stderr line:"
-        f" {lines[-1][:300]}")
+  print(
+      f"process {1 - victim} ended {took:.1f} s after process {victim} was"
+      f" killed (status {survivor.proc.returncode}); last stderr line:"
+      f" {lines[-1][:300]}"
+  )
   print("  stderr tail:\n" + "\n".join(l[:300] for l in lines[-12:]))
   return seen, took, survivor.proc.returncode, output[1]
 
 
 def _check_one_line(stderr):
   last = stderr.strip().splitlines()[-1]
-  assert last.startswith("moe_keras.train: error: another process of the JAX"
-                         " cluster is gone"), stderr[-3000:]
+  assert last.startswith(
+      "moe_keras.train: error: another process of the JAX" " cluster is gone"
+  ), stderr[-3000:]
   assert "rerun all processes" in last, last
 
 
@@ -165,9 +173,7 @@ def test_killed_process_ends_the_run_and_a_rerun_resumes(tmp_path):
   test_train_cli_mesh._write_corpus(tmp_path)  # pylint: disable=protected-access
   model_dir = tmp_path / "run"
   # Process 1 dies: process 0 stops with one line.
-  seen, _, status, stderr = _kill_after_checkpoint(
-      tmp_path, model_dir, 1, None
-  )
+  seen, _, status, stderr = _kill_after_checkpoint(tmp_path, model_dir, 1, None)
   assert status == 1, stderr[-3000:]
   _check_one_line(stderr)
   step = _check_checkpoint(model_dir, seen)
@@ -179,9 +185,7 @@ def test_killed_process_ends_the_run_and_a_rerun_resumes(tmp_path):
   # 1), or JAX aborts it first because the coordination service is gone
   # (SIGABRT, a fatal log). The run directory keeps the last complete
   # checkpoint (a file process 0 was writing stays under a temporary name).
-  seen, _, status, stderr = _kill_after_checkpoint(
-      tmp_path, model_dir, 0, step
-  )
+  seen, _, status, stderr = _kill_after_checkpoint(tmp_path, model_dir, 0, step)
   assert status in (1, -signal.SIGABRT), stderr[-3000:]
   if status == 1:
     _check_one_line(stderr)

@@ -55,8 +55,7 @@ def test_two_jax_processes_match_one_process_experts_split():
 # batch is [16, 16], so JAX compiles one step.
 CLI_BINDINGS = [
     f"--gin_bindings={b}"
-    for b in scenarios.LM_BINDINGS
-    + (
+    for b in scenarios.LM_BINDINGS + (
         "lm_batching.mode = 'packed'",
         "lm_batching.pack_length = 16",
         "training.steps_per_checkpoint = 2",
@@ -95,15 +94,25 @@ def test_train_cli_two_jax_processes_then_one(tmp_path):
   train = test_train_cli_mesh._train  # pylint: disable=protected-access
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   proc = train(
-      tmp_path, one, 4, "--mesh_shape=batch:2,expert:4", *CLI_BINDINGS,
+      tmp_path,
+      one,
+      4,
+      "--mesh_shape=batch:2,expert:4",
+      *CLI_BINDINGS,
       backend="jax",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   port = scenarios._free_ports(1)[0]  # pylint: disable=protected-access
   procs = [
       train(
-          tmp_path, two, 4, "--mesh_shape=batch:1,expert:2", *CLI_BINDINGS,
-          backend="jax", env=_cluster_env(port, pid), popen=True,
+          tmp_path,
+          two,
+          4,
+          "--mesh_shape=batch:1,expert:2",
+          *CLI_BINDINGS,
+          backend="jax",
+          env=_cluster_env(port, pid),
+          popen=True,
       )
       for pid in range(2)
   ]
@@ -121,7 +130,11 @@ def test_train_cli_two_jax_processes_then_one(tmp_path):
   assert len(os.listdir(two / "checkpoints")) == 5  # 2 steps x 2 + state
   # The 2-process checkpoint resumes on one process, on another mesh.
   proc = train(
-      tmp_path, two, 6, "--mesh_shape=batch:2,expert:4", *CLI_BINDINGS,
+      tmp_path,
+      two,
+      6,
+      "--mesh_shape=batch:2,expert:4",
+      *CLI_BINDINGS,
       backend="jax",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,8 +151,12 @@ def test_train_cli_bad_cluster_is_one_line(tmp_path):
   ):
     env = dict(_cluster_env(port, pid), **extra)
     proc = train(
-        tmp_path, tmp_path / "run", 1, "--mesh_shape=batch:1,expert:2",
-        backend="jax", env=env,
+        tmp_path,
+        tmp_path / "run",
+        1,
+        "--mesh_shape=batch:1,expert:2",
+        backend="jax",
+        env=env,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = [l for l in proc.stderr.splitlines() if "error:" in l]
@@ -193,11 +210,13 @@ def test_bad_cluster_settings_are_one_line(environ, message):
 
 def test_cluster_from_env():
   assert jax_cluster.cluster_from_env({}) is None
-  got = jax_cluster.cluster_from_env({
-      jax_cluster.ADDRESSES_ENV: "10.0.0.1:1234,10.0.0.2:2345",
-      jax_cluster.NUM_PROCESSES_ENV: "2",
-      jax_cluster.PROCESS_ID_ENV: "1",
-  })
+  got = jax_cluster.cluster_from_env(
+      {
+          jax_cluster.ADDRESSES_ENV: "10.0.0.1:1234,10.0.0.2:2345",
+          jax_cluster.NUM_PROCESSES_ENV: "2",
+          jax_cluster.PROCESS_ID_ENV: "1",
+      }
+  )
   assert got == {
       "coordinator": "10.0.0.1:1234",
       "num_processes": 2,
@@ -211,7 +230,9 @@ _Device = collections.namedtuple("_Device", "process_index id")
 
 
 def _devices(processes, local):
-  return [_Device(p, p * 100 + i) for p in range(processes) for i in range(local)]
+  return [
+      _Device(p, p * 100 + i) for p in range(processes) for i in range(local)
+  ]
 
 
 @pytest.mark.parametrize(

@@ -357,9 +357,13 @@ def test_train_cli_on_servers_evaluates_on_one_device(
       f"--tf_servers={servers.spec}",
   )
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].endswith(
-      "mesh batch:1,expert:4 needs 4 devices but the 2 TF servers have 2"
-      " (1 each)"
+  assert (
+      proc.stderr.strip()
+      .splitlines()[-1]
+      .endswith(
+          "mesh batch:1,expert:4 needs 4 devices but the 2 TF servers have 2"
+          " (1 each)"
+      )
   ), proc.stderr[-2000:]
   results = _evaluate(
       model_dir,

@@ -54,9 +54,11 @@ def _loss_and_gradients(model, variables, x, y):
         (int(match.group(1)) if match else 0, g.numpy())
     )
   by_name = {
-      name: np.concatenate([g for _, g in sorted(parts)], axis=0)
-      if len(parts) > 1
-      else parts[0][1]
+      name: (
+          np.concatenate([g for _, g in sorted(parts)], axis=0)
+          if len(parts) > 1
+          else parts[0][1]
+      )
       for name, parts in blocks.items()
   }
   return out.numpy(), float(loss), by_name

@@ -109,7 +109,7 @@ def _run(layer, x, noise, mask=None):
       if v.path.split("/")[-1].startswith("w_")
   ]
   grads = tape.gradient(total, [v.value for v in gates])
-  (_, parts), = layer.aux_loss_parts()
+  ((_, parts),) = layer.aux_loss_parts()
   return (
       float(total),
       {name: float(value) for name, value in parts.items()},

@@ -115,7 +115,10 @@ def test_jit_compile_falls_back_without_xla_for_dropless_routing(kwargs, xla):
   kwargs = dict(kwargs)
   if kwargs.pop("hierarchical", False):
     moe = HierarchicalSparseMoE(
-        num_groups=2, experts_per_group=2, expert_hidden_dim=16, seed=1,
+        num_groups=2,
+        experts_per_group=2,
+        expert_hidden_dim=16,
+        seed=1,
         **kwargs,
     )
   else:

@@ -16,7 +16,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 VAR = "TF_CPU_ALLOCATOR_USE_BFC"
 WARNING_TEXT = "moe_keras: TensorFlow started before `import moe_keras`"
 
@@ -93,8 +95,7 @@ def test_import_after_tensorflow_started_warns_once_in_one_line():
       "import moe_keras\n"
       "import moe_keras.layers\n"
       "from moe_keras import tf_allocator\n"
-      "assert tf_allocator.configure() == tf_allocator.TOO_LATE\n"
-      + REPORT
+      "assert tf_allocator.configure() == tf_allocator.TOO_LATE\n" + REPORT
   )
   fields, stderr = _run(code)
   assert fields == ["None", "False"]
