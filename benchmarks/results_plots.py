@@ -116,7 +116,7 @@ def plot_margins(
     rows: List[results_tables.Row],
     path: str,
     title: str,
-    configs: Optional[List[str]] = None,
+    configs: List[str],
 ) -> List[str]:
   """Writes a PNG of each row's paired margin vs rows[0] against tokens.
 
@@ -128,7 +128,7 @@ def plot_margins(
     rows: the table's rows; rows[0] is the baseline.
     path: the PNG to write.
     title: its title.
-    configs: the configs the PNG records (default: the rows').
+    configs: the configs the PNG records (`recorded_configs`).
 
   Returns:
     [path], or [] when no row shares a seed with the baseline.
@@ -162,32 +162,39 @@ def plot_margins(
       title,
       "training tokens (millions)",
       f"dev perplexity vs {reference.config} (%)",
-      configs if configs is not None else [row.config for row in rows],
+      configs,
   )
   return [path]
+
+
+def curve_paths(path_prefix: str) -> List[str]:
+  """The PNGs `plot_curves` writes: against tokens, against wall clock."""
+  return [f"{path_prefix}_tokens.png", f"{path_prefix}_wallclock.png"]
 
 
 def plot_curves(
     rows: List[results_tables.Row],
     path_prefix: str,
     title: str,
-    configs: Optional[List[str]] = None,
+    configs: List[str],
 ) -> List[str]:
-  """Writes <prefix>_tokens.png and <prefix>_wallclock.png; returns paths.
+  """Writes `curve_paths(path_prefix)` (tokens, wall clock); returns them.
 
   Args:
     rows: one line each (mean over seeds, range shaded).
     path_prefix: the PNGs' path without `_tokens.png` / `_wallclock.png`.
     title: their title.
-    configs: the configs the PNGs record (default: the rows').
+    configs: the configs the PNGs record (`recorded_configs`).
   """
   written = []
   if not any(row.summaries for row in rows):
     return written
   plt = _pyplot()
-  for key, label, scale in (
-      ("tokens", "training tokens (millions)", 1e6),
-      ("train_seconds", "training wall clock (minutes)", 60.0),
+  for path, key, label, scale in zip(
+      curve_paths(path_prefix),
+      ("tokens", "train_seconds"),
+      ("training tokens (millions)", "training wall clock (minutes)"),
+      (1e6, 60.0),
   ):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
@@ -202,7 +209,6 @@ def plot_curves(
             label=f"{row.config} (n={len(row.summaries)})",
         )
     ax.set_yscale("log")
-    path = f"{path_prefix}_{'tokens' if key == 'tokens' else 'wallclock'}.png"
     _finish_plot(
         plt,
         fig,
@@ -211,7 +217,7 @@ def plot_curves(
         title,
         label,
         "dev perplexity (exact softmax)",
-        configs if configs is not None else [row.config for row in rows],
+        configs,
     )
     written.append(path)
   return written
@@ -357,13 +363,11 @@ def write_plots(
     sweep_configs = list(dict.fromkeys(row.config for row in swept))
   draw_sweep = len(results_tables.swept_rates(swept)) > 1
   planned = {}
-  for prefix, shown, drawn in (
-      (names["sweep"], sweep_configs, draw_sweep),
-      (names["curves"], configs, True),
-  ):
-    if drawn:
-      for key in ("tokens", "wallclock"):
-        planned[os.path.join(results_dir, f"{prefix}_{key}.png")] = shown
+  if draw_sweep:
+    for path in curve_paths(os.path.join(results_dir, names["sweep"])):
+      planned[path] = sweep_configs
+  for path in curve_paths(os.path.join(results_dir, names["curves"])):
+    planned[path] = configs
   planned[os.path.join(results_dir, names["margins"])] = configs
   check_plot_conflicts(planned)
   plots = []
