@@ -213,6 +213,13 @@ def rst_paragraphs(text: str) -> List[str]:
       j += 1
     return j
 
+  def skip_paragraph(start: int) -> int:
+    """Index of the first blank line at or after start (or the end)."""
+    j = start
+    while j < len(lines) and lines[j].strip():
+      j += 1
+    return j
+
   i = 0
   while i < len(lines):
     line = lines[i]
@@ -252,8 +259,7 @@ def rst_paragraphs(text: str) -> List[str]:
       continue
     if stripped.startswith(">>>"):
       flush()
-      while i < len(lines) and lines[i].strip():
-        i += 1
+      i = skip_paragraph(i)
       continue
     if _SIMPLE_TABLE_RE.match(line):
       flush()
@@ -274,8 +280,7 @@ def rst_paragraphs(text: str) -> List[str]:
         stripped.startswith("+-") or stripped.startswith("+=")
     ):
       flush()
-      while i < len(lines) and lines[i].strip():
-        i += 1
+      i = skip_paragraph(i)
       continue
     if _OPTION_LINE_RE.match(line):
       flush()
