@@ -8,6 +8,8 @@ routing the losses aim for), with:
     today a dense expansion over groups x rows).
   pallas: `moe_keras.layers.pallas_grouped_matmul` (GPU: Triton; elsewhere
     only with --interpret, at small sizes).
+  tiled: `moe_keras.layers.tiled_grouped_matmul`, the loop over groups that
+    the layer runs on CPUs (`--methods=tiled,ragged_dot,einsum` there).
   einsum: a batched matmul over [G, R/G, K] (what capacity mode computes with
     capacity = R/G, i.e. factor 1.0): the speed the grouped kernels aim for.
 
@@ -29,6 +31,9 @@ speed as a fraction of the one large MatMul's.
 
 Usage (a GPU with JAX; on CPU add --interpret --rows=256 --groups=4):
   python benchmarks/grouped_matmul.py --groups=16,64,256,1024 --dtype=bfloat16
+JAX on the CPU (the loop over groups the layer uses there):
+  .venv/bin/python benchmarks/grouped_matmul.py --methods=tiled,einsum \
+    --rows=16384 --groups=16,64,512 --dtype=float32 --repeats=3
 TensorFlow on the CPU (the issue 15 shape: 4096 tokens x k=4):
   .venv/bin/python benchmarks/grouped_matmul.py --backend=tensorflow \
     --rows=16384 --groups=128,512 --group_sizes=multinomial --repeats=5
@@ -45,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_keras.layers import pallas_grouped_matmul
+from moe_keras.layers import tiled_grouped_matmul
 
 _GROUPS = flags.DEFINE_list("groups", ["16", "64", "256", "1024"], "Groups.")
 _ROWS = flags.DEFINE_integer("rows", 32768, "Rows (tokens x k).")
@@ -67,8 +73,9 @@ _BACKEND = flags.DEFINE_enum(
     "backend",
     "jax",
     ["jax", "tensorflow"],
-    "jax: ragged_dot / Pallas / einsum; tensorflow: the layer's per-group"
-    " MatMuls / a padded BatchMatMul / one large MatMul (float32).",
+    "jax: ragged_dot / Pallas / tiled / einsum; tensorflow: the layer's"
+    " per-group MatMuls / a padded BatchMatMul / one large MatMul"
+    " (float32).",
 )
 _GROUP_SIZES = flags.DEFINE_enum(
     "group_sizes",
@@ -98,6 +105,8 @@ def _step(method, num_groups, dtype):
     fn = lambda r, w: pallas_grouped_matmul.grouped_matmul(
         r, w, sizes, interpret=_INTERPRET.value
     )
+  elif method == "tiled":
+    fn = lambda r, w: tiled_grouped_matmul.grouped_matmul(r, w, sizes)
   elif method == "einsum":
     fn = lambda r, w: jnp.einsum(
         "gck,gkn->gcn", r.reshape(num_groups, per_group, k), w

@@ -477,12 +477,14 @@ def _tf_after(x, after):
   return x + tf.cast(zero, x.dtype)
 
 
-# JAX's grouped matmul: "auto" (the Pallas kernels on GPUs when the shapes
-# allow, else `jax.lax.ragged_dot`), "ragged_dot", "pallas", or
+# JAX's grouped matmul: "auto" (on CPUs the loop over groups of
+# `tiled_grouped_matmul`; on GPUs the Pallas kernels when the shapes allow;
+# else `jax.lax.ragged_dot`), "tiled", "ragged_dot", "pallas", or
 # "pallas_interpret" (the kernels in Pallas's interpreter, any backend).
 JAX_GROUPED_MATMUL_ENV = "MOE_KERAS_JAX_GROUPED_MATMUL"
 JAX_GROUPED_MATMUL_CHOICES = (
     "auto",
+    "tiled",
     "ragged_dot",
     "pallas",
     "pallas_interpret",
@@ -497,8 +499,13 @@ def jax_grouped_matmul_choice(rows_shape, weights_shape):
     weights_shape: (G, K, N).
 
   Returns:
-    "ragged_dot", "pallas" or "pallas_interpret", from the environment
-    variable MOE_KERAS_JAX_GROUPED_MATMUL (default "auto").
+    "tiled", "ragged_dot", "pallas" or "pallas_interpret", from the
+    environment variable MOE_KERAS_JAX_GROUPED_MATMUL (default "auto": "tiled"
+    on CPUs, where XLA expands ragged_dot densely; "pallas" on GPUs for the
+    shapes the kernels take; else "ragged_dot", also on CPUs under a
+    keras.distribution of several devices: XLA's SPMD partitioner splits
+    ragged_dot by expert, while the loop's slice of expert g would gather
+    every expert's weights onto each device).
 
   Raises:
     ValueError: an unknown setting, or "pallas*" for shapes the kernels do
@@ -518,8 +525,11 @@ def jax_grouped_matmul_choice(rows_shape, weights_shape):
     )
   fits = pallas_grouped_matmul.supports(tuple(rows_shape), tuple(weights_shape))
   if choice == "auto":
-    return "pallas" if fits and jax.default_backend() == "gpu" else "ragged_dot"
-  if choice != "ragged_dot" and not fits:
+    platform = jax.default_backend()
+    if platform == "cpu" and not _keras_distribution_spans_devices():
+      return "tiled"
+    return "pallas" if fits and platform == "gpu" else "ragged_dot"
+  if choice.startswith("pallas") and not fits:
     raise ValueError(
         f"{JAX_GROUPED_MATMUL_ENV}={choice}: the Pallas grouped matmul needs"
         " both weight dimensions to be multiples of"
@@ -529,16 +539,27 @@ def jax_grouped_matmul_choice(rows_shape, weights_shape):
   return choice
 
 
+def _keras_distribution_spans_devices():
+  """Whether a keras.distribution over more than one device is active."""
+  import keras  # pylint: disable=g-import-not-at-top
+
+  distribution = keras.distribution.distribution()
+  return distribution is not None and distribution.device_mesh.devices.size > 1
+
+
 def _jax_grouped_matmul(rows, weights, group_sizes):
   """JAX: rows [R, K] x weights [G, K, N] by group (`grouped_matmul`)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from moe_keras.layers import pallas_grouped_matmul  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import tiled_grouped_matmul  # pylint: disable=g-import-not-at-top
 
   choice = jax_grouped_matmul_choice(rows.shape, weights.shape)
   group_sizes = group_sizes.astype("int32")
   if choice == "ragged_dot":
     return jax.lax.ragged_dot(rows, weights, group_sizes)
+  if choice == "tiled":
+    return tiled_grouped_matmul.grouped_matmul(rows, weights, group_sizes)
   return pallas_grouped_matmul.grouped_matmul(
       rows, weights, group_sizes, interpret=choice == "pallas_interpret"
   )

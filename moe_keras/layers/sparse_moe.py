@@ -159,8 +159,9 @@ class MoEBase(keras.layers.Layer):
 
   Dispatch (`dispatch_mode`, dropless only; see moe_keras.layers.dispatch):
     "grouped" (default): one matmul pair per expert over exactly its rows
-      (JAX: `jax.lax.ragged_dot`, or on GPUs the Pallas kernels of
-      `pallas_grouped_matmul`).
+      (JAX: on CPUs the loop over groups of `tiled_grouped_matmul`, on
+      GPUs the Pallas kernels of `pallas_grouped_matmul`, else
+      `jax.lax.ragged_dot`; `backend_ops.jax_grouped_matmul_choice`).
     "padded": TensorFlow only (JAX keeps "grouped"): one batched einsum
       over [n, C, d], C = this step's largest expert count rounded up; same
       values, nothing dropped. Slower than "grouped" in the PTB training

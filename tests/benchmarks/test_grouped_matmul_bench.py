@@ -88,6 +88,29 @@ def test_tensorflow_table_rows():
     assert cells[9] < 1e-5, cells
 
 
+def test_jax_table_times_the_loop_over_groups():
+  result = bench_testlib.run_benchmark(
+      "grouped_matmul.py",
+      "--methods=tiled,ragged_dot,einsum",
+      "--rows=64",
+      "--k_dim=8",
+      "--n_dim=16",
+      "--groups=4",
+      "--dtype=float32",
+      "--repeats=1",
+  )
+  assert result.returncode == 0, result.stderr
+  assert "| tiled ms | ragged_dot ms | einsum ms |" in result.stdout
+  row = re.search(r"^\| 4 \| 16 \|(.*)\|$", result.stdout, flags=re.M)
+  assert row, result.stdout
+  cells = [float(c) for c in row.group(1).split("|")]
+  # 3 ms, 2 ratios over einsum, the weight bound (0.000 ms at this size),
+  # no Pallas check (nan).
+  assert len(cells) == 7, cells
+  assert all(c > 0 for c in cells[:5]), cells
+  assert cells[5] >= 0 and np.isnan(cells[6]), cells
+
+
 def test_tensorflow_backend_rejects_jax_flags():
   result = bench_testlib.run_benchmark(
       "grouped_matmul.py", "--backend=tensorflow", "--methods=einsum"

@@ -1051,6 +1051,7 @@ def scenario_jax_mesh():
   import jax  # pylint: disable=g-import-not-at-top
 
   from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
 
   assert len(jax.devices()) == NUM_DEVICES, jax.devices()
   x, y = tiny_data()
@@ -1068,6 +1069,13 @@ def scenario_jax_mesh():
   _jax_fit_equal(single, sharded, dist, x, y, "jax 2x4")
   kernel = moe.expert_kernel_1.value
   assert {s.data.shape for s in kernel.addressable_shards} == {(2, D, H)}
+  # Dropless on the mesh: ragged_dot, which the SPMD partitioner splits by
+  # expert (the CPU loop over groups would gather every expert's weights).
+  choose = backend_ops.jax_grouped_matmul_choice
+  with dist.scope():
+    assert choose((8, 16), (8, 16, 32)) == "ragged_dot"
+  assert choose((8, 16), (8, 16, 32)) == "tiled"
+  print("ok jax dropless on the mesh: ragged_dot")
 
 
 def scenario_jax_hier_mesh():

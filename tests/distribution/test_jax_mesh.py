@@ -25,6 +25,7 @@ def scenarios(request):
 def test_jax_expert_sharding_and_step(scenarios):
   out = scenarios.output("jax_mesh")
   assert "sharding P('expert', None, None)" in out
+  assert "ok jax dropless on the mesh: ragged_dot" in out
 
 
 def test_jax_hierarchical_secondary_gates_with_their_experts(scenarios):

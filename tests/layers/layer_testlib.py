@@ -9,6 +9,7 @@ a script in a child process. Imported by the test modules as `layer_testlib`
 import os
 import subprocess
 import sys
+import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -49,4 +50,84 @@ def run_script(code, *args, backend, timeout=300, **extra_env):
       text=True,
       timeout=timeout,
       check=False,
+  )
+
+
+# SparseMoE's dropless training step on the JAX backend under jax.jit, with
+# MOE_KERAS_JAX_GROUPED_MATMUL set to argv[2] and then argv[3]. The entry
+# point `grouped_matmul` of the module argv[1] is counted: it must run for
+# both expert matmuls under the first choice (traced once) and never under
+# the second. The first choice's output and loss are checked against the
+# numpy reference, every gradient against the second choice's.
+_DROPLESS_STEP_SCRIPT = textwrap.dedent("""
+    import importlib, os, sys
+    import numpy as np
+    import keras, jax
+    assert keras.backend.backend() == "jax"
+    from moe_keras.layers import SparseMoE
+    import numpy_reference as ref
+
+    module = importlib.import_module(sys.argv[1])
+    first, second = sys.argv[2:4]
+    calls = []
+    entry = module.grouped_matmul
+    def counted(*args, **kwargs):
+      calls.append(tuple(args[1].shape))
+      return entry(*args, **kwargs)
+    module.grouped_matmul = counted
+
+    rng = np.random.default_rng(5)
+    n, k, N, D, H = 6, 2, 40, 16, 32
+    w = ref.random_flat_weights(rng, D, n, H, D, gate_scale=2.0)
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    noise = rng.normal(size=(N, n)).astype(np.float32)
+    layer = SparseMoE(num_experts=n, k=k, expert_hidden_dim=H, use_bias=True)
+    layer.build((None, D))
+    ref.assign_weights(layer, w)
+    want = ref.sparse_moe(x, w, k, noise=noise)
+    tv = [v.value for v in layer.trainable_variables]
+    ntv = [v.value for v in layer.non_trainable_variables]
+
+    @jax.jit
+    def loss_fn(tv, x, noise):
+      y, _, losses = layer.stateless_call(tv, ntv, x, training=True,
+                                          noise=noise, return_losses=True)
+      return (y ** 2).sum() + sum(losses), y
+
+    results = {}
+    for choice in (first, second):
+      os.environ["MOE_KERAS_JAX_GROUPED_MATMUL"] = choice
+      jax.clear_caches()
+      results[choice] = jax.value_and_grad(loss_fn, has_aux=True)(tv, x, noise)
+      assert calls == [(n, D, H), (n, H, D)], (choice, calls)
+    (val, y), grads = results[first]
+    np.testing.assert_allclose(np.asarray(y), want["output"], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(float(val), float((want["output"] ** 2).sum())
+                               + want["total_loss"], rtol=1e-4)
+    (_, y_second), grads_second = results[second]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_second),
+                               rtol=1e-5, atol=1e-5)
+    for v, g, g_second in zip(layer.trainable_variables, grads, grads_second):
+      assert np.any(np.asarray(g) != 0), v.path
+      np.testing.assert_allclose(np.asarray(g), np.asarray(g_second),
+                                 rtol=1e-4, atol=1e-5, err_msg=v.path)
+    print("DROPLESS_STEP_OK")
+""")
+
+
+def check_dropless_step(module, first, second):
+  """Runs `_DROPLESS_STEP_SCRIPT` on JAX; asserts that it passed.
+
+  Args:
+    module: the grouped matmul module whose `grouped_matmul` must run under
+      `first` (e.g. "moe_keras.layers.tiled_grouped_matmul").
+    first: the MOE_KERAS_JAX_GROUPED_MATMUL choice under test.
+    second: the choice its gradients are compared with (not `module`'s).
+  """
+  proc = run_script(
+      _DROPLESS_STEP_SCRIPT, module, first, second, backend="jax", timeout=600
+  )
+  assert proc.returncode == 0 and "DROPLESS_STEP_OK" in proc.stdout, (
+      proc.stdout + proc.stderr[-4000:]
   )

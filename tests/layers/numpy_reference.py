@@ -273,6 +273,37 @@ def expert_outputs(x, w1, w2, b1=None, b2=None):
   return np.stack(outs, axis=1)
 
 
+def grouped_matmul(lhs, rhs, sizes):
+  """Per-group matmul by group loops (the dropless experts' matmul, eq. 1).
+
+  Args:
+    lhs: [R, K], rows sorted by group; group g owns sizes[g] consecutive rows.
+    rhs: [G, K, N].
+    sizes: int [G], sum <= R.
+
+  Returns:
+    (out [R, N] float64, zero past sum(sizes); grads), where grads(d_out)
+    gives the hand-derived (d_lhs, d_rhs): d_lhs[r] = d_out[r] rhs[g(r)]^T,
+    d_rhs[g] = lhs_g^T d_out_g.
+  """
+  out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float64)
+  bounds = np.concatenate([[0], np.cumsum(sizes)])
+  for g in range(len(sizes)):
+    lo, hi = bounds[g], bounds[g + 1]
+    out[lo:hi] = lhs[lo:hi].astype(np.float64) @ rhs[g]
+
+  def grads(d_out):
+    d_lhs = np.zeros(lhs.shape, np.float64)
+    d_rhs = np.zeros(rhs.shape, np.float64)
+    for g in range(len(sizes)):
+      lo, hi = bounds[g], bounds[g + 1]
+      d_lhs[lo:hi] = d_out[lo:hi] @ rhs[g].T.astype(np.float64)
+      d_rhs[g] = lhs[lo:hi].T.astype(np.float64) @ d_out[lo:hi]
+    return d_lhs, d_rhs
+
+  return out, grads
+
+
 def combine(gates, experts):
   """Eq 1: y = sum_i G(x)_i E_i(x) with dense gates [N, n], experts [N, n, d]."""
   return np.einsum("ne,ned->nd", gates, experts)

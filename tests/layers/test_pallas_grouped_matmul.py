@@ -10,8 +10,6 @@ gradients d_lhs[r] = d_out[r] rhs[g(r)]^T, d_rhs[g] = lhs_g^T d_out_g), and
 MOE_KERAS_JAX_GROUPED_MATMUL=pallas_interpret.
 """
 
-import textwrap
-
 import numpy as np
 import pytest
 
@@ -20,30 +18,12 @@ jnp = pytest.importorskip("jax.numpy")
 
 from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
 from moe_keras.layers import pallas_grouped_matmul as pgm  # pylint: disable=g-import-not-at-top
+import grouped_matmul_testlib
 import layer_testlib
+import numpy_reference as ref
 
 # Compiled on GPUs, interpreted elsewhere.
 INTERPRET = jax.default_backend() != "gpu"
-
-
-def _numpy_grouped(lhs, rhs, sizes):
-  """out, and a function of d_out giving (d_lhs, d_rhs), by group loops."""
-  out = np.zeros((lhs.shape[0], rhs.shape[2]), np.float64)
-  bounds = np.concatenate([[0], np.cumsum(sizes)])
-  for g in range(len(sizes)):
-    lo, hi = bounds[g], bounds[g + 1]
-    out[lo:hi] = lhs[lo:hi].astype(np.float64) @ rhs[g]
-
-  def grads(d_out):
-    d_lhs = np.zeros(lhs.shape, np.float64)
-    d_rhs = np.zeros(rhs.shape, np.float64)
-    for g in range(len(sizes)):
-      lo, hi = bounds[g], bounds[g + 1]
-      d_lhs[lo:hi] = d_out[lo:hi] @ rhs[g].T.astype(np.float64)
-      d_rhs[g] = lhs[lo:hi].T.astype(np.float64) @ d_out[lo:hi]
-    return d_lhs, d_rhs
-
-  return out, grads
 
 
 def test_work_items_hand_derived():
@@ -76,46 +56,16 @@ def test_work_items_hand_derived():
     ],
 )
 def test_values_and_gradients_match_numpy_and_ragged_dot(sizes, num_rows):
-  rng = np.random.default_rng(len(sizes) + num_rows)
-  k, n = 32, 48
-  sizes = np.array(sizes, np.int32)
-  lhs = rng.normal(size=(num_rows, k)).astype(np.float32)
-  rhs = rng.normal(size=(len(sizes), k, n)).astype(np.float32)
-  d_out = rng.normal(size=(num_rows, n)).astype(np.float32)
-  want, want_grads = _numpy_grouped(lhs, rhs, sizes)
-
-  def run(a, b):
-    return pgm.grouped_matmul(
-        a, b, jnp.asarray(sizes), interpret=INTERPRET, block_m=16
-    )
-
-  out, vjp = jax.vjp(run, jnp.asarray(lhs), jnp.asarray(rhs))
-  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-4)
-  np.testing.assert_array_equal(np.asarray(out)[int(sizes.sum()) :], 0.0)
-  d_lhs, d_rhs = vjp(jnp.asarray(d_out))
-  want_d_lhs, want_d_rhs = want_grads(d_out.astype(np.float64))
-  np.testing.assert_allclose(
-      np.asarray(d_lhs), want_d_lhs, rtol=1e-5, atol=1e-4
+  grouped_matmul_testlib.check_against_numpy_and_ragged_dot(
+      lambda a, b, s: pgm.grouped_matmul(
+          a, b, s, interpret=INTERPRET, block_m=16
+      ),
+      sizes,
+      num_rows,
+      k=32,
+      n=48,
+      seed=len(sizes) + num_rows,
   )
-  np.testing.assert_allclose(
-      np.asarray(d_rhs), want_d_rhs, rtol=1e-5, atol=1e-4
-  )
-  np.testing.assert_array_equal(np.asarray(d_lhs)[int(sizes.sum()) :], 0.0)
-  for g in np.flatnonzero(sizes == 0):
-    np.testing.assert_array_equal(np.asarray(d_rhs)[g], 0.0)
-
-  ragged, ragged_vjp = jax.vjp(
-      lambda a, b: jax.lax.ragged_dot(a, b, jnp.asarray(sizes)),
-      jnp.asarray(lhs),
-      jnp.asarray(rhs),
-  )
-  np.testing.assert_allclose(
-      np.asarray(out), np.asarray(ragged), rtol=1e-5, atol=1e-4
-  )
-  for mine, theirs in zip((d_lhs, d_rhs), ragged_vjp(jnp.asarray(d_out))):
-    np.testing.assert_allclose(
-        np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-4
-    )
 
 
 def test_no_rows():
@@ -144,7 +94,7 @@ def test_bfloat16_accumulates_in_float32():
   assert out.dtype == jnp.bfloat16
   # The reference from the bf16-rounded inputs in float64: only the final
   # rounding to bf16 (relative 2^-8) separates them.
-  want, _ = _numpy_grouped(
+  want, _ = ref.grouped_matmul(
       np.asarray(lhs_bf, np.float32), np.asarray(rhs_bf, np.float32), sizes
   )
   np.testing.assert_allclose(
@@ -168,14 +118,20 @@ def test_bad_inputs_raise_one_line_errors():
 def test_choice_from_the_environment(monkeypatch):
   env = backend_ops.JAX_GROUPED_MATMUL_ENV
   monkeypatch.delenv(env, raising=False)
-  # auto: the kernels on GPUs, else ragged_dot.
-  assert backend_ops.jax_grouped_matmul_choice((8, 16), (2, 16, 32)) == (
-      "ragged_dot" if INTERPRET else "pallas"
-  )
-  # ragged_dot for weights the kernels do not take, even on GPUs.
-  assert backend_ops.jax_grouped_matmul_choice((8, 8), (2, 8, 32)) == (
-      "ragged_dot"
-  )
+  choose = backend_ops.jax_grouped_matmul_choice
+  # auto, per platform: the loop over groups on CPUs, the kernels on GPUs
+  # (ragged_dot for weights they do not take), else ragged_dot.
+  for platform, fits, other in (
+      ("cpu", "tiled", "tiled"),
+      ("gpu", "pallas", "ragged_dot"),
+      ("tpu", "ragged_dot", "ragged_dot"),
+  ):
+    monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+    assert choose((8, 16), (2, 16, 32)) == fits, platform
+    assert choose((8, 8), (2, 8, 32)) == other, platform
+  monkeypatch.undo()
+  monkeypatch.setenv(env, "tiled")  # Any shapes.
+  assert choose((8, 8), (2, 8, 32)) == "tiled"
   monkeypatch.setenv(env, "pallas_interpret")
   assert backend_ops.jax_grouped_matmul_choice((8, 16), (2, 16, 32)) == (
       "pallas_interpret"
@@ -187,68 +143,10 @@ def test_choice_from_the_environment(monkeypatch):
     backend_ops.jax_grouped_matmul_choice((8, 16), (2, 16, 32))
 
 
-_LAYER_SCRIPT = textwrap.dedent("""
-    import os
-    import numpy as np
-    import keras, jax
-    assert keras.backend.backend() == "jax"
-    from moe_keras.layers import SparseMoE
-    from moe_keras.layers import pallas_grouped_matmul as pgm
-    import numpy_reference as ref
-
-    calls = []  # Which path ran: the kernels' entry point, counted.
-    kernels = pgm.grouped_matmul
-    def counted(*args, **kwargs):
-      calls.append(kwargs["interpret"])
-      return kernels(*args, **kwargs)
-    pgm.grouped_matmul = counted
-
-    rng = np.random.default_rng(5)
-    n, k, N, D, H = 6, 2, 40, 16, 32
-    w = ref.random_flat_weights(rng, D, n, H, D, gate_scale=2.0)
-    x = rng.normal(size=(N, D)).astype(np.float32)
-    noise = rng.normal(size=(N, n)).astype(np.float32)
-    layer = SparseMoE(num_experts=n, k=k, expert_hidden_dim=H, use_bias=True)
-    layer.build((None, D))
-    ref.assign_weights(layer, w)
-    want = ref.sparse_moe(x, w, k, noise=noise)
-    tv = [v.value for v in layer.trainable_variables]
-    ntv = [v.value for v in layer.non_trainable_variables]
-
-    @jax.jit
-    def loss_fn(tv, x, noise):
-      y, _, losses = layer.stateless_call(tv, ntv, x, training=True,
-                                          noise=noise, return_losses=True)
-      return (y ** 2).sum() + sum(losses), y
-
-    results = {}
-    for choice in ("pallas_interpret", "ragged_dot"):
-      os.environ["MOE_KERAS_JAX_GROUPED_MATMUL"] = choice
-      jax.clear_caches()
-      results[choice] = jax.value_and_grad(loss_fn, has_aux=True)(tv, x, noise)
-      # The expert FFN's two matmuls, traced once; none with ragged_dot.
-      assert calls == [True, True], (choice, calls)
-    (val, y), grads = results["pallas_interpret"]
-    np.testing.assert_allclose(np.asarray(y), want["output"], rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(float(val), float((want["output"] ** 2).sum())
-                               + want["total_loss"], rtol=1e-4)
-    (_, y_ragged), grads_ragged = results["ragged_dot"]
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ragged), rtol=1e-5,
-                               atol=1e-5)
-    for v, g, g_ragged in zip(layer.trainable_variables, grads, grads_ragged):
-      assert np.any(np.asarray(g) != 0), v.path
-      np.testing.assert_allclose(np.asarray(g), np.asarray(g_ragged),
-                                 rtol=1e-4, atol=1e-5, err_msg=v.path)
-    print("PALLAS_OK")
-""")
-
-
 def test_sparse_moe_dropless_with_the_kernels_matches_numpy_and_ragged_dot():
   """KERAS_BACKEND=jax: the layer's training step (values, every gradient)."""
-  proc = layer_testlib.run_script(_LAYER_SCRIPT, backend="jax", timeout=600)
-  assert proc.returncode == 0 and "PALLAS_OK" in proc.stdout, (
-      proc.stdout + proc.stderr[-4000:]
+  layer_testlib.check_dropless_step(
+      "moe_keras.layers.pallas_grouped_matmul", "pallas_interpret", "ragged_dot"
   )
 
 
