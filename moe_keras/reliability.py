@@ -334,16 +334,24 @@ def _gin_bindings():
 def name_bad_binding(error):
   """`error`'s first line, prefixed with the gin binding whose value it names.
 
+  A binding is a candidate when its value appears in the message (a string
+  as a word, a number as "=<value>"). Of the candidates, one whose name the
+  message also spells (the part after the last "." or "/", in any case:
+  STEPS_PER_CHECKPOINT as steps_per_checkpoint) is chosen, the earliest in
+  the message; else the only candidate. Several candidates that share a
+  value and none of whose names appears leave the message as it is, since
+  naming one of them would be a guess.
+
   Args:
     error: an exception raised while gin-configured code ran.
 
   Returns:
-    "bad value for <binding> = <value>: <message>" when a binding's string
-    value appears in the message (a number: as "=<value>"), else the
-    message.
+    "bad value for <binding> = <value>: <message>", or the message.
   """
   text = str(error).strip()
   message = text.splitlines()[0] if text else type(error).__name__
+  lowered = message.lower()
+  candidates, named = [], []
   for name, value in _gin_bindings():
     if isinstance(value, str) and value.strip():
       pattern = rf"(?<![\w.]){re.escape(value)}(?![\w.])"
@@ -351,6 +359,19 @@ def name_bad_binding(error):
       pattern = rf"={re.escape(str(value))}(?![\w.])"  # "Received: x=-5"
     else:
       continue
-    if re.search(pattern, message):
-      return f"bad value for {name} = {value!r}: {message}"
-  return message
+    if not re.search(pattern, message):
+      continue
+    candidates.append((name, value))
+    key = re.split(r"[./]", name)[-1].lower()
+    spelled = re.search(
+        rf"(?<![a-z0-9_]){re.escape(key)}(?![a-z0-9_])", lowered
+    )
+    if spelled:
+      named.append((spelled.start(), len(named), name, value))
+  if named:
+    _, _, name, value = min(named)
+  elif len(candidates) == 1:
+    name, value = candidates[0]
+  else:
+    return message
+  return f"bad value for {name} = {value!r}: {message}"
