@@ -28,6 +28,7 @@ import os
 import re
 import time
 from typing import List, Optional, Sequence
+import warnings
 
 from absl import logging
 import gin
@@ -46,6 +47,10 @@ from moe_keras.optimizers import factory as optimizer_factory
 from moe_keras.tasks import base as task_base
 from moe_keras.tasks import lm_task  # pylint: disable=unused-import
 from moe_keras import schedules  # pylint: disable=unused-import
+
+# The start of the warning Keras gives at the end of every validation pass
+# over an eval set of unknown length (see `_train_locked`).
+EVAL_END_WARNING = "Your input ran out of data"
 
 CONFIG_FILE = "config.gin"
 CHECKPOINT_DIR = "checkpoints"
@@ -667,7 +672,15 @@ def _train_locked(model_dir, config, verbose, distribution):
       contextlib.nullcontext() if distribution is None else distribution.scope()
   )
   history = {}
-  with scope, signals:
+  with scope, signals, warnings.catch_warnings():
+    # Keras (3.15, EpochIterator.catch_stop_iteration) warns "Your input ran
+    # out of data; interrupting training" whenever the validation pass
+    # reaches the end of the eval set, a pipeline of unknown length: that is
+    # the pass's normal end. The training data repeats, so the warning has
+    # no other source here.
+    warnings.filterwarnings(
+        "ignore", message=EVAL_END_WARNING, category=UserWarning
+    )
     for start, first_epoch, end_epoch, period in fit_segments(
         step, config.train_steps, spc
     ):

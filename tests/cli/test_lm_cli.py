@@ -71,6 +71,32 @@ def test_train_writes_layout(trained):
   )
 
 
+def test_validation_passes_end_without_a_keras_warning(corpus, tmp_path):
+  """Keras warns "Your input ran out of data; interrupting training" at the
+  end of each validation pass over an eval set of unknown length; train
+  silences that one warning (the pass's normal end), not the validation."""
+  model_dir = tmp_path / "with_eval"
+  proc = _run(
+      "moe_keras.train",
+      *_train_args(
+          corpus,
+          model_dir,
+          "--gin_bindings=training.train_steps=20",
+          "--gin_bindings=training.steps_per_eval=10",
+      ),
+  )
+  assert "ran out of data" not in proc.stderr, proc.stderr[-3000:]
+  # Both validation passes ran (Keras's TensorBoard logs them apart).
+  validation = [
+      f
+      for root, _, files in os.walk(model_dir / "logs")
+      if os.path.basename(root) == "validation"
+      for f in files
+      if f.startswith("events")
+  ]
+  assert validation, sorted(os.walk(model_dir / "logs"))
+
+
 def test_evaluate_perplexity_and_expert_stats(trained, corpus):
   proc = _run(
       "moe_keras.evaluate",
