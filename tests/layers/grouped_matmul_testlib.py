@@ -66,3 +66,28 @@ def check_against_numpy_and_ragged_dot(matmul, sizes, num_rows, k, n, seed):
     np.testing.assert_allclose(
         np.asarray(mine), np.asarray(theirs), rtol=1e-5, atol=1e-4
     )
+
+
+def check_bfloat16(matmul):
+  """`matmul` on bf16 inputs returns bf16, accumulated in float32.
+
+  The reference is computed from the bf16-rounded inputs in float64, so
+  only the final rounding to bf16 (relative 2^-8) separates them.
+
+  Args:
+    matmul: fn(lhs [R, K], rhs [G, K, N], group_sizes int32 [G]) -> [R, N].
+  """
+  rng = np.random.default_rng(7)
+  sizes = np.array([20, 12], np.int32)
+  lhs = rng.normal(size=(32, 64)).astype(np.float32)
+  rhs = rng.normal(size=(2, 64, 16)).astype(np.float32)
+  lhs_bf = jnp.asarray(lhs, jnp.bfloat16)
+  rhs_bf = jnp.asarray(rhs, jnp.bfloat16)
+  out = matmul(lhs_bf, rhs_bf, jnp.asarray(sizes))
+  assert out.dtype == jnp.bfloat16
+  want, _ = ref.grouped_matmul(
+      np.asarray(lhs_bf, np.float32), np.asarray(rhs_bf, np.float32), sizes
+  )
+  np.testing.assert_allclose(
+      np.asarray(out, np.float32), want, rtol=8e-3, atol=8e-3
+  )

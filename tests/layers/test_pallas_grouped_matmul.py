@@ -20,7 +20,6 @@ from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
 from moe_keras.layers import pallas_grouped_matmul as pgm  # pylint: disable=g-import-not-at-top
 import grouped_matmul_testlib
 import layer_testlib
-import numpy_reference as ref
 
 # Compiled on GPUs, interpreted elsewhere.
 INTERPRET = jax.default_backend() != "gpu"
@@ -81,24 +80,10 @@ def test_no_rows():
 
 
 def test_bfloat16_accumulates_in_float32():
-  rng = np.random.default_rng(7)
-  sizes = np.array([20, 12], np.int32)
-  lhs = rng.normal(size=(32, 64)).astype(np.float32)
-  rhs = rng.normal(size=(2, 64, 16)).astype(np.float32)
-  lhs_bf, rhs_bf = jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(
-      rhs, jnp.bfloat16
-  )
-  out = pgm.grouped_matmul(
-      lhs_bf, rhs_bf, jnp.asarray(sizes), interpret=INTERPRET, block_m=16
-  )
-  assert out.dtype == jnp.bfloat16
-  # The reference from the bf16-rounded inputs in float64: only the final
-  # rounding to bf16 (relative 2^-8) separates them.
-  want, _ = ref.grouped_matmul(
-      np.asarray(lhs_bf, np.float32), np.asarray(rhs_bf, np.float32), sizes
-  )
-  np.testing.assert_allclose(
-      np.asarray(out, np.float32), want, rtol=8e-3, atol=8e-3
+  grouped_matmul_testlib.check_bfloat16(
+      lambda a, b, s: pgm.grouped_matmul(
+          a, b, s, interpret=INTERPRET, block_m=16
+      )
   )
 
 
