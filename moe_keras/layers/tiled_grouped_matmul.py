@@ -108,12 +108,17 @@ def _group_starts(group_sizes):
   return jnp.cumsum(group_sizes) - group_sizes
 
 
-def _forward(lhs, rhs, group_sizes, transpose_rhs, block_m):
-  """lhs [R, K] x rhs [G, K, N] (or [G, N, K] transposed) -> [R, N]."""
-  num_rows, k = lhs.shape
+def _pad(rows, block_m):
+  """rows [R, c] with block_m zero rows appended: every tile's slice is in
+  range (only a group's last, masked tile reaches past R)."""
+  return jnp.pad(rows, ((0, block_m), (0, 0)))
+
+
+def _forward(lhs, rhs, group_sizes, num_rows, transpose_rhs, block_m):
+  """lhs [R + block_m, K] (`_pad`) x rhs [G, K, N] (or [G, N, K]
+  transposed) -> [R, N]."""
+  k = lhs.shape[1]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  # block_m spare rows, so that every tile's slice is in range.
-  lhs = jnp.pad(lhs, ((0, block_m), (0, 0)))
   starts = _group_starts(group_sizes)
 
   def group(out, g):
@@ -135,10 +140,9 @@ def _forward(lhs, rhs, group_sizes, transpose_rhs, block_m):
 
 
 def _weight_gradient(lhs, d_out, group_sizes, num_groups, block_m):
-  """d_rhs [G, K, N] = per group lhs_g^T d_out_g."""
+  """d_rhs [G, K, N] = per group lhs_g^T d_out_g, from padded lhs and d_out
+  ([R + block_m, .], `_pad`)."""
   k, n = lhs.shape[1], d_out.shape[1]
-  lhs = jnp.pad(lhs, ((0, block_m), (0, 0)))
-  d_out = jnp.pad(d_out, ((0, block_m), (0, 0)))
   starts = _group_starts(group_sizes)
 
   def group(_, g):
@@ -159,19 +163,23 @@ def _weight_gradient(lhs, d_out, group_sizes, num_groups, block_m):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _grouped_matmul(lhs, rhs, group_sizes, block_m):
-  return _forward(lhs, rhs, group_sizes, False, block_m)
+  return _grouped_matmul_fwd(lhs, rhs, group_sizes, block_m)[0]
 
 
 def _grouped_matmul_fwd(lhs, rhs, group_sizes, block_m):
-  out = _forward(lhs, rhs, group_sizes, False, block_m)
-  return out, (lhs, rhs, group_sizes)
+  # Padded once: the forward and the weight gradient read the same copy.
+  padded = _pad(lhs, block_m)
+  out = _forward(padded, rhs, group_sizes, lhs.shape[0], False, block_m)
+  return out, (padded, rhs, group_sizes)
 
 
 def _grouped_matmul_bwd(block_m, residuals, d_out):
-  lhs, rhs, group_sizes = residuals
-  d_out = d_out.astype(lhs.dtype)
-  d_lhs = _forward(d_out, rhs, group_sizes, True, block_m)
-  d_rhs = _weight_gradient(lhs, d_out, group_sizes, rhs.shape[0], block_m)
+  padded, rhs, group_sizes = residuals
+  num_rows = d_out.shape[0]
+  # Padded once: the input and the weight gradient read the same copy.
+  d_padded = _pad(d_out.astype(padded.dtype), block_m)
+  d_lhs = _forward(d_padded, rhs, group_sizes, num_rows, True, block_m)
+  d_rhs = _weight_gradient(padded, d_padded, group_sizes, rhs.shape[0], block_m)
   return d_lhs, d_rhs.astype(rhs.dtype), None
 
 
