@@ -85,6 +85,7 @@ _GROUP_SIZES = flags.DEFINE_enum(
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of inputs and group sizes.")
 
+JAX_METHODS = ("ragged_dot", "pallas", "tiled", "einsum")
 TF_METHODS = ("per_group", "padded_bmm", "one_matmul")
 
 
@@ -306,6 +307,12 @@ def main(argv):
   groups = _groups()
   dtype = jnp.dtype(_DTYPE.value)
   methods = list(_METHODS.value)
+  unknown = [m for m in methods if m not in JAX_METHODS]
+  if unknown:
+    raise app.UsageError(
+        f"--methods: unknown {', '.join(unknown)}; choose from"
+        f" {', '.join(JAX_METHODS)}"
+    )
   if "pallas" in methods and jax.default_backend() != "gpu":
     if not _INTERPRET.value:
       raise app.UsageError(

@@ -111,6 +111,18 @@ def test_jax_table_times_the_loop_over_groups():
   assert cells[5] >= 0 and np.isnan(cells[6]), cells
 
 
+def test_unknown_jax_method_is_a_usage_error():
+  result = bench_testlib.run_benchmark(
+      "grouped_matmul.py", "--methods=tiledx,einsum", "--rows=64", "--groups=4"
+  )
+  assert result.returncode != 0
+  assert (
+      "--methods: unknown tiledx; choose from ragged_dot, pallas, tiled,"
+      " einsum" in result.stderr
+  )
+  assert "| groups |" not in result.stdout
+
+
 def test_tensorflow_backend_rejects_jax_flags():
   result = bench_testlib.run_benchmark(
       "grouped_matmul.py", "--backend=tensorflow", "--methods=einsum"
