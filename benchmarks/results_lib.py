@@ -85,6 +85,11 @@ VARIANTS = {
         )
         for scale in ("0.25", "0.125", "0.354")
     },
+    # Adam's second moment of row-sparse gradients (embedding and sampled
+    # softmax rows on TensorFlow) from each row's summed gradient, as Adam
+    # is written and as JAX computes it, instead of Keras's per-piece
+    # squares (moe_keras.optimizers.sparse_gradients).
+    "summed_rows": ("make_optimizer.sum_sparse_rows = True",),
 }
 
 

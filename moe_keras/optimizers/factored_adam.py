@@ -22,6 +22,10 @@ before 2.1) that `keras.optimizers.Adam` uses:
 
 with m = g and 1 - beta_1^t = 1 for the factored variables.
 
+Row-sparse gradients (`tf.IndexedSlices` of embeddings and sampled softmax
+rows) reach Keras's element-wise ops as they are (per-piece squares), unless
+`sum_sparse_rows=True` sums them row by row first (`sparse_gradients`).
+
 Optimizer state per expert matrix stack [n, d_in, d_out] is n * (d_in + d_out)
 float32 numbers instead of Adam's 2 * n * d_in * d_out.
 """
@@ -30,6 +34,8 @@ import gin
 import keras
 from keras import ops
 
+from moe_keras.optimizers import sparse_gradients
+
 DEFAULT_FACTORED_PATTERNS = ("expert_kernel",)
 # Floor on mean(r): an expert matrix whose squared-gradient EMA is all zero
 # (an expert no token has reached yet) gets V_hat = 0 instead of 0 / 0.
@@ -37,7 +43,9 @@ MIN_MEAN = 1e-30
 
 
 @keras.saving.register_keras_serializable(package="moe_keras")
-class FactoredAdam(keras.optimizers.Optimizer):
+class FactoredAdam(
+    sparse_gradients.SumSparseRowsMixin, keras.optimizers.Optimizer
+):
   """Adam; expert matrices get beta_1 = 0 and a factored 2nd moment (app. D).
 
   A trainable variable is factored when its `path` contains one of
@@ -58,6 +66,8 @@ class FactoredAdam(keras.optimizers.Optimizer):
     epsilon: "epsilon hat", added to sqrt(v) as in keras Adam.
     factored_patterns: substrings of `variable.path` selecting the factored
       variables.
+    sum_sparse_rows: True: row-sparse gradients are summed per row first
+      (Adam as written); False (default): Keras's per-piece squares.
     name: optimizer name.
     **kwargs: base optimizer arguments (weight_decay, clipnorm,
       global_clipnorm, use_ema, gradient_accumulation_steps, ...).
@@ -70,10 +80,12 @@ class FactoredAdam(keras.optimizers.Optimizer):
       beta_2=0.999,
       epsilon=1e-7,
       factored_patterns=DEFAULT_FACTORED_PATTERNS,
+      sum_sparse_rows=False,
       name="factored_adam",
       **kwargs,
   ):
     super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+    self._init_sum_sparse_rows(sum_sparse_rows)
     if isinstance(factored_patterns, str):
       factored_patterns = (factored_patterns,)
     self.beta_1 = beta_1
@@ -211,6 +223,7 @@ class FactoredAdam(keras.optimizers.Optimizer):
             "beta_2": self.beta_2,
             "epsilon": self.epsilon,
             "factored_patterns": list(self.factored_patterns),
+            "sum_sparse_rows": self.sum_sparse_rows,
         }
     )
     return config
@@ -262,7 +275,13 @@ def factored_adam(
 
 
 def _make_optimizer_builder(
-    learning_rate, beta_1, beta_2, epsilon, clipnorm, global_clipnorm
+    learning_rate,
+    beta_1,
+    beta_2,
+    epsilon,
+    clipnorm,
+    global_clipnorm,
+    sum_sparse_rows=False,
 ):
   """`make_optimizer(name='factored_adam', ...)` builder."""
   return FactoredAdam(
@@ -272,6 +291,7 @@ def _make_optimizer_builder(
       epsilon=epsilon,
       clipnorm=clipnorm,
       global_clipnorm=global_clipnorm,
+      sum_sparse_rows=sum_sparse_rows,
   )
 
 

@@ -27,10 +27,12 @@ def _adam(
     clipnorm,
     global_clipnorm,
     learning_rate_scales=None,
+    sum_sparse_rows=False,
 ):
   # Keras's Adam, with one fused kernel per dense update on TensorFlow.
   return fused_adam.FusedAdam(
       learning_rate_scales=learning_rate_scales,
+      sum_sparse_rows=sum_sparse_rows,
       learning_rate=learning_rate,
       beta_1=beta_1,
       beta_2=beta_2,
@@ -53,6 +55,7 @@ def make_optimizer(
     clipnorm=None,
     global_clipnorm=None,
     learning_rate_scales=None,
+    sum_sparse_rows=False,
 ):
   """Builds the optimizer an experiment trains with.
 
@@ -67,6 +70,10 @@ def make_optimizer(
     learning_rate_scales: {regex on variable paths: factor on the learning
       rate} (an ablation knob, not the paper's; 'adam' only), e.g.
       {'expert_(kernel|bias)': 0.25}.
+    sum_sparse_rows: True sums each row of a row-sparse (TensorFlow
+      IndexedSlices) gradient before the update, as Adam is written and as
+      JAX computes; False (default) keeps Keras's per-piece squares, with
+      which every TensorFlow result here was measured (`sparse_gradients`).
 
   Returns:
     keras.optimizers.Optimizer.
@@ -88,6 +95,8 @@ def make_optimizer(
           f" only, not {name!r}"
       )
     kwargs["learning_rate_scales"] = learning_rate_scales
+  if sum_sparse_rows:
+    kwargs["sum_sparse_rows"] = True
   return OPTIMIZER_BUILDERS[name](
       learning_rate=learning_rate,
       beta_1=beta_1,

@@ -12,10 +12,16 @@ computes exactly Keras's Adam,
   var <- var - alpha m / (sqrt(v) + epsilon),
 
 with TensorFlow's `ResourceApplyAdam` kernel (one multi-threaded pass) for
-dense float gradients on the TensorFlow backend. Sparse gradients
-(`tf.IndexedSlices`, embeddings), AMSGrad and the other backends take Keras's
-own path. The variables are Keras's Adam variables, so checkpoints are
-interchangeable with `keras.optimizers.Adam`.
+dense float gradients on the TensorFlow backend. AMSGrad and the other
+backends take Keras's own path. The variables are Keras's Adam variables, so
+checkpoints are interchangeable with `keras.optimizers.Adam`.
+
+Row-sparse gradients (`tf.IndexedSlices`: embeddings, the sampled softmax's
+rows) take Keras's path, which squares the pieces of a repeated row one by
+one; with `sum_sparse_rows=True` they are first summed row by row into the
+dense gradient they stand for (`sparse_gradients`), so that the second
+moment squares each row's gradient, as in Kingma & Ba and on JAX, and the
+update runs as the fused kernel.
 
 `learning_rate_scales` (not in the paper; an ablation knob) multiplies the
 learning rate of the variables whose path matches a regular expression, e.g.
@@ -27,23 +33,32 @@ import re
 
 import keras
 
+from moe_keras.optimizers import sparse_gradients
+
 
 @keras.saving.register_keras_serializable(package="moe_keras")
-class FusedAdam(keras.optimizers.Adam):
+class FusedAdam(sparse_gradients.SumSparseRowsMixin, keras.optimizers.Adam):
   """`keras.optimizers.Adam` with a fused dense update on TensorFlow.
 
   Args:
     learning_rate_scales: optional {regex: scale}; a variable whose path
       matches (`re.search`) a pattern gets the learning rate times its scale
       (the first matching pattern); the others get the learning rate.
+    sum_sparse_rows: True: row-sparse gradients are summed per row first
+      (Adam as written; JAX's gradients always are). False (default):
+      Keras's TensorFlow behaviour, the squares of a repeated row's pieces
+      summed (`sparse_gradients`).
     **kwargs: `keras.optimizers.Adam`'s arguments.
 
   Raises:
     ValueError: a pattern that does not compile, or a scale <= 0.
   """
 
-  def __init__(self, learning_rate_scales=None, **kwargs):
+  def __init__(
+      self, learning_rate_scales=None, sum_sparse_rows=False, **kwargs
+  ):
     super().__init__(**kwargs)
+    self._init_sum_sparse_rows(sum_sparse_rows)
     self.learning_rate_scales = dict(learning_rate_scales or {})
     self._scale_patterns = []
     for pattern, scale in self.learning_rate_scales.items():
@@ -109,4 +124,5 @@ class FusedAdam(keras.optimizers.Adam):
   def get_config(self):
     config = super().get_config()
     config["learning_rate_scales"] = dict(self.learning_rate_scales)
+    config["sum_sparse_rows"] = self.sum_sparse_rows
     return config

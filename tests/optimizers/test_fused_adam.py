@@ -36,19 +36,26 @@ def test_matches_numpy_adam_over_steps():
   )
 
 
-def test_sparse_gradients_take_keras_path():
-  """An embedding's IndexedSlices gradient gives Keras Adam's result."""
+def test_sparse_gradients_are_keras_adams_by_default():
+  """An embedding's IndexedSlices gradient (row 3 gathered twice) gives
+  Keras Adam's result on TensorFlow; sum_sparse_rows=True does not
+  (test_sparse_gradients has its numbers)."""
   ids = np.array([[1, 3, 3]], "int32")
   results = []
-  for cls in (keras.optimizers.Adam, fused_adam.FusedAdam):
+  for optimizer in (
+      keras.optimizers.Adam(learning_rate=0.1),
+      fused_adam.FusedAdam(learning_rate=0.1),
+      fused_adam.FusedAdam(learning_rate=0.1, sum_sparse_rows=True),
+  ):
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2)]
     )
-    model.compile(cls(learning_rate=0.1), loss="mse")
+    model.compile(optimizer, loss="mse")
     model.train_on_batch(ids, np.ones((1, 3, 2), "float32"))
     results.append(keras.ops.convert_to_numpy(model.weights[0]))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
+  assert np.abs(results[2][3] - results[1][3]).max() > 1e-3
 
 
 def test_factory_builds_fused_adam_and_checkpoints_are_adams(tmp_path):
