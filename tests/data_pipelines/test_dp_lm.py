@@ -76,6 +76,39 @@ def test_lm1b_epoch_covers_every_sentence_once_within_budget():
   assert stats["lines"] == 30 and stats["empty_skipped"] == 0
 
 
+def test_fill_rows_gives_one_shape_per_length():
+  # length_multiple 8 and fill_rows: every batch is [64 // T, T] with T a
+  # multiple of 8, its extra rows empty (PAD, weight 0), and the epoch still
+  # holds every sentence once. Windows of 7 sentences end in partial batches.
+  data = _lm1b(length_multiple=8, fill_rows=True, window_lines=7)
+  expected = collections.Counter(tuple(l.split()) for l in _train_lines())
+  sentences, shapes, empty_rows = [], set(), 0
+  for inputs, targets, weights in data.train_dataset().as_numpy_iterator():
+    b, t = inputs.shape
+    assert t % 8 == 0 and b == 64 // t
+    shapes.add((b, t))
+    real = weights.sum(axis=1) > 0
+    empty_rows += int((~real).sum())
+    assert not weights[~real].any()
+    assert not inputs[~real].any() and not targets[~real].any()
+    for row in np.flatnonzero(real):
+      n = int(weights[row].sum())
+      sentences.append(tuple(data.vocab.decode(targets[row, : n - 1])))
+  assert collections.Counter(sentences) == expected
+  assert empty_rows > 0  # some batches were filled
+  assert len(shapes) <= 40 // 8 + 1
+  # Without fill_rows the same epoch has batches of other shapes.
+  unfilled = {
+      x.shape
+      for x, _, _ in (
+          _lm1b(length_multiple=8, window_lines=7)
+          .train_dataset()
+          .as_numpy_iterator()
+      )
+  }
+  assert unfilled - shapes
+
+
 def test_lm1b_vocab_min_count_three_from_counts():
   data = _lm1b(min_count=3)
   counts = collections.Counter(w for l in _train_lines() for w in l.split())

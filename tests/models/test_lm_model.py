@@ -88,6 +88,39 @@ def test_padding_is_not_routed():
   assert float(np.sum(stats["token_counts"])) == 2 * real_tokens
 
 
+def test_empty_rows_and_columns_change_nothing_real():
+  # What lm_batching.fill_rows and length_multiple add: rows and columns of
+  # weight 0. The real tokens' NLL, the loss and its gradients stay.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  keras.utils.set_random_seed(0)
+  model = lm.build_lm(30, _tiny())
+  batch = _batch(np.random.default_rng(4))
+  padded = {
+      key: np.pad(value, [[0, 2], [0, 3]]) for key, value in batch.items()
+  }
+  results = []
+  for b in (batch, padded):
+    with tf.GradientTape() as tape:
+      nll = model(b, training=False)
+      loss = perplexity.masked_mean_nll(b["weights"], nll)
+    grads = tape.gradient(loss, model.trainable_variables)
+    results.append((nll, loss, grads))
+  (nll, loss, grads), (nll_p, loss_p, grads_p) = results
+  real = batch["weights"] > 0
+  np.testing.assert_allclose(
+      np.asarray(nll_p)[:3, :5][real], np.asarray(nll)[real], atol=1e-5
+  )
+  assert float(loss_p) == pytest.approx(float(loss), abs=1e-6)
+  for g, g_p in zip(grads, grads_p):
+    if g is None:  # the noise weights: no noise in evaluation
+      assert g_p is None
+      continue
+    np.testing.assert_allclose(
+        tf.convert_to_tensor(g_p), tf.convert_to_tensor(g), atol=1e-6
+    )
+
+
 def test_masked_mean_nll_is_per_token_mean():
   w = np.array([[1, 1, 0], [1, 0, 0]], "float32")
   nll = np.array([[1.0, 2.0, 100.0], [3.0, 50.0, 7.0]], "float32")
