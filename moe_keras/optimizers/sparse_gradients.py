@@ -26,9 +26,8 @@ Optimizers with `SumSparseRowsMixin` do so when built with
 It is not the default: every TensorFlow result and learning rate of this
 project was measured with Keras's per-piece squares, which move a row
 gathered r times up to sqrt(r) times as far per step (when its pieces
-agree), and at those rates
-Adam as written trains the PTB models worse (README "Adam on repeated
-rows"). On JAX the option changes nothing.
+agree), and at those rates Adam as written trains the PTB models worse
+(README "Adam on repeated rows"). On JAX the option changes nothing.
 """
 
 import keras
