@@ -325,9 +325,7 @@ def greedy_batch_bounds(
   def _body(start, bounds):
     length = sorted_lengths[start]
     padded = (length + multiple - 1) // multiple * multiple
-    size = tf.maximum(budget // tf.maximum(padded, 1), 1)
-    if max_batch_size is not None:
-      size = tf.minimum(size, max_batch_size)
+    size = rows_per_batch(padded, budget, max_batch_size)
     end = tf.minimum(start + size, n)
     return end, bounds.write(bounds.size(), tf.stack([start, end]))
 
@@ -336,6 +334,28 @@ def greedy_batch_bounds(
   )
   _, bounds = tf.while_loop(_cond, _body, (tf.constant(0, tf.int32), bounds))
   return tf.reshape(bounds.stack(), [-1, 2])
+
+
+def rows_per_batch(
+    padded_length: tf.Tensor,
+    batch_tokens,
+    max_batch_size: Optional[int] = None,
+) -> tf.Tensor:
+  """The examples a batch of `padded_length` holds under the token budget.
+
+  Args:
+    padded_length: int32 scalar, the batch's padded length.
+    batch_tokens: the token budget (int or int32 scalar).
+    max_batch_size: optional cap on examples per batch.
+
+  Returns:
+    int32 scalar: batch_tokens // padded_length, at least 1, at most
+    max_batch_size.
+  """
+  size = tf.maximum(batch_tokens // tf.maximum(padded_length, 1), 1)
+  if max_batch_size is not None:
+    size = tf.minimum(size, max_batch_size)
+  return size
 
 
 def sort_order(lengths: tf.Tensor) -> tf.Tensor:

@@ -264,9 +264,10 @@ def lm_dataset(
           window["lengths"][start:end], width, dtype=tf.float32
       )
       if options.fill_rows:
-        rows = tf.maximum(spec.batch_tokens // width, 1)
-        if spec.max_batch_size:
-          rows = tf.minimum(rows, spec.max_batch_size)
+        # The rows batch_bounds gave this width, at most; the rest empty.
+        rows = batching.rows_per_batch(
+            width, spec.batch_tokens, spec.max_batch_size
+        )
         pad = [[0, rows - (end - start)], [0, 0]]
         inputs = tf.pad(inputs, pad, constant_values=PAD_ID)
         targets = tf.pad(targets, pad, constant_values=PAD_ID)

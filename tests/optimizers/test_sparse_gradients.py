@@ -7,7 +7,6 @@ a subprocess from the same weights and batches.
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -22,6 +21,10 @@ from moe_keras.optimizers import fused_adam
 from moe_keras.optimizers import sparse_gradients
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+# The layer tests' fresh-process helper (run_script).
+sys.path.insert(0, os.path.join(REPO, "tests", "layers"))
+import layer_testlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # Row 3 is gathered three times, row 1 once, rows 0, 2 and 4 never.
 IDS = np.array([[1, 3, 3, 3]], "int32")
 TABLE = np.arange(10, dtype="float32").reshape(5, 2) / 10.0
@@ -187,25 +190,8 @@ _BACKEND_SCRIPT = textwrap.dedent("""
 
 
 def _train_in_subprocess(backend, data_path, sum_sparse_rows):
-  env = dict(
-      os.environ,
-      KERAS_BACKEND=backend,
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-  )
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-c",
-          _BACKEND_SCRIPT,
-          data_path,
-          str(int(sum_sparse_rows)),
-      ],
-      env=env,
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
+  proc = layer_testlib.run_script(
+      _BACKEND_SCRIPT, data_path, str(int(sum_sparse_rows)), backend=backend
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
