@@ -95,6 +95,8 @@ class LmBatching(batching.Batching):
     super().__post_init__()
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r}; expected one of {MODES}")
+    if not isinstance(self.fill_rows, bool):
+      raise ValueError(f"fill_rows={self.fill_rows!r}; expected True or False")
 
 
 @dataclasses.dataclass

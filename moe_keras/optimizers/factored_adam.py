@@ -71,6 +71,9 @@ class FactoredAdam(
     name: optimizer name.
     **kwargs: base optimizer arguments (weight_decay, clipnorm,
       global_clipnorm, use_ema, gradient_accumulation_steps, ...).
+
+  Raises:
+    ValueError: a sum_sparse_rows that is not a bool.
   """
 
   def __init__(

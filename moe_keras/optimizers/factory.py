@@ -79,8 +79,8 @@ def make_optimizer(
     keras.optimizers.Optimizer.
 
   Raises:
-    ValueError: unknown optimizer name, or learning_rate_scales with an
-      optimizer other than 'adam'.
+    ValueError: unknown optimizer name, learning_rate_scales with an
+      optimizer other than 'adam', or a sum_sparse_rows that is not a bool.
   """
   if name not in OPTIMIZER_BUILDERS:
     raise ValueError(
@@ -95,8 +95,8 @@ def make_optimizer(
           f" only, not {name!r}"
       )
     kwargs["learning_rate_scales"] = learning_rate_scales
-  if sum_sparse_rows:
-    kwargs["sum_sparse_rows"] = True
+  if sum_sparse_rows is not False:  # the optimizer checks the value
+    kwargs["sum_sparse_rows"] = sum_sparse_rows
   return OPTIMIZER_BUILDERS[name](
       learning_rate=learning_rate,
       beta_1=beta_1,

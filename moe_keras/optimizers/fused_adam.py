@@ -51,7 +51,8 @@ class FusedAdam(sparse_gradients.SumSparseRowsMixin, keras.optimizers.Adam):
     **kwargs: `keras.optimizers.Adam`'s arguments.
 
   Raises:
-    ValueError: a pattern that does not compile, or a scale <= 0.
+    ValueError: a pattern that does not compile, a scale <= 0, or a
+      sum_sparse_rows that is not a bool.
   """
 
   def __init__(

@@ -67,8 +67,19 @@ class SumSparseRowsMixin:
   """
 
   def _init_sum_sparse_rows(self, sum_sparse_rows):
-    """Sets the option (bool)."""
-    self.sum_sparse_rows = bool(sum_sparse_rows)
+    """Sets the option.
+
+    Args:
+      sum_sparse_rows: bool.
+
+    Raises:
+      ValueError: not a bool.
+    """
+    if not isinstance(sum_sparse_rows, bool):
+      raise ValueError(
+          f"sum_sparse_rows={sum_sparse_rows!r}; expected True or False"
+      )
+    self.sum_sparse_rows = sum_sparse_rows
 
   def apply(self, grads, trainable_variables=None):
     """Keras's `apply`; with sum_sparse_rows, IndexedSlices summed first."""

@@ -107,6 +107,8 @@ def test_fill_rows_gives_one_shape_per_length():
       )
   }
   assert unfilled - shapes
+  with pytest.raises(ValueError, match="^fill_rows='yes'; expected True"):
+    lm.LmBatching(fill_rows="yes")
 
 
 def test_lm1b_vocab_min_count_three_from_counts():

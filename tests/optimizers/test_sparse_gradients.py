@@ -157,6 +157,10 @@ def test_make_optimizer_passes_the_option_and_it_round_trips(name):
         keras.optimizers.serialize(optimizer)
     )
     assert restored.sum_sparse_rows is summed
+  with pytest.raises(
+      ValueError, match="^sum_sparse_rows='yes'; expected True or False\n"
+  ):
+    factory.make_optimizer(name=name, sum_sparse_rows="yes")
 
 
 _BACKEND_SCRIPT = textwrap.dedent("""
