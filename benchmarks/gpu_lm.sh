@@ -8,7 +8,10 @@
 # then call the device with carry=["gpu_data", "gpu_wheels"] and the command
 #   bash benchmarks/gpu_lm.sh
 # Knobs (environment): CONFIGS, SEEDS, LRS, STEPS, EVAL, ROWS, BUDGET (s),
-# DIM and HIDDEN (model width 512 and experts' hidden size 1024: the paper's).
+# DIM and HIDDEN (model width 512 and experts' hidden size 1024: the paper's),
+# PIECE_SQUARES (default True: squares taps give JAX's Adam TensorFlow's
+# per-piece second moment, the optimizer of the CPU tables; README "Adam on
+# repeated rows").
 # The summaries come back under $OUT/lm_debian_docs_gpu512/runs/; copy them to
 # results/lm_debian_docs_gpu512/runs/ and print the tables here with
 #   .venv/bin/python benchmarks/lm_results.py --corpus=debian_docs \
@@ -27,6 +30,7 @@ timeout "$(( ${BUDGET:-420} + 120 ))" python3 benchmarks/lm_gpu.py --mode=train 
   --steps_per_eval="${EVAL:-250}" --rows="${ROWS:-128}" --pack_length=64 \
   --gin_bindings="MODEL_DIM = ${DIM:-512}" \
   --gin_bindings="moe_spec.expert_hidden_dim = ${HIDDEN:-1024}" \
+  --gin_bindings="lm_config.piece_squares = ${PIECE_SQUARES:-True}" \
   --results_dir="$out/lm_debian_docs_gpu512" \
   --time_budget_s="${BUDGET:-420}" 2>&1 | grep -v "^[WI][0-9]" \
   | tee "$out/lm_gpu.txt"

@@ -90,6 +90,11 @@ VARIANTS = {
     # is written and as JAX computes it, instead of Keras's per-piece
     # squares (moe_keras.optimizers.sparse_gradients).
     "summed_rows": ("make_optimizer.sum_sparse_rows = True",),
+    # The other direction: squares taps on the embedding and the sampled
+    # softmax give Keras's per-piece squares on every backend (on
+    # TensorFlow the same training as without; on JAX what TensorFlow
+    # trains; moe_keras.layers.piece_squares).
+    "piece_squares": ("lm_config.piece_squares = True",),
 }
 
 

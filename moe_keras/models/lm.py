@@ -32,6 +32,7 @@ import gin
 import keras
 from keras import ops
 
+from moe_keras.layers import piece_squares as piece_squares_lib
 from moe_keras.models import blocks
 from moe_keras.models import lstm as lstm_lib
 from moe_keras.models import softmax as softmax_lib
@@ -50,6 +51,7 @@ def lm_config(
     num_sampled=None,
     moe=None,
     seed=None,
+    piece_squares=False,
 ):
   """The architecture of an LM, as a plain dict (gin-configurable).
 
@@ -66,6 +68,12 @@ def lm_config(
     moe: dict from `blocks.moe_spec` (gin: `lm_config.moe = @moe_spec()`);
       required when `layers` has a 'moe'.
     seed: seed of the MoE noise and the softmax sampler (None: random).
+    piece_squares: True: the embedding and the sampled softmax's rows get
+      squares taps (`moe_keras.layers.piece_squares`), so that Adam's second
+      moment sums the squared pieces of a repeated row on every backend, as
+      Keras's Adam does on TensorFlow without taps (the measured results'
+      optimizer). False: each backend's own behaviour (JAX: Adam as
+      written).
 
   Returns:
     dict of these values (lstm_units resolved).
@@ -102,6 +110,7 @@ def lm_config(
       num_sampled=num_sampled,
       moe=moe,
       seed=seed,
+      piece_squares=piece_squares,
   )
 
 
@@ -138,7 +147,14 @@ def build_lm(vocab_size, config=None, name="lm"):
   targets = keras.Input((None,), dtype="int32", name="targets")
   weights = keras.Input((None,), dtype="float32", name="weights")
   mask = ops.greater(weights, 0.0)
-  x = keras.layers.Embedding(vocab_size, d, name="embedding")(token_ids)
+  if config.get("piece_squares", False):
+    embedding = piece_squares_lib.PieceSquaresEmbedding(
+        vocab_size, d, piece_squares=True, name="embedding"
+    )
+  else:
+    # Keras's own class: checkpoints name their layers after the class.
+    embedding = keras.layers.Embedding(vocab_size, d, name="embedding")
+  x = embedding(token_ids)
   x = keras.layers.Dropout(config["dropout"], name="embedding_dropout")(x)
   num_lstm = 0
   for layer_type in config["layers"]:
@@ -155,6 +171,7 @@ def build_lm(vocab_size, config=None, name="lm"):
       vocab_size,
       num_sampled=config["num_sampled"],
       seed=config["seed"],
+      piece_squares=config.get("piece_squares", False),
       name="softmax",
   )([x, targets])
   return task_model.TaskLossModel(

@@ -23,6 +23,8 @@ import math
 import keras
 from keras import ops
 
+from moe_keras.layers import piece_squares as piece_squares_lib
+
 ACCIDENTAL_HIT_LOGIT = -1e9
 
 
@@ -65,7 +67,14 @@ def exact_nll(hidden, targets, kernel, bias):
 
 
 def sampled_nll(
-    hidden, targets, kernel, bias, num_sampled, seed, sampled_ids=None
+    hidden,
+    targets,
+    kernel,
+    bias,
+    num_sampled,
+    seed,
+    sampled_ids=None,
+    squares_taps=(None, None),
 ):
   """Importance-sampled softmax loss (Jean et al. 2015), training only.
 
@@ -77,6 +86,8 @@ def sampled_nll(
     num_sampled: S, candidates shared by the N tokens.
     seed: a keras SeedGenerator.
     sampled_ids: optional int [S] candidates replacing the random draw.
+    squares_taps: (kernel's, bias's) squares taps or Nones
+      (`piece_squares.take_rows`).
 
   Returns:
     float32 [N], -log of the target's softmax over {target} + samples with
@@ -89,15 +100,16 @@ def sampled_nll(
     sampled = ops.cast(sampled_ids, "int32")
     num_sampled = sampled.shape[0]
   log_s = math.log(num_sampled)
-  true_w = ops.take(kernel, targets, axis=0)  # [N, d]
+  kernel_tap, bias_tap = squares_taps
+  true_w = piece_squares_lib.take_rows(kernel, targets, kernel_tap)  # [N, d]
   true_logit = ops.sum(
       ops.cast(hidden, "float32") * ops.cast(true_w, "float32"), axis=-1
-  ) + ops.cast(ops.take(bias, targets, axis=0), "float32")
+  ) + ops.cast(piece_squares_lib.take_rows(bias, targets, bias_tap), "float32")
   true_logit = true_logit - (log_s + log_uniform_log_q(targets, vocab_size))
-  sampled_w = ops.take(kernel, sampled, axis=0)  # [S, d]
+  sampled_w = piece_squares_lib.take_rows(kernel, sampled, kernel_tap)  # [S, d]
   sampled_logits = ops.cast(
       ops.matmul(hidden, ops.transpose(sampled_w)), "float32"
-  ) + ops.cast(ops.take(bias, sampled, axis=0), "float32")
+  ) + ops.cast(piece_squares_lib.take_rows(bias, sampled, bias_tap), "float32")
   sampled_logits = sampled_logits - (
       log_s + log_uniform_log_q(sampled, vocab_size)
   )
@@ -111,14 +123,28 @@ def sampled_nll(
 class SoftmaxHead(keras.layers.Layer):
   """Per-token NLL of the targets under a softmax over the vocabulary.
 
-  Variables: `kernel` [V, d] (output embedding) and `bias` [V], float32.
-  Call: `head([hidden [B, T, d], targets int [B, T]], training)` ->
-  float32 [B, T]. Exact in evaluation; in training sampled with
+  Variables: `kernel` [V, d] (output embedding) and `bias` [V], float32;
+  with `piece_squares`, their squares taps `kernel_piece_squares` and
+  `bias_piece_squares` (`moe_keras.layers.piece_squares`: the sampled
+  softmax's gathered rows then get the per-piece second moment on every
+  backend). Call: `head([hidden [B, T, d], targets int [B, T]], training)`
+  -> float32 [B, T]. Exact in evaluation; in training sampled with
   `num_sampled` candidates, or exact when `num_sampled` is None or >= V.
   """
 
-  def __init__(self, vocab_size, num_sampled=None, seed=None, **kwargs):
+  def __init__(
+      self,
+      vocab_size,
+      num_sampled=None,
+      seed=None,
+      piece_squares=False,
+      **kwargs,
+  ):
     super().__init__(**kwargs)
+    if not isinstance(piece_squares, bool):
+      raise ValueError(
+          f"piece_squares={piece_squares!r}; expected True or False"
+      )
     if not isinstance(vocab_size, int) or vocab_size < 2:
       raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
     if num_sampled is not None and (
@@ -131,7 +157,10 @@ class SoftmaxHead(keras.layers.Layer):
     self.vocab_size = vocab_size
     self.num_sampled = num_sampled
     self.seed = seed
+    self.piece_squares = piece_squares
     self.seed_generator = keras.random.SeedGenerator(seed)
+    self.kernel_piece_squares = None
+    self.bias_piece_squares = None
 
   def build(self, input_shape):
     hidden_shape = input_shape[0]
@@ -143,6 +172,16 @@ class SoftmaxHead(keras.layers.Layer):
     self.bias = self.add_weight(
         name="bias", shape=(self.vocab_size,), initializer="zeros"
     )
+    if self.piece_squares and self._sampled_in_training():
+      self.kernel_piece_squares = piece_squares_lib.add_squares_tap(
+          self, self.kernel
+      )
+      self.bias_piece_squares = piece_squares_lib.add_squares_tap(
+          self, self.bias
+      )
+
+  def _sampled_in_training(self):
+    return bool(self.num_sampled) and self.num_sampled < self.vocab_size
 
   def logits(self, hidden):
     """Full logits [..., V] (decoding, sampling text)."""
@@ -153,7 +192,7 @@ class SoftmaxHead(keras.layers.Layer):
     leading = ops.shape(targets)
     flat_hidden = ops.reshape(hidden, (-1, hidden.shape[-1]))
     flat_targets = ops.reshape(ops.cast(targets, "int32"), (-1,))
-    if training and self.num_sampled and self.num_sampled < self.vocab_size:
+    if training and self._sampled_in_training():
       nll = sampled_nll(
           flat_hidden,
           flat_targets,
@@ -161,6 +200,7 @@ class SoftmaxHead(keras.layers.Layer):
           self.bias,
           self.num_sampled,
           self.seed_generator,
+          squares_taps=(self.kernel_piece_squares, self.bias_piece_squares),
       )
     else:
       nll = exact_nll(flat_hidden, flat_targets, self.kernel, self.bias)
@@ -176,6 +216,7 @@ class SoftmaxHead(keras.layers.Layer):
             "vocab_size": self.vocab_size,
             "num_sampled": self.num_sampled,
             "seed": self.seed,
+            "piece_squares": self.piece_squares,
         }
     )
     return config

@@ -24,7 +24,9 @@ with m = g and 1 - beta_1^t = 1 for the factored variables.
 
 Row-sparse gradients (`tf.IndexedSlices` of embeddings and sampled softmax
 rows) reach Keras's element-wise ops as they are (per-piece squares), unless
-`sum_sparse_rows=True` sums them row by row first (`sparse_gradients`).
+`sum_sparse_rows=True` sums them row by row first (`sparse_gradients`). A
+variable with a squares tap (`moe_keras.layers.piece_squares`) gets the
+per-piece squares in its second moment on every backend.
 
 Optimizer state per expert matrix stack [n, d_in, d_out] is n * (d_in + d_out)
 float32 numbers instead of Adam's 2 * n * d_in * d_out.
@@ -149,22 +151,12 @@ class FactoredAdam(
           self._col_velocities[index],
       )
       return
-    dtype = variable.dtype
-    lr = ops.cast(learning_rate, dtype)
-    gradient = ops.cast(gradient, dtype)
-    step = ops.cast(self.iterations + 1, dtype)
-    beta_1_power = ops.power(ops.cast(self.beta_1, dtype), step)
-    beta_2_power = ops.power(ops.cast(self.beta_2, dtype), step)
-    m = self._momentums[index]
-    v = self._velocities[index]
-    alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-    self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
-    self.assign_add(
-        v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2)
-    )
-    self.assign_sub(
+    self.adam_update(
+        gradient,
         variable,
-        ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)),
+        learning_rate,
+        self._momentums[index],
+        self._velocities[index],
     )
 
   def _factored_update(self, gradient, variable, learning_rate, row, col):
@@ -181,7 +173,7 @@ class FactoredAdam(
     g = ops.cast(gradient, "float32")
     step = ops.cast(self.iterations + 1, "float32")
     beta_2_power = ops.power(ops.cast(self.beta_2, "float32"), step)
-    g2 = ops.square(g)
+    g2 = ops.cast(self.squared_gradient(g, variable), "float32")
     decay = 1 - self.beta_2
     self.assign_add(row, (ops.mean(g2, axis=-1) - row) * decay)
     self.assign_add(col, (ops.mean(g2, axis=-2) - col) * decay)

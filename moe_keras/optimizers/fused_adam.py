@@ -21,7 +21,9 @@ rows) take Keras's path, which squares the pieces of a repeated row one by
 one; with `sum_sparse_rows=True` they are first summed row by row into the
 dense gradient they stand for (`sparse_gradients`), so that the second
 moment squares each row's gradient, as in Kingma & Ba and on JAX, and the
-update runs as the fused kernel.
+update runs as the fused kernel. A variable with a squares tap
+(`moe_keras.layers.piece_squares`) gets Keras's per-piece second moment on
+every backend (`SumSparseRowsMixin.adam_update`).
 
 `learning_rate_scales` (not in the paper; an ablation knob) multiplies the
 learning rate of the variables whose path matches a regular expression, e.g.
@@ -99,6 +101,15 @@ class FusedAdam(sparse_gradients.SumSparseRowsMixin, keras.optimizers.Adam):
     )
     if scale != 1.0:
       learning_rate = learning_rate * scale
+    if self.piece_squares_of(variable) is not None:
+      index = self._get_variable_index(variable)
+      return self.adam_update(
+          gradient,
+          variable,
+          learning_rate,
+          self._momentums[index],
+          self._velocities[index],
+      )
     if keras.backend.backend() != "tensorflow" or self.amsgrad:
       return super().update_step(gradient, variable, learning_rate)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top

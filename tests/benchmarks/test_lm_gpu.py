@@ -206,6 +206,8 @@ def test_trains_a_grid_on_jax_without_tensorflow(tmp_path):
       "--gin_bindings=MODEL_DIM = 16",
       "--gin_bindings=moe_spec.expert_hidden_dim = 32",
       "--gin_bindings=NUM_SAMPLED = 8",
+      # As benchmarks/gpu_lm.sh binds it: squares taps, without TensorFlow.
+      "--gin_bindings=lm_config.piece_squares = True",
       f"--results_dir={results_dir}",
   ]
   env = _no_tensorflow_env(tmp_path)
@@ -226,6 +228,7 @@ def test_trains_a_grid_on_jax_without_tensorflow(tmp_path):
   assert 1.0 < summary["test"]["perplexity"] < 3 * 107
   assert math.isfinite(summary["final_dev_perplexity"])
   assert "MODEL_DIM = 16" in summary["bindings"]
+  assert "lm_config.piece_squares = True" in summary["bindings"]
   rows = results_tables.collect_rows(
       results_dir, ["moe_4"], [0], 4, {"moe_4": 1e-2}
   )

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from moe_keras.layers import piece_squares
+from moe_keras.models import lm
 from moe_keras.optimizers import factored_adam
 from moe_keras.optimizers import factory
 from moe_keras.optimizers import fused_adam
@@ -57,10 +59,13 @@ def _numpy_adam_rows(steps, lr, summed, beta_1=0.9, beta_2=0.999, eps=1e-7):
   return table
 
 
-def _train_embedding(optimizer, steps):
-  model = keras.Sequential(
-      [keras.Input((4,), dtype="int32"), keras.layers.Embedding(5, 2)]
+def _train_embedding(optimizer, steps, taps=False):
+  embedding = (
+      piece_squares.PieceSquaresEmbedding(5, 2, piece_squares=True)
+      if taps
+      else keras.layers.Embedding(5, 2)
   )
+  model = keras.Sequential([keras.Input((4,), dtype="int32"), embedding])
   model.layers[0].embeddings.assign(TABLE)
   model.compile(optimizer, loss="mse")
   for _ in range(steps):
@@ -230,3 +235,129 @@ def test_tensorflow_and_jax_train_alike_with_summed_rows(tmp_path):
       np.array(keras_run["weights"][0]) - np.array(jax_run["weights"][0])
   ).max()
   assert embedding_moved > 1e-3
+
+
+@pytest.mark.parametrize(
+    "make", [fused_adam.FusedAdam, factored_adam.FactoredAdam]
+)
+def test_squares_taps_give_the_per_piece_second_moment(make):
+  # The embedding's squares tap hands the optimizer the sum of each row's
+  # squared pieces: Keras's TensorFlow Adam on IndexedSlices, here from a
+  # dense gradient (as on JAX); the tap itself never moves.
+  got = _train_embedding(make(learning_rate=0.1), steps=3, taps=True)
+  np.testing.assert_allclose(
+      got, _numpy_adam_rows(3, 0.1, summed=False), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_squares_taps_stay_zero_and_contradict_summed_rows():
+  model = keras.Sequential(
+      [
+          keras.Input((4,), dtype="int32"),
+          piece_squares.PieceSquaresEmbedding(5, 2, piece_squares=True),
+      ]
+  )
+  model.compile(fused_adam.FusedAdam(learning_rate=0.1), loss="mse")
+  model.train_on_batch(IDS, np.ones((1, 4, 2), "float32"))
+  tap = model.layers[0].embeddings_piece_squares
+  np.testing.assert_array_equal(keras.ops.convert_to_numpy(tap), 0.0)
+  model.compile(
+      fused_adam.FusedAdam(learning_rate=0.1, sum_sparse_rows=True),
+      loss="mse",
+  )
+  with pytest.raises(ValueError, match="contradict sum_sparse_rows=True"):
+    model.train_on_batch(IDS, np.ones((1, 4, 2), "float32"))
+
+
+_LM_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import keras
+    import numpy as np
+    from moe_keras.models import lm
+    from moe_keras.models import softmax
+    from moe_keras.optimizers import fused_adam
+    data = np.load(sys.argv[1])
+    # The same candidates on both backends (their random streams differ).
+    softmax.sample_log_uniform = (
+        lambda num_sampled, vocab_size, seed: keras.ops.convert_to_tensor(
+            data["sampled"]))
+    model = lm.build_lm(13, lm.lm_config(
+        model_dim=8, layers=("lstm",), num_sampled=5, dropout=0.0,
+        piece_squares=bool(int(sys.argv[2]))))
+    for w in model.weights:
+      key = w.path.replace("/", "__")
+      if key in data:
+        w.assign(data[key])
+    model.compile(fused_adam.FusedAdam(learning_rate=0.05),
+                  loss=lambda y, nll: keras.ops.mean(nll))
+    losses = []
+    for ids, targets in zip(data["ids"], data["targets"]):
+      result = model.train_on_batch(
+          {"inputs": ids, "targets": targets,
+           "weights": np.ones(ids.shape, "float32")},
+          np.zeros(ids.shape, "float32"), return_dict=True)
+      losses.append(float(result["loss"]))
+    print("RESULT", json.dumps({
+        "backend": keras.backend.backend(),
+        "losses": losses,
+        "weights": {w.path: keras.ops.convert_to_numpy(w).tolist()
+                    for w in model.weights},
+    }))
+""")
+
+
+def _train_lm(backend, data_path, taps):
+  proc = layer_testlib.run_script(
+      _LM_SCRIPT, data_path, str(int(taps)), backend=backend
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  result = json.loads(line[len("RESULT ") :])
+  assert result["backend"] == backend
+  return result
+
+
+def test_jax_with_squares_taps_trains_the_lm_as_tensorflow_does(tmp_path):
+  # A 1-LSTM LM with a sampled softmax (13 words, 5 fixed candidates), 6
+  # Adam steps from the same weights on the same batches of 4 x 7 tokens:
+  # JAX with squares taps ends where TensorFlow's Keras Adam ends (per-piece
+  # squares from IndexedSlices); JAX without them (Adam as written) does
+  # not; TensorFlow with the taps computes what it computes without them.
+  rng = np.random.default_rng(0)
+  init = lm.build_lm(
+      13,
+      lm.lm_config(
+          model_dim=8, layers=("lstm",), num_sampled=5, dropout=0.0, seed=3
+      ),
+  )
+  path = str(tmp_path / "lm.npz")
+  np.savez(
+      path,
+      ids=rng.integers(0, 13, size=(6, 4, 7)).astype("int32"),
+      targets=rng.integers(0, 13, size=(6, 4, 7)).astype("int32"),
+      sampled=np.array([0, 1, 1, 4, 9], "int32"),
+      **{
+          w.path.replace("/", "__"): keras.ops.convert_to_numpy(w)
+          for w in init.weights
+          if "seed_generator" not in w.path
+      },
+  )
+  keras_tf = _train_lm("tensorflow", path, taps=False)
+  jax_taps = _train_lm("jax", path, taps=True)
+  np.testing.assert_allclose(jax_taps["losses"], keras_tf["losses"], rtol=1e-5)
+  for name, value in keras_tf["weights"].items():
+    if "seed_generator" not in name:
+      np.testing.assert_allclose(
+          jax_taps["weights"][name], value, rtol=1e-4, atol=1e-5
+      )
+  tf_taps = _train_lm("tensorflow", path, taps=True)
+  np.testing.assert_allclose(tf_taps["losses"], keras_tf["losses"], rtol=1e-6)
+  for name in (
+      "embedding/embeddings_piece_squares",
+      "softmax/kernel_piece_squares",
+      "softmax/bias_piece_squares",
+  ):
+    np.testing.assert_array_equal(tf_taps["weights"][name], 0.0)
+    np.testing.assert_array_equal(jax_taps["weights"][name], 0.0)
+  jax_plain = _train_lm("jax", path, taps=False)
+  assert np.abs(np.array(jax_plain["losses"]) - keras_tf["losses"]).max() > 1e-3
