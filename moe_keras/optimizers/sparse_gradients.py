@@ -121,9 +121,9 @@ class SumSparseRowsMixin:
     if any(target is not None for target in tapped):
       if self.sum_sparse_rows or getattr(self, "amsgrad", False):
         raise ValueError(
-            "the model has squares taps (piece_squares=True: per-piece"
-            " second moments), which contradict sum_sparse_rows=True and"
-            " amsgrad; drop one of them"
+            "squares taps (lm_config.piece_squares=True, per-piece second"
+            " moments) contradict sum_sparse_rows=True and amsgrad; turn"
+            " one of them off"
         )
       if not self.built:
         # All variables, taps included, as Keras's JAX trainer builds it.

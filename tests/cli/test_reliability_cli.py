@@ -143,6 +143,29 @@ def test_bad_macro_value_names_the_binding(corpus, tmp_path):
   assert not model_dir.exists()
 
 
+def test_squares_taps_with_summed_rows_is_one_line_naming_both(
+    corpus, tmp_path
+):
+  # Both options bound: the optimizer's first update refuses, naming the
+  # two (the message holds no word of another binding's value, so it is
+  # not attributed to one), and no checkpoint is written.
+  model_dir = tmp_path / "run"
+  last = _fail(
+      lib.train_args(
+          corpus,
+          model_dir,
+          "--gin_bindings=lm_config.piece_squares=True",
+          "--gin_bindings=make_optimizer.sum_sparse_rows=True",
+      )
+  )
+  assert last == (
+      "moe_keras.train: error: squares taps (lm_config.piece_squares=True,"
+      " per-piece second moments) contradict sum_sparse_rows=True and"
+      " amsgrad; turn one of them off"
+  )
+  assert lib.checkpoint_step(model_dir) is None
+
+
 def _event_steps(log_dir):
   """{events file: {tag: [steps]}} of every events file under log_dir."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
