@@ -198,9 +198,10 @@ _BACKEND_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _train_in_subprocess(backend, data_path, sum_sparse_rows):
+def _train_in_subprocess(backend, data_path, option, script=_BACKEND_SCRIPT):
+  """Runs `script` (data path, 0/1 option) under `backend`; its RESULT."""
   proc = layer_testlib.run_script(
-      _BACKEND_SCRIPT, data_path, str(int(sum_sparse_rows)), backend=backend
+      script, data_path, str(int(option)), backend=backend
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
@@ -224,13 +225,13 @@ def test_tensorflow_and_jax_train_alike_with_summed_rows(tmp_path):
       ids=rng.integers(0, 7, size=(8, 3, 12)).astype("int32"),
       targets=rng.integers(0, 7, size=(8, 3, 12)).astype("int32"),
   )
-  jax_run = _train_in_subprocess("jax", path, sum_sparse_rows=True)
-  assert _train_in_subprocess("jax", path, sum_sparse_rows=False) == jax_run
-  tf_run = _train_in_subprocess("tensorflow", path, sum_sparse_rows=True)
+  jax_run = _train_in_subprocess("jax", path, option=True)
+  assert _train_in_subprocess("jax", path, option=False) == jax_run
+  tf_run = _train_in_subprocess("tensorflow", path, option=True)
   np.testing.assert_allclose(tf_run["losses"], jax_run["losses"], rtol=1e-5)
   for a, b in zip(tf_run["weights"], jax_run["weights"]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  keras_run = _train_in_subprocess("tensorflow", path, sum_sparse_rows=False)
+  keras_run = _train_in_subprocess("tensorflow", path, option=False)
   embedding_moved = np.abs(
       np.array(keras_run["weights"][0]) - np.array(jax_run["weights"][0])
   ).max()
@@ -307,14 +308,9 @@ _LM_SCRIPT = textwrap.dedent("""
 
 
 def _train_lm(backend, data_path, taps):
-  proc = layer_testlib.run_script(
-      _LM_SCRIPT, data_path, str(int(taps)), backend=backend
+  return _train_in_subprocess(
+      backend, data_path, option=taps, script=_LM_SCRIPT
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  result = json.loads(line[len("RESULT ") :])
-  assert result["backend"] == backend
-  return result
 
 
 def test_jax_with_squares_taps_trains_the_lm_as_tensorflow_does(tmp_path):
