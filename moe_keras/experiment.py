@@ -64,6 +64,11 @@ class ExperimentError(ValueError):
   """A user error with a one-line message (bad flag, gin, model_dir...)."""
 
 
+# How Keras's load_weights begins the warning for an optimizer state that
+# does not fit (it then leaves the optimizer's variables as they are).
+_KERAS_SKIPPED_OPTIMIZER = "Skipping variable loading for optimizer"
+
+
 def one_line(error):
   """The first line of an exception's message (gin appends context lines)."""
   text = str(error).strip()
@@ -257,8 +262,23 @@ class CheckpointManager:
           f" ({diff}); use a new --model_dir"
       )
 
-  def restore(self, model):
-    """Restores the latest checkpoint into `model`; returns its step or 0."""
+  def restore(self, model, require_optimizer_state=True):
+    """Restores the latest checkpoint into `model`; returns its step or 0.
+
+    Args:
+      model: the built model, compiled or not.
+      require_optimizer_state: refuse a checkpoint whose optimizer state
+        does not fit `model.optimizer` (Keras would skip loading it with a
+        warning, and training would go on from fresh Adam moments). False
+        where the optimizer does not matter (evaluation).
+
+    Returns:
+      The checkpoint's step, or 0 when there is none.
+
+    Raises:
+      ExperimentError: another architecture, an unreadable checkpoint, or
+        (require_optimizer_state) an optimizer state that does not fit.
+    """
     state = self.state()
     if state is None:
       return 0
@@ -267,11 +287,28 @@ class CheckpointManager:
     if model.optimizer is not None and not model.optimizer.built:
       model.optimizer.build(model.trainable_variables)
     try:
-      model.load_weights(weights_path)
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(weights_path)
     except (ValueError, OSError) as e:
       raise ExperimentError(
           f"cannot restore {weights_path}: {one_line(e)}"
       ) from e
+    for warning in caught:
+      message = one_line(warning.message)
+      if not message.startswith(_KERAS_SKIPPED_OPTIMIZER):
+        warnings.warn_explicit(
+            warning.message,
+            warning.category,
+            warning.filename,
+            warning.lineno,
+        )
+      elif require_optimizer_state:
+        raise ExperimentError(
+            f"cannot restore {weights_path}: its optimizer state does not"
+            f" fit this run's optimizer ({message.rstrip('.')}); resume"
+            " with the run's optimizer settings or use a new --model_dir"
+        )
     seeds_path = weights_path.replace(".weights.h5", ".seeds.npz")
     if os.path.exists(seeds_path):
       with np.load(seeds_path) as saved:
@@ -790,7 +827,7 @@ def load_experiment(
     if batch is not None:
       model(batch[0], training=False)
       break
-  step = checkpoints.restore(model)
+  step = checkpoints.restore(model, require_optimizer_state=False)
   return task, model, step
 
 

@@ -20,8 +20,8 @@ as T's gradient, the per-row sum of the squared pieces. The optimizers
 tap (`squares_target`), use its gradient as E's squared gradient in Adam's
 second moment, and never update the tap.
 
-Costs: a tap and its two Adam slots are 3 more copies of E, and E's gradient
-becomes dense on TensorFlow (it is on JAX anyway).
+Costs: a tap is one more copy of E (the optimizers build no moments for
+it), and E's gradient becomes dense on TensorFlow (it is on JAX anyway).
 """
 
 import keras
@@ -113,6 +113,41 @@ def _read(variable):
   return value
 
 
+def check_piece_squares(value):
+  """Returns `value`, a layer's `piece_squares` option, if it is a bool.
+
+  Raises:
+    ValueError: any other value (one line, naming it).
+  """
+  if not isinstance(value, bool):
+    raise ValueError(f"piece_squares={value!r}; expected True or False")
+  return value
+
+
+def make_embedding(input_dim, output_dim, piece_squares, name):
+  """An embedding layer, with a squares tap when `piece_squares` is True.
+
+  Args:
+    input_dim: V.
+    output_dim: d.
+    piece_squares: True: a tapped `PieceSquaresEmbedding`. False: Keras's
+      own `keras.layers.Embedding`, whose checkpoints keep their layout
+      (Keras names a layer's weights in a `.weights.h5` file after its class).
+    name: the layer's name.
+
+  Returns:
+    A Keras layer mapping int [...] ids to [..., d] embeddings.
+
+  Raises:
+    ValueError: piece_squares is not a bool.
+  """
+  if check_piece_squares(piece_squares):
+    return PieceSquaresEmbedding(
+        input_dim, output_dim, piece_squares=True, name=name
+    )
+  return keras.layers.Embedding(input_dim, output_dim, name=name)
+
+
 @keras.saving.register_keras_serializable(package="moe_keras")
 class PieceSquaresEmbedding(keras.layers.Embedding):
   """`keras.layers.Embedding` whose table can carry a squares tap.
@@ -132,10 +167,7 @@ class PieceSquaresEmbedding(keras.layers.Embedding):
   """
 
   def __init__(self, input_dim, output_dim, piece_squares=False, **kwargs):
-    if not isinstance(piece_squares, bool):
-      raise ValueError(
-          f"piece_squares={piece_squares!r}; expected True or False"
-      )
+    check_piece_squares(piece_squares)
     super().__init__(input_dim, output_dim, **kwargs)
     self.piece_squares = piece_squares
     if piece_squares and self.lora_rank:

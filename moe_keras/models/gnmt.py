@@ -54,6 +54,7 @@ import gin
 import keras
 from keras import ops
 
+from moe_keras.layers import piece_squares as piece_squares_lib
 from moe_keras.models import attention as attention_lib
 from moe_keras.models import blocks
 from moe_keras.models import lstm as lstm_lib
@@ -120,6 +121,7 @@ class GnmtLayers:
       attention_units=None,
       attention_kind="factored",
       seed=None,
+      piece_squares=False,
   ):
     if encoder_layers < 2 or decoder_layers < 2:
       raise ValueError(
@@ -154,7 +156,9 @@ class GnmtLayers:
     d = model_dim
     half_units = lstm_units if lstm_projection else d // 2
     half_proj = d // 2 if lstm_projection else None
-    self.embedding = keras.layers.Embedding(vocab_size, d, name="embedding")
+    self.embedding = piece_squares_lib.make_embedding(
+        vocab_size, d, piece_squares, name="embedding"
+    )
     self.reverse = ReverseWithinLength(name="reverse_within_length")
     self.dropout = keras.layers.Dropout(dropout, seed=seed, name="dropout")
     self.encoder_fw = _lstm(half_units, half_proj, "encoder_0_fw")
@@ -323,6 +327,7 @@ def gnmt_model(
     attention_units=None,
     attention_kind="factored",
     seed=None,
+    piece_squares=False,
     name="gnmt",
 ):
   """Builds a MoE-GNMT training model; gin-configurable.
@@ -344,6 +349,11 @@ def gnmt_model(
     attention_units: n of eqs. (21)/(22) (None: model_dim).
     attention_kind: 'factored' (eq. 22, the paper) or 'additive' (eq. 21).
     seed: dropout / MoE noise seed.
+    piece_squares: True: the shared embedding gets a squares tap
+      (`moe_keras.layers.piece_squares`), so that Adam's second moment sums
+      the squared pieces of a repeated row on every backend, as Keras's Adam
+      does on TensorFlow without taps. False: each backend's own behaviour
+      (JAX: Adam as written). The softmax is dense and needs no tap.
     name: model name.
 
   Returns:
@@ -367,6 +377,7 @@ def gnmt_model(
       attention_units=attention_units,
       attention_kind=attention_kind,
       seed=seed,
+      piece_squares=piece_squares,
   )
   source = keras.Input((None,), dtype="int32", name="source")
   target_in = keras.Input((None,), dtype="int32", name="target_in")

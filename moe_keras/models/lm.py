@@ -147,13 +147,9 @@ def build_lm(vocab_size, config=None, name="lm"):
   targets = keras.Input((None,), dtype="int32", name="targets")
   weights = keras.Input((None,), dtype="float32", name="weights")
   mask = ops.greater(weights, 0.0)
-  if config.get("piece_squares", False):
-    embedding = piece_squares_lib.PieceSquaresEmbedding(
-        vocab_size, d, piece_squares=True, name="embedding"
-    )
-  else:
-    # Keras's own class: checkpoints name their layers after the class.
-    embedding = keras.layers.Embedding(vocab_size, d, name="embedding")
+  embedding = piece_squares_lib.make_embedding(
+      vocab_size, d, config.get("piece_squares", False), name="embedding"
+  )
   x = embedding(token_ids)
   x = keras.layers.Dropout(config["dropout"], name="embedding_dropout")(x)
   num_lstm = 0

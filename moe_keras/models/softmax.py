@@ -141,10 +141,7 @@ class SoftmaxHead(keras.layers.Layer):
       **kwargs,
   ):
     super().__init__(**kwargs)
-    if not isinstance(piece_squares, bool):
-      raise ValueError(
-          f"piece_squares={piece_squares!r}; expected True or False"
-      )
+    piece_squares_lib.check_piece_squares(piece_squares)
     if not isinstance(vocab_size, int) or vocab_size < 2:
       raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
     if num_sampled is not None and (

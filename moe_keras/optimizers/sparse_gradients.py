@@ -121,9 +121,9 @@ class SumSparseRowsMixin:
     if any(target is not None for target in tapped):
       if self.sum_sparse_rows or getattr(self, "amsgrad", False):
         raise ValueError(
-            "squares taps (lm_config.piece_squares=True, per-piece second"
-            " moments) contradict sum_sparse_rows=True and amsgrad; turn"
-            " one of them off"
+            "squares taps (piece_squares=True of lm_config or gnmt_model,"
+            " per-piece second moments) contradict sum_sparse_rows=True and"
+            " amsgrad; turn one of them off"
         )
       if not self.built:
         # All variables, taps included, as Keras's JAX trainer builds it.
@@ -143,6 +143,18 @@ class SumSparseRowsMixin:
     if self.sum_sparse_rows:
       grads = [sum_duplicate_rows(g, v) for g, v in zip(grads, variables)]
     return super().apply(grads, trainable_variables)
+
+  def _overwrite_variable_with_gradient(self, variable):
+    """Keras's test for variables that get no optimizer slots; also taps.
+
+    Keras builds no slots (None in the slot lists, indices kept) for
+    variables it overwrites with their gradients. A squares tap needs none
+    either (`apply` takes it out of the update), so its two Adam moments,
+    each as large as the tapped embedding or softmax, are not built.
+    """
+    if piece_squares.squares_target(variable) is not None:
+      return True
+    return super()._overwrite_variable_with_gradient(variable)
 
   def piece_squares_of(self, variable):
     """This step's per-piece squares of `variable` (a tapped one), or None."""

@@ -58,6 +58,42 @@ class Task:
     raise NotImplementedError
 
 
+def piece_squares_warning(backend, piece_squares, binding):
+  """A one-line warning for a model trained on JAX without squares taps.
+
+  On TensorFlow, Keras's Adam sums the squared pieces of a gathered row that
+  a batch repeats (the embedding, a sampled softmax's rows); on JAX it
+  squares their sum (Adam as written), which trains the PTB LMs 13-14% worse
+  at the configs' rates (README "Adam on repeated rows"). Squares taps
+  (`moe_keras.layers.piece_squares`) give JAX the former.
+
+  Args:
+    backend: `keras.backend.backend()`.
+    piece_squares: the model's bound `piece_squares` (taps on or off).
+    binding: the gin binding that turns the model's taps on.
+
+  Returns:
+    str or None (TensorFlow, or taps on).
+  """
+  if backend != "jax" or piece_squares:
+    return None
+  return (
+      "on JAX, Adam squares a repeated embedding or softmax row's summed"
+      " gradient, while the configs' learning rates and this project's"
+      " results come from TensorFlow's per-piece squares (README 'Adam on"
+      f" repeated rows'); --gin_bindings={binding} trains as TensorFlow does"
+  )
+
+
+def bound_value(parameter, default=False):
+  """gin's value of `parameter` ('configurable.name'), or `default` when the
+  configuration does not bind it."""
+  try:
+    return gin.query_parameter(parameter)
+  except ValueError:
+    return default
+
+
 @gin.configurable
 def get_task(data, task_cls=gin.REQUIRED):
   """Instantiates the gin-selected task on `data`."""

@@ -68,40 +68,6 @@ def shape_warning(backend, options):
   )
 
 
-def piece_squares_warning(backend, piece_squares):
-  """A one-line warning for a JAX LM trained without squares taps, or None.
-
-  On TensorFlow, Keras's Adam sums the squared pieces of a repeated row of
-  the embedding and the sampled softmax; on JAX it squares their sum (Adam
-  as written), which trains the PTB models 13-14% worse at the configs'
-  rates (README "Adam on repeated rows"). Squares taps give JAX the former.
-
-  Args:
-    backend: `keras.backend.backend()`.
-    piece_squares: the LM's `lm_config.piece_squares`.
-
-  Returns:
-    str or None.
-  """
-  if backend != "jax" or piece_squares:
-    return None
-  return (
-      "on JAX, Adam squares a repeated embedding or softmax row's summed"
-      " gradient, while the configs' learning rates and this project's"
-      " results come from TensorFlow's per-piece squares (README 'Adam on"
-      f" repeated rows'); --gin_bindings={PIECE_SQUARES_BINDING} trains as"
-      " TensorFlow does"
-  )
-
-
-def _bound_piece_squares():
-  """gin's `lm_config.piece_squares` (False when not bound)."""
-  try:
-    return gin.query_parameter("lm_config.piece_squares")
-  except ValueError:
-    return False
-
-
 @gin.configurable
 class LmTask(base.Task):
   """Language modelling on an `LmData`."""
@@ -126,7 +92,11 @@ class LmTask(base.Task):
     backend = keras.backend.backend()
     for warning in (
         shape_warning(backend, lm_data.LmBatching()),
-        piece_squares_warning(backend, _bound_piece_squares()),
+        base.piece_squares_warning(
+            backend,
+            base.bound_value("lm_config.piece_squares"),
+            PIECE_SQUARES_BINDING,
+        ),
     ):
       if warning:
         logging.warning(warning)

@@ -42,6 +42,9 @@ from moe_keras.tasks import base
 START_ID = 2
 END_ID = 3
 
+# The binding that gives JAX TensorFlow's per-piece second moment.
+PIECE_SQUARES_BINDING = "gnmt_model.piece_squares=True"
+
 
 def pack_targets(target_out, weights):
   """[B, T] target ids and weights -> float32 [B, T, 2] (the Keras `y`)."""
@@ -273,6 +276,16 @@ class MtTask(base.Task):
   def build_model(self):
     return gnmt.gnmt_model(self.vocab_size)
 
+  def train_dataset(self, input_context=None):
+    warning = base.piece_squares_warning(
+        keras.backend.backend(),
+        base.bound_value("gnmt_model.piece_squares"),
+        PIECE_SQUARES_BINDING,
+    )
+    if warning:
+      logging.warning(warning)
+    return super().train_dataset(input_context)
+
   def compile(self, model, optimizer):
     model.compile(
         optimizer=optimizer,
@@ -300,7 +313,11 @@ class MtTask(base.Task):
 
     `model` may be a mesh-wrapped model; decoding uses the inner model
     (its MoE layers keep their experts on the mesh's devices).
+
+    Raises:
+      TranslationError: not on TensorFlow (`require_tensorflow`).
     """
+    require_tensorflow("translation (decoding, export)")
     return Translator(
         distribution_lib.Distribution.unwrap(model),
         self.data.tokenizer,
@@ -360,8 +377,10 @@ class MtTask(base.Task):
 
     Raises:
       ValueError: no evaluation split, or no sentences.
+      TranslationError: not on TensorFlow (`require_tensorflow`).
     """
     del options
+    require_tensorflow("translation evaluation (perplexity, BLEU)")
     dataset = self.eval_dataset()
     if dataset is None:
       raise ValueError("the data has no evaluation split (EVAL_FILES)")
@@ -436,6 +455,28 @@ class MtTask(base.Task):
 
 class TranslationError(ValueError):
   """Bad input or setup for translation (one-line message)."""
+
+
+def require_tensorflow(what):
+  """Raises TranslationError unless Keras runs on TensorFlow.
+
+  The translator is a TensorFlow graph (the wordpiece tokenizer and beam
+  search in a `tf.function`, exported as a SavedModel), and so is the
+  perplexity loop; a JAX-trained checkpoint loads on TensorFlow.
+
+  Args:
+    what: what needs TensorFlow, for the message.
+
+  Raises:
+    TranslationError: another backend.
+  """
+  backend = keras.backend.backend()
+  if backend != "tensorflow":
+    raise TranslationError(
+        f"{what} runs on TensorFlow only (its tokenizer and beam search are"
+        f" a TensorFlow graph), not on {backend}; rerun with"
+        " KERAS_BACKEND=tensorflow, which loads this checkpoint"
+    )
 
 
 def check_target_language(task, target_lang):

@@ -5,6 +5,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 
 import bench_testlib
 
@@ -69,6 +70,38 @@ def test_table_row_has_every_column():
   assert len(cells) == 10, cells
   assert cells[3] == ">= 0.45"
   assert float(cells[4]) > 0.0 and float(cells[5]) > 0.0
+
+
+@pytest.mark.parametrize("mode", ["per_expert", "discard"])
+def test_weight_gradients_what_if_runs_and_says_so(mode):
+  result = _run_benchmark(
+      "--tokens=64",
+      "--num_experts=8",
+      "--rounds=1",
+      "--repeats=1",
+      "--dim=16",
+      "--hidden=32",
+      "--bandwidth_mb=0",
+      "--noexperts_alone",
+      f"--weight_gradients={mode}",
+  )
+  assert result.returncode == 0, result.stderr
+  assert f"weight_gradients={mode}," in result.stdout
+  assert re.search(r"^\| 64 \| 8 \| 32 \|", result.stdout, flags=re.M)
+
+
+def test_weight_gradients_what_if_needs_tensorflow_dropless():
+  result = _run_benchmark(
+      "--tokens=64",
+      "--num_experts=8",
+      "--capacity_factor=2.0",
+      "--weight_gradients=per_expert",
+  )
+  assert result.returncode != 0
+  assert (
+      "--weight_gradients=per_expert replaces TensorFlow's dropless grouped"
+      " expert gradient"
+  ) in result.stderr, result.stderr
 
 
 def test_unequal_expert_shares_are_a_one_line_error():

@@ -159,9 +159,9 @@ def test_squares_taps_with_summed_rows_is_one_line_naming_both(
       )
   )
   assert last == (
-      "moe_keras.train: error: squares taps (lm_config.piece_squares=True,"
-      " per-piece second moments) contradict sum_sparse_rows=True and"
-      " amsgrad; turn one of them off"
+      "moe_keras.train: error: squares taps (piece_squares=True of"
+      " lm_config or gnmt_model, per-piece second moments) contradict"
+      " sum_sparse_rows=True and amsgrad; turn one of them off"
   )
   assert lib.checkpoint_step(model_dir) is None
 

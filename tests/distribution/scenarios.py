@@ -566,6 +566,132 @@ def scenario_train_step():
     )
 
 
+# Rows of the tapped embedding of `tapped_model`: few, so that every batch
+# repeats them (what the squares taps are about).
+EMBEDDING_ROWS = 7
+
+
+def tapped_model(piece_squares, capacity_factor=None):
+  """ids [B, T] -> embedding (squares tap or not) -> Dense -> residual MoE ->
+  Dense [B, T, V], with the same initial weights for both values.
+
+  capacity_factor: the MoE's (None: dropless; a TF mesh's replicas would
+  each apply a capacity to their own slice of the batch).
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+  from moe_keras.layers import piece_squares as piece_squares_lib  # pylint: disable=g-import-not-at-top
+
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((T,), dtype="int32")
+  embedded = piece_squares_lib.make_embedding(
+      EMBEDDING_ROWS, D, piece_squares, name="embedding"
+  )(inputs)
+  hidden = keras.layers.Dense(D, activation="tanh")(embedded)
+  moe = SparseMoE(
+      8,
+      2,
+      H,
+      gating="top_k",
+      capacity_factor=capacity_factor,
+      w_importance=0.0,
+      w_load=0.0,
+  )
+  hidden = keras.layers.Add()([hidden, moe(hidden)])
+  return keras.Model(inputs, keras.layers.Dense(V)(hidden))
+
+
+def tapped_data(batch=16, seed=3):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, EMBEDDING_ROWS, size=(batch, T)).astype("int32")
+  return ids, rng.normal(size=(batch, T, V)).astype("float32")
+
+
+def _compiled_tapped(piece_squares, capacity_factor=None):
+  from moe_keras.optimizers import fused_adam  # pylint: disable=g-import-not-at-top
+
+  model = tapped_model(piece_squares, capacity_factor)
+  model.compile(optimizer=fused_adam.FusedAdam(learning_rate=1e-2), loss="mse")
+  return model
+
+
+def tapped_twin_checkpoint(untapped):
+  """A checkpoint of `tapped_model(True)` holding `untapped`'s weights.
+
+  Args:
+    untapped: a `tapped_model(False)`.
+
+  Returns:
+    The path of the `.weights.h5` file (zero tap).
+  """
+  tapped = tapped_model(True)
+  plain = [w for w in tapped.weights if not w.path.endswith("_piece_squares")]
+  assert len(plain) == len(untapped.weights)
+  for mine, theirs in zip(plain, untapped.weights):
+    mine.assign(theirs)
+  path = os.path.join(tempfile.mkdtemp(), "tapped.weights.h5")
+  tapped.save_weights(path)
+  return path
+
+
+def scenario_piece_squares_mesh():
+  """Squares taps on a 2x4 mesh == TensorFlow's per-piece Adam, one device.
+
+  Two FusedAdam steps of `tapped_model` from the same weights and batches:
+  on one device without taps (Keras squares the embedding's IndexedSlices
+  pieces one by one) and on the mesh with them (each replica's tap
+  gradient sums its pieces' squares, and the replicas' sums add up): equal
+  losses and outputs, and the tap stays zero.
+  """
+  setup_tf_devices()
+  from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
+  from moe_keras.optimizers import fused_adam  # pylint: disable=g-import-not-at-top
+
+  ids, y = tapped_data()
+  single = _compiled_tapped(False)
+  init = tapped_twin_checkpoint(single)
+  dist = make_distribution("batch:2,expert:4")
+  with dist.scope():
+    mesh_model = dist.wrap_model(tapped_model(True))
+    mesh_model.compile(
+        optimizer=fused_adam.FusedAdam(learning_rate=1e-2), loss="mse"
+    )
+  mesh_model.load_weights(init)
+  for model in (single, mesh_model):
+    build_slots_traced(model)
+  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+  h1 = single.fit(ids, y, **kwargs).history["loss"]
+  h2 = mesh_model.fit(ids, y, **kwargs).history["loss"]
+  assert abs(h1[1] - h1[0]) > 1e-4, h1  # the step moved the model
+  check_close("taps on 2x4 vs per-piece on one device: losses", h2, h1)
+  check_close(
+      "taps on 2x4 vs per-piece on one device: outputs after training",
+      mesh_model.predict(ids, batch_size=16, verbose=0),
+      single.predict(ids, batch_size=16, verbose=0),
+  )
+  taps = [v for v in mesh_model.weights if v.path.endswith("_piece_squares")]
+  assert len(taps) == 1 and not np.any(taps[0].numpy()), taps
+  print("ok squares taps on the mesh: per-piece Adam, tap unchanged")
+
+
+def scenario_jax_piece_squares_mesh():
+  """JAX: squares taps on a 2x4 mesh == on one device (2 FusedAdam steps)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  assert len(jax.devices()) == NUM_DEVICES, jax.devices()
+  ids, y = tapped_data()
+  single, sharded, dist = _jax_single_and_sharded(
+      lambda: _compiled_tapped(True, capacity_factor=2.0),
+      compile_model=False,
+  )
+  _jax_fit_equal(single, sharded, dist, ids, y, "jax taps 2x4")
+  for model in (single, sharded):
+    taps = [v for v in model.weights if v.path.endswith("_piece_squares")]
+    assert len(taps) == 1 and not np.any(np.asarray(taps[0].value)), taps
+  print("ok jax squares taps on the mesh == one device, tap unchanged")
+
+
 def _requested_device(ops_by_name, op):
   """op's device, else the device of the op it is colocated with, else ''."""
   if op.device:
@@ -1010,15 +1136,21 @@ def scenario_worker(mesh_shape, local_devices, out_path, kind="tiny"):
     )
 
 
-def _jax_single_and_sharded(build, mesh_shape="batch:2,expert:4"):
-  """Compiles `build()` on one device and on `mesh_shape`, same weights."""
+def _jax_single_and_sharded(
+    build, mesh_shape="batch:2,expert:4", compile_model=True
+):
+  """Compiles `build()` on one device and on `mesh_shape`, same weights.
+
+  compile_model: False when `build()` returns a compiled model.
+  """
   import keras  # pylint: disable=g-import-not-at-top
 
   from moe_keras.distribution import make_distribution  # pylint: disable=g-import-not-at-top
 
   def compiled():
     model = build()
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    if compile_model:
+      model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     return model
 
   single = compiled()
@@ -1394,6 +1526,8 @@ SCENARIOS = {
     "jax_mesh": scenario_jax_mesh,
     "jax_hier_mesh": scenario_jax_hier_mesh,
     "global_balance": scenario_global_balance,
+    "piece_squares_mesh": scenario_piece_squares_mesh,
+    "jax_piece_squares_mesh": scenario_jax_piece_squares_mesh,
     "several": scenario_several,
 }
 

@@ -12,6 +12,7 @@ import dist_testlib
 SCENARIO_OF = {
     "test_jax_expert_sharding_and_step": "jax_mesh",
     "test_jax_hierarchical_secondary_gates_with_their_experts": "jax_hier_mesh",
+    "test_jax_squares_taps_on_the_mesh": "jax_piece_squares_mesh",
 }
 
 
@@ -31,3 +32,10 @@ def test_jax_expert_sharding_and_step(scenarios):
 def test_jax_hierarchical_secondary_gates_with_their_experts(scenarios):
   out = scenarios.output("jax_hier_mesh")
   assert "ok jax hierarchical" in out
+
+
+def test_jax_squares_taps_on_the_mesh(scenarios):
+  """A tapped embedding on a 2x4 JAX mesh (FusedAdam, 2 steps) == one
+  device; the tap stays zero."""
+  out = scenarios.output("jax_piece_squares_mesh")
+  assert "ok jax squares taps on the mesh == one device, tap unchanged" in out

@@ -19,6 +19,7 @@ SCENARIO_OF = {
     "test_hierarchical_model_on_mesh_equals_single_device": "hier_mesh",
     "test_resharding_checkpoint": "reshard",
     "test_step_device_keeps_gradients_on_their_devices": "step_device",
+    "test_squares_taps_on_the_mesh_equal_per_piece_adam": "piece_squares_mesh",
 }
 
 
@@ -72,3 +73,10 @@ def test_step_device_keeps_gradients_on_their_devices(scenarios):
   its device), and the batch is split where it is (no device)."""
   out = scenarios.output("step_device")
   assert "ok step_device: no expert block tensor crosses devices" in out
+
+
+def test_squares_taps_on_the_mesh_equal_per_piece_adam(scenarios):
+  """A tapped embedding on 2x4 (FusedAdam, 2 steps) == Keras's per-piece
+  Adam without taps on one device; the tap stays zero."""
+  out = scenarios.output("piece_squares_mesh")
+  assert "ok squares taps on the mesh: per-piece Adam, tap unchanged" in out

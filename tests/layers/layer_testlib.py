@@ -6,6 +6,7 @@ a script in a child process. Imported by the test modules as `layer_testlib`
 (a unique name, so it cannot clash with another test directory's helper).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,26 @@ def run_script(code, *args, backend, timeout=300, **extra_env):
       timeout=timeout,
       check=False,
   )
+
+
+def script_result(code, *args, backend, **kwargs):
+  """Runs `code` as `run_script` does; returns what it printed as its result.
+
+  Args:
+    code, *args, backend, **kwargs: as `run_script`.
+
+  Returns:
+    The JSON value after "RESULT " on the last such line of its stdout.
+
+  Raises:
+    AssertionError: the script failed or printed no result (with the tail
+      of its stderr).
+  """
+  proc = run_script(code, *args, backend=backend, **kwargs)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert lines, proc.stderr[-3000:]
+  return json.loads(lines[-1][len("RESULT ") :])
 
 
 # SparseMoE's dropless training step on the JAX backend under jax.jit, with

@@ -75,16 +75,13 @@ def test_take_rows_gradients_on_tensorflow():
 
 
 def test_take_rows_gradients_on_jax():
-  proc = layer_testlib.run_script(
+  g_table, g_tap = layer_testlib.script_result(
       _JAX_SCRIPT,
       json.dumps(TABLE.tolist()),
       json.dumps(IDS.tolist()),
       json.dumps(WEIGHTS.tolist()),
       backend="jax",
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  g_table, g_tap = json.loads(line[len("RESULT ") :])
   summed, squares = _reference()
   np.testing.assert_allclose(g_table, summed, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(g_tap, squares, rtol=1e-6, atol=1e-7)

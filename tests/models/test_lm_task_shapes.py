@@ -9,6 +9,7 @@ import pytest
 
 from data_pipelines import lm as lm_data
 from data_pipelines import ptb
+from moe_keras.tasks import base
 from moe_keras.tasks import lm_task
 
 
@@ -37,7 +38,9 @@ def test_shape_warning(backend, options, warns):
     [("jax", False, True), ("jax", True, False), ("tensorflow", False, False)],
 )
 def test_piece_squares_warning(backend, piece_squares, warns):
-  warning = lm_task.piece_squares_warning(backend, piece_squares)
+  warning = base.piece_squares_warning(
+      backend, piece_squares, lm_task.PIECE_SQUARES_BINDING
+  )
   assert (warning is not None) is warns
   if warns:
     assert "\n" not in warning

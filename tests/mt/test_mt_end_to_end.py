@@ -172,6 +172,48 @@ def test_decode_cli_empty_input_one_line_error(trained, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("cli", ["evaluate", "decode", "export"])
+def test_translation_on_jax_is_one_line_and_writes_nothing(
+    trained, tmp_path, cli
+):
+  # The translator and the perplexity loop are TensorFlow graphs: on JAX
+  # each CLI names the backend to use instead of failing in a traceback.
+  source = tmp_path / "source.txt"
+  source.write_text("one two\n")
+  args = {
+      "evaluate": ["--split=eval"],
+      "decode": [f"--input_file={source}", f"--output_file={tmp_path / 'o'}"],
+      "export": [f"--export_dir={tmp_path / 'o'}"],
+  }[cli]
+  before = sorted(os.listdir(trained["model_dir"]))
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          f"moe_keras.{cli}",
+          f"--model_dir={trained['model_dir']}",
+      ]
+      + args,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=REPO,
+      env=dict(os.environ, PYTHONPATH=REPO, KERAS_BACKEND="jax"),
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if f"moe_keras.{cli}" in l]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  assert errors[0].startswith(f"moe_keras.{cli}: error: translation")
+  assert errors[0].endswith(
+      "runs on TensorFlow only (its tokenizer and beam search are a"
+      " TensorFlow graph), not on jax; rerun with KERAS_BACKEND=tensorflow,"
+      " which loads this checkpoint"
+  )
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "o").exists()
+  assert sorted(os.listdir(trained["model_dir"])) == before
+
+
 def test_multilingual_tiny(tmp_path):
   directory = str(tmp_path)
   train_path, dev_path = mt_testlib.write_corpus(directory, train=100, dev=6)

@@ -5,7 +5,6 @@ gradients derived by hand, and the same model trained by the JAX backend in
 a subprocess from the same weights and batches.
 """
 
-import json
 import os
 import sys
 import textwrap
@@ -200,12 +199,9 @@ _BACKEND_SCRIPT = textwrap.dedent("""
 
 def _train_in_subprocess(backend, data_path, option, script=_BACKEND_SCRIPT):
   """Runs `script` (data path, 0/1 option) under `backend`; its RESULT."""
-  proc = layer_testlib.run_script(
+  result = layer_testlib.script_result(
       script, data_path, str(int(option)), backend=backend
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  result = json.loads(line[len("RESULT ") :])
   assert result["backend"] == backend
   return result
 
@@ -357,3 +353,32 @@ def test_jax_with_squares_taps_trains_the_lm_as_tensorflow_does(tmp_path):
     np.testing.assert_array_equal(jax_taps["weights"][name], 0.0)
   jax_plain = _train_lm("jax", path, taps=False)
   assert np.abs(np.array(jax_plain["losses"]) - keras_tf["losses"]).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "make", [fused_adam.FusedAdam, factored_adam.FactoredAdam]
+)
+def test_squares_taps_get_no_optimizer_slots(make):
+  # A tap is never updated: the optimizer builds no moments for it, so a
+  # tapped LM's optimizer state is as large as the untapped one's.
+  def optimizer_sizes(taps):
+    model = lm.build_lm(
+        13,
+        lm.lm_config(
+            model_dim=8,
+            layers=("lstm",),
+            num_sampled=5,
+            dropout=0.0,
+            piece_squares=taps,
+        ),
+    )
+    optimizer = make(learning_rate=0.05)
+    optimizer.build(model.trainable_variables)
+    return len(model.trainable_variables), sorted(
+        tuple(v.shape) for v in optimizer.variables
+    )
+
+  plain_count, plain_slots = optimizer_sizes(False)
+  tapped_count, tapped_slots = optimizer_sizes(True)
+  assert tapped_count == plain_count + 3
+  assert tapped_slots == plain_slots
