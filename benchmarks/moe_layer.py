@@ -57,6 +57,8 @@ Usage:
   python benchmarks/moe_layer.py --tokens=4096 --tokens_per_expert=32 --rounds=1
   python benchmarks/moe_layer.py --tf_cpu_allocator=default   # TF's default
   python benchmarks/moe_layer.py --dispatch_mode=padded    # one batched matmul
+  python benchmarks/moe_layer.py --weight_gradients=per_expert  # what-if:
+      # one weight variable per expert (no stacking of weight gradients)
   KERAS_BACKEND=jax python benchmarks/moe_layer.py --capacity_factor=1.25
 """
 
@@ -116,6 +118,18 @@ _DISPATCH_MODE = flags.DEFINE_enum(
     "SparseMoE dispatch_mode (dropless): one matmul pair per expert, or one"
     " batched matmul pair over an [n, C, d] buffer padded to the step's"
     " largest expert.",
+)
+_WEIGHT_GRADIENTS = flags.DEFINE_enum(
+    "weight_gradients",
+    "stacked",
+    ["stacked", "per_expert", "discard"],
+    "What the MoE step does with its experts' weight gradients (TensorFlow,"
+    " dropless, no biases; a what-if that replaces the layer's gradient):"
+    " stacked: the layer as built (each [n, d, h] kernel's n pieces written"
+    " in place into one buffer). per_expert: every per-expert piece is an"
+    " output of the step and nothing is copied, what one weight variable per"
+    " expert would cost. discard: the pieces are computed and dropped, no"
+    " weight gradient is kept (the MoE's arithmetic alone; not a design).",
 )
 _DTYPE = flags.DEFINE_string(
     "dtype", "float32", "Layer dtype policy, e.g. float32, mixed_bfloat16."
@@ -181,6 +195,7 @@ def _measure(model, num_experts, tokens):
     layer = _make_experts_alone(num_experts=num_experts, k=k, hidden=h)
     layer.build(x.shape)
   elif model == "moe":
+    kept = _replace_weight_gradients(_WEIGHT_GRADIENTS.value)
     layer = SparseMoE(
         num_experts=num_experts,
         k=k,
@@ -200,7 +215,7 @@ def _measure(model, num_experts, tokens):
     layer = keras.Model(
         inputs, keras.layers.Dense(d, use_bias=False)(hidden(inputs))
     )
-  step = _make_step(layer)
+  step = _make_step(layer, kept if model == "moe" else None)
   start = time.perf_counter()
   step(x)
   compile_s = time.perf_counter() - start
@@ -304,8 +319,60 @@ def traffic_bound_ratio(dense_ms, num_experts, dim, hidden, read_gbs):
   return dense_ms / traffic_ms
 
 
-def _make_step(layer):
-  """Returns step(x) running forward + backward and blocking on the result."""
+def _replace_weight_gradients(mode):
+  """--weight_gradients: swaps the layer's dropless TF expert gradient.
+
+  Args:
+    mode: 'stacked' (no change), 'per_expert' or 'discard' (see the flag).
+
+  Returns:
+    A list the replacement fills, while the step is traced, with the
+    per-expert weight-gradient pieces the step must output ('per_expert';
+    empty otherwise).
+  """
+  kept = []
+  if mode == "stacked":
+    return kept
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
+
+  def gradients(pieces, hiddens, d_pieces, w1, w2, padding):
+    # The layer's input gradients; each expert's two weight-gradient
+    # MatMuls run (a slice of each is consumed), and their pieces are kept
+    # as step outputs or dropped; the kernels get no gradient.
+    d_hiddens, d_rows, consumed = [], [], []
+    for hid, dy, w1_g, w2_g in zip(hiddens, d_pieces, w1, w2):
+      # pylint: disable-next=protected-access
+      d_hidden, d_row = backend_ops._tf_expert_input_grads(hid, dy, w1_g, w2_g)
+      d_hiddens.append(d_hidden)
+      d_rows.append(d_row)
+    for g in range(len(w1)):
+      for piece in (
+          tf.matmul(hiddens[g], d_pieces[g], transpose_a=True),
+          tf.matmul(pieces[g], d_hiddens[g], transpose_a=True),
+      ):
+        consumed.append(piece[0, :1])
+        if mode == "per_expert":
+          kept.append(piece)
+    # pylint: disable-next=protected-access
+    d_rows = backend_ops._tf_concat_rows(d_rows, padding)
+    with tf.control_dependencies(consumed):
+      return tf.identity(d_rows), None, None
+
+  # pylint: disable-next=protected-access
+  backend_ops._grouped_ffn_tf_grads_in_place = gradients
+  return kept
+
+
+def _make_step(layer, kept=None):
+  """Returns step(x) running forward + backward and blocking on the result.
+
+  Args:
+    layer: the layer or model.
+    kept: tensors the step's trace adds to this list are outputs too
+      (`_replace_weight_gradients`).
+  """
   import keras  # pylint: disable=g-import-not-at-top
 
   backend = keras.backend.backend()
@@ -319,7 +386,10 @@ def _make_step(layer):
         loss = tf.reduce_sum(tf.square(tf.cast(y, "float32")))
         if layer.losses:
           loss += tf.add_n(layer.losses)
-      return tape.gradient(loss, layer.trainable_variables)
+      # Every gradient is an output (an unused one would be pruned); so are
+      # the pieces of --weight_gradients=per_expert.
+      grads = tape.gradient(loss, layer.trainable_variables)
+      return [g for g in grads if g is not None] + list(kept or [])
 
     def run(x):
       grads = tf_step(x)
@@ -362,6 +432,7 @@ def _spawn(model, num_experts, tokens):
       f"--repeats={_REPEATS.value}",
       f"--dtype={_DTYPE.value}",
       f"--dispatch_mode={_DISPATCH_MODE.value}",
+      f"--weight_gradients={_WEIGHT_GRADIENTS.value}",
       f"--profile={_PROFILE.value}",
   ]
   if _CAPACITY_FACTOR.value is not None:
@@ -488,6 +559,16 @@ def main(argv):
               f" the {num_experts} experts (equal shares); pass"
               " --noexperts_alone"
           )
+  if _WEIGHT_GRADIENTS.value != "stacked" and (
+      keras.backend.backend() != "tensorflow"
+      or _CAPACITY_FACTOR.value is not None
+      or _DISPATCH_MODE.value != "grouped"
+  ):
+    raise app.UsageError(
+        f"--weight_gradients={_WEIGHT_GRADIENTS.value} replaces TensorFlow's"
+        " dropless grouped expert gradient: run with KERAS_BACKEND=tensorflow,"
+        " no --capacity_factor and --dispatch_mode=grouped"
+    )
   if _PROFILE.value:
     if keras.backend.backend() != "tensorflow":
       raise app.UsageError(
@@ -498,6 +579,7 @@ def main(argv):
         f"SparseMoE training step (fwd+bwd) op profile, dtype={_DTYPE.value},"
         f" d={d}, h={h}, k={k}, capacity_factor={_CAPACITY_FACTOR.value},"
         f" dispatch_mode={_DISPATCH_MODE.value},"
+        f" weight_gradients={_WEIGHT_GRADIENTS.value},"
         f" tf_cpu_allocator={_TF_CPU_ALLOCATOR.value}, cpus={os.cpu_count()}"
     )
     for tokens in (int(t) for t in _TOKENS.value):
@@ -511,6 +593,7 @@ def main(argv):
       f" dtype={_DTYPE.value}, d={d}, h={h}, k={k},"
       f" capacity_factor={_CAPACITY_FACTOR.value},"
       f" dispatch_mode={_DISPATCH_MODE.value},"
+      f" weight_gradients={_WEIGHT_GRADIENTS.value},"
       f" tf_cpu_allocator={_TF_CPU_ALLOCATOR.value} (env"
       f" TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC')}),"
       f" rounds={_ROUNDS.value}, repeats={_REPEATS.value},"
