@@ -48,16 +48,19 @@ def _run_benchmark(*flags):
   return bench_testlib.run_benchmark("moe_layer.py", *flags)
 
 
+# One row of 64 tokens on 8 small experts, one timed step.
+TINY_ROW = (
+    "--tokens=64",
+    "--num_experts=8",
+    "--rounds=1",
+    "--repeats=1",
+    "--dim=16",
+    "--hidden=32",
+)
+
+
 def test_table_row_has_every_column():
-  result = _run_benchmark(
-      "--tokens=64",
-      "--num_experts=8",
-      "--rounds=1",
-      "--repeats=1",
-      "--dim=16",
-      "--hidden=32",
-      "--bandwidth_mb=8",
-  )
+  result = _run_benchmark(*TINY_ROW, "--bandwidth_mb=8")
   assert result.returncode == 0, result.stderr
   assert re.search(
       r"read bandwidth [\d.]+ GB/s \(8 MiB buffer\)", result.stdout
@@ -75,12 +78,7 @@ def test_table_row_has_every_column():
 @pytest.mark.parametrize("mode", ["per_expert", "discard"])
 def test_weight_gradients_what_if_runs_and_says_so(mode):
   result = _run_benchmark(
-      "--tokens=64",
-      "--num_experts=8",
-      "--rounds=1",
-      "--repeats=1",
-      "--dim=16",
-      "--hidden=32",
+      *TINY_ROW,
       "--bandwidth_mb=0",
       "--noexperts_alone",
       f"--weight_gradients={mode}",

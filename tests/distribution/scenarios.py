@@ -514,6 +514,21 @@ def build_slots_traced(model):
   build()
 
 
+def fit_two_steps(single, mesh_model, x, y):
+  """Two full-batch fit steps of each model (slots built traced first).
+
+  Returns:
+    (single's losses, mesh_model's losses), one per step.
+  """
+  for model in (single, mesh_model):
+    build_slots_traced(model)
+  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+  return (
+      single.fit(x, y, **kwargs).history["loss"],
+      mesh_model.fit(x, y, **kwargs).history["loss"],
+  )
+
+
 def scenario_train_step():
   """Two Adam steps on a 2x4 mesh == on one device, same global batch."""
   devices = setup_tf_devices()
@@ -524,11 +539,7 @@ def scenario_train_step():
   single.save_weights(init)
   dist, mesh_model = build_on("batch:2,expert:4")
   mesh_model.load_weights(init)
-  for model in (single, mesh_model):
-    build_slots_traced(model)
-  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
-  h1 = single.fit(x, y, **kwargs).history["loss"]
-  h2 = mesh_model.fit(x, y, **kwargs).history["loss"]
+  h1, h2 = fit_two_steps(single, mesh_model, x, y)
   check_close("2x4 step losses", h2, h1)
   inner = dist.unwrap(mesh_model)
   shards = inner.layers[2]._expert_shards  # pylint: disable=protected-access
@@ -658,11 +669,7 @@ def scenario_piece_squares_mesh():
         optimizer=fused_adam.FusedAdam(learning_rate=1e-2), loss="mse"
     )
   mesh_model.load_weights(init)
-  for model in (single, mesh_model):
-    build_slots_traced(model)
-  kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
-  h1 = single.fit(ids, y, **kwargs).history["loss"]
-  h2 = mesh_model.fit(ids, y, **kwargs).history["loss"]
+  h1, h2 = fit_two_steps(single, mesh_model, ids, y)
   assert abs(h1[1] - h1[0]) > 1e-4, h1  # the step moved the model
   check_close("taps on 2x4 vs per-piece on one device: losses", h2, h1)
   check_close(

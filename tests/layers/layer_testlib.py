@@ -74,6 +74,28 @@ def script_result(code, *args, backend, **kwargs):
   return json.loads(lines[-1][len("RESULT ") :])
 
 
+def backend_result(code, data_path, option, backend):
+  """`script_result` of a training script taking (data path, 0/1 option).
+
+  The script's result must name the backend it ran on; it is checked.
+  """
+  result = script_result(code, data_path, str(int(option)), backend=backend)
+  assert result["backend"] == backend
+  return result
+
+
+def weight_arrays(model):
+  """{path with '/' as '__': numpy value} of `model`'s weights, seed
+  generators' states left out: what the training scripts read back."""
+  import keras  # pylint: disable=g-import-not-at-top
+
+  return {
+      w.path.replace("/", "__"): keras.ops.convert_to_numpy(w)
+      for w in model.weights
+      if "seed_generator" not in w.path
+  }
+
+
 # SparseMoE's dropless training step on the JAX backend under jax.jit, with
 # MOE_KERAS_JAX_GROUPED_MATMUL set to argv[2] and then argv[3]. The entry
 # point `grouped_matmul` of the module argv[1] is counted: it must run for

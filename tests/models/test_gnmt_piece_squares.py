@@ -29,16 +29,23 @@ def _tiny(piece_squares, vocab_size=11):
   return gnmt.gnmt_model(vocab_size, piece_squares=piece_squares, **TINY)
 
 
-def test_taps_change_no_forward_value_and_round_trip(tmp_path):
+def _plain_and_tapped():
+  """An untapped tiny GNMT, a tapped one with its weights, and the tapped
+  one's weights by path."""
   plain, tapped = _tiny(False), _tiny(True)
+  by_path = {w.path: w for w in tapped.weights}
+  for w in plain.weights:
+    by_path[w.path].assign(w)
+  return plain, tapped, by_path
+
+
+def test_taps_change_no_forward_value_and_round_trip(tmp_path):
+  plain, tapped, by_path = _plain_and_tapped()
   assert [
       w.path for w in plain.weights if w.path.endswith("_piece_squares")
   ] == []
   for w in plain.weights:
     tapped.get_layer(w.path.split("/")[0])  # the same layer names
-  by_path = {w.path: w for w in tapped.weights}
-  for w in plain.weights:
-    by_path[w.path].assign(w)
   x = {
       "source": np.array([[5, 6, 7, 0], [4, 4, 4, 4]], "int32"),
       "target_in": np.array([[2, 5, 5], [2, 9, 0]], "int32"),
@@ -64,10 +71,7 @@ def test_tap_gradient_is_the_per_row_sum_of_squared_pieces():
   # The shared embedding is gathered by the source and by the target: its
   # tap's gradient sums each row's squared pieces over both lookups, which
   # are TensorFlow's IndexedSlices pieces of the untapped model.
-  plain, tapped = _tiny(False), _tiny(True)
-  by_path = {w.path: w for w in tapped.weights}
-  for w in plain.weights:
-    by_path[w.path].assign(w)
+  plain, tapped, _ = _plain_and_tapped()
   x = {
       "source": np.array([[5, 6, 5, 0], [4, 5, 4, 4]], "int32"),
       "target_in": np.array([[2, 5, 5], [2, 9, 0]], "int32"),
@@ -130,11 +134,7 @@ _GNMT_SCRIPT = textwrap.dedent("""
 
 
 def _train_gnmt(backend, data_path, taps):
-  result = layer_testlib.script_result(
-      _GNMT_SCRIPT, data_path, str(int(taps)), backend=backend
-  )
-  assert result["backend"] == backend
-  return result
+  return layer_testlib.backend_result(_GNMT_SCRIPT, data_path, taps, backend)
 
 
 def test_jax_with_squares_taps_trains_gnmt_as_tensorflow_does(tmp_path):
@@ -159,11 +159,7 @@ def test_jax_with_squares_taps_trains_gnmt_as_tensorflow_does(tmp_path):
       source=source,
       target_in=target_in,
       target_out=target,
-      **{
-          w.path.replace("/", "__"): keras.ops.convert_to_numpy(w)
-          for w in init.weights
-          if "seed_generator" not in w.path
-      },
+      **layer_testlib.weight_arrays(init),
   )
   keras_tf = _train_gnmt("tensorflow", path, taps=False)
   jax_taps = _train_gnmt("jax", path, taps=True)

@@ -199,11 +199,7 @@ _BACKEND_SCRIPT = textwrap.dedent("""
 
 def _train_in_subprocess(backend, data_path, option, script=_BACKEND_SCRIPT):
   """Runs `script` (data path, 0/1 option) under `backend`; its RESULT."""
-  result = layer_testlib.script_result(
-      script, data_path, str(int(option)), backend=backend
-  )
-  assert result["backend"] == backend
-  return result
+  return layer_testlib.backend_result(script, data_path, option, backend)
 
 
 def test_tensorflow_and_jax_train_alike_with_summed_rows(tmp_path):
@@ -328,11 +324,7 @@ def test_jax_with_squares_taps_trains_the_lm_as_tensorflow_does(tmp_path):
       ids=rng.integers(0, 13, size=(6, 4, 7)).astype("int32"),
       targets=rng.integers(0, 13, size=(6, 4, 7)).astype("int32"),
       sampled=np.array([0, 1, 1, 4, 9], "int32"),
-      **{
-          w.path.replace("/", "__"): keras.ops.convert_to_numpy(w)
-          for w in init.weights
-          if "seed_generator" not in w.path
-      },
+      **layer_testlib.weight_arrays(init),
   )
   keras_tf = _train_lm("tensorflow", path, taps=False)
   jax_taps = _train_lm("jax", path, taps=True)
