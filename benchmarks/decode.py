@@ -246,7 +246,10 @@ def random_settings(gin_file, args):
     RuntimeError: the SavedModel decodes other ids.
   """
   gin.clear_config()
-  experiment.parse_gin([gin_file])
+  # As `moe_keras.decode` and `export` build it (experiment.load_experiment).
+  experiment.parse_gin(
+      [gin_file], list(experiment.INFERENCE_BINDINGS) + args.gin_bindings
+  )
   model = gnmt.gnmt_model(args.vocab_size)
   gin.clear_config()
   rng = np.random.default_rng(0)
@@ -338,7 +341,7 @@ def bench_train_step(gin_file, args):
   from moe_keras.tasks import mt_task  # pylint: disable=g-import-not-at-top
 
   gin.clear_config()
-  experiment.parse_gin([gin_file])
+  experiment.parse_gin([gin_file], args.gin_bindings)
   model = gnmt.gnmt_model(args.vocab_size)
   model.compile(
       optimizer=factory.make_optimizer(),
@@ -437,6 +440,13 @@ def main(argv=None):
           f"gin/mt/debian_en_fr/{n}.gin"
           for n in ("gnmt_dense", "moe_32", "moe_32_h")
       ),
+  )
+  parser.add_argument(
+      "--gin_bindings",
+      action="append",
+      default=[],
+      help="A gin binding applied to every --gin_files config (repeatable),"
+      " e.g. \"moe_spec.expert_variables = 'stacked'\".",
   )
   parser.add_argument("--model_dir", default=None)
   parser.add_argument("--input_file", default=None)

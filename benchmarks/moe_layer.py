@@ -57,8 +57,10 @@ Usage:
   python benchmarks/moe_layer.py --tokens=4096 --tokens_per_expert=32 --rounds=1
   python benchmarks/moe_layer.py --tf_cpu_allocator=default   # TF's default
   python benchmarks/moe_layer.py --dispatch_mode=padded    # one batched matmul
-  python benchmarks/moe_layer.py --weight_gradients=per_expert  # what-if:
-      # one weight variable per expert (no stacking of weight gradients)
+  python benchmarks/moe_layer.py --expert_variables=stacked  # one [n, d, h]
+      # variable per weight (the layer's default here: one per expert)
+  python benchmarks/moe_layer.py --expert_variables=stacked \
+      --weight_gradients=discard  # what-if: no weight gradient kept
   KERAS_BACKEND=jax python benchmarks/moe_layer.py --capacity_factor=1.25
 """
 
@@ -119,17 +121,27 @@ _DISPATCH_MODE = flags.DEFINE_enum(
     " batched matmul pair over an [n, C, d] buffer padded to the step's"
     " largest expert.",
 )
+_EXPERT_VARIABLES = flags.DEFINE_enum(
+    "expert_variables",
+    "auto",
+    ["auto", "stacked", "per_expert"],
+    "SparseMoE expert_variables. auto (the layer's default): one variable"
+    " per expert on TensorFlow's dropless grouped dispatch for kernels of at"
+    " least sparse_moe.PER_EXPERT_MIN_KERNEL_SIZE elements (d=512, h=1024"
+    " are), else stacked. stacked: one [n, ...] variable per expert weight,"
+    " whose gradient the step writes piece by piece. per_expert: one"
+    " variable per expert, each expert's weight gradient its own tensor.",
+)
 _WEIGHT_GRADIENTS = flags.DEFINE_enum(
     "weight_gradients",
     "stacked",
-    ["stacked", "per_expert", "discard"],
-    "What the MoE step does with its experts' weight gradients (TensorFlow,"
-    " dropless, no biases; a what-if that replaces the layer's gradient):"
-    " stacked: the layer as built (each [n, d, h] kernel's n pieces written"
-    " in place into one buffer). per_expert: every per-expert piece is an"
-    " output of the step and nothing is copied, what one weight variable per"
-    " expert would cost. discard: the pieces are computed and dropped, no"
-    " weight gradient is kept (the MoE's arithmetic alone; not a design).",
+    ["stacked", "discard"],
+    "What the MoE step does with its experts' weight gradients under"
+    " --expert_variables=stacked (TensorFlow, dropless, no biases; a what-if"
+    " that replaces the layer's gradient): stacked: the layer as built (each"
+    " [n, d, h] kernel's n pieces written in place into one buffer)."
+    " discard: the pieces are computed and dropped, no weight gradient is"
+    " kept (the MoE's arithmetic alone; not a design).",
 )
 _DTYPE = flags.DEFINE_string(
     "dtype", "float32", "Layer dtype policy, e.g. float32, mixed_bfloat16."
@@ -195,13 +207,14 @@ def _measure(model, num_experts, tokens):
     layer = _make_experts_alone(num_experts=num_experts, k=k, hidden=h)
     layer.build(x.shape)
   elif model == "moe":
-    kept = _replace_weight_gradients(_WEIGHT_GRADIENTS.value)
+    _replace_weight_gradients(_WEIGHT_GRADIENTS.value)
     layer = SparseMoE(
         num_experts=num_experts,
         k=k,
         expert_hidden_dim=h,
         capacity_factor=_CAPACITY_FACTOR.value,
         dispatch_mode=_DISPATCH_MODE.value,
+        expert_variables=_EXPERT_VARIABLES.value,
         track_metrics=False,
         seed=0,
     )
@@ -215,7 +228,7 @@ def _measure(model, num_experts, tokens):
     layer = keras.Model(
         inputs, keras.layers.Dense(d, use_bias=False)(hidden(inputs))
     )
-  step = _make_step(layer, kept if model == "moe" else None)
+  step = _make_step(layer)
   start = time.perf_counter()
   step(x)
   compile_s = time.perf_counter() - start
@@ -323,24 +336,18 @@ def _replace_weight_gradients(mode):
   """--weight_gradients: swaps the layer's dropless TF expert gradient.
 
   Args:
-    mode: 'stacked' (no change), 'per_expert' or 'discard' (see the flag).
-
-  Returns:
-    A list the replacement fills, while the step is traced, with the
-    per-expert weight-gradient pieces the step must output ('per_expert';
-    empty otherwise).
+    mode: 'stacked' (no change) or 'discard' (see the flag).
   """
-  kept = []
   if mode == "stacked":
-    return kept
+    return
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from moe_keras.layers import backend_ops  # pylint: disable=g-import-not-at-top
 
   def gradients(pieces, hiddens, d_pieces, w1, w2, padding):
     # The layer's input gradients; each expert's two weight-gradient
-    # MatMuls run (a slice of each is consumed), and their pieces are kept
-    # as step outputs or dropped; the kernels get no gradient.
+    # MatMuls run (a slice of each is consumed) and their pieces are
+    # dropped; the kernels get no gradient.
     d_hiddens, d_rows, consumed = [], [], []
     for hid, dy, w1_g, w2_g in zip(hiddens, d_pieces, w1, w2):
       # pylint: disable-next=protected-access
@@ -353,8 +360,6 @@ def _replace_weight_gradients(mode):
           tf.matmul(pieces[g], d_hiddens[g], transpose_a=True),
       ):
         consumed.append(piece[0, :1])
-        if mode == "per_expert":
-          kept.append(piece)
     # pylint: disable-next=protected-access
     d_rows = backend_ops._tf_concat_rows(d_rows, padding)
     with tf.control_dependencies(consumed):
@@ -362,16 +367,13 @@ def _replace_weight_gradients(mode):
 
   # pylint: disable-next=protected-access
   backend_ops._grouped_ffn_tf_grads_in_place = gradients
-  return kept
 
 
-def _make_step(layer, kept=None):
+def _make_step(layer):
   """Returns step(x) running forward + backward and blocking on the result.
 
   Args:
     layer: the layer or model.
-    kept: tensors the step's trace adds to this list are outputs too
-      (`_replace_weight_gradients`).
   """
   import keras  # pylint: disable=g-import-not-at-top
 
@@ -386,10 +388,9 @@ def _make_step(layer, kept=None):
         loss = tf.reduce_sum(tf.square(tf.cast(y, "float32")))
         if layer.losses:
           loss += tf.add_n(layer.losses)
-      # Every gradient is an output (an unused one would be pruned); so are
-      # the pieces of --weight_gradients=per_expert.
+      # Every gradient is an output (an unused one would be pruned).
       grads = tape.gradient(loss, layer.trainable_variables)
-      return [g for g in grads if g is not None] + list(kept or [])
+      return [g for g in grads if g is not None]
 
     def run(x):
       grads = tf_step(x)
@@ -433,6 +434,7 @@ def _spawn(model, num_experts, tokens):
       f"--dtype={_DTYPE.value}",
       f"--dispatch_mode={_DISPATCH_MODE.value}",
       f"--weight_gradients={_WEIGHT_GRADIENTS.value}",
+      f"--expert_variables={_EXPERT_VARIABLES.value}",
       f"--profile={_PROFILE.value}",
   ]
   if _CAPACITY_FACTOR.value is not None:
@@ -563,11 +565,13 @@ def main(argv):
       keras.backend.backend() != "tensorflow"
       or _CAPACITY_FACTOR.value is not None
       or _DISPATCH_MODE.value != "grouped"
+      or _EXPERT_VARIABLES.value != "stacked"
   ):
     raise app.UsageError(
         f"--weight_gradients={_WEIGHT_GRADIENTS.value} replaces TensorFlow's"
-        " dropless grouped expert gradient: run with KERAS_BACKEND=tensorflow,"
-        " no --capacity_factor and --dispatch_mode=grouped"
+        " dropless grouped gradient of stacked experts: run with"
+        " KERAS_BACKEND=tensorflow, no --capacity_factor,"
+        " --dispatch_mode=grouped and --expert_variables=stacked"
     )
   if _PROFILE.value:
     if keras.backend.backend() != "tensorflow":
@@ -580,6 +584,7 @@ def main(argv):
         f" d={d}, h={h}, k={k}, capacity_factor={_CAPACITY_FACTOR.value},"
         f" dispatch_mode={_DISPATCH_MODE.value},"
         f" weight_gradients={_WEIGHT_GRADIENTS.value},"
+        f" expert_variables={_EXPERT_VARIABLES.value},"
         f" tf_cpu_allocator={_TF_CPU_ALLOCATOR.value}, cpus={os.cpu_count()}"
     )
     for tokens in (int(t) for t in _TOKENS.value):
@@ -594,6 +599,7 @@ def main(argv):
       f" capacity_factor={_CAPACITY_FACTOR.value},"
       f" dispatch_mode={_DISPATCH_MODE.value},"
       f" weight_gradients={_WEIGHT_GRADIENTS.value},"
+      f" expert_variables={_EXPERT_VARIABLES.value},"
       f" tf_cpu_allocator={_TF_CPU_ALLOCATOR.value} (env"
       f" TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC')}),"
       f" rounds={_ROUNDS.value}, repeats={_REPEATS.value},"

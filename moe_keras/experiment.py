@@ -41,6 +41,7 @@ import data_pipelines
 from eval import expert_stats
 from moe_keras import atomic_file
 from moe_keras import distribution as distribution_lib
+from moe_keras.distribution import optimizer as distributed_optimizer
 from moe_keras import learning_curve
 from moe_keras import reliability
 from moe_keras.optimizers import factory as optimizer_factory
@@ -67,6 +68,12 @@ class ExperimentError(ValueError):
 # How Keras's load_weights begins the warning for an optimizer state that
 # does not fit (it then leaves the optimizer's variables as they are).
 _KERAS_SKIPPED_OPTIMIZER = "Skipping variable loading for optimizer"
+# Models rebuilt for inference (evaluate, decode, export) hold stacked
+# experts whatever the run trained with: their checkpoints are the same
+# under both layouts, and the small-batch decoding path gathers from the
+# stacked [n, ...] kernels (per-expert variables would be stacked again
+# every decoding step). Applied before the caller's bindings.
+INFERENCE_BINDINGS = ("moe_spec.expert_variables = 'stacked'",)
 
 
 def one_line(error):
@@ -307,7 +314,10 @@ class CheckpointManager:
         raise ExperimentError(
             f"cannot restore {weights_path}: its optimizer state does not"
             f" fit this run's optimizer ({message.rstrip('.')}); resume"
-            " with the run's optimizer settings or use a new --model_dir"
+            " with the run's optimizer settings and expert layout (a run"
+            " trained with stacked experts, e.g. before expert_variables"
+            ' existed: --gin_bindings="moe_spec.expert_variables ='
+            " 'stacked'\") or use a new --model_dir"
         )
     seeds_path = weights_path.replace(".weights.h5", ".seeds.npz")
     if os.path.exists(seeds_path):
@@ -561,15 +571,24 @@ def build_task_and_model(compile_model=True, distribution=None):
   """
   data = data_pipelines.get_data()
   task = task_base.get_task(data)
+
+  def make_optimizer():
+    # TensorFlow: optimizer state saved in the stacked expert layout, so a
+    # checkpoint resumes on any mesh and under either `expert_variables`
+    # (moe_keras.distribution.optimizer; unchanged on JAX).
+    return distributed_optimizer.colocate_slots(
+        optimizer_factory.make_optimizer()
+    )
+
   if distribution is None:
     model = task.build_model()
     if compile_model:
-      task.compile(model, optimizer_factory.make_optimizer())
+      task.compile(model, make_optimizer())
     return task, model
   with distribution.scope():
     model = distribution.wrap_model(task.build_model())
     if compile_model:
-      task.compile(model, optimizer_factory.make_optimizer())
+      task.compile(model, make_optimizer())
   return task, model
 
 
@@ -798,6 +817,10 @@ def load_experiment(
       is parsed (so a gin-bound mesh shape of the run applies). The
       checkpoint loads into any mesh layout.
 
+  The model's experts are stacked (INFERENCE_BINDINGS) whatever the run
+  trained with; the checkpoint, weights and optimizer state, loads into
+  either layout.
+
   Returns:
     (task, model, step); on a mesh, `model` is the wrapped model
     (`Distribution.unwrap` gives the inner one).
@@ -814,7 +837,7 @@ def load_experiment(
   if checkpoints.state() is None:
     raise ExperimentError(f"{model_dir} has no checkpoint yet")
   gin.clear_config()
-  parse_gin([config_path], gin_bindings)
+  parse_gin([config_path], list(INFERENCE_BINDINGS) + list(gin_bindings))
   if callable(distribution):
     distribution = distribution()
   task, model = build_task_and_model(

@@ -63,7 +63,10 @@ def test_restore_refuses_an_optimizer_state_that_does_not_fit(tmp_path):
       " variable loading for optimizer"
   )
   assert message.endswith(
-      "; resume with the run's optimizer settings or use a new --model_dir"
+      "; resume with the run's optimizer settings and expert layout (a run"
+      " trained with stacked experts, e.g. before expert_variables existed:"
+      " --gin_bindings=\"moe_spec.expert_variables = 'stacked'\") or use a"
+      " new --model_dir"
   )
   assert sorted(os.listdir(manager.directory)) == files
 

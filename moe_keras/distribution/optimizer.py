@@ -12,9 +12,12 @@ with Keras 3.15.1: all slots on CPU:0 after `fit` on an 8-device mesh.
 ops (placed with `tf.device(variable.device)`), for any Keras optimizer,
 and skips Keras's all-reduce of the gradients when one replica is in sync
 (an identity whose one op took every gradient to the step's device).
-It also saves the slots of sharded expert blocks as the unsharded optimizer
-would (full [n, ...] arrays at the same indices), so a checkpoint with
-optimizer state restores on any mesh.
+It also saves the slots of sharded expert blocks, and those of per-expert
+variables (`expert_variables="per_expert"`), as the optimizer of stacked
+single-device experts would (full [n, ...] arrays at the same indices), so
+a checkpoint with optimizer state restores on any mesh and into either
+expert layout. Experiments on TensorFlow compile every optimizer with it
+(`moe_keras.experiment.build_task_and_model`).
 """
 
 import warnings
@@ -23,6 +26,7 @@ import keras
 import numpy as np
 
 from moe_keras.distribution import sharded_experts
+from moe_keras.layers import sparse_moe
 
 _CLASS_CACHE = {}
 
@@ -50,6 +54,19 @@ class ColocateSlotsMixin:
     self._slot_index()[id(slot)] = (slot, reference_variable, name)
     return slot
 
+  def register_slot(self, slot, reference_variable, name):
+    """Indexes a slot made without `add_variable_from_reference`.
+
+    FactoredAdam's row and column second moments are made by
+    `add_variable`; indexed, they are saved in the stacked layout too.
+
+    Args:
+      slot: the optimizer variable.
+      reference_variable: the model variable it belongs to.
+      name: the slot's name (its kind, e.g. "row_velocity").
+    """
+    self._slot_index()[id(slot)] = (slot, reference_variable, name)
+
   def _slot_index(self):
     """id(slot) -> (slot, reference variable, slot name)."""
     if not hasattr(self, "_moe_slots"):
@@ -59,45 +76,47 @@ class ColocateSlotsMixin:
     return self._moe_slots.slots
 
   def _logical_variables(self):
-    """Optimizer variables in the order an unsharded model's would have.
+    """Optimizer variables in the order a stacked unsharded model's have.
 
     The slots of one expert group's E blocks are one entry (concatenated
-    along the experts axis), at the place of the first block's slot.
+    along the experts axis), and so are the slots of one expert weight's n
+    per-expert variables (stacked), at the place of the first one's slot.
+
+    Returns:
+      list of (how, [variables]): how is "one" (a single variable),
+      "concat" (blocks) or "stack" (per-expert parts).
     """
     slots = self._slot_index()
-    by_block = {}
+    grouped = {}
     for slot, reference, name in slots.values():
-      found = sharded_experts.block_of(reference)
-      if found is not None:
-        shards, group, block = found
-        by_block[(id(shards), group, name, block)] = slot
+      key = _group_key(reference, name)
+      if key is not None:
+        grouped[key] = slot
     entries = []
     for variable in self.variables:
       entry = slots.get(id(variable))
-      found = None if entry is None else sharded_experts.block_of(entry[1])
-      if found is None:
-        entries.append([variable])
-        continue
-      shards, group, block = found
-      if block == 0:
+      key = None if entry is None else _group_key(entry[1], entry[2])
+      if key is None:
+        entries.append(("one", [variable]))
+      elif key[3] == 0:  # the first block or part: the whole group
+        how, group, name, _, count = key
         entries.append(
-            [
-                by_block[(id(shards), group, entry[2], e)]
-                for e in range(shards.num_blocks)
-            ]
+            (how, [grouped[(how, group, name, e, count)] for e in range(count)])
         )
     return entries
 
   def save_own_variables(self, store):
-    """Saves slots of expert blocks as full [n, ...] arrays (any layout)."""
-    for i, parts in enumerate(self._logical_variables()):
-      if len(parts) == 1:
+    """Saves grouped slots as full [n, ...] arrays (any layout)."""
+    for i, (how, parts) in enumerate(self._logical_variables()):
+      if how == "one":
         store[str(i)] = parts[0].numpy()
+      elif how == "stack":
+        store[str(i)] = np.stack([p.numpy() for p in parts], axis=0)
       else:
         store[str(i)] = np.concatenate([p.numpy() for p in parts], axis=0)
 
   def load_own_variables(self, store):
-    """Loads what save_own_variables (or an unsharded model) wrote."""
+    """Loads what save_own_variables (or a stacked unsharded model) wrote."""
     entries = self._logical_variables()
     if len(store.keys()) != len(entries):
       warnings.warn(
@@ -107,10 +126,13 @@ class ColocateSlotsMixin:
           stacklevel=2,
       )
       return
-    for i, parts in enumerate(entries):
+    for i, (how, parts) in enumerate(entries):
       value = np.asarray(store[str(i)])
-      if len(parts) == 1:
+      if how == "one":
         parts[0].assign(value)
+      elif how == "stack":
+        for part, piece in zip(parts, value):
+          part.assign(piece)
       else:
         for part, piece in zip(parts, np.split(value, len(parts), axis=0)):
           part.assign(piece)
@@ -144,6 +166,24 @@ class ColocateSlotsMixin:
     if context is None or context.num_replicas_in_sync == 1:
       return list(grads_and_vars)
     return super()._all_reduce_sum_gradients(grads_and_vars)
+
+
+def _group_key(reference, slot_name):
+  """(how, group id, slot name, index, count) of a grouped slot, or None.
+
+  Args:
+    reference: the variable a slot was made for.
+    slot_name: the slot's name ("momentum", ...).
+  """
+  found = sharded_experts.block_of(reference)
+  if found is not None:
+    shards, group, block = found
+    return ("concat", (id(shards), group), slot_name, block, shards.num_blocks)
+  found = sparse_moe.expert_part_of(reference)
+  if found is not None:
+    parts, index = found
+    return ("stack", id(parts), slot_name, index, len(parts))
+  return None
 
 
 def _device_of(variable):

@@ -225,15 +225,27 @@ def grouped_ffn(
   Args:
     rows: [R, d] sorted by group.
     group_sizes: int32 [G].
-    kernel_1: [G, d, h]; kernel_2: [G, h, d_out].
-    bias_1: optional [G, h]; bias_2: optional [G, d_out].
+    kernel_1: [G, d, h]; kernel_2: [G, h, d_out]. TensorFlow also takes
+      lists of G per-expert tensors ([d, h] and [h, d_out]; the layout of
+      `expert_variables="per_expert"`), whose gradients are then the
+      per-expert pieces themselves, never written into a stacked buffer.
+    bias_1: optional [G, h]; bias_2: optional [G, d_out] (or lists of [h],
+      [d_out] with list kernels).
     recompute: if True, the [R, h] hidden activations are not kept for the
       backward pass; the gradient recomputes them from `rows` (appendix D).
 
   Returns:
     [R, d_out].
+
+  Raises:
+    ValueError: list kernels on a backend other than TensorFlow.
   """
   backend = backend_name()
+  if backend != "tensorflow" and isinstance(kernel_1, (list, tuple)):
+    raise ValueError(
+        "per-expert kernel lists are a TensorFlow layout; stack them for"
+        f" the {backend!r} backend"
+    )
   if backend == "tensorflow":
     return _grouped_ffn_tf(
         rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2, recompute
@@ -268,10 +280,17 @@ def _grouped_ffn_tf(
         rows, group_sizes, kernel_1, kernel_2, recompute
     )
   if recompute:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    # `remat` takes tensors: per-expert lists go in stacked (a copy of the
+    # weights; the fast per-expert path is the bias-free one).
+    stack = lambda v: tf.stack(v) if isinstance(v, (list, tuple)) else v
     fn = lambda r, k1, k2, b1, b2: _grouped_ffn_tf_bias(
         r, group_sizes, k1, k2, b1, b2
     )
-    return remat(fn)(rows, kernel_1, kernel_2, bias_1, bias_2)
+    return remat(fn)(
+        rows, stack(kernel_1), stack(kernel_2), stack(bias_1), stack(bias_2)
+    )
   return _grouped_ffn_tf_bias(
       rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2
   )
@@ -281,12 +300,20 @@ def _grouped_ffn_tf_bias(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
   """TF grouped FFN with biases; gradient by autodiff."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  num_groups = kernel_1.shape[0]
+  num_groups = _num_groups(kernel_1)
   pieces, padding = _tf_split_rows(rows, group_sizes, num_groups)
-  w1 = tf.unstack(kernel_1, num=num_groups, axis=0)
-  w2 = tf.unstack(kernel_2, num=num_groups, axis=0)
-  b1 = [None] * num_groups if bias_1 is None else tf.unstack(bias_1, axis=0)
-  b2 = [None] * num_groups if bias_2 is None else tf.unstack(bias_2, axis=0)
+  w1 = _tf_per_group(kernel_1, num_groups)
+  w2 = _tf_per_group(kernel_2, num_groups)
+  b1 = (
+      [None] * num_groups
+      if bias_1 is None
+      else _tf_per_group(bias_1, num_groups)
+  )
+  b2 = (
+      [None] * num_groups
+      if bias_2 is None
+      else _tf_per_group(bias_2, num_groups)
+  )
   outputs = []
   for piece, w1_g, w2_g, b1_g, b2_g in zip(pieces, w1, w2, b1, b2):
     hidden = tf.matmul(piece, w1_g)
@@ -312,13 +339,19 @@ def _grouped_ffn_tf_no_bias(
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  num_groups = kernel_1.shape[0]
+  num_groups = _num_groups(kernel_1)
+  # Per-expert kernels (lists): every kernel is an input of its own, and its
+  # gradient is its piece (no stacked [n, ., .] gradient is written).
+  per_expert = isinstance(kernel_1, (list, tuple))
 
   @tf.custom_gradient
-  def ffn(rows, kernel_1, kernel_2):
+  def ffn(rows, *kernels):
     pieces, padding = _tf_split_rows(rows, group_sizes, num_groups)
-    w1 = tf.unstack(kernel_1, num=num_groups, axis=0)
-    w2 = tf.unstack(kernel_2, num=num_groups, axis=0)
+    if per_expert:
+      w1, w2 = list(kernels[:num_groups]), list(kernels[num_groups:])
+    else:
+      w1 = tf.unstack(kernels[0], num=num_groups, axis=0)
+      w2 = tf.unstack(kernels[1], num=num_groups, axis=0)
     hiddens = [tf.nn.relu(tf.matmul(p, w)) for p, w in zip(pieces, w1)]
     outs = [tf.matmul(hid, w) for hid, w in zip(hiddens, w2)]
     out = _tf_concat_rows(outs, padding)
@@ -340,7 +373,7 @@ def _grouped_ffn_tf_no_bias(
       # kernels: cheaper than one batched Transpose of each [n, ., .] kernel
       # (measured: the Transposes cost ~15 ms per step at n=256, d=128,
       # h=256 on a 2-core CPU, more than oneDNN's transposed-B MatMuls).
-      if saved is not None and not tf.executing_eagerly():
+      if saved is not None and not tf.executing_eagerly() and not per_expert:
         return _grouped_ffn_tf_grads_in_place(
             pieces, hiddens, d_pieces, w1, w2, padding
         )
@@ -356,6 +389,12 @@ def _grouped_ffn_tf_no_bias(
         d_hiddens.append(d_hidden)
         d_rows.append(d_row)
         d_w2.append(tf.matmul(hid, dy, transpose_a=True))
+      if per_expert:
+        d_w1 = [
+            tf.matmul(piece, d_hidden, transpose_a=True)
+            for piece, d_hidden in zip(pieces, d_hiddens)
+        ]
+        return (_tf_concat_rows(d_rows, padding), *d_w1, *d_w2)
       d_w2 = tf.stack(d_w2)
       # The kernel_1 gradients start once the kernel_2 pieces are stacked
       # and freed: at most one set of n per-expert pieces is alive beside
@@ -370,7 +409,25 @@ def _grouped_ffn_tf_no_bias(
 
     return out, grad
 
+  if per_expert:
+    return ffn(rows, *kernel_1, *kernel_2)
   return ffn(rows, kernel_1, kernel_2)
+
+
+def _num_groups(weights):
+  """G of stacked [G, ...] weights or of a list of G per-group tensors."""
+  if isinstance(weights, (list, tuple)):
+    return len(weights)
+  return weights.shape[0]
+
+
+def _tf_per_group(weights, num_groups):
+  """TF: a list of G per-group tensors from a list or stacked [G, ...]."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  if isinstance(weights, (list, tuple)):
+    return list(weights)
+  return tf.unstack(weights, num=num_groups, axis=0)
 
 
 # Weight-gradient pieces in flight while `_tf_stack_in_place` writes them.

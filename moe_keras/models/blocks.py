@@ -99,6 +99,7 @@ def moe_spec(
     expert_dtype=None,
     dispatch_mode=None,
     balance_over=None,
+    expert_variables=None,
 ):
   """The MoE layer of a model, as a plain dict (gin-configurable).
 
@@ -135,6 +136,10 @@ def moe_spec(
       same global batch). One device and JAX (SPMD) compute over the global
       batch under both; see MoEBase and BUILD.md "Distribution". Checked
       by `build_moe` (outside gin, so the error stays one line).
+    expert_variables: None (the layer's default, 'auto': one variable per
+      expert on TensorFlow's dropless dispatch, where no [n, d, h] weight
+      gradient is then written, else stacked), 'stacked' or 'per_expert'
+      (see MoEBase). Checkpoints are the same under every layout.
 
   Returns:
     dict of these arguments.
@@ -166,6 +171,7 @@ def moe_spec(
       expert_dtype=expert_dtype,
       dispatch_mode=dispatch_mode,
       balance_over=balance_over,
+      expert_variables=expert_variables,
   )
 
 
@@ -214,6 +220,7 @@ def build_moe(spec, name="moe", seed=None):
               "expert_dtype",
               "dispatch_mode",
               "balance_over",
+              "expert_variables",
           )
           if spec.get(key) is not None
       }

@@ -131,6 +131,13 @@ class FactoredAdam(
             dtype="float32",
             name=f"{prefix}_col_velocity",
         )
+        # Slots made without a reference variable: an optimizer that keeps
+        # a slot -> variable index (moe_keras.distribution.optimizer, which
+        # saves expert slots in the stacked layout) is told whose they are.
+        register = getattr(self, "register_slot", None)
+        if register is not None:
+          register(row, variable, "row_velocity")
+          register(col, variable, "col_velocity")
       else:
         momentum = self.add_variable_from_reference(variable, "momentum")
         velocity = self.add_variable_from_reference(variable, "velocity")

@@ -75,30 +75,34 @@ def test_table_row_has_every_column():
   assert float(cells[4]) > 0.0 and float(cells[5]) > 0.0
 
 
-@pytest.mark.parametrize("mode", ["per_expert", "discard"])
-def test_weight_gradients_what_if_runs_and_says_so(mode):
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--expert_variables=stacked", "--weight_gradients=discard"),
+        ("--expert_variables=per_expert",),
+    ],
+)
+def test_layouts_and_what_if_run_and_say_so(flags):
   result = _run_benchmark(
-      *TINY_ROW,
-      "--bandwidth_mb=0",
-      "--noexperts_alone",
-      f"--weight_gradients={mode}",
+      *TINY_ROW, "--bandwidth_mb=0", "--noexperts_alone", *flags
   )
   assert result.returncode == 0, result.stderr
-  assert f"weight_gradients={mode}," in result.stdout
+  for flag in flags:
+    assert f"{flag[2:]}," in result.stdout, result.stdout
   assert re.search(r"^\| 64 \| 8 \| 32 \|", result.stdout, flags=re.M)
 
 
-def test_weight_gradients_what_if_needs_tensorflow_dropless():
+@pytest.mark.parametrize(
+    "flag", ["--capacity_factor=2.0", "--expert_variables=per_expert"]
+)
+def test_weight_gradients_what_if_needs_stacked_dropless(flag):
   result = _run_benchmark(
-      "--tokens=64",
-      "--num_experts=8",
-      "--capacity_factor=2.0",
-      "--weight_gradients=per_expert",
+      "--tokens=64", "--num_experts=8", flag, "--weight_gradients=discard"
   )
   assert result.returncode != 0
   assert (
-      "--weight_gradients=per_expert replaces TensorFlow's dropless grouped"
-      " expert gradient"
+      "--weight_gradients=discard replaces TensorFlow's dropless grouped"
+      " gradient of stacked experts"
   ) in result.stderr, result.stderr
 
 

@@ -169,8 +169,9 @@ def test_training_routing_perplexity(tmp_path):
     gate = rng.standard_normal(moe.w_gate.shape)
     # Distinct, large experts: which experts a token gets decides its output
     # (at initialization the MoE's contribution is too small to test on).
-    for kernel in (moe.expert_kernel_1, moe.expert_kernel_2):
-      kernel.assign(3.0 * rng.standard_normal(kernel.shape))
+    for name in ("expert_kernel_1", "expert_kernel_2"):
+      shape = moe.expert_weight(name).shape
+      moe.set_expert_weight(name, 3.0 * rng.standard_normal(shape))
     moe.w_noise.assign(np.zeros(moe.w_noise.shape))
     moe.w_gate.assign(1e5 * gate)
     seen = []  # the `training` argument of every routing call (traced)

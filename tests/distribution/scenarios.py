@@ -167,7 +167,11 @@ def scenario_sharded_layer():
     )
     weights = ref.random_flat_weights(rng, D, n, H, out, use_bias=use_bias)
     noise = rng.normal(size=(tokens.shape[0], n)).astype("float32")
-    single = SparseMoE(n, k, H, output_dim=out, **kwargs)
+    # The stacked layout on one device (its variables are what the
+    # sharded blocks are compared with, name by name).
+    single = SparseMoE(
+        n, k, H, output_dim=out, expert_variables="stacked", **kwargs
+    )
     sharded = SparseMoE(
         n, k, H, output_dim=out, expert_devices=mesh.expert_devices(), **kwargs
     )
@@ -222,7 +226,9 @@ def scenario_sharded_layer():
     weights = ref.random_hier_weights(rng, D, a, b, H, out)
     pnoise = rng.normal(size=(tokens.shape[0], a)).astype("float32")
     snoise = rng.normal(size=(tokens.shape[0], a, b)).astype("float32")
-    single = HierarchicalSparseMoE(a, b, H, output_dim=out, **kwargs)
+    single = HierarchicalSparseMoE(
+        a, b, H, output_dim=out, expert_variables="stacked", **kwargs
+    )
     sharded = HierarchicalSparseMoE(
         a, b, H, output_dim=out, expert_devices=hier_devices, **kwargs
     )
@@ -407,7 +413,7 @@ def scenario_sharded_options():
       make = lambda **kw: SparseMoE(
           n, k, H, output_dim=out, small_batch_limit=0, **kw
       )
-    single = make(**kwargs)
+    single = make(expert_variables="stacked", **kwargs)
     sharded = make(expert_devices=devices[:4], **kwargs)
     for layer in (single, sharded):
       layer.build(x.shape)
@@ -451,7 +457,12 @@ def tiny_model(num_experts=8, hierarchical=False, seed=0, **moe_kwargs):
   # No balancing losses by default: with balance_over="replica" (the
   # layer's default) replicas compute them on their slice of the batch, so
   # they are not the global batch's ("global" is: see global_balance).
-  moe_kwargs = dict(dict(w_importance=0.0, w_load=0.0), **moe_kwargs)
+  # Stacked experts: one device's variables are compared with the mesh's
+  # blocks by name.
+  moe_kwargs = dict(
+      dict(w_importance=0.0, w_load=0.0, expert_variables="stacked"),
+      **moe_kwargs,
+  )
   if hierarchical:
     # Noisy gates at both levels.
     moe = HierarchicalSparseMoE(num_experts // 2, 2, H, **moe_kwargs)
@@ -608,6 +619,7 @@ def tapped_model(piece_squares, capacity_factor=None):
       capacity_factor=capacity_factor,
       w_importance=0.0,
       w_load=0.0,
+      expert_variables="stacked",
   )
   hidden = keras.layers.Add()([hidden, moe(hidden)])
   return keras.Model(inputs, keras.layers.Dense(V)(hidden))
@@ -1287,10 +1299,22 @@ def _moe_only_model(hierarchical, balance_over, seed=0):
   inputs = keras.Input((T, D))
   if hierarchical:
     moe = HierarchicalSparseMoE(
-        4, 2, H, k_secondary=1, balance_over=balance_over
+        4,
+        2,
+        H,
+        k_secondary=1,
+        balance_over=balance_over,
+        expert_variables="stacked",
     )
   else:
-    moe = SparseMoE(8, 2, H, small_batch_limit=0, balance_over=balance_over)
+    moe = SparseMoE(
+        8,
+        2,
+        H,
+        small_batch_limit=0,
+        balance_over=balance_over,
+        expert_variables="stacked",
+    )
   return keras.Model(inputs, moe(inputs)), moe
 
 

@@ -583,6 +583,9 @@ def random_hier_weights(
 def assign_weights(layer, weights):
   """Assign each named numpy array to the layer attribute of the same name.
 
+  Expert weights of a per-expert layout (`expert_parts`) are assigned as
+  their stacked [n, ...] value.
+
   W_noise is skipped for a SparseMoE whose gating has no noise (the layer
   does not create it); the references do not read it for those gatings.
   """
@@ -592,7 +595,37 @@ def assign_weights(layer, weights):
         "noisy_top_k",
     ):
       continue
-    getattr(layer, name).assign(value)
+    if name in (getattr(layer, "expert_parts", None) or {}):
+      layer.set_expert_weight(name, value)
+    else:
+      getattr(layer, name).assign(value)
+
+
+def named_gradients(layer, grads):
+  """{weight name: numpy gradient} of `layer.trainable_variables`' `grads`.
+
+  Per-expert parts (`expert_parts`, "expert_kernel_1_{i}") come back
+  stacked under their weight's name, so either layout gives the same dict;
+  a None gradient is zeros.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  as_np = lambda v, g: (
+      np.zeros(v.shape) if g is None else keras.ops.convert_to_numpy(g)
+  )
+  by_var = {
+      id(v): as_np(v, g) for v, g in zip(layer.trainable_variables, grads)
+  }
+  parts = getattr(layer, "expert_parts", None) or {}
+  in_parts = {id(v) for vs in parts.values() for v in vs}
+  named = {
+      v.name: by_var[id(v)]
+      for v in layer.trainable_variables
+      if id(v) not in in_parts
+  }
+  for name, vs in parts.items():
+    named[name] = np.stack([by_var[id(v)] for v in vs])
+  return named
 
 
 def reveal_gates(layer, n, d, h):

@@ -264,7 +264,9 @@ def test_threshold_loss_cannot_dominate_a_clipped_global_norm(rng):
   n, k, n_tok, clip = 8, 2, 512, 1.0
   w = ref.random_flat_weights(rng, D, n, H, D, batchwise=True)
   w["thresholds"][:] = 0.0
-  layer = make_layer(n, k, w, w_importance=0.1, w_batchwise=1.0)
+  layer = make_layer(
+      n, k, w, w_importance=0.1, w_batchwise=1.0, expert_variables="stacked"
+  )
   x = rng.normal(size=(n_tok, D)).astype(np.float32)
   target = rng.normal(size=(n_tok, D)).astype(np.float32)
   variables = [v.value for v in layer.trainable_variables]
@@ -325,7 +327,7 @@ def test_plan_gets_only_routed_slots_same_values_and_gradients(
   monkeypatch.setattr(dispatch.RoutingPlan, "__init__", recording_init)
 
   def run(compact):
-    layer = make_layer(n, k, w, small_batch_limit=0)
+    layer = make_layer(n, k, w, small_batch_limit=0, expert_variables="stacked")
     monkeypatch.setattr(layer, "_compact_plan_slots", lambda: compact)
     xt = tf.constant(x)
     with tf.GradientTape() as tape:

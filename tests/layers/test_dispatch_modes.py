@@ -91,7 +91,14 @@ def _output_loss_grads(layer, x, noise):
     loss = sum(layer.losses)
     total = tf.reduce_sum(y * r) + loss
   grads = tape.gradient(total, [x] + variables)
-  return _np(y), float(_np(loss)), [_np(tf.convert_to_tensor(g)) for g in grads]
+  # By weight name (either expert layout: "grouped" is per-expert on
+  # TensorFlow by default, "padded" stacked), the input's first.
+  named = ref.named_gradients(layer, grads[1:])
+  return (
+      _np(y),
+      float(_np(loss)),
+      [_np(grads[0])] + [named[name] for name in sorted(named)],
+  )
 
 
 @pytest.mark.parametrize("use_bias", [False, True])

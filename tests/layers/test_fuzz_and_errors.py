@@ -25,6 +25,9 @@ def _assign(layer, weights):
   for name, value in weights.items():
     if name == "w_noise" and layer.gating != "noisy_top_k":
       continue  # only noisy top-k gating has W_noise
+    if name in (layer.expert_parts or {}):
+      layer.set_expert_weight(name, value)
+      continue
     var = getattr(layer, name)
     var.assign(ops.cast(value, var.dtype))
 

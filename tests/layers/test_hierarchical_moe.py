@@ -58,6 +58,7 @@ def test_variable_shapes():
       k_primary=2,
       k_secondary=1,
       expert_hidden_dim=H,
+      expert_variables="stacked",
   )
   layer.build((None, D))
   assert tuple(layer.w_gate.shape) == (D, 3)

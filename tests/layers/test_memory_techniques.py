@@ -123,7 +123,7 @@ def test_recompute_equals_plain_path_tf(kind, capacity_factor, use_bias, graph):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-def _op_counts(recompute, capacity_factor):
+def _op_counts(recompute, capacity_factor, expert_variables="stacked"):
   x, noise = make_inputs("flat")
   layer = make_layer(
       "flat",
@@ -131,6 +131,7 @@ def _op_counts(recompute, capacity_factor):
       False,
       recompute_expert_activations=recompute,
       dispatch_mode="grouped",
+      expert_variables=expert_variables,
   )
   layer.build(x.shape)
 
@@ -166,7 +167,7 @@ def test_graph_gradient_writes_kernel_gradients_in_place_same_values():
   assert counts.get("InplaceUpdate", 0) == 2 * 8, counts
   assert counts.get("Empty", 0) == 2, counts
   x, noise = make_inputs("flat", seed=5)
-  layer = make_layer("flat", None, False)
+  layer = make_layer("flat", None, False, expert_variables="stacked")
   layer.build(x.shape)
   set_weights(layer, seed=5)
   (y0, l0, g0), (y1, l1, g1) = [
@@ -176,6 +177,19 @@ def test_graph_gradient_writes_kernel_gradients_in_place_same_values():
   for v, a, b in zip(layer.trainable_variables, g0, g1):
     assert np.any(a != 0), v.name
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=v.name)
+
+
+def test_per_expert_graph_gradient_writes_no_stacked_kernel_gradient():
+  """expert_variables="per_expert": each expert's kernel gradient is its
+  own MatMul output: no InplaceUpdate, no buffer, no Pack of pieces."""
+  counts = _op_counts(False, None, expert_variables="per_expert")
+  assert counts.get("InplaceUpdate", 0) == 0, counts
+  assert counts.get("Empty", 0) == 0, counts
+  # The stacked layout's Packs (shapes of the routing plan) and no more.
+  stacked = _op_counts(False, None, expert_variables="stacked")
+  assert counts.get("Pack", 0) == stacked.get("Pack", 0), counts
+  # 8 experts: per expert 2 forward, 2 input-gradient, 2 weight-gradient.
+  assert counts.get("MatMul", 0) >= 6 * 8, counts
 
 
 def test_fit_with_recompute_matches_plain():

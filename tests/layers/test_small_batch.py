@@ -50,10 +50,7 @@ def _run(layer, x, training, noise, mask=None):
     if layer.losses:
       loss += tf.add_n(layer.losses)
   grads = tape.gradient(loss, layer.trainable_variables)
-  named = {
-      v.name: np.zeros(v.shape) if g is None else np.asarray(g)
-      for v, g in zip(layer.trainable_variables, grads)
-  }
+  named = ref.named_gradients(layer, grads)
   return np.asarray(y), {k: np.asarray(v) for k, v in stats.items()}, named
 
 

@@ -102,7 +102,13 @@ def rng():
 
 
 def test_variables_shapes_and_zero_gate_init():
-  layer = SparseMoE(num_experts=4, k=2, expert_hidden_dim=H, output_dim=5)
+  layer = SparseMoE(
+      num_experts=4,
+      k=2,
+      expert_hidden_dim=H,
+      output_dim=5,
+      expert_variables="stacked",
+  )
   layer.build((None, D))
   assert tuple(layer.w_gate.shape) == (D, 4)
   assert tuple(layer.w_noise.shape) == (D, 4)
@@ -111,7 +117,13 @@ def test_variables_shapes_and_zero_gate_init():
   np.testing.assert_array_equal(_np(layer.w_gate), 0.0)
   np.testing.assert_array_equal(_np(layer.w_noise), 0.0)
   assert np.any(_np(layer.expert_kernel_1) != 0)
-  biased = SparseMoE(num_experts=4, k=2, expert_hidden_dim=H, use_bias=True)
+  biased = SparseMoE(
+      num_experts=4,
+      k=2,
+      expert_hidden_dim=H,
+      use_bias=True,
+      expert_variables="stacked",
+  )
   biased.build((None, D))
   assert tuple(biased.expert_bias_1.shape) == (4, H)
   assert tuple(biased.expert_bias_2.shape) == (4, D)

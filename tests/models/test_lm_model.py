@@ -186,5 +186,5 @@ def test_moe_spec_passes_appendix_d_options():
   model = lm.build_lm(20, lm.lm_config(model_dim=8, moe=spec))
   moe = model.get_layer("moe")
   assert moe.recompute_expert_activations
-  assert moe.expert_kernel_1.dtype == "bfloat16"
+  assert moe.expert_weight("expert_kernel_1").dtype == "bfloat16"
   assert moe.w_gate.dtype == "float32"  # gating stays float32

@@ -85,6 +85,47 @@ def test_evaluate_bleu_and_decode_agree(trained):
   assert bleu.sacre_bleu(hyps, refs).score == pytest.approx(result["bleu"])
 
 
+def _moe_layers(model):
+  from moe_keras.layers import sparse_moe  # pylint: disable=g-import-not-at-top
+
+  return [
+      layer
+      for layer in model._flatten_layers()  # pylint: disable=protected-access
+      if isinstance(layer, sparse_moe.MoEBase)
+  ]
+
+
+def test_a_per_expert_run_decodes_with_stacked_experts(trained, tmp_path):
+  """A run trained with one variable per expert (its config.gin says so)
+  is rebuilt for inference with stacked experts (INFERENCE_BINDINGS); its
+  checkpoint loads and translates as the stacked run's."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  model_dir = str(tmp_path / "per_expert")
+  shutil.copytree(trained["model_dir"], model_dir)
+  with open(os.path.join(model_dir, experiment.CONFIG_FILE), "a") as f:
+    f.write("\nmoe_spec.expert_variables = 'per_expert'\n")
+  # The run's own config builds per-expert variables ...
+  gin.clear_config()
+  experiment.parse_gin([os.path.join(model_dir, experiment.CONFIG_FILE)])
+  try:
+    task, model = experiment.build_task_and_model(compile_model=False)
+    model(next(iter(task.eval_dataset()))[0], training=False)
+  finally:
+    gin.clear_config()
+  moes = _moe_layers(model)
+  assert len(moes) == 2 and all(moe.expert_parts is not None for moe in moes)
+  # ... and the inference model stacked ones, translating as before.
+  _, step, translator = experiment.load_translator(model_dir, 1, None, None)
+  assert step == STEPS
+  moes = _moe_layers(translator.model)
+  assert len(moes) == 2 and all(moe.expert_parts is None for moe in moes)
+  sources, _ = _dev(trained)
+  assert translator.translate_texts(sources[:20]) == trained[
+      "translator"
+  ].translate_texts(sources[:20])
+
+
 def test_odd_inputs(trained):
   translator = trained["translator"]
   out = translator.translate_texts(["", "   ", "One \ufffd two.", "one " * 60])

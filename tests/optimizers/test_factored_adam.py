@@ -241,11 +241,21 @@ def _moe_model(layer, d=D_IN, t=3, out=2):
 def test_slot_shapes_and_bytes(hierarchical):
   if hierarchical:
     layer = HierarchicalSparseMoE(
-        num_groups=2, experts_per_group=3, expert_hidden_dim=HID, use_bias=True
+        num_groups=2,
+        experts_per_group=3,
+        expert_hidden_dim=HID,
+        use_bias=True,
+        expert_variables="stacked",
     )
     n = 6
   else:
-    layer = SparseMoE(num_experts=N, k=2, expert_hidden_dim=HID, use_bias=True)
+    layer = SparseMoE(
+        num_experts=N,
+        k=2,
+        expert_hidden_dim=HID,
+        use_bias=True,
+        expert_variables="stacked",
+    )
     n = N
   model = _moe_model(layer)
   opt = fa.FactoredAdam()
