@@ -30,17 +30,6 @@ def _np(x):
   return np.asarray(ops.convert_to_numpy(x))
 
 
-def _assign(layer, weights):
-  """Assigns the reference's named arrays to either layout."""
-  parts = layer.expert_parts or {}
-  for name, value in weights.items():
-    if name in parts:
-      for var, piece in zip(parts[name], value):
-        var.assign(piece)
-    elif name != "w_noise" or layer.gating == "noisy_top_k":
-      getattr(layer, name).assign(value)
-
-
 def _flat(layout, use_bias=False, **kwargs):
   rng = np.random.default_rng(11)
   w = ref.random_flat_weights(rng, D, N, H, D, use_bias=use_bias)
@@ -55,27 +44,10 @@ def _flat(layout, use_bias=False, **kwargs):
       **kwargs,
   )
   layer.build((None, D))
-  _assign(layer, w)
+  ref.assign_weights(layer, w)
   x = rng.normal(size=(TOKENS, D)).astype(np.float32)
   noise = rng.normal(size=(TOKENS, N)).astype(np.float32)
   return layer, w, x, noise
-
-
-def _stacked_grads(layer, grads):
-  """{weight name: stacked numpy gradient} of either layout."""
-  by_var = {id(v): g for v, g in zip(layer.trainable_variables, grads)}
-  out = {}
-  for v in layer.trainable_variables:
-    if v.name in ("w_gate", "w_noise"):
-      out[v.name] = _np(by_var[id(v)])
-  for name in sparse_moe.EXPERT_WEIGHT_NAMES:
-    if layer.expert_parts is not None and name in layer.expert_parts:
-      out[name] = np.stack(
-          [_np(by_var[id(v)]) for v in layer.expert_parts[name]]
-      )
-    elif getattr(layer, name, None) is not None:
-      out[name] = _np(by_var[id(getattr(layer, name))])
-  return out
 
 
 def _output_loss_grads(layer, x, noise, graph):
@@ -93,7 +65,7 @@ def _output_loss_grads(layer, x, noise, graph):
   if graph:
     step = tf.function(step)
   y, loss, grads = step(tf.constant(x), tf.constant(noise))
-  return _np(y), float(_np(loss)), _stacked_grads(layer, grads)
+  return _np(y), float(_np(loss)), ref.named_gradients(layer, grads)
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
@@ -146,7 +118,7 @@ def test_per_expert_gradient_matches_finite_differences():
       task = tf.reduce_sum(y * tf.constant(r, tf.float32))
     return tape.gradient(task, layer.trainable_variables)
 
-  got = _stacked_grads(layer, grads())
+  got = ref.named_gradients(layer, grads())
   task = lambda ww: np.sum(ref.sparse_moe(x, ww, K, noise=noise)["output"] * r)
   eps = 1e-4
   for name, idx in [
@@ -176,12 +148,7 @@ def test_hierarchical_per_expert_matches_reference():
       expert_variables="per_expert",
   )
   layer.build((None, D))
-  for name, value in w.items():
-    if name in layer.expert_parts:
-      for var, piece in zip(layer.expert_parts[name], value):
-        var.assign(piece)
-    else:
-      getattr(layer, name).assign(value)
+  ref.assign_weights(layer, w)
   assert len(layer.expert_parts["expert_kernel_1"]) == a * b
   x = rng.normal(size=(30, D)).astype(np.float32)
   noise = (
@@ -369,12 +336,7 @@ noise = rng.normal(size=(40, 6)).astype(np.float32)
 layer = SparseMoE(num_experts=6, k=2, expert_hidden_dim=16,
                   expert_variables="per_expert", w_importance=0.3, w_load=0.7)
 layer.build((None, 8))
-for name, value in w.items():
-  if name in layer.expert_parts:
-    for var, piece in zip(layer.expert_parts[name], value):
-      var.assign(piece)
-  else:
-    getattr(layer, name).assign(value)
+ref.assign_weights(layer, w)
 want = ref.sparse_moe(x, w, 2, noise=noise, w_importance=0.3, w_load=0.7)
 y = layer(x, training=True, noise=noise)
 print("RESULT " + json.dumps({
