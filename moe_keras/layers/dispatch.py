@@ -354,8 +354,9 @@ def expert_ffn(
   Args:
     plan: RoutingPlan that produced `rows`.
     rows: [R, d] from `plan.dispatch`.
-    kernel_1: [n, d, h]; kernel_2: [n, h, d_out].
-    bias_1: optional [n, h]; bias_2: optional [n, d_out].
+    kernel_1: [n, d, h]; kernel_2: [n, h, d_out]. Dropless, TensorFlow:
+      also lists of n per-expert tensors (`backend_ops.grouped_ffn`).
+    bias_1: optional [n, h]; bias_2: optional [n, d_out] (lists likewise).
     recompute: recompute the [R, h] hidden activations in the backward pass
       instead of keeping them from the forward pass (appendix D); same
       values and gradients.
@@ -364,8 +365,8 @@ def expert_ffn(
     [R, d_out]; only the rows of routed assignments are computed
     (dropless), or the n*C buffer rows (capacity).
   """
-  num_experts = kernel_1.shape[0]
   if plan.capacity is not None:
+    num_experts = kernel_1.shape[0]
     capacity = plan.capacity
 
     def ffn(rows, kernel_1, kernel_2, bias_1, bias_2):

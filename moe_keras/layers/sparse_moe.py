@@ -55,6 +55,22 @@ EXPERT_WEIGHT_NAMES = (
 _EXPERT_PARTS = {}
 
 
+def _stacked_shape(entry):
+  """Stacked shape of a variable, or of a list of per-expert parts."""
+  if isinstance(entry, list):
+    return (len(entry),) + tuple(entry[0].shape)
+  return tuple(entry.shape)
+
+
+def _assign_stacked(entry, value):
+  """Assigns a stacked value to a variable or to its per-expert parts."""
+  if isinstance(entry, list):
+    for var, part in zip(entry, value):
+      var.assign(part)
+  else:
+    entry.assign(value)
+
+
 def expert_part_of(variable):
   """(parts, index) of a per-expert variable, or None.
 
@@ -541,20 +557,21 @@ class MoEBase(keras.layers.Layer):
           f"{self.name}: its experts are sharded; load their values from a"
           " checkpoint"
       )
-    current = self.expert_weight(name) if name in EXPERT_WEIGHT_NAMES else None
-    if current is None:
+    if name not in EXPERT_WEIGHT_NAMES:
+      entry = None
+    elif self._expert_parts is None:
+      entry = getattr(self, name)
+    else:
+      entry = self._expert_parts.get(name)
+    if entry is None:
       raise ValueError(f"{self.name} has no expert weight {name!r}")
     value = np.asarray(value)
-    if value.shape != tuple(current.shape):
+    if value.shape != _stacked_shape(entry):
       raise ValueError(
-          f"{self.name}: {name} has shape {tuple(current.shape)}, got"
+          f"{self.name}: {name} has shape {_stacked_shape(entry)}, got"
           f" {value.shape}"
       )
-    if self._expert_parts is None:
-      getattr(self, name).assign(value)
-    else:
-      for var, part in zip(self._expert_parts[name], value):
-        var.assign(part)
+    _assign_stacked(entry, value)
 
   def expert_weight(self, name):
     """Stacked expert weight `name` of either layout ([n, ...]) or None.
@@ -878,29 +895,24 @@ class MoEBase(keras.layers.Layer):
       return self._expert_shards.run(plan, rows)
     expert_dtype = self.expert_compute_dtype
     cast = lambda v: None if v is None else ops.cast(v, expert_dtype)
-    if (
+    # Per-expert variables go to TensorFlow's grouped FFN as lists: each
+    # expert's weight gradient stays its own tensor (see `expert_variables`).
+    as_lists = (
         self._expert_parts is not None
         and plan.capacity is None
         and backend_ops.backend_name() == "tensorflow"
-    ):
-      # Per-expert variables into the grouped FFN as lists: each expert's
-      # weight gradient stays its own tensor (see `expert_variables`).
-      parts = [
-          None
-          if name not in self._expert_parts
-          else [cast(v) for v in self._expert_parts[name]]
-          for name in EXPERT_WEIGHT_NAMES
-      ]
-      return backend_ops.grouped_ffn(
-          rows,
-          plan.group_sizes,
-          *parts,
-          recompute=self.recompute_expert_activations,
-      )
+    )
+
+    def weight(name):
+      if not as_lists:
+        return cast(self.expert_weight(name))
+      parts = self._expert_parts.get(name)
+      return None if parts is None else [cast(v) for v in parts]
+
     return dispatch.expert_ffn(
         plan,
         rows,
-        *[cast(self.expert_weight(name)) for name in EXPERT_WEIGHT_NAMES],
+        *[weight(name) for name in EXPERT_WEIGHT_NAMES],
         recompute=self.recompute_expert_activations,
     )
 
@@ -936,20 +948,12 @@ class MoEBase(keras.layers.Layer):
         )
       for i, entry in enumerate(entries):
         value = np.asarray(store[f"{i}"])
-        parts = entry if isinstance(entry, list) else [entry]
-        expected = (len(parts),) + tuple(parts[0].shape)
-        if not isinstance(entry, list):
-          expected = expected[1:]
-        if value.shape != expected:
+        if value.shape != _stacked_shape(entry):
           raise ValueError(
               f"{self.name}: checkpoint variable {i} has shape"
-              f" {value.shape}, expected {expected}"
+              f" {value.shape}, expected {_stacked_shape(entry)}"
           )
-        if isinstance(entry, list):
-          for var, part in zip(entry, value):
-            var.assign(part)
-        else:
-          entry.assign(value)
+        _assign_stacked(entry, value)
     else:
       super().load_own_variables(store)
 
