@@ -34,6 +34,16 @@ Columns:
     if everything but its experts' matmuls were free: below the target,
     the per-expert matmuls themselves (their efficiency at tok/exp rows)
     are what miss it.
+  + gate floor: dense ms / (experts alone ms + gate floor ms), the gate
+    floor being the step of a layer that runs only the flat noisy gate's
+    irreducible work: x W_g and x W_noise ([tokens, d] x [d, n], eq. 4) with
+    their weight and input gradients, the [tokens, n] noise draw and one
+    top-(k+1) (eqs. 5, 8). The ratio a flat MoE layer would reach if its
+    experts cost what they cost alone and its gating network only its
+    matmuls, noise and top-k (no Softplus, P(x, i), losses or routing). At
+    many experts the gate's O(n d) work per token is the paper's reason for
+    the hierarchical MoE (appendix B); where this column is near or below
+    the target, the flat layer cannot reach it on this machine.
   traffic bound: the best ratio the MoE step could reach on this machine if
     it cost only its expert weight traffic: dense ms / (3 x expert parameter
     bytes / the measured read bandwidth). A step reads every expert weight
@@ -155,8 +165,8 @@ _BANDWIDTH_MB = flags.DEFINE_integer(
 _EXPERTS_ALONE = flags.DEFINE_bool(
     "experts_alone",
     True,
-    "Also time the experts alone (no gating or routing) in every round, for"
-    " the experts alone column.",
+    "Also time the experts alone (no gating or routing) and the gate floor"
+    " in every round, for the experts alone and + gate floor columns.",
 )
 _PROFILE = flags.DEFINE_bool(
     "profile",
@@ -175,7 +185,7 @@ _PROFILE_OPS = flags.DEFINE_integer(
 _WORKER = flags.DEFINE_enum(
     "worker",
     None,
-    ["moe", "dense", "experts", "bandwidth"],
+    ["moe", "dense", "experts", "gate", "bandwidth"],
     "Internal: run one measurement.",
 )
 
@@ -205,6 +215,9 @@ def _measure(model, num_experts, tokens):
   )
   if model == "experts":
     layer = _make_experts_alone(num_experts=num_experts, k=k, hidden=h)
+    layer.build(x.shape)
+  elif model == "gate":
+    layer = _make_gate_floor(num_experts=num_experts, k=k)
     layer.build(x.shape)
   elif model == "moe":
     _replace_weight_gradients(_WEIGHT_GRADIENTS.value)
@@ -290,6 +303,48 @@ def _make_experts_alone(num_experts, k, hidden):
       return ops.sum(ops.reshape(y, (self.k, -1, y.shape[-1])), axis=0)
 
   return ExpertsAlone(num_experts=num_experts, k=k, hidden=hidden)
+
+
+def _make_gate_floor(num_experts, k):
+  """The gate-floor layer: the flat noisy gate's irreducible work alone."""
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from moe_keras.layers import gating  # pylint: disable=g-import-not-at-top
+
+  class GateFloor(keras.layers.Layer):
+    """x W_g and x W_noise (eq. 4), the noise draw and one top-(k+1).
+
+    Input [tokens, d] -> clean = x W_g, raw = x W_noise ([tokens, n] each)
+    -> top-(k+1) values of clean + noise * raw -> x * their row sum:
+    [tokens, d]. Forward and backward run both [tokens, d] x [d, n] matmuls
+    and their weight and input gradients, which every flat noisy top-k gate
+    pays (O(n d) per token); Softplus, P(x, i), the losses and the routing
+    are left out.
+    """
+
+    def __init__(self, num_experts, k, **kwargs):
+      super().__init__(**kwargs)
+      self.num_experts = num_experts
+      self.k = k
+      self.seed = keras.random.SeedGenerator(0)
+
+    def build(self, input_shape):
+      d = input_shape[-1]
+      self.w_gate = self.add_weight(shape=(d, self.num_experts), name="w_gate")
+      self.w_noise = self.add_weight(
+          shape=(d, self.num_experts), name="w_noise"
+      )
+
+    def call(self, x, training=None):
+      del training
+      ops = keras.ops
+      clean = ops.matmul(x, self.w_gate)
+      raw = ops.matmul(x, self.w_noise)
+      noise = gating.standard_normal(ops.shape(clean), seed=self.seed)
+      top, _ = ops.top_k(clean + noise * raw, k=self.k + 1, sorted=True)
+      return x * ops.sum(top, axis=-1, keepdims=True)
+
+  return GateFloor(num_experts=num_experts, k=k)
 
 
 def _measure_bandwidth(size_mb):
@@ -613,18 +668,22 @@ def main(argv):
   )
   print(
       "| tokens | experts | tok/exp | moe ms | dense ms | ratio (min-max)"
-      " | target | experts alone | traffic bound | GFLOP/s | moe MB | dense MB | bound MB |"
+      " | target | experts alone | + gate floor | traffic bound | GFLOP/s"
+      " | moe MB | dense MB | bound MB |"
   )
-  print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+  print(
+      "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  )
   for tokens in (int(t) for t in _TOKENS.value):
     useful_flops = 2.0 * tokens * k * (d * h + h * d) * 3.0
     for num_experts, per_expert in _rows(tokens, k):
-      dense, moe, alone = [], [], []
+      dense, moe, alone, gate = [], [], [], []
       for _ in range(_ROUNDS.value):
         dense.append(_spawn("dense", num_experts, tokens))
         moe.append(_spawn("moe", num_experts, tokens))
         if _EXPERTS_ALONE.value:
           alone.append(_spawn("experts", num_experts, tokens))
+          gate.append(_spawn("gate", num_experts, tokens))
       ratios = [a["ms"] / b["ms"] for a, b in zip(dense, moe)]
       moe_ms = statistics.median(m["ms"] for m in moe)
       dense_ms = statistics.median(m["ms"] for m in dense)
@@ -633,11 +692,12 @@ def main(argv):
       param_mb = num_experts * 2 * d * h * 4 / 2**20
       bound = 1.3 * (dense_mb + 2 * param_mb)
       target = RATIO_TARGETS.get(per_expert)
-      alone_ratio = (
-          f"{dense_ms / statistics.median(m['ms'] for m in alone):.2f}"
-          if alone
-          else ""
-      )
+      alone_ratio = floor_ratio = ""
+      if alone:
+        alone_ms = statistics.median(m["ms"] for m in alone)
+        gate_ms = statistics.median(m["ms"] for m in gate)
+        alone_ratio = f"{dense_ms / alone_ms:.2f}"
+        floor_ratio = f"{dense_ms / (alone_ms + gate_ms):.2f}"
       traffic = (
           ""
           if read_gbs is None
@@ -647,7 +707,7 @@ def main(argv):
           f"| {tokens} | {num_experts} | {per_expert} | {moe_ms:.0f} |"
           f" {dense_ms:.0f} | {min(ratios):.2f}-{max(ratios):.2f} |"
           f" {'' if target is None else f'>= {target}'} | {alone_ratio} |"
-          f" {traffic} |"
+          f" {floor_ratio} | {traffic} |"
           f" {useful_flops / moe_ms / 1e6:.1f} | {moe_mb:.0f} |"
           f" {dense_mb:.0f} | {bound:.0f} |",
           flush=True,

@@ -10,7 +10,14 @@ functions here exist because Keras's portable op is missing or weaker:
     (dropless dispatch), where `keras.ops` only has fixed-shape einsum.
   * `remat`: recomputation in the backward pass (appendix D) without the
     weight copies of `tf.recompute_grad`.
+  * `standard_normal`: eq. (4)'s noise; `keras.random.normal` is 2x slower
+    on TensorFlow's CPU kernels than a Box-Muller transform of uniforms.
+  * `noisy_top_k_load_tf`: the training gate and Load(X) (eqs. 3-5, 8-10)
+    with a hand-written gradient, fewer passes over the [N, n] logits than
+    autodiff of the per-equation `keras.ops` composition.
 """
+
+import math
 
 import keras
 from keras import ops
@@ -701,3 +708,176 @@ def _grouped_ffn_jax(rows, group_sizes, kernel_1, kernel_2, bias_1, bias_2):
   if bias_2 is not None:
     out = out + bias_2[row_group]
   return jnp.where(in_group[:, None], out, 0)
+
+
+def standard_normal(shape, seed):
+  """Independent N(0, 1) float32 draws of `shape` (eq. 4's noise).
+
+  TensorFlow: the Box-Muller transform of `keras.random.uniform` draws,
+  z = sqrt(-2 log(1 - u1)) * (cos, sin)(2 pi u2), u1, u2 ~ U[0, 1). TF's own
+  StatelessRandomNormal takes 2x as long on a 2-core CPU (49 against 27 ms
+  for [8192, 1024], BUILD.md issue 15) and a fifth of the noisy gate's
+  cost at 1024 experts. Same distribution, a different stream from
+  `keras.random.normal` for the same seed. Other backends:
+  `keras.random.normal`.
+
+  Args:
+    shape: tuple of python ints or int32 scalar tensors.
+    seed: a `keras.random.SeedGenerator` (or anything `keras.random` takes).
+
+  Returns:
+    float32 tensor of `shape`.
+  """
+  if backend_name() != "tensorflow":
+    return keras.random.normal(shape, dtype="float32", seed=seed)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  if isinstance(shape, (tuple, list)) and all(
+      isinstance(dim, int) for dim in shape
+  ):
+    size = math.prod(shape)
+  else:
+    size = tf.reduce_prod(tf.cast(tf.convert_to_tensor(shape), "int32"))
+  half = (size + 1) // 2
+  u = keras.random.uniform((2, half), dtype="float32", seed=seed)
+  radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))  # 1 - u1 in (0, 1]
+  angle = (2.0 * math.pi) * u[1]
+  z = tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)
+  return tf.reshape(z[:size], shape)
+
+
+def noisy_top_k_load_tf(
+    clean, raw, noise, k, noise_epsilon, noise_scale, valid
+):
+  """TensorFlow noisy top-k gate with Load(X), hand-written gradient.
+
+  The values and gradients of `gating.noisy_top_k_load`'s composition
+  (eqs. 3-5, 8-10) in fewer passes over the [N, n] logits:
+    * kth_excluding (eq. 8) is t_k for every expert outside the top k, so
+      the threshold is subtracted as that one column, and only the N x k
+      top entries are rewritten (a scatter) where it is t_{k+1};
+    * Phi's argument and scale are kept for the backward pass, which forms
+      dLoad/d(x W_g) and dLoad/d(x W_noise) directly (no per-op chain
+      through Phi, the division and the broadcast of dLoad);
+    * the top-(k+1) values' gradients are scatter-added into those two.
+  At 1024 experts the gate's elementwise work is a third of the flat
+  MoE's cost beyond its experts (BUILD.md issue 15).
+
+  Args:
+    clean: float32 [N, n], x . W_g.
+    raw: float32 [N, n], x . W_noise.
+    noise: float32 [N, n] standard-normal draws (no gradient).
+    k: python int, 1 <= k < n.
+    noise_epsilon: python float added to the Softplus.
+    noise_scale: python float multiplying the noise's standard deviation.
+    valid: optional float32 [N] (1 valid, 0 padding): padding rows add
+      nothing to Load.
+
+  Returns:
+    (gates float32 [N, k], indices int32 [N, k], load float32 [n]).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  num_experts = clean.shape[-1]
+
+  def flat_positions(indices):
+    """[N, m] expert ids -> [N * m, 1] positions in the flattened [N * n]."""
+    rows = tf.range(tf.shape(indices)[0])[:, None] * num_experts
+    return tf.reshape(indices + rows, [-1, 1])
+
+  def at(matrix, positions):
+    """matrix[row, indices[row, j]] as [N * m] for flat_positions."""
+    return tf.gather(tf.reshape(matrix, [-1]), positions[:, 0])
+
+  def scatter(matrix, positions, values, add):
+    fn = tf.tensor_scatter_nd_add if add else tf.tensor_scatter_nd_update
+    flat = fn(tf.reshape(matrix, [-1]), positions, tf.reshape(values, [-1]))
+    return tf.reshape(flat, tf.shape(matrix))
+
+  @tf.custom_gradient
+  def gate(clean, raw):
+    softplus = tf.nn.softplus(raw)
+    stddev = softplus + noise_epsilon  # eq. (4)
+    if noise_scale != 1.0:
+      stddev = stddev * noise_scale
+    noisy = clean + noise * stddev
+    top_values, top_indices = tf.math.top_k(noisy, k=k + 1, sorted=True)
+    kept = top_values[:, :k]
+    gates = tf.ones_like(kept) if k == 1 else tf.nn.softmax(kept)  # eq. (3)
+    # kth_excluding, eq. (8): where H(x)_i > t_{k+1} (only among the top k)
+    # t_{k+1}, elsewhere t_k.
+    t_in, t_out = top_values[:, k : k + 1], top_values[:, k - 1 : k]
+    is_in = kept > t_in  # [N, k]
+    kept_positions = flat_positions(top_indices[:, :k])
+    # P = Phi((clean - threshold) / stddev) = (1 + erf(u)) / 2, eq. (9), with
+    # u = (clean - threshold) * scale_u and scale_u = 1 / (sqrt(2) stddev).
+    scale_u = (1.0 / math.sqrt(2.0)) / stddev
+    difference = scatter(
+        clean - t_out,
+        kept_positions,
+        at(clean, kept_positions)
+        - tf.reshape(tf.where(is_in, t_in, t_out), [-1]),
+        add=False,
+    )
+    u = difference * scale_u
+    erf_u = tf.math.erf(u)
+    if valid is None:
+      count = tf.cast(tf.shape(clean)[0], "float32")
+      erf_sum = tf.reduce_sum(erf_u, axis=0)
+    else:
+      count = tf.reduce_sum(valid)
+      erf_sum = tf.linalg.matvec(erf_u, valid, transpose_a=True)
+    load = 0.5 * count + 0.5 * erf_sum  # eq. (10)
+
+    def grad(d_gates, unused_d_indices, d_load):
+      # dP/dclean = exp(-u^2) scale_u / sqrt(pi) = -dP/dthreshold;
+      # dP/dstddev = -sqrt(2) u dP/dclean.
+      if d_load is None:
+        d_clean_p = tf.zeros_like(clean)
+      else:
+        row = d_load[None, :] * (1.0 / math.sqrt(math.pi))
+        d_clean_p = tf.exp(-tf.square(u)) * (scale_u * row)
+        if valid is not None:
+          d_clean_p = d_clean_p * valid[:, None]
+      d_threshold_in = -tf.reduce_sum(
+          tf.where(
+              is_in,
+              tf.reshape(at(d_clean_p, kept_positions), [-1, k]),
+              0.0,
+          ),
+          axis=1,
+          keepdims=True,
+      )
+      d_threshold_out = (
+          -tf.reduce_sum(d_clean_p, axis=1, keepdims=True) - d_threshold_in
+      )
+      if d_gates is None or k == 1:
+        d_kept = tf.zeros_like(kept)
+      else:
+        d_kept = gates * (
+            d_gates - tf.reduce_sum(gates * d_gates, axis=1, keepdims=True)
+        )
+      d_top = tf.concat(
+          [
+              d_kept[:, : k - 1],
+              d_kept[:, k - 1 :] + d_threshold_out,
+              d_threshold_in,
+          ],
+          axis=1,
+      )  # [N, k + 1], the gradient of H(x) at its top k + 1 entries
+      top_positions = flat_positions(top_indices)
+      d_stddev = scatter(
+          (u * -math.sqrt(2.0)) * d_clean_p,
+          top_positions,
+          tf.reshape(d_top, [-1]) * at(noise, top_positions),
+          add=True,
+      )
+      d_clean = scatter(d_clean_p, top_positions, d_top, add=True)
+      if noise_scale != 1.0:
+        d_stddev = d_stddev * noise_scale
+      # Softplus' derivative sigmoid(raw) = exp(raw - softplus(raw)).
+      return d_clean, d_stddev * tf.exp(raw - softplus)
+
+    return (gates, top_indices[:, :k], load), grad
+
+  return gate(clean, raw)

@@ -15,6 +15,7 @@ number of experts.
   eqs.(7,11) CV(.)^2 losses ................... `cv_squared`
   eq. (8)   kth_excluding ..................... `kth_excluding`
   eqs.(4,5,8) one top-(k+1) for all three ...... `noisy_top_k`
+  eqs.(3-5,8-10) gates and Load(X) ............ `noisy_top_k_load`
   eq. (9)   P(x, i) ........................... `load_probabilities`
   eq. (10)  Load(X) ........................... `load`
   eq. (14)  Load_H(X) (appendix B) ............ `hierarchical_load`
@@ -26,7 +27,6 @@ number of experts.
 
 import math
 
-import keras
 from keras import ops
 
 from moe_keras.layers import backend_ops
@@ -522,6 +522,56 @@ def noisy_top_k(
   return gates, indices, probs
 
 
+def noisy_top_k_load(
+    clean_logits,
+    raw_noise_stddev,
+    noise,
+    k,
+    noise_epsilon,
+    noise_scale=1.0,
+    valid=None,
+):
+  """Noisy top-k gates and Load(X), eqs. (3)-(5) and (8)-(10).
+
+  `noisy_top_k` followed by `load` of its P(x, i) over the valid rows: what a
+  layer's training step needs (P itself is only ever summed). On
+  TensorFlow this is `backend_ops.noisy_top_k_load_tf`, the same values and
+  gradients with a hand-written backward pass (tested against this
+  composition and the numpy reference).
+
+  Args:
+    clean_logits: float32 [N, n], x . W_g.
+    raw_noise_stddev: float32 [N, n], x . W_noise.
+    noise: float32 [N, n] standard-normal draws.
+    k: python int, 1 <= k <= n.
+    noise_epsilon: python float added to the Softplus.
+    noise_scale: python float multiplying the noise's standard deviation.
+    valid: optional float32 [N] (1 for a token, 0 for padding).
+
+  Returns:
+    (gates float32 [N, k], indices int32 [N, k], load float32 [n]).
+  """
+  if backend_ops.backend_name() == "tensorflow" and k < clean_logits.shape[-1]:
+    return backend_ops.noisy_top_k_load_tf(
+        clean_logits,
+        raw_noise_stddev,
+        noise,
+        k,
+        noise_epsilon,
+        noise_scale,
+        valid,
+    )
+  gates, indices, probs = noisy_top_k(
+      clean_logits, raw_noise_stddev, noise, k, noise_epsilon, noise_scale
+  )
+  if valid is not None:
+    probs = probs * valid[:, None]
+  return gates, indices, load(probs)
+
+
 def standard_normal(shape, seed):
-  """Independent N(0, 1) draws for eq. (4), float32 of `shape`."""
-  return keras.random.normal(shape, dtype="float32", seed=seed)
+  """Independent N(0, 1) draws for eq. (4), float32 of `shape`.
+
+  See `backend_ops.standard_normal` (Box-Muller on TensorFlow).
+  """
+  return backend_ops.standard_normal(shape, seed=seed)

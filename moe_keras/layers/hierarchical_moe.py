@@ -152,17 +152,15 @@ class HierarchicalSparseMoE(sparse_moe.MoEBase):
     if training:
       # x . W_noise as its own matmul, as in SparseMoE (slicing one
       # [W_g | W_noise] product pads both halves in the backward pass).
-      gates_p, groups, probs_p = gating_lib.noisy_top_k(
+      gates_p, groups, load_primary = gating_lib.noisy_top_k_load(
           clean_p,
           ops.matmul(x, self.w_noise),
           self._noise(ops.shape(clean_p), primary_noise),
           kp,
           self.noise_epsilon,
           self.noise_scale,
-      )  # eqs. (3)-(5), (8)-(9)
-      if valid_f is not None:
-        probs_p = probs_p * valid_f[:, None]
-      load_primary = gating_lib.load(probs_p)  # [a], eq. (10)
+          valid=valid_f,
+      )  # [a], eqs. (3)-(5), (8)-(10)
     else:
       gates_p, groups = gating_lib.top_k_gates(clean_p, kp)  # [N, kp]
     if valid is not None:

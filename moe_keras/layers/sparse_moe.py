@@ -1199,17 +1199,15 @@ class SparseMoE(MoEBase):
         # x . W_noise as its own matmul: one matmul on [W_g | W_noise] split
         # in two costs more in the backward pass (the gradient of the slices
         # pads each half back to [N, 2n]; measured).
-        gates, indices, probs = gating_lib.noisy_top_k(
+        gates, indices, smooth_load = gating_lib.noisy_top_k_load(
             clean,
             ops.matmul(x, self.w_noise),
             self._noise(ops.shape(clean), noise),
             self.k,
             self.noise_epsilon,
             self.noise_scale,
-        )  # eqs. (3)-(5), (8)-(9)
-        if valid_f is not None:
-          probs = probs * valid_f
-        smooth_load = gating_lib.load(probs)  # eq. (10)
+            valid=None if valid_f is None else valid_f[:, 0],
+        )  # eqs. (3)-(5), (8)-(10)
       else:
         # Plain top_k in training: a fresh layer's logits all tie (W_g = 0).
         gates, indices = gating_lib.top_k_gates(

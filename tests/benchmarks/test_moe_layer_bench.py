@@ -44,6 +44,31 @@ def test_experts_alone_layer_equals_numpy():
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_gate_floor_layer_equals_numpy():
+  import keras  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((6, 5)).astype(np.float32)
+  layer = moe_layer._make_gate_floor(num_experts=7, k=2)
+  layer.build(x.shape)
+  w_gate = rng.standard_normal((5, 7)).astype(np.float32)
+  layer.w_gate.assign(w_gate)
+  layer.w_noise.assign(np.zeros((5, 7), np.float32))  # noise * 0: no noise
+  y = keras.ops.convert_to_numpy(layer(x))
+  top = -np.sort(-(x.astype(np.float64) @ w_gate), axis=-1)[:, :3]
+  np.testing.assert_allclose(
+      y, x * top.sum(axis=-1, keepdims=True), rtol=1e-5, atol=1e-5
+  )
+  # With noise the matmul x W_noise is on the gradient path.
+  layer.w_noise.assign(rng.standard_normal((5, 7)).astype(np.float32))
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(layer(tf.constant(x)))
+  grads = tape.gradient(loss, layer.trainable_variables)
+  assert len(grads) == 2 and all(np.any(g.numpy() != 0) for g in grads)
+
+
 def _run_benchmark(*flags):
   return bench_testlib.run_benchmark("moe_layer.py", *flags)
 
@@ -68,11 +93,14 @@ def test_table_row_has_every_column():
   row = re.search(r"^\| 64 \| 8 \| 32 \|(.*)\|$", result.stdout, flags=re.M)
   assert row, result.stdout
   cells = [c.strip() for c in row.group(1).split("|")]
-  # moe ms, dense ms, ratio, target, experts alone, traffic bound, GFLOP/s,
-  # moe MB, dense MB, bound MB.
-  assert len(cells) == 10, cells
+  # moe ms, dense ms, ratio, target, experts alone, + gate floor, traffic
+  # bound, GFLOP/s, moe MB, dense MB, bound MB.
+  assert len(cells) == 11, cells
   assert cells[3] == ">= 0.45"
-  assert float(cells[4]) > 0.0 and float(cells[5]) > 0.0
+  alone, floor, traffic = (float(c) for c in cells[4:7])
+  assert alone > 0.0 and traffic > 0.0
+  assert 0.0 < floor < alone  # the gate floor adds a step to the experts'
+  assert "| + gate floor |" in result.stdout
 
 
 @pytest.mark.parametrize(
