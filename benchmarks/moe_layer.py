@@ -69,6 +69,8 @@ Usage:
   python benchmarks/moe_layer.py --dispatch_mode=padded    # one batched matmul
   python benchmarks/moe_layer.py --expert_variables=stacked  # one [n, d, h]
       # variable per weight (the layer's default here: one per expert)
+  python benchmarks/moe_layer.py --tokens=8192 --tokens_per_expert=32 \
+      --hierarchical_groups=32  # appendix B: 32 groups of 32 experts
   python benchmarks/moe_layer.py --expert_variables=stacked \
       --weight_gradients=discard  # what-if: no weight gradient kept
   KERAS_BACKEND=jax python benchmarks/moe_layer.py --capacity_factor=1.25
@@ -141,6 +143,15 @@ _EXPERT_VARIABLES = flags.DEFINE_enum(
     " are), else stacked. stacked: one [n, ...] variable per expert weight,"
     " whose gradient the step writes piece by piece. per_expert: one"
     " variable per expert, each expert's weight gradient its own tensor.",
+)
+_HIERARCHICAL_GROUPS = flags.DEFINE_integer(
+    "hierarchical_groups",
+    0,
+    "0: the flat SparseMoE. a > 0: HierarchicalSparseMoE (appendix B) of a"
+    " groups of n / a experts, k_primary = 2 and k_secondary = k / 2 (k"
+    " experts per token, as the flat layer), same experts and dense"
+    " baseline.",
+    lower_bound=0,
 )
 _WEIGHT_GRADIENTS = flags.DEFINE_enum(
     "weight_gradients",
@@ -219,18 +230,25 @@ def _measure(model, num_experts, tokens):
   elif model == "gate":
     layer = _make_gate_floor(num_experts=num_experts, k=k)
     layer.build(x.shape)
+  elif model == "moe" and _HIERARCHICAL_GROUPS.value:
+    from moe_keras.layers import HierarchicalSparseMoE  # pylint: disable=g-import-not-at-top
+
+    groups = _HIERARCHICAL_GROUPS.value
+    layer = HierarchicalSparseMoE(
+        num_groups=groups,
+        experts_per_group=num_experts // groups,
+        k_primary=2,
+        k_secondary=k // 2,
+        **_moe_kwargs(),
+    )
+    layer.build(x.shape)
+    layer.w_gate.assign(0.01 * rng.standard_normal((d, groups)))
+    layer.w_gate_secondary.assign(
+        0.01 * rng.standard_normal((groups, d, num_experts // groups))
+    )
   elif model == "moe":
     _replace_weight_gradients(_WEIGHT_GRADIENTS.value)
-    layer = SparseMoE(
-        num_experts=num_experts,
-        k=k,
-        expert_hidden_dim=h,
-        capacity_factor=_CAPACITY_FACTOR.value,
-        dispatch_mode=_DISPATCH_MODE.value,
-        expert_variables=_EXPERT_VARIABLES.value,
-        track_metrics=False,
-        seed=0,
-    )
+    layer = SparseMoE(num_experts=num_experts, k=k, **_moe_kwargs())
     layer.build(x.shape)
     # Non-degenerate routing: small random gate weights (zero-initialized
     # gates route every token by noise alone, which is also fine).
@@ -259,6 +277,18 @@ def _measure(model, num_experts, tokens):
     ops = op_profile.op_times(lambda: step(x), _REPEATS.value)
     result["ops"] = {name: [t.ms, t.count] for name, t in ops.items()}
   return result
+
+
+def _moe_kwargs():
+  """The flags' keyword arguments shared by the flat and hierarchical MoE."""
+  return dict(
+      expert_hidden_dim=_HIDDEN.value,
+      capacity_factor=_CAPACITY_FACTOR.value,
+      dispatch_mode=_DISPATCH_MODE.value,
+      expert_variables=_EXPERT_VARIABLES.value,
+      track_metrics=False,
+      seed=0,
+  )
 
 
 def _make_experts_alone(num_experts, k, hidden):
@@ -490,6 +520,7 @@ def _spawn(model, num_experts, tokens):
       f"--dispatch_mode={_DISPATCH_MODE.value}",
       f"--weight_gradients={_WEIGHT_GRADIENTS.value}",
       f"--expert_variables={_EXPERT_VARIABLES.value}",
+      f"--hierarchical_groups={_HIERARCHICAL_GROUPS.value}",
       f"--profile={_PROFILE.value}",
   ]
   if _CAPACITY_FACTOR.value is not None:
@@ -616,6 +647,25 @@ def main(argv):
               f" the {num_experts} experts (equal shares); pass"
               " --noexperts_alone"
           )
+  groups = _HIERARCHICAL_GROUPS.value
+  if groups:
+    if k % 2:
+      raise app.UsageError(
+          f"--hierarchical_groups needs an even --k (k_primary = 2,"
+          f" k_secondary = k / 2); got --k={k}"
+      )
+    for tokens in (int(t) for t in _TOKENS.value):
+      for num_experts, _ in _rows(tokens, k):
+        if num_experts % groups or num_experts // groups < k // 2:
+          raise app.UsageError(
+              f"--hierarchical_groups={groups} must divide the {num_experts}"
+              f" experts into groups of at least k / 2 = {k // 2}"
+          )
+    if _WEIGHT_GRADIENTS.value != "stacked":
+      raise app.UsageError(
+          "--weight_gradients applies to the flat layer; drop it with"
+          " --hierarchical_groups"
+      )
   if _WEIGHT_GRADIENTS.value != "stacked" and (
       keras.backend.backend() != "tensorflow"
       or _CAPACITY_FACTOR.value is not None
@@ -649,7 +699,13 @@ def main(argv):
   if _BANDWIDTH_MB.value > 0:
     read_gbs = _spawn("bandwidth", 1, 1)["read_gbs"]
   print(
-      f"SparseMoE training step (fwd+bwd), backend={keras.backend.backend()},"
+      (
+          f"HierarchicalSparseMoE ({groups} groups, k_primary=2,"
+          f" k_secondary={k // 2})"
+          if groups
+          else "SparseMoE"
+      )
+      + f" training step (fwd+bwd), backend={keras.backend.backend()},"
       f" dtype={_DTYPE.value}, d={d}, h={h}, k={k},"
       f" capacity_factor={_CAPACITY_FACTOR.value},"
       f" dispatch_mode={_DISPATCH_MODE.value},"
@@ -683,7 +739,8 @@ def main(argv):
         moe.append(_spawn("moe", num_experts, tokens))
         if _EXPERTS_ALONE.value:
           alone.append(_spawn("experts", num_experts, tokens))
-          gate.append(_spawn("gate", num_experts, tokens))
+          if not groups:
+            gate.append(_spawn("gate", num_experts, tokens))
       ratios = [a["ms"] / b["ms"] for a, b in zip(dense, moe)]
       moe_ms = statistics.median(m["ms"] for m in moe)
       dense_ms = statistics.median(m["ms"] for m in dense)
@@ -695,8 +752,9 @@ def main(argv):
       alone_ratio = floor_ratio = ""
       if alone:
         alone_ms = statistics.median(m["ms"] for m in alone)
-        gate_ms = statistics.median(m["ms"] for m in gate)
         alone_ratio = f"{dense_ms / alone_ms:.2f}"
+      if gate:  # the flat gate's floor (none for --hierarchical_groups)
+        gate_ms = statistics.median(m["ms"] for m in gate)
         floor_ratio = f"{dense_ms / (alone_ms + gate_ms):.2f}"
       traffic = (
           ""

@@ -134,6 +134,42 @@ def test_weight_gradients_what_if_needs_stacked_dropless(flag):
   ) in result.stderr, result.stderr
 
 
+def test_hierarchical_layer_runs_without_the_flat_gate_floor():
+  result = _run_benchmark(
+      *TINY_ROW, "--bandwidth_mb=0", "--hierarchical_groups=2"
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith(
+      "HierarchicalSparseMoE (2 groups, k_primary=2, k_secondary=2)"
+  ), result.stdout
+  row = re.search(r"^\| 64 \| 8 \| 32 \|(.*)\|$", result.stdout, flags=re.M)
+  assert row, result.stdout
+  cells = [c.strip() for c in row.group(1).split("|")]
+  assert len(cells) == 11, cells
+  assert float(cells[2].split("-")[0]) > 0.0 and float(cells[4]) > 0.0
+  assert cells[5] == ""  # the gate floor is the flat gate's
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (
+            ("--hierarchical_groups=3",),
+            "--hierarchical_groups=3 must divide the 8 experts into groups of"
+            " at least k / 2 = 2",
+        ),
+        (
+            ("--hierarchical_groups=2", "--k=3", "--noexperts_alone"),
+            "--hierarchical_groups needs an even --k",
+        ),
+    ],
+)
+def test_hierarchical_groups_errors_are_one_line(flags, message):
+  result = _run_benchmark("--tokens=64", "--num_experts=8", *flags)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr
+
+
 def test_unequal_expert_shares_are_a_one_line_error():
   result = _run_benchmark("--tokens=64", "--num_experts=7")
   assert result.returncode != 0
