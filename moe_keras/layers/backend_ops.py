@@ -715,14 +715,15 @@ def standard_normal(shape, seed):
 
   TensorFlow: the Box-Muller transform of `keras.random.uniform` draws,
   z = sqrt(-2 log(1 - u1)) * (cos, sin)(2 pi u2), u1, u2 ~ U[0, 1). TF's own
-  StatelessRandomNormal takes 2x as long on a 2-core CPU (49 against 27 ms
-  for [8192, 1024], BUILD.md issue 15) and a fifth of the noisy gate's
-  cost at 1024 experts. Same distribution, a different stream from
+  StatelessRandomNormal took 2x as long on a 2-core CPU (49 against 27 ms
+  for [8192, 1024]), a fifth of the noisy gate's cost at 1024 experts
+  (BUILD.md issue 15). Same distribution, a different stream from
   `keras.random.normal` for the same seed. Other backends:
   `keras.random.normal`.
 
   Args:
-    shape: tuple of python ints or int32 scalar tensors.
+    shape: tuple of python ints or int32 scalar tensors, or a 1-D int shape
+      tensor.
     seed: a `keras.random.SeedGenerator` (or anything `keras.random` takes).
 
   Returns:
