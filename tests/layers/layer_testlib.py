@@ -1,4 +1,4 @@
-"""Shared helper of the layer tests: a Python script in a fresh process.
+"""Shared helpers of the layer tests: scripts in a fresh process, fixtures.
 
 Backend choice (`KERAS_BACKEND`) happens once per process, so the tests of
 the JAX backend (and of process-wide TensorFlow settings) run their checks as
@@ -173,4 +173,94 @@ def check_dropless_step(module, first, second):
   )
   assert proc.returncode == 0 and "DROPLESS_STEP_OK" in proc.stdout, (
       proc.stdout + proc.stderr[-4000:]
+  )
+
+
+def flat_layer(rng, *, dim, hidden, num_experts, k, tokens, **layer_kwargs):
+  """A built SparseMoE holding the numpy reference's random weights.
+
+  Balancing weights w_importance 0.3 and w_load 0.7, so that both losses
+  count. Draws from `rng` in this order: the weights
+  (`numpy_reference.random_flat_weights`), the inputs, the noise.
+
+  Args:
+    rng: numpy Generator.
+    dim: d (input and output).
+    hidden: h.
+    num_experts: n.
+    k: experts per token.
+    tokens: N.
+    **layer_kwargs: further SparseMoE arguments (use_bias, dispatch_mode,
+      expert_variables, ...).
+
+  Returns:
+    (layer, weights dict, x float32 [N, d], noise float32 [N, n]).
+  """
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+  import numpy_reference as ref  # pylint: disable=g-import-not-at-top
+
+  use_bias = layer_kwargs.get("use_bias", False)
+  w = ref.random_flat_weights(
+      rng, dim, num_experts, hidden, dim, use_bias=use_bias
+  )
+  layer = SparseMoE(
+      num_experts=num_experts,
+      k=k,
+      expert_hidden_dim=hidden,
+      w_importance=0.3,
+      w_load=0.7,
+      **layer_kwargs,
+  )
+  layer.build((None, dim))
+  ref.assign_weights(layer, w)
+  x = rng.normal(size=(tokens, dim)).astype("float32")
+  noise = rng.normal(size=(tokens, num_experts)).astype("float32")
+  return layer, w, x, noise
+
+
+def output_loss_grads(layer, x, noise, graph=False):
+  """One training call of `layer` (TensorFlow) and its gradients.
+
+  The objective is sum(y * r) + the layer's losses, r a fixed ramp
+  (linspace(-1, 1)) of x's shape (the layer's output dimension must be its
+  input's), so that every output element counts differently.
+
+  Args:
+    layer: a built MoE layer.
+    x: float32 [N, d] numpy array.
+    noise: the layer's `noise` argument.
+    graph: run the step under tf.function instead of eagerly.
+
+  Returns:
+    (y [N, d_out], summed losses (float), {weight name: gradient} as
+    `numpy_reference.named_gradients` gives them under either expert
+    layout, the input's gradient [N, d]), numpy.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  import numpy_reference as ref  # pylint: disable=g-import-not-at-top
+
+  r = tf.constant(
+      np.linspace(-1.0, 1.0, x.shape[0] * x.shape[1]).reshape(x.shape),
+      tf.float32,
+  )
+  variables = [v.value for v in layer.trainable_variables]
+
+  def step(x, noise):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x, training=True, noise=noise)
+      loss = tf.add_n(layer.losses)
+      total = tf.reduce_sum(y * r) + loss
+    return y, loss, tape.gradient(total, [x] + variables)
+
+  if graph:
+    step = tf.function(step)
+  y, loss, grads = step(tf.constant(x), noise)
+  return (
+      y.numpy(),
+      float(loss.numpy()),
+      ref.named_gradients(layer, grads[1:]),
+      grads[0].numpy(),
   )

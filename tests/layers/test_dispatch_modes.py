@@ -7,12 +7,12 @@ Tolerances as in test_sparse_moe.py (float32 vs float64 reference); padded
 vs grouped gradients: the same float32 sums in another order, 1e-5.
 """
 
-import keras
 from keras import ops
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import layer_testlib
 from moe_keras.layers import dispatch
 from moe_keras.layers import HierarchicalSparseMoE
 from moe_keras.layers import SparseMoE
@@ -34,23 +34,18 @@ def rng():
 
 
 def _flat(rng, mode, use_bias, recompute=False):
-  n, k, n_tok = 6, 2, 40
-  w = ref.random_flat_weights(rng, D, n, H, D, use_bias=use_bias)
-  layer = SparseMoE(
-      num_experts=n,
-      k=k,
-      expert_hidden_dim=H,
+  layer, w, x, noise = layer_testlib.flat_layer(
+      rng,
+      dim=D,
+      hidden=H,
+      num_experts=6,
+      k=2,
+      tokens=40,
       use_bias=use_bias,
       dispatch_mode=mode,
       recompute_expert_activations=recompute,
-      w_importance=0.3,
-      w_load=0.7,
   )
-  layer.build((None, D))
-  ref.assign_weights(layer, w)
-  x = rng.normal(size=(n_tok, D)).astype(np.float32)
-  noise = rng.normal(size=(n_tok, n)).astype(np.float32)
-  want = ref.sparse_moe(x, w, k, noise=noise, w_importance=0.3, w_load=0.7)
+  want = ref.sparse_moe(x, w, 2, noise=noise, w_importance=0.3, w_load=0.7)
   return layer, x, noise, want
 
 
@@ -80,25 +75,10 @@ def _hier(rng, mode):
 
 def _output_loss_grads(layer, x, noise):
   """Output, summed losses and gradients of sum(y * r) + losses."""
-  x = tf.constant(x)
-  r = tf.constant(
-      np.linspace(-1.0, 1.0, x.shape[0] * D).reshape(-1, D), tf.float32
-  )
-  variables = [v.value for v in layer.trainable_variables]
-  with tf.GradientTape() as tape:
-    tape.watch(x)
-    y = layer(x, training=True, noise=noise)
-    loss = sum(layer.losses)
-    total = tf.reduce_sum(y * r) + loss
-  grads = tape.gradient(total, [x] + variables)
+  y, loss, named, d_x = layer_testlib.output_loss_grads(layer, x, noise)
   # By weight name (either expert layout: "grouped" is per-expert on
   # TensorFlow by default, "padded" stacked), the input's first.
-  named = ref.named_gradients(layer, grads[1:])
-  return (
-      _np(y),
-      float(_np(loss)),
-      [_np(grads[0])] + [named[name] for name in sorted(named)],
-  )
+  return y, loss, [d_x] + [named[name] for name in sorted(named)]
 
 
 @pytest.mark.parametrize("use_bias", [False, True])

@@ -30,42 +30,21 @@ def _np(x):
   return np.asarray(ops.convert_to_numpy(x))
 
 
-def _flat(layout, use_bias=False, **kwargs):
-  rng = np.random.default_rng(11)
-  w = ref.random_flat_weights(rng, D, N, H, D, use_bias=use_bias)
-  layer = SparseMoE(
+def _flat(layout, **kwargs):
+  return layer_testlib.flat_layer(
+      np.random.default_rng(11),
+      dim=D,
+      hidden=H,
       num_experts=N,
       k=K,
-      expert_hidden_dim=H,
-      use_bias=use_bias,
+      tokens=TOKENS,
       expert_variables=layout,
-      w_importance=0.3,
-      w_load=0.7,
       **kwargs,
   )
-  layer.build((None, D))
-  ref.assign_weights(layer, w)
-  x = rng.normal(size=(TOKENS, D)).astype(np.float32)
-  noise = rng.normal(size=(TOKENS, N)).astype(np.float32)
-  return layer, w, x, noise
 
 
 def _output_loss_grads(layer, x, noise, graph):
-  r = tf.constant(
-      np.linspace(-1.0, 1.0, x.shape[0] * D).reshape(-1, D), tf.float32
-  )
-
-  def step(x, noise):
-    with tf.GradientTape() as tape:
-      y = layer(x, training=True, noise=noise)
-      loss = tf.add_n(layer.losses)
-      total = tf.reduce_sum(y * r) + loss
-    return y, loss, tape.gradient(total, layer.trainable_variables)
-
-  if graph:
-    step = tf.function(step)
-  y, loss, grads = step(tf.constant(x), tf.constant(noise))
-  return _np(y), float(_np(loss)), ref.named_gradients(layer, grads)
+  return layer_testlib.output_loss_grads(layer, x, noise, graph=graph)[:3]
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
