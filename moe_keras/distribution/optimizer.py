@@ -23,10 +23,10 @@ expert layout. Experiments on TensorFlow compile every optimizer with it
 import warnings
 
 import keras
-import numpy as np
 
 from moe_keras.distribution import sharded_experts
 from moe_keras.layers import sparse_moe
+from moe_keras.layers import variable_groups
 
 _CLASS_CACHE = {}
 
@@ -75,7 +75,7 @@ class ColocateSlotsMixin:
       self._moe_slots = _SlotIndex()
     return self._moe_slots.slots
 
-  def _logical_variables(self):
+  def _checkpoint_entries(self):
     """Optimizer variables in the order a stacked unsharded model's have.
 
     The slots of one expert group's E blocks are one entry (concatenated
@@ -83,8 +83,7 @@ class ColocateSlotsMixin:
     per-expert variables (stacked), at the place of the first one's slot.
 
     Returns:
-      list of (how, [variables]): how is "one" (a single variable),
-      "concat" (blocks) or "stack" (per-expert parts).
+      list of variable_groups.Entry.
     """
     slots = self._slot_index()
     grouped = {}
@@ -92,33 +91,35 @@ class ColocateSlotsMixin:
       key = _group_key(reference, name)
       if key is not None:
         grouped[key] = slot
-    entries = []
-    for variable in self.variables:
+
+    def group_of(variable):
       entry = slots.get(id(variable))
       key = None if entry is None else _group_key(entry[1], entry[2])
       if key is None:
-        entries.append(("one", [variable]))
-      elif key[3] == 0:  # the first block or part: the whole group
-        how, group, name, _, count = key
-        entries.append(
-            (how, [grouped[(how, group, name, e, count)] for e in range(count)])
-        )
-    return entries
+        return None
+      how, group, name, _, count = key
+      return (
+          how,
+          [grouped[(how, group, name, e, count)] for e in range(count)],
+      )
+
+    return variable_groups.entries(self.variables, group_of)
 
   def save_own_variables(self, store):
     """Saves grouped slots as full [n, ...] arrays (any layout)."""
-    for i, (how, parts) in enumerate(self._logical_variables()):
-      if how == "one":
-        store[str(i)] = parts[0].numpy()
-      elif how == "stack":
-        store[str(i)] = np.stack([p.numpy() for p in parts], axis=0)
-      else:
-        store[str(i)] = np.concatenate([p.numpy() for p in parts], axis=0)
+    variable_groups.save(self._checkpoint_entries(), store)
 
   def load_own_variables(self, store):
-    """Loads what save_own_variables (or a stacked unsharded model) wrote."""
-    entries = self._logical_variables()
-    if len(store.keys()) != len(entries):
+    """Loads what save_own_variables (or a stacked unsharded model) wrote.
+
+    Like Keras's optimizers, a store with another number of variables is
+    skipped with a warning (the model's variables still load).
+
+    Raises:
+      ValueError: a variable of the store has another shape than its entry.
+    """
+    entries = self._checkpoint_entries()
+    if variable_groups.counts_differ(entries, store):
       warnings.warn(
           f"Skipping variable loading for optimizer '{self.name}', because"
           f" it has {len(entries)} variables whereas the saved optimizer has"
@@ -126,16 +127,7 @@ class ColocateSlotsMixin:
           stacklevel=2,
       )
       return
-    for i, (how, parts) in enumerate(entries):
-      value = np.asarray(store[str(i)])
-      if how == "one":
-        parts[0].assign(value)
-      elif how == "stack":
-        for part, piece in zip(parts, value):
-          part.assign(piece)
-      else:
-        for part, piece in zip(parts, np.split(value, len(parts), axis=0)):
-          part.assign(piece)
+    variable_groups.load(entries, store, self.name)
 
   def update_step(self, gradient, variable, learning_rate):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -178,11 +170,17 @@ def _group_key(reference, slot_name):
   found = sharded_experts.block_of(reference)
   if found is not None:
     shards, group, block = found
-    return ("concat", (id(shards), group), slot_name, block, shards.num_blocks)
+    return (
+        variable_groups.CONCAT,
+        (id(shards), group),
+        slot_name,
+        block,
+        shards.num_blocks,
+    )
   found = sparse_moe.expert_part_of(reference)
   if found is not None:
     parts, index = found
-    return ("stack", id(parts), slot_name, index, len(parts))
+    return (variable_groups.STACK, id(parts), slot_name, index, len(parts))
   return None
 
 

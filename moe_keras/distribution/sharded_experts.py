@@ -53,6 +53,7 @@ from moe_keras.layers import dispatch
 from moe_keras.layers import expert_placement
 from moe_keras.layers import gating as gating_lib
 from moe_keras.layers import sparse_moe
+from moe_keras.layers import variable_groups
 
 _STATE = threading.local()
 # id(block variable) -> (variable, ShardedExperts, group name, block index),
@@ -711,43 +712,26 @@ class ShardedExperts:
 
   # -- checkpoints ----------------------------------------------------------
 
-  def _logical_variables(self):
+  def _checkpoint_entries(self):
     """Own variables in the unsharded order; a block group is one entry."""
     layer = self.layer
-    seen = set()
-    entries = []
-    for var in layer._trainable_variables + layer._non_trainable_variables:  # pylint: disable=protected-access
+
+    def group_of(var):
       key = self._block_of.get(id(var))
       if key is None:
-        entries.append(("var", var))
-      elif key[0] not in seen:
-        seen.add(key[0])
-        entries.append(("blocks", self.blocks[key[0]]))
-    return entries
+        return None
+      return (variable_groups.CONCAT, self.blocks[key[0]])
+
+    return variable_groups.entries(
+        layer._trainable_variables + layer._non_trainable_variables,  # pylint: disable=protected-access
+        group_of,
+    )
 
   def save_own_variables(self, store):
-    for i, (kind, value) in enumerate(self._logical_variables()):
-      if kind == "var":
-        store[f"{i}"] = value
-      else:
-        store[f"{i}"] = np.concatenate(
-            [ops.convert_to_numpy(v) for v in value], axis=0
-        )
+    variable_groups.save(self._checkpoint_entries(), store)
 
   def load_own_variables(self, store):
-    entries = self._logical_variables()
-    if len(store.keys()) != len(entries):
-      raise ValueError(
-          f"{self.layer.name}: the checkpoint has {len(store.keys())}"
-          f" variables for this layer, expected {len(entries)}"
-      )
-    for i, (kind, value) in enumerate(entries):
-      if kind == "var":
-        value.assign(store[f"{i}"])
-      else:
-        full = np.asarray(store[f"{i}"])
-        for var, part in zip(value, np.split(full, self.num_blocks, axis=0)):
-          var.assign(part)
+    variable_groups.load(self._checkpoint_entries(), store, self.layer.name)
 
   def full_value(self, name):
     """numpy [n, ...] of a block group (e.g. "expert_kernel_1")."""

@@ -23,6 +23,7 @@ from moe_keras.layers import dispatch
 from moe_keras.layers import expert_placement
 from moe_keras.layers import gating as gating_lib
 from moe_keras.layers import small_batch
+from moe_keras.layers import variable_groups
 
 GATINGS = ("noisy_top_k", "top_k", "softmax", "batchwise")
 # Int seeds drawn for an unseeded initializer traced by jax.jit (as
@@ -53,22 +54,6 @@ EXPERT_WEIGHT_NAMES = (
 # every per-expert part (`expert_variables="per_expert"`), keyed by the
 # keras.Variable and by the backend variable inside it (`expert_part_of`).
 _EXPERT_PARTS = {}
-
-
-def _stacked_shape(entry):
-  """Stacked shape of a variable, or of a list of per-expert parts."""
-  if isinstance(entry, list):
-    return (len(entry),) + tuple(entry[0].shape)
-  return tuple(entry.shape)
-
-
-def _assign_stacked(entry, value):
-  """Assigns a stacked value to a variable or to its per-expert parts."""
-  if isinstance(entry, list):
-    for var, part in zip(entry, value):
-      var.assign(part)
-  else:
-    entry.assign(value)
 
 
 def expert_part_of(variable):
@@ -565,13 +550,17 @@ class MoEBase(keras.layers.Layer):
       entry = self._expert_parts.get(name)
     if entry is None:
       raise ValueError(f"{self.name} has no expert weight {name!r}")
+    if isinstance(entry, list):
+      entry = variable_groups.Entry(variable_groups.STACK, entry)
+    else:
+      entry = variable_groups.Entry(variable_groups.ONE, [entry])
     value = np.asarray(value)
-    if value.shape != _stacked_shape(entry):
+    if value.shape != variable_groups.entry_shape(entry):
       raise ValueError(
-          f"{self.name}: {name} has shape {_stacked_shape(entry)}, got"
-          f" {value.shape}"
+          f"{self.name}: {name} has shape"
+          f" {variable_groups.entry_shape(entry)}, got {value.shape}"
       )
-    _assign_stacked(entry, value)
+    variable_groups.assign_entry(entry, value)
 
   def expert_weight(self, name):
     """Stacked expert weight `name` of either layout ([n, ...]) or None.
@@ -921,13 +910,7 @@ class MoEBase(keras.layers.Layer):
     if self._expert_shards is not None:
       self._expert_shards.save_own_variables(store)
     elif self._expert_parts is not None:
-      for i, entry in enumerate(self._stacked_entries()):
-        if isinstance(entry, list):
-          store[f"{i}"] = np.stack(
-              [ops.convert_to_numpy(v) for v in entry], axis=0
-          )
-        else:
-          store[f"{i}"] = entry
+      variable_groups.save(self._checkpoint_entries(), store)
     else:
       super().save_own_variables(store)
 
@@ -940,42 +923,21 @@ class MoEBase(keras.layers.Layer):
     if self._expert_shards is not None:
       self._expert_shards.load_own_variables(store)
     elif self._expert_parts is not None:
-      entries = self._stacked_entries()
-      if len(store.keys()) != len(entries):
-        raise ValueError(
-            f"{self.name}: the checkpoint has {len(store.keys())} variables"
-            f" for this layer, expected {len(entries)}"
-        )
-      for i, entry in enumerate(entries):
-        value = np.asarray(store[f"{i}"])
-        if value.shape != _stacked_shape(entry):
-          raise ValueError(
-              f"{self.name}: checkpoint variable {i} has shape"
-              f" {value.shape}, expected {_stacked_shape(entry)}"
-          )
-        _assign_stacked(entry, value)
+      variable_groups.load(self._checkpoint_entries(), store, self.name)
     else:
       super().load_own_variables(store)
 
-  def _stacked_entries(self):
-    """Own variables in the stacked layout's order; parts as one list."""
+  def _checkpoint_entries(self):
+    """Own variables in the stacked layout's order; parts as one entry."""
+
+    def group_of(var):
+      found = expert_part_of(var)
+      return None if found is None else (variable_groups.STACK, found[0])
+
     # pylint: disable=protected-access
     owned = self._trainable_variables + self._non_trainable_variables
     # pylint: enable=protected-access
-    part_of = {
-        id(var): name
-        for name, parts in self._expert_parts.items()
-        for var in parts
-    }
-    entries, seen = [], set()
-    for var in owned:
-      name = part_of.get(id(var))
-      if name is None:
-        entries.append(var)
-      elif name not in seen:
-        seen.add(name)
-        entries.append(self._expert_parts[name])
-    return entries
+    return variable_groups.entries(owned, group_of)
 
   def _statistics(self, routing, plan, training):
     """Per-step statistics and the weighted balancing losses (eqs. 6-11).

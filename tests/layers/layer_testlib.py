@@ -176,6 +176,39 @@ def check_dropless_step(module, first, second):
   )
 
 
+def reference_layer(weights, *, dim, hidden, num_experts, k, **layer_kwargs):
+  """A built SparseMoE holding `weights` (numpy reference's dict).
+
+  Balancing weights w_importance 0.3 and w_load 0.7, so that both losses
+  count.
+
+  Args:
+    weights: dict as `numpy_reference.random_flat_weights` returns.
+    dim: d (input and output).
+    hidden: h.
+    num_experts: n.
+    k: experts per token.
+    **layer_kwargs: further SparseMoE arguments.
+
+  Returns:
+    the layer, built for [None, dim].
+  """
+  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
+  import numpy_reference as ref  # pylint: disable=g-import-not-at-top
+
+  layer = SparseMoE(
+      num_experts=num_experts,
+      k=k,
+      expert_hidden_dim=hidden,
+      w_importance=0.3,
+      w_load=0.7,
+      **layer_kwargs,
+  )
+  layer.build((None, dim))
+  ref.assign_weights(layer, weights)
+  return layer
+
+
 def flat_layer(rng, *, dim, hidden, num_experts, k, tokens, **layer_kwargs):
   """A built SparseMoE holding the numpy reference's random weights.
 
@@ -196,23 +229,15 @@ def flat_layer(rng, *, dim, hidden, num_experts, k, tokens, **layer_kwargs):
   Returns:
     (layer, weights dict, x float32 [N, d], noise float32 [N, n]).
   """
-  from moe_keras.layers import SparseMoE  # pylint: disable=g-import-not-at-top
   import numpy_reference as ref  # pylint: disable=g-import-not-at-top
 
   use_bias = layer_kwargs.get("use_bias", False)
   w = ref.random_flat_weights(
       rng, dim, num_experts, hidden, dim, use_bias=use_bias
   )
-  layer = SparseMoE(
-      num_experts=num_experts,
-      k=k,
-      expert_hidden_dim=hidden,
-      w_importance=0.3,
-      w_load=0.7,
-      **layer_kwargs,
+  layer = reference_layer(
+      w, dim=dim, hidden=hidden, num_experts=num_experts, k=k, **layer_kwargs
   )
-  layer.build((None, dim))
-  ref.assign_weights(layer, w)
   x = rng.normal(size=(tokens, dim)).astype("float32")
   noise = rng.normal(size=(tokens, num_experts)).astype("float32")
   return layer, w, x, noise

@@ -25,19 +25,16 @@ GRAD_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _layer(weights, gating, use_bias, limit):
-  layer = SparseMoE(
+  return layer_testlib.reference_layer(
+      weights,
+      dim=D,
+      hidden=H,
       num_experts=N_EXPERTS,
       k=K,
-      expert_hidden_dim=H,
       gating=gating,
       use_bias=use_bias,
       small_batch_limit=limit,
-      w_importance=0.3,
-      w_load=0.7,
   )
-  layer.build((None, D))
-  ref.assign_weights(layer, weights)
-  return layer
 
 
 def _run(layer, x, training, noise, mask=None):
