@@ -44,7 +44,6 @@ import types
 
 from absl import logging
 import keras
-import numpy as np
 from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
@@ -735,8 +734,8 @@ class ShardedExperts:
 
   def full_value(self, name):
     """numpy [n, ...] of a block group (e.g. "expert_kernel_1")."""
-    return np.concatenate(
-        [ops.convert_to_numpy(v) for v in self.blocks[name]], axis=0
+    return variable_groups.entry_value(
+        variable_groups.Entry(variable_groups.CONCAT, self.blocks[name])
     )
 
 
